@@ -1,0 +1,525 @@
+"""The whole algebra: affine convolutions and the exact operations on them.
+
+An :class:`Affine` is ``y = conv(x, weight, bias, stride, padding, dilation, groups)`` for a fixed
+layout: channels-first with ``nd`` spatial axes (Conv1d/2d/3d), or channels-last (``nd == 0``,
+``nn.Linear`` over the last axis; a 2-D ``(N, C)`` tensor is channels-last too).  Padding is kept
+per axis as ``(lo, hi)`` so asymmetric pads compose exactly.
+
+Every formula of reparam lives here once.  Each operation states ``before -> after`` and its
+precondition; a violated precondition raises :class:`Refusal` with a sentence a user can read, and
+the caller leaves that part of the graph exact and unmerged.
+
+Weights are expected in float64 (the pipeline folds on a float64 copy of the model).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from functools import reduce
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+CHANNELS_LAST = "last"
+
+
+class Refusal(Exception):
+    """A merge the math does not allow here; the message says why (one sentence)."""
+
+
+# --------------------------------------------------------------------------------------------
+# layout
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the channels are: ``nd`` spatial axes after a channel axis at 1, or channels last."""
+
+    nd: int  # number of spatial axes; 0 for channels-last (Linear)
+
+    @property
+    def channels_last(self) -> bool:
+        return self.nd == 0
+
+    @staticmethod
+    def of_rank(rank: int, channels_last: bool = False) -> "Layout":
+        """Layout for a tensor of ``rank`` whose channels are at axis 1 (or last)."""
+        if channels_last or rank <= 2:
+            return Layout(0)
+        return Layout(rank - 2)
+
+    def channel_axis(self, rank: int) -> int:
+        return rank - 1 if self.channels_last else 1
+
+    def __str__(self) -> str:
+        return "channels-last" if self.channels_last else f"{self.nd}-d channels-first"
+
+
+# --------------------------------------------------------------------------------------------
+# the affine convolution
+
+
+@dataclass(frozen=True)
+class Affine:
+    """``y = conv_nd(pad(x, lo, hi, padding_mode), weight, bias, stride, dilation, groups)``.
+
+    weight: ``(out, in // groups, *kernel)``; bias: ``(out,)`` or None (structurally zero).
+    kind: "identity", "diagonal" (one scale per channel, 1x1, groups == channels) or "dense";
+    tracked symbolically so that no operation has to scan a weight to find structure.
+    """
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    stride: tuple
+    pad_lo: tuple
+    pad_hi: tuple
+    dilation: tuple
+    groups: int
+    layout: Layout
+    padding_mode: str = "zeros"
+    kind: str = "dense"
+
+    # -- shape facts --------------------------------------------------------------------------
+    @property
+    def nd(self) -> int:
+        return self.layout.nd
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[1] * self.groups
+
+    @property
+    def kernel(self) -> tuple:
+        return tuple(self.weight.shape[2:])
+
+    @property
+    def extent(self) -> tuple:
+        """Input span of one output position per axis: ``d * (k - 1) + 1``."""
+        return tuple(d * (k - 1) + 1 for d, k in zip(self.dilation, self.kernel))
+
+    @property
+    def pads(self) -> bool:
+        return any(self.pad_lo) or any(self.pad_hi)
+
+    @property
+    def is_pointwise(self) -> bool:
+        """1x1 kernel, stride 1, no padding: acts on each position alone."""
+        return all(e == 1 for e in self.extent) and all(s == 1 for s in self.stride) and not self.pads
+
+    def out_size(self, n: Sequence[int]) -> tuple:
+        """Spatial output size for spatial input size ``n`` (PyTorch's floor rule)."""
+        return tuple(
+            (ni + lo + hi - e) // s + 1
+            for ni, lo, hi, e, s in zip(n, self.pad_lo, self.pad_hi, self.extent, self.stride)
+        )
+
+    def macs(self) -> float:
+        """Multiply-accumulates per input position of the region root (stride-normalised)."""
+        if self.kind == "identity":
+            return 0.0
+        per_out = self.weight.numel()
+        return per_out / math.prod(self.stride) if self.nd else float(per_out)
+
+    def bias_is_zero(self) -> bool:
+        return self.bias is None or not bool(torch.any(self.bias != 0))
+
+    def describe(self) -> str:
+        if self.layout.channels_last:
+            return f"linear {self.in_channels}->{self.out_channels}"
+        k = "x".join(map(str, self.kernel))
+        extra = ""
+        if any(s != 1 for s in self.stride):
+            extra += f" stride {'x'.join(map(str, self.stride))}"
+        if self.groups != 1:
+            extra += f" groups {self.groups}"
+        return f"{k} conv {self.in_channels}->{self.out_channels}{extra}"
+
+
+# --------------------------------------------------------------------------------------------
+# constructors
+
+
+def _tuple(v, nd: int) -> tuple:
+    if isinstance(v, (list, tuple)):
+        assert len(v) == nd, (v, nd)
+        return tuple(int(x) for x in v)
+    return (int(v),) * nd
+
+
+def same_padding(kernel: tuple, dilation: tuple) -> tuple[tuple, tuple]:
+    """PyTorch's ``padding='same'`` (stride 1): total ``d*(k-1)``, the odd pixel on the high side."""
+    total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+    lo = tuple(t // 2 for t in total)
+    return lo, tuple(t - l for t, l in zip(total, lo))
+
+
+def from_conv(weight, bias, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros") -> Affine:
+    """ConvNd module or ``F.conv{n}d`` call -> Affine. ``padding`` may be int, tuple, 'same' or 'valid'."""
+    nd = weight.dim() - 2
+    kernel = tuple(weight.shape[2:])
+    stride, dilation = _tuple(stride, nd), _tuple(dilation, nd)
+    if padding == "valid":
+        lo = hi = (0,) * nd
+    elif padding == "same":
+        if any(s != 1 for s in stride):
+            raise Refusal("padding='same' with stride > 1 is not a fixed padding")
+        lo, hi = same_padding(kernel, dilation)
+    else:
+        lo = hi = _tuple(padding, nd)
+    if padding_mode != "zeros" and not (any(lo) or any(hi)):
+        padding_mode = "zeros"  # no padding read: the mode is irrelevant
+    return Affine(weight, bias, stride, lo, hi, dilation, int(groups), Layout(nd), padding_mode)
+
+
+def from_linear(weight, bias) -> Affine:
+    """``nn.Linear`` / ``F.linear`` -> channels-last Affine."""
+    return Affine(weight, bias, (), (), (), (), 1, Layout(0))
+
+
+def _unit(layout: Layout, channels: int, scale: torch.Tensor, shift, kind: str) -> Affine:
+    weight = scale.reshape(channels, 1, *([1] * layout.nd))
+    ones = (1,) * layout.nd
+    zeros = (0,) * layout.nd
+    return Affine(weight, shift, ones, zeros, zeros, ones, channels, layout, "zeros", kind)
+
+
+def identity(channels: int, layout: Layout, dtype=torch.float64, device=None) -> Affine:
+    """``y = x`` as a depthwise 1x1 conv with weight 1 at ``[i, 0, centre]`` (groups == channels)."""
+    return _unit(layout, channels, torch.ones(channels, dtype=dtype, device=device), None, "identity")
+
+
+def channelwise(scale: torch.Tensor, shift: Optional[torch.Tensor], layout: Layout) -> Affine:
+    """``y = scale[c] * x + shift[c]`` (BatchNorm, layer scale, per-channel bias)."""
+    return _unit(layout, scale.numel(), scale.reshape(-1), None if shift is None else shift.reshape(-1), "diagonal")
+
+
+def batchnorm(mean, var, weight, bias, eps: float, layout: Layout) -> Affine:
+    """Inference BatchNorm ``(x - mean) / sqrt(var + eps) * weight + bias`` -> channelwise."""
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return channelwise(scale, shift, layout)
+
+
+def avgpool(channels: int, kernel, stride, padding, layout: Layout, dtype=torch.float64, device=None) -> Affine:
+    """``AvgPool(count_include_pad=True)`` -> depthwise conv of ``1 / prod(kernel)``.
+
+    Precondition (checked by the caller): count_include_pad=True or no padding, ceil_mode=False,
+    no divisor_override.
+    """
+    nd = layout.nd
+    kernel = _tuple(kernel, nd)
+    stride = _tuple(kernel if stride is None or stride == [] else stride, nd)
+    pad = _tuple(padding, nd)
+    weight = torch.full((channels, 1, *kernel), 1.0 / math.prod(kernel), dtype=dtype, device=device)
+    return Affine(weight, None, stride, pad, pad, (1,) * nd, channels, layout)
+
+
+def zero_pad(channels: int, lo: tuple, hi: tuple, layout: Layout, dtype=torch.float64, device=None) -> Affine:
+    """``F.pad(x, ..., value=0)`` -> identity with padding (negative pads are not supported)."""
+    if any(p < 0 for p in lo + hi):
+        raise Refusal("negative padding (cropping) is not a convolution")
+    base = identity(channels, layout, dtype, device)
+    return replace(base, pad_lo=tuple(lo), pad_hi=tuple(hi), kind="dense")
+
+
+# --------------------------------------------------------------------------------------------
+# structural helpers
+
+
+def regroup(a: Affine, groups: int) -> Affine:
+    """Same map with fewer groups: ``groups`` must divide ``a.groups``; the weight becomes block-diagonal."""
+    if groups == a.groups:
+        return a
+    assert a.groups % groups == 0
+    out, in_per_old = a.weight.shape[0], a.weight.shape[1]
+    in_per_new = a.in_channels // groups
+    ratio = a.groups // groups
+    old_group_of_out = torch.arange(out, device=a.weight.device) // (out // a.groups)
+    offset = (old_group_of_out % ratio) * in_per_old  # where the old group's inputs sit in the new group
+    cols = offset[:, None] + torch.arange(in_per_old, device=a.weight.device)[None, :]
+    w = a.weight.new_zeros((out, in_per_new, *a.kernel))
+    index = cols.reshape(out, in_per_old, *([1] * a.nd)).expand_as(a.weight)
+    w.scatter_(1, index, a.weight)
+    return replace(a, weight=w, groups=groups, kind="dense")
+
+
+def _embed(weight: torch.Tensor, nd: int, offsets: tuple, step: tuple, size: tuple) -> torch.Tensor:
+    """Place kernel taps ``t`` at ``offsets + t * step`` inside a zero kernel of ``size``."""
+    out = weight.new_zeros((*weight.shape[:2], *size))
+    index = (slice(None), slice(None)) + tuple(
+        slice(o, o + s * (k - 1) + 1, s) for o, s, k in zip(offsets, step, weight.shape[2:])
+    )
+    out[index] = weight
+    return out
+
+
+def _grouped_matvec(weight2d: torch.Tensor, vector: torch.Tensor, groups: int) -> torch.Tensor:
+    """``out[o] = sum_c weight2d[o, c] * vector[group(o) * C_g + c]`` for a grouped weight ``(O, C_g)``."""
+    out, per = weight2d.shape
+    v = vector.reshape(groups, per)
+    return torch.einsum("gop,gp->go", weight2d.reshape(groups, out // groups, per), v).reshape(out)
+
+
+def _add_bias(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+# --------------------------------------------------------------------------------------------
+# parallel: add and concat
+
+
+def _common_padding_mode(branches: Sequence[Affine]) -> str:
+    """Reflect/replicate/circular padding merges only with branches that read no padding at all."""
+    modes = {a.padding_mode for a in branches if a.pads and a.padding_mode != "zeros"}
+    if not modes:
+        return "zeros"
+    if len(modes) > 1:
+        raise Refusal(f"branches pad with different modes ({', '.join(sorted(modes))})")
+    mode = modes.pop()
+    for a in branches:
+        if a.padding_mode == "zeros" and a.pads:
+            raise Refusal(f"a zero-padded {a.describe()} cannot share a {mode}-padded kernel")
+    return mode
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Common kernel grid of parallel branches: geometry plus where each branch's taps land."""
+
+    geometry: dict  # stride, pad_lo, pad_hi, dilation, groups, layout, padding_mode
+    kernel: tuple
+    offsets: list  # per branch: first tap index per axis in the common kernel
+    steps: list  # per branch: tap spacing per axis in the common kernel
+
+
+def _align(branches: Sequence[Affine]) -> _Grid:
+    """Bring parallel branches on one input to one kernel grid.
+
+    Precondition (each violation refused): same layout, in-channels and stride, and the same output
+    grid: per axis ``hi - (extent - 1 - lo)`` equal, so every branch produces the same output size for
+    every input size and output ``o`` of each reads around input ``o * stride``.  Kernels are centred
+    per axis (non-square kernels too); groups become the gcd, dilation the gcd of all tap spacings.
+    """
+    first = branches[0]
+    for a in branches[1:]:
+        if a.layout != first.layout:
+            raise Refusal(f"branches have different layouts ({a.layout} vs {first.layout})")
+        if a.in_channels != first.in_channels:
+            raise Refusal("branches read different channel counts")
+        if a.stride != first.stride:
+            raise Refusal(f"branches have different strides ({a.stride} vs {first.stride})")
+    nd = first.nd
+    mode = _common_padding_mode(branches)
+    right = [tuple(hi - (e - 1 - lo) for hi, e, lo in zip(a.pad_hi, a.extent, a.pad_lo)) for a in branches]
+    if any(r != right[0] for r in right):
+        raise Refusal("branches' output positions do not align (kernel centre minus padding differs)")
+    lo = tuple(max(a.pad_lo[i] for a in branches) for i in range(nd))
+    offsets = [tuple(lo[i] - a.pad_lo[i] for i in range(nd)) for a in branches]
+    extent = tuple(max(o[i] + a.extent[i] for o, a in zip(offsets, branches)) for i in range(nd))
+    dil = []
+    for i in range(nd):
+        spacing = [a.dilation[i] for a in branches if a.kernel[i] > 1] + [o[i] for o in offsets]
+        dil.append(reduce(math.gcd, spacing, 0) or 1)
+    dil = tuple(dil)
+    kernel = tuple((e - 1) // d + 1 for e, d in zip(extent, dil))
+    hi = tuple(right[0][i] + extent[i] - 1 - lo[i] for i in range(nd))
+    groups = reduce(math.gcd, [a.groups for a in branches])
+    geometry = dict(stride=first.stride, pad_lo=lo, pad_hi=hi, dilation=dil, groups=groups,
+                    layout=first.layout, padding_mode=mode)
+    return _Grid(geometry, kernel,
+                 [tuple(o // d for o, d in zip(off, dil)) for off in offsets],
+                 [tuple(ad // d for ad, d in zip(a.dilation, dil)) for a in branches])
+
+
+def _scatter_diagonal(weight: torch.Tensor, a: Affine, groups: int, offset: tuple) -> None:
+    """``weight[i, i mod (C/groups), offset] += scale[i]``: a channelwise branch added in place."""
+    channels = a.out_channels
+    rows = torch.arange(channels, device=weight.device)
+    index = (rows, rows % (channels // groups)) + tuple(torch.full_like(rows, o) for o in offset)
+    weight.index_put_(index, a.weight.reshape(-1), accumulate=True)
+
+
+def _on_grid(a: Affine, grid: _Grid, offset: tuple, step: tuple, groups: int) -> torch.Tensor:
+    """``a``'s weight in ``groups`` groups on the common kernel (a new tensor, safe to mutate)."""
+    w = regroup(a, groups).weight
+    if tuple(w.shape[2:]) == grid.kernel and all(o == 0 for o in offset):
+        return w.clone() if w is a.weight else w
+    return _embed(w, a.nd, offset, step, grid.kernel)
+
+
+def add(branches: Sequence[Affine]) -> Affine:
+    """``A1(x) + ... + An(x) -> A(x)``: kernels centred per axis in the largest, weights and biases summed.
+
+    Precondition: see :func:`_align` (same input, stride, output grid; compatible padding modes).
+    Identity / channelwise branches are added on the diagonal ``[i, i mod (C/g), centre]``.
+    """
+    if len(branches) == 1:
+        return branches[0]
+    if len({a.out_channels for a in branches}) != 1:
+        raise Refusal("summed branches have different channel counts")
+    bias = reduce(_add_bias, [a.bias for a in branches])
+    if all(a.kind in ("identity", "diagonal") for a in branches):
+        return channelwise(sum(a.weight.reshape(-1) for a in branches), bias, branches[0].layout)
+    grid = _align(branches)
+    groups = grid.geometry["groups"]
+    order = sorted(range(len(branches)), key=lambda i: branches[i].kind != "dense")  # dense first
+    weight = None
+    for i in order:
+        a = branches[i]
+        if a.kind in ("identity", "diagonal") and not a.pads:
+            _scatter_diagonal(weight, a, groups, grid.offsets[i])
+        elif weight is None:
+            weight = _on_grid(a, grid, grid.offsets[i], grid.steps[i], groups)
+        else:
+            weight += _on_grid(a, grid, grid.offsets[i], grid.steps[i], groups)
+    return Affine(weight, bias, **grid.geometry)
+
+
+def concat(branches: Sequence[Affine]) -> Affine:
+    """``cat([A1(x), ..., An(x)], channel_axis) -> A(x)`` with the output channels stacked.
+
+    Precondition: as :func:`add`.  Concatenated outputs interleave the branches' groups, so the
+    result has groups 1.
+    """
+    grid = _align(branches)
+    weights = [_on_grid(a, grid, off, st, 1) for a, off, st in zip(branches, grid.offsets, grid.steps)]
+    biases = [a.bias if a.bias is not None else a.weight.new_zeros(a.out_channels) for a in branches]
+    bias = None if all(a.bias is None for a in branches) else torch.cat(biases)
+    return Affine(torch.cat(weights), bias, **dict(grid.geometry, groups=1))
+
+
+# --------------------------------------------------------------------------------------------
+# sequential: compose
+
+
+def reads_only_zero_border(a: Affine, axis: int) -> bool:
+    """True when ``a``'s outputs just outside its output range would be exactly zero on ``axis``.
+
+    That is what a zero-padded conv after ``a`` reads, and what the composite must reproduce:
+    ``a``'s taps for output index ``-1`` and ``n_out`` must all fall in zero padding of the input
+    (``extent - 1 - lo < stride`` and ``extent - 1 <= hi``), ``a`` pads with zeros, and its bias is 0.
+    """
+    e, lo, hi, s = a.extent[axis], a.pad_lo[axis], a.pad_hi[axis], a.stride[axis]
+    return e - 1 - lo < s and e - 1 <= hi and (a.padding_mode == "zeros" or not a.pads)
+
+
+def _check_composable(a: Affine, b: Affine) -> None:
+    if a.layout != b.layout:
+        raise Refusal(f"layouts differ ({a.layout} then {b.layout})")
+    if a.out_channels != b.in_channels:
+        raise Refusal("channel counts do not chain")
+    if not b.pads:
+        return
+    if b.padding_mode != "zeros":
+        if not a.is_pointwise:
+            raise Refusal(f"the {b.describe()} after it pads with {b.padding_mode} and {a.describe()} is not pointwise")
+        return
+    for axis in range(b.nd):
+        if (b.pad_lo[axis] or b.pad_hi[axis]) and not reads_only_zero_border(a, axis):
+            raise Refusal(
+                f"the {b.describe()} after {a.describe()} pads with zeros, but {a.describe()} "
+                f"would not produce zeros there"
+            )
+    if not a.bias_is_zero():
+        raise Refusal(f"{a.describe()} has a bias and the {b.describe()} after it pads with zeros")
+
+
+def compose(a: Affine, b: Affine) -> Affine:
+    """``B(A(x)) -> C(x)``: stride ``sa*sb``, padding ``lo_a + sa*lo_b``, kernel taps at
+    ``ta*da + sa*db*tb``, bias ``b_B + sum(W_B) @ b_A``.
+
+    Precondition: layouts and channels chain; if ``B`` pads with zeros, ``A``'s out-of-range outputs
+    are zero (:func:`reads_only_zero_border` on each padded axis and a zero bias); if ``B`` pads with
+    another mode, ``A`` is pointwise.
+    """
+    _check_composable(a, b)
+    if a.kind == "identity" and not a.pads:
+        return b
+    if b.kind == "identity":
+        return a
+    mode = b.padding_mode if b.pads and b.padding_mode != "zeros" else a.padding_mode
+    if b.kind == "diagonal":  # channelwise after: scale rows
+        scale = b.weight.reshape(-1)
+        weight = a.weight * scale.reshape(-1, *([1] * (a.weight.dim() - 1)))
+        bias = b.bias if a.bias is None else _add_bias(a.bias * scale, b.bias)
+        return replace(a, weight=weight, bias=bias, kind="diagonal" if a.kind in ("identity", "diagonal") else a.kind)
+    if a.kind == "diagonal" and not a.pads:  # channelwise before: scale input columns
+        scale = a.weight.reshape(-1)
+        per = b.weight.shape[1]
+        cols = (torch.arange(b.out_channels, device=scale.device) // (b.out_channels // b.groups))[:, None] * per
+        cols = cols + torch.arange(per, device=scale.device)[None, :]
+        weight = b.weight * scale[cols].reshape(*cols.shape, *([1] * b.nd))
+        bias = b.bias
+        if a.bias is not None:
+            spatial = tuple(range(2, b.weight.dim()))
+            summed = b.weight.sum(spatial) if spatial else b.weight
+            bias = _add_bias(_grouped_matvec(summed, a.bias, b.groups), b.bias)
+        return replace(b, weight=weight, bias=bias, padding_mode=mode)
+    return _compose_general(a, b, mode)
+
+
+def _compose_general(a: Affine, b: Affine, mode: str) -> Affine:
+    nd = a.nd
+    groups = math.gcd(a.groups, b.groups)
+    a, b = regroup(a, groups), regroup(b, groups)
+    wa = a.weight
+    if any(d != 1 for d in a.dilation):  # spell A's taps out at dilation 1
+        wa = _embed(wa, nd, (0,) * nd, a.dilation, a.extent)
+    step = tuple(sa * db for sa, db in zip(a.stride, b.dilation))
+    out, mid, in_g = b.out_channels, a.out_channels, a.weight.shape[1]
+    # conv_transpose with weight W_B^T computes sum_m,t W_B[o, m, t] * W_A[m, i, p - step*t]
+    wt = b.weight.reshape(groups, out // groups, mid // groups, *b.kernel).transpose(1, 2)
+    wt = wt.reshape(mid, out // groups, *b.kernel)
+    x = wa.transpose(0, 1)  # (in/g as batch, mid, *ka)
+    if nd == 0:
+        w = torch.einsum("gom,gmi->goi", b.weight.reshape(groups, out // groups, mid // groups),
+                         a.weight.reshape(groups, mid // groups, in_g)).reshape(out, in_g)
+    else:
+        conv_t = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
+        w = conv_t(x, wt, groups=groups, dilation=step).transpose(0, 1)
+    stride = tuple(sa * sb for sa, sb in zip(a.stride, b.stride))
+    lo = tuple(la + sa * lb for la, sa, lb in zip(a.pad_lo, a.stride, b.pad_lo))
+    hi = tuple(ha + sa * hb for ha, sa, hb in zip(a.pad_hi, a.stride, b.pad_hi))
+    dil = tuple(
+        (math.gcd(da if ka > 1 else 0, st if kb > 1 else 0) or 1)
+        for da, ka, st, kb in zip(a.dilation, a.kernel, step, b.kernel)
+    )
+    if any(d != 1 for d in dil):
+        w = w[(slice(None), slice(None)) + tuple(slice(None, None, d) for d in dil)]
+    bias = b.bias
+    if a.bias is not None:
+        spatial = tuple(range(2, b.weight.dim()))
+        summed = b.weight.sum(spatial) if spatial else b.weight
+        bias = _add_bias(_grouped_matvec(summed, a.bias, groups), b.bias)
+    return Affine(w.contiguous(), bias, stride, lo, hi, dil, groups, a.layout, mode)
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation (tests and verification)
+
+
+def apply(a: Affine, x: torch.Tensor) -> torch.Tensor:
+    """Run ``a`` on ``x`` with eager PyTorch (the reference semantics of an Affine)."""
+    if a.layout.channels_last:
+        w = regroup(a, 1).weight if a.groups != 1 else a.weight
+        return F.linear(x, w, a.bias)
+    pads = []
+    for lo, hi in zip(reversed(a.pad_lo), reversed(a.pad_hi)):
+        pads += [lo, hi]
+    if any(pads):
+        x = F.pad(x, pads, mode="constant" if a.padding_mode == "zeros" else a.padding_mode)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[a.nd - 1]
+    return conv(x, a.weight, a.bias, a.stride, 0, a.dilation, a.groups)

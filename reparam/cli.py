@@ -1,0 +1,553 @@
+"""The ``reparam`` command line: ``convert``, ``inspect`` and ``list``.
+
+``main(argv) -> int`` runs in-process and returns the exit code: 0 on success, 2 for bad input or usage
+(missing/corrupt/unsafe checkpoint, unknown architecture, keys that do not match, unwritable output...), 1 when
+verification fails (the fused model or an exported file disagrees with the original) or another step fails.
+Errors are one line, ``error: <problem>. <fix>``; ``--debug`` adds the traceback.  Progress goes to stderr, the
+report to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from reparam import io, stats
+from reparam.errors import EquivalenceError, ReparamError
+
+__all__ = ["main", "build_parser"]
+
+PROG = "reparam"
+DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
+LATENCY_WARMUP, LATENCY_REPEATS = 3, 10
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(io.InputError):
+    """The command line itself is wrong (exit code 2)."""
+
+
+# ------------------------------------------------------------------------------------------------- parsing
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as a :class:`UsageError` instead of printing and exiting."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message}. Run `{self.prog} --help` for usage")
+
+
+def input_shape(text: str) -> tuple[int, ...]:
+    """Parse ``1,3,224,224`` (or ``1x3x224x224``) into a shape of positive integers."""
+    parts = text.replace("x", ",").replace("X", ",").split(",")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid shape {text!r}: expected comma-separated integers like 1,3,224,224") from None
+    if len(shape) < 2 or any(s <= 0 for s in shape):
+        raise argparse.ArgumentTypeError(f"invalid shape {text!r}: expected a batch size and at least one more "
+                                         "dimension, all positive, like 1,3,224,224")
+    return shape
+
+
+def positive_int(text: str) -> int:
+    """Parse a strictly positive integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _model_options(parser: argparse.ArgumentParser, checkpoint_required: bool) -> None:
+    """Options shared by ``convert`` and ``inspect``: where the model and its weights come from."""
+    parser.add_argument("checkpoint", nargs=None if checkpoint_required else "?", type=Path, metavar="CHECKPOINT",
+                        help="weights: a torch.save file (.pt/.pth, a plain or wrapped state dict) or .safetensors"
+                        + ("" if checkpoint_required else "; omitted: random weights"))
+    parser.add_argument("--arch", required=True, metavar="NAME",
+                        help="architecture: a reparam.models name (see `reparam list`), timm:NAME or torchvision:NAME")
+    parser.add_argument("--input-shape", type=input_shape, metavar="N,C,H,W",
+                        help="example input shape, batch first (default: the architecture's, else 1,3,224,224)")
+    parser.add_argument("--num-classes", type=positive_int, metavar="N",
+                        help="classifier outputs (default: read from the checkpoint's classifier, else the architecture's)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="allow a pickle checkpoint to run code while loading (only for files you trust)")
+    parser.add_argument("--ema", action="store_true", help="use the EMA weights when the checkpoint has both")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``reparam`` command."""
+    parser = _Parser(prog=PROG, description="Structural re-parameterization: fuse multi-branch training-time "
+                     "networks into plain deploy models, exactly.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--debug", action="store_true", default=False, help="show tracebacks")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    convert = commands.add_parser("convert", help="fuse a checkpoint into a verified deploy model (.pt2 / .onnx)",
+                                  description="Load CHECKPOINT into --arch, fuse it, verify it and write deploy files. "
+                                  "Without -o/--onnx, writes <checkpoint stem>_deploy.pt2 next to the checkpoint.")
+    _model_options(convert, checkpoint_required=True)
+    convert.add_argument("-o", "--output", type=Path, metavar="OUT.pt2", help="write a torch.export program here")
+    convert.add_argument("--onnx", type=Path, metavar="OUT.onnx", help="write an ONNX model here (dynamic batch axis)")
+    convert.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset, 17 or later (default 18)")
+    convert.add_argument("--no-check", action="store_true",
+                         help="report but do not fail on differences between the original, fused and exported models")
+    convert.add_argument("--remove-residuals", action="store_true",
+                         help="also merge identity residuals into convolutions where exact (passed to reparam.fuse)")
+    convert.set_defaults(func=cmd_convert)
+
+    inspect = commands.add_parser("inspect", help="show what will merge, what will not and why",
+                                  description="Explain the branch structure of --arch (with CHECKPOINT's weights, if "
+                                  "given): every merge reparam will do and every merge it refuses, with the reason.")
+    _model_options(inspect, checkpoint_required=False)
+    inspect.add_argument("--graph", type=Path, metavar="FILE", help="draw one block before and after fusion "
+                         "(.svg/.png/.pdf with Graphviz or matplotlib; .dot writes Graphviz source)")
+    inspect.add_argument("--block", metavar="NAME", help="the submodule to draw (default: the first multi-branch block)")
+    inspect.set_defaults(func=cmd_inspect)
+
+    listing = commands.add_parser("list", help="list the available architectures",
+                                  description="List the reparam.models architectures and the timm:/torchvision: sources.")
+    listing.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    listing.set_defaults(func=cmd_list)
+    return parser
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("reparam")
+    except Exception:  # pragma: no cover - not installed
+        import reparam
+
+        return getattr(reparam, "__version__", "unknown")
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+
+@dataclass
+class Ui:
+    """Where the command writes: the report (stdout) and progress / errors (stderr)."""
+
+    out: Console
+    err: Console
+
+    @contextmanager
+    def step(self, text: str) -> Iterator[None]:
+        """Show a spinner while a step runs, then a tick and its duration."""
+        start = time.perf_counter()
+        with self.err.status(f"{text}…"):
+            yield
+        self.err.print(f"[green]✓[/] {text} [dim]({time.perf_counter() - start:.1f}s)[/]", highlight=False)
+
+
+def _make_ui() -> Ui:
+    return Ui(out=Console(file=sys.stdout), err=Console(file=sys.stderr, stderr=True))
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to fuse, with its example input and where its weights came from."""
+
+    model: torch.nn.Module
+    example: torch.Tensor
+    source: str
+    num_classes: int | None
+
+
+def _load_model(args: argparse.Namespace, ui: Ui) -> LoadedModel:
+    """Read the checkpoint (if any), build ``--arch`` and load the weights strictly."""
+    checkpoint = None
+    if args.checkpoint is not None:
+        with ui.step(f"Reading {args.checkpoint.name}"):
+            checkpoint = io.read_checkpoint(args.checkpoint, trust=args.trust_checkpoint, prefer_ema=args.ema)
+    num_classes = args.num_classes
+    if num_classes is None and checkpoint is not None:
+        num_classes = io.infer_num_classes(checkpoint.state_dict)
+    with ui.step(f"Building {args.arch}"):
+        model = io.build_model(args.arch, num_classes)
+        if checkpoint is not None:
+            io.load_strict(model, checkpoint.state_dict)
+    shape = args.input_shape or io.default_input_shape(args.arch, model) or DEFAULT_INPUT_SHAPE
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn(shape, generator=generator)
+    _check_runs(model, example, args.arch)
+    if checkpoint is None:
+        source = "random weights (no checkpoint)"
+    else:
+        source = " ".join([checkpoint.source] + [f"({n})" for n in checkpoint.notes])
+    return LoadedModel(model, example, source, num_classes)
+
+
+def _check_runs(model: torch.nn.Module, example: torch.Tensor, arch: str) -> None:
+    """Run the model once so that an input it cannot take is reported as bad input, not as a fusion failure."""
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception as exc:
+        shape = ",".join(map(str, example.shape))
+        raise UsageError(f"{arch} cannot run on an input of shape {shape} ({type(exc).__name__}: "
+                         f"{_one_line(exc)}). Pass the right --input-shape") from exc
+
+
+def _fuse(model: torch.nn.Module, example: torch.Tensor, **kwargs: Any) -> torch.nn.Module:
+    import reparam
+
+    try:
+        return reparam.fuse(model, (example,), **kwargs)
+    except NotImplementedError as exc:
+        raise UsageError(f"{exc}. Leave out the option that needs it") from exc
+
+
+_KERNEL_LABELS = (("conv", "convolution"), ("batch_norm", "batch norm"), ("add", "tensor add"), ("linear", "linear"))
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _fmt_count(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:g}"
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _change(before: float, after: float) -> str:
+    if before == after:
+        return "="
+    if before == 0:
+        return "new"
+    return f"{(after - before) / before:+.0%}"
+
+
+def _speedup(before: float, after: float) -> str:
+    return f"{before / after:.2f}× faster" if after > 0 else ""
+
+
+# ------------------------------------------------------------------------------------------------- convert
+
+
+@dataclass
+class Measures:
+    """What the report compares between the original and the fused model."""
+
+    params: int
+    macs: int
+    kernels: dict[str, int]
+    latency: float
+
+
+def _measure(model: torch.nn.Module, example: torch.Tensor) -> Measures:
+    return Measures(
+        params=stats.count_params(model),
+        macs=stats.count_macs(model, example),
+        kernels=stats.count_kernels(model, example),
+        latency=stats.latency_ms(model, example, warmup=LATENCY_WARMUP, repeats=LATENCY_REPEATS),
+    )
+
+
+def _outputs(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
+    """The ``.pt2`` and ``.onnx`` paths to write, validated before any work is done."""
+    pt2, onnx_path = args.output, args.onnx
+    if pt2 is not None and pt2.suffix.lower() == ".onnx":
+        raise UsageError(f"-o writes a torch.export program, not ONNX ({pt2}). Use --onnx {pt2} for an ONNX file")
+    if pt2 is None and onnx_path is None:
+        pt2 = args.checkpoint.with_name(f"{args.checkpoint.stem}_deploy.pt2")
+    if args.opset is not None and onnx_path is None:
+        raise UsageError("--opset only applies to ONNX output. Add --onnx OUT.onnx")
+    if pt2 is not None and onnx_path is not None and io.same_file(pt2, onnx_path):
+        raise UsageError(f"-o and --onnx name the same file {pt2}. Give them different names")
+    for path in (pt2, onnx_path):
+        if path is not None:
+            io.check_output_path(path, inputs=[args.checkpoint])
+    return pt2, onnx_path
+
+
+def cmd_convert(args: argparse.Namespace, ui: Ui) -> int:
+    """``reparam convert``: load, fuse, verify, export, report."""
+    from reparam import export
+
+    if args.opset is not None and args.opset < export.MIN_OPSET:
+        raise UsageError(f"ONNX opset {args.opset} is too old. Use --opset {export.MIN_OPSET} or later "
+                         f"(default {export.DEFAULT_OPSET})")
+    io.check_checkpoint_path(args.checkpoint)
+    pt2_path, onnx_path = _outputs(args)
+    loaded = _load_model(args, ui)
+    model, example = loaded.model, loaded.example
+    check = not args.no_check
+
+    with ui.step("Fusing"):
+        fused = _fuse(model, example, check=check, remove_residuals=args.remove_residuals)
+    with ui.step("Measuring"):
+        before, after = _measure(model, example), _measure(fused, example)
+        with torch.no_grad():
+            fused_error = stats.relative_error(fused(example), model(example))
+
+    results = []
+    if pt2_path is not None or onnx_path is not None:
+        with ui.step("Tracing with torch.export"):
+            program = export.export_program(fused, example)
+    if pt2_path is not None:
+        with ui.step(f"Writing and verifying {pt2_path.name}"):
+            results.append(export.export_pt2(fused, example, pt2_path, original=model, program=program, check=check))
+    if onnx_path is not None:
+        with ui.step(f"Writing and verifying {onnx_path.name} in ONNX Runtime"):
+            results.append(export.export_onnx(fused, example, onnx_path, args.opset or export.DEFAULT_OPSET,
+                                              original=model, program=program, check=check))
+
+    _print_convert_report(ui, args, loaded, before, after, fused_error, results, getattr(fused, "reparam_report", None))
+    return EXIT_OK
+
+
+def _print_convert_report(ui, args, loaded, before: Measures, after: Measures, fused_error: float, results, report) -> None:
+    table = Table(title=f"{args.arch}: {args.checkpoint.name} → deploy", title_justify="left")
+    table.add_column("", style="bold")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_column("change", justify="right")
+    table.add_row("parameters", _fmt_count(before.params), _fmt_count(after.params), _change(before.params, after.params))
+    table.add_row("MACs", _fmt_count(before.macs), _fmt_count(after.macs), _change(before.macs, after.macs))
+    for key, label in _KERNEL_LABELS:
+        b, a = before.kernels[key], after.kernels[key]
+        table.add_row(f"{label}s run", str(b), str(a), _change(b, a))
+    ckpt_size = args.checkpoint.stat().st_size
+    for result in results:
+        label = "file size (.pt2)" if result.format == "pt2" else "file size (.onnx)"
+        table.add_row(label, _fmt_bytes(ckpt_size), _fmt_bytes(result.size), _change(ckpt_size, result.size))
+    batch = tuple(loaded.example.shape)
+    table.add_row(f"latency, input {','.join(map(str, batch))}", f"{before.latency:.2f} ms", f"{after.latency:.2f} ms",
+                  _speedup(before.latency, after.latency))
+    table.add_section()
+    table.add_row("rel. error: fused vs original", "", f"{fused_error:.1e}", "")
+    for result in results:
+        where = ".pt2 (torch.export.load)" if result.format == "pt2" else f".onnx (ONNX Runtime, opset {result.opset})"
+        table.add_row(f"rel. error: {where}", "", f"{result.errors.get('original', 0.0):.1e}", "")
+    ui.out.print(table)
+    ui.out.print(f"weights: {loaded.source}; classes: {loaded.num_classes or 'architecture default'}", highlight=False)
+    if report is not None and getattr(report, "rewrites", None) is not None:
+        counts = report.counts() if hasattr(report, "counts") else {}
+        detail = ", ".join(f"{k} ×{v}" for k, v in sorted(counts.items()))
+        ui.out.print(f"rewrites: {len(report.rewrites)} regions ({detail or 'none'}); "
+                     f"refused: {len(report.refusals)} (see `reparam inspect`)", highlight=False)
+    if args.no_check:
+        ui.out.print("[yellow]--no-check: differences were reported, not enforced[/]")
+    for result in results:
+        dyn = "dynamic batch" if result.dynamic_batch else "static batch"
+        ui.out.print(f"wrote {result.path} ({_fmt_bytes(result.size)}, {dyn})", highlight=False, soft_wrap=True)
+
+
+# ------------------------------------------------------------------------------------------------- inspect
+
+
+def cmd_inspect(args: argparse.Namespace, ui: Ui) -> int:
+    """``reparam inspect``: explain what will merge and what will not, optionally draw a block."""
+    import reparam
+
+    from reparam import export
+
+    if args.graph is not None:
+        io.check_output_path(args.graph, inputs=[args.checkpoint] if args.checkpoint else [])
+        export.graph_renderer(args.graph)
+    elif args.block is not None:
+        raise UsageError("--block chooses the block to draw. Add --graph FILE.svg")
+    loaded = _load_model(args, ui)
+    with ui.step("Analysing"):
+        kernels = stats.count_kernels(loaded.model, loaded.example)
+        report = reparam.explain(loaded.model, (loaded.example,))
+    _print_inspect_report(ui, args, loaded, kernels, report)
+    if args.graph is not None:
+        with ui.step(f"Drawing {args.graph.name}"):
+            block, renderer = _draw_block(loaded, args.block, args.graph)
+        ui.out.print(f"drew {block} before and after into {args.graph} ({renderer})", highlight=False, soft_wrap=True)
+    return EXIT_OK
+
+
+def _print_inspect_report(ui: Ui, args, loaded: LoadedModel, kernels: dict, report: Any) -> None:
+    ui.out.print(f"[bold]{args.arch}[/] — weights: {loaded.source}; input {','.join(map(str, loaded.example.shape))}",
+                 highlight=False)
+    counts = ", ".join(_plural(kernels[key], label) for key, label in _KERNEL_LABELS)
+    ui.out.print(f"executes: {counts}", highlight=False)
+    rewrites, refusals = getattr(report, "rewrites", None), getattr(report, "refusals", None)
+    if rewrites is None or refusals is None:  # an unknown report type: its own text is the best we have
+        ui.out.print(str(report))
+        return
+    merges = Table(title=f"will merge ({len(rewrites)} regions)", title_justify="left")
+    for column in ("where", "before", "after", "rewrites"):
+        merges.add_column(column)
+    for rewrite in rewrites:
+        merges.add_row(*_rewrite_cells(rewrite))
+    ui.out.print(merges)
+    if not refusals:
+        ui.out.print("will not merge: nothing refused")
+    else:
+        refused = Table(title=f"will not merge ({len(refusals)})", title_justify="left")
+        refused.add_column("where")
+        refused.add_column("why")
+        for refusal in refusals:
+            where, reason = (refusal.where, refusal.reason) if hasattr(refusal, "reason") else tuple(refusal)[:2]
+            refused.add_row(str(where), str(reason))
+        ui.out.print(refused)
+    for note in getattr(report, "notes", []):
+        ui.out.print(f"note: {note}", highlight=False)
+
+
+def _rewrite_cells(rewrite: Any) -> tuple[str, str, str, str]:
+    if hasattr(rewrite, "where"):
+        events = ", ".join(f"{k} ×{v}" if v > 1 else k for k, v in _tally(getattr(rewrite, "events", ())).items())
+        return str(rewrite.where), str(getattr(rewrite, "before", "")), str(getattr(rewrite, "after", "")), events
+    kind, description = tuple(rewrite)[:2]  # the (kind, description) form
+    return str(description), "", "", str(kind)
+
+
+def _tally(items: Sequence[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item] = counts.get(item, 0) + 1
+    return counts
+
+
+def _draw_block(loaded: LoadedModel, name: str | None, path: Path) -> tuple[str, str]:
+    """Trace one block, fuse it, and draw both graphs; returns (block name, renderer)."""
+    from torch import fx
+
+    import reparam
+    from reparam import export
+
+    model = loaded.model
+    name = name or export.find_branch_block(model)
+    if name is None:
+        raise UsageError(f"found no multi-branch block in {type(model).__name__} to draw. Name one with --block")
+    try:
+        block = model.get_submodule(name)
+    except AttributeError:
+        children = ", ".join(n for n, _ in list(model.named_children())[:6])
+        raise UsageError(f"no submodule {name!r} in the model. Use a dotted module name, e.g. one of: {children}") from None
+    seen: list[tuple] = []
+    handle = block.register_forward_pre_hook(lambda _m, a: seen.append(a) if not seen else None)
+    try:
+        with torch.no_grad():
+            model(loaded.example)
+    finally:
+        handle.remove()
+    if not seen:
+        raise UsageError(f"block {name!r} is not called in the forward pass. Name another one with --block")
+    try:
+        before = fx.symbolic_trace(block)
+    except Exception as exc:
+        raise UsageError(f"block {name!r} cannot be traced by torch.fx ({type(exc).__name__}). Name another one with --block") from exc
+    after = reparam.fuse(block, seen[0])
+    if not isinstance(after, fx.GraphModule):
+        after = fx.symbolic_trace(after)
+    title = f"{name} ({type(block).__name__})"
+    renderer = export.draw_graphs({f"before: {title}": before, "after reparam.fuse": after}, path)
+    return name, renderer
+
+
+# ---------------------------------------------------------------------------------------------------- list
+
+
+def cmd_list(args: argparse.Namespace, ui: Ui) -> int:
+    """``reparam list``: the zoo architectures and the third-party sources."""
+    from reparam import models
+
+    table = Table(title="reparam.models architectures (use the name with --arch)", title_justify="left")
+    table.add_column("name", style="bold")
+    table.add_column("input")
+    table.add_column("classes", justify="right")
+    table.add_column("description")
+    for name in models.names():
+        spec = models.spec(name) if hasattr(models, "spec") else None
+        size = ",".join(map(str, spec.input_size)) if spec else ""
+        table.add_row(name, size, str(spec.num_classes) if spec else "", spec.description if spec else "")
+    ui.out.print(table)
+    for prefix, package, how in (("timm:", "timm", "timm.list_models()"),
+                                 ("torchvision:", "torchvision", "torchvision.models.list_models()")):
+        version = _package_version(package)
+        state = f"{package} {version} installed" if version else f"{package} not installed: pip install {package}"
+        ui.out.print(f"{prefix}NAME  any {package} model, random init, no download ({state}; names: {how})",
+                     highlight=False)
+    return EXIT_OK
+
+
+def _package_version(package: str) -> str | None:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(lines) <= 1 else f"{text} (more with --debug)"
+
+
+def _error_line(exc: BaseException) -> tuple[str, int]:
+    """The one-line message and exit code of an exception."""
+    message = _one_line(exc)
+    if isinstance(exc, io.InputError):
+        return message, EXIT_USAGE
+    if isinstance(exc, EquivalenceError):
+        return message, EXIT_FAILURE
+    if isinstance(exc, ReparamError):
+        return f"{message.rstrip('.')}. Re-run with --debug for details", EXIT_FAILURE
+    return (f"unexpected {type(exc).__name__}: {message.rstrip('.')}. Re-run with --debug for the traceback "
+            "and please report it"), EXIT_FAILURE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``reparam`` command with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    ui = _make_ui()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exit_:  # --help / --version
+            return int(exit_.code or 0)
+        if getattr(args, "func", None) is None:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        return args.func(args, ui)
+    except KeyboardInterrupt:
+        ui.err.print("error: interrupted", highlight=False)
+        return 130
+    except Exception as exc:  # every failure ends as one line (and a traceback with --debug)
+        if debug:
+            traceback.print_exc(file=sys.stderr)
+        message, code = _error_line(exc)
+        ui.err.print(f"error: {message}", highlight=False, markup=False, soft_wrap=True)
+        return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

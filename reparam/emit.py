@@ -1,0 +1,53 @@
+"""Affine -> a plain torch.nn module (ConvNd, Linear, ChannelAffine), built without default init."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from . import affine as A
+from .modules import ChannelAffine
+
+_CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_PADS = {1: nn.ConstantPad1d, 2: nn.ConstantPad2d, 3: nn.ConstantPad3d}
+
+
+def _param(t: torch.Tensor, dtype, device) -> nn.Parameter:
+    return nn.Parameter(t.detach().to(dtype=dtype, device=device).contiguous(), requires_grad=False)
+
+
+def to_module(a: A.Affine, dtype: torch.dtype, device) -> Optional[nn.Module]:
+    """One module computing ``a``; None when no single plain module can (asymmetric non-zero padding).
+
+    channelwise -> ChannelAffine; channels-last -> Linear; otherwise ConvNd (asymmetric zero padding
+    becomes ``Sequential(ConstantPadNd, ConvNd)``).  Parameters are cast to ``dtype`` after folding.
+    """
+    if a.kind in ("identity", "diagonal") and not a.pads:
+        scale = a.weight.reshape(-1)
+        shift = a.bias if a.bias is not None else torch.zeros_like(scale)
+        return ChannelAffine(scale.to(dtype=dtype, device=device), shift.to(dtype=dtype, device=device), a.nd)
+    if a.layout.channels_last:
+        dense = A.regroup(a, 1)
+        with torch.device("meta"):
+            m = nn.Linear(dense.in_channels, dense.out_channels, bias=a.bias is not None)
+        m.weight = _param(dense.weight, dtype, device)
+        if a.bias is not None:
+            m.bias = _param(a.bias, dtype, device)
+        return m
+    symmetric = a.pad_lo == a.pad_hi
+    if not symmetric and a.padding_mode != "zeros":
+        return None
+    with torch.device("meta"):
+        m = _CONVS[a.nd](a.in_channels, a.out_channels, a.kernel, a.stride,
+                         a.pad_lo if symmetric else 0, a.dilation, a.groups,
+                         bias=a.bias is not None, padding_mode=a.padding_mode)
+    m.weight = _param(a.weight, dtype, device)
+    if a.bias is not None:
+        m.bias = _param(a.bias, dtype, device)
+    if symmetric:
+        return m
+    pads = []
+    for lo, hi in zip(reversed(a.pad_lo), reversed(a.pad_hi)):
+        pads += [lo, hi]
+    return nn.Sequential(_PADS[a.nd](tuple(pads), 0.0), m)

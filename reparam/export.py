@@ -1,0 +1,495 @@
+"""Verified deployment files: ``.pt2`` (torch.export) and ``.onnx``, plus drawings of a block's graph.
+
+Each export is written through :func:`reparam.io.atomic_write`: the file is produced under a temporary name,
+loaded back and run (``torch.export.load`` / ONNX Runtime) on the example inputs and on a second batch size, and
+compared with the fused model and, when given, the original model.  Only when every relative error
+‖y − ref‖ / ‖ref‖ is within tolerance (1e-4 for float32) is the file moved to its final name; otherwise
+:class:`ExportMismatchError` is raised and nothing is left on disk (``check=False`` writes it anyway and only
+reports the errors).
+
+Both formats get a dynamic batch axis (dimension 0 of every input) when the model allows it.
+
+Public API: :func:`export_program`, :func:`export_pt2`, :func:`export_onnx` (returning an :class:`ExportResult`),
+and for drawings :func:`find_branch_block`, :func:`graph_to_dot`, :func:`graph_renderer`, :func:`draw_graphs`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io as _io
+import operator
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx
+from torch.utils._pytree import tree_leaves
+
+from reparam.errors import EquivalenceError, ReparamError
+from reparam.io import InputError, atomic_write
+from reparam.stats import as_args, max_abs_error, relative_error
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "MIN_OPSET",
+    "ExportError",
+    "ExportMismatchError",
+    "ExportResult",
+    "default_tolerance",
+    "export_program",
+    "export_pt2",
+    "export_onnx",
+    "GraphDrawingError",
+    "find_branch_block",
+    "graph_to_dot",
+    "draw_graphs",
+    "graph_renderer",
+]
+
+#: ONNX opset written by default.  torch's exporter implements opset 18 and later; asking for 17 triggers a
+#: down-conversion that fails on common graphs (Reduce* axes), so 18 is the lowest opset that always works.
+DEFAULT_OPSET = 18
+#: Lowest opset accepted.
+MIN_OPSET = 17
+
+
+class ExportError(ReparamError):
+    """The model could not be exported (tracing failed, an op has no ONNX translation, ...)."""
+
+
+class ExportMismatchError(EquivalenceError):
+    """The exported file, run back, disagrees with the model it was exported from (CLI exit code 1)."""
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote and how closely the written file reproduces its references.
+
+    ``errors`` / ``abs_errors`` map a reference name (``"fused"``, ``"original"``) to the largest relative L2 /
+    absolute error of the file's outputs over the verification inputs.
+    """
+
+    path: Path
+    format: str
+    size: int
+    dynamic_batch: bool
+    errors: dict[str, float] = field(default_factory=dict)
+    abs_errors: dict[str, float] = field(default_factory=dict)
+    opset: int | None = None
+
+    @property
+    def max_error(self) -> float:
+        """The largest relative error over all references (0.0 when nothing was compared)."""
+        return max(self.errors.values(), default=0.0)
+
+
+def default_tolerance(dtype: torch.dtype) -> float:
+    """Relative-error tolerance for outputs of ``dtype``: 1e-4 for float32, looser for 16-bit, tighter for 64."""
+    return {torch.float64: 1e-10, torch.float16: 1e-2, torch.bfloat16: 5e-2}.get(dtype, 1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ programs
+
+
+def _batched(args: tuple, batch: int) -> tuple:
+    """``args`` with every tensor's first axis resized to ``batch`` (rows repeated or dropped)."""
+
+    def resize(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or t.ndim == 0:
+            return t
+        reps = -(-batch // t.shape[0])
+        return t.repeat(reps, *([1] * (t.ndim - 1)))[:batch].clone()
+
+    return tuple(resize(a) for a in args)
+
+
+def _batch_size(args: tuple) -> int | None:
+    sizes = {a.shape[0] for a in args if isinstance(a, torch.Tensor) and a.ndim > 0}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def export_program(model: torch.nn.Module, example_inputs: Any, dynamic_batch: bool = True) -> torch.export.ExportedProgram:
+    """``torch.export.export`` of ``model`` in eval semantics, with a dynamic batch axis when possible.
+
+    torch.export specialises a batch of 1, so the trace uses the example inputs repeated to a batch of 2.  When
+    the model does not allow a dynamic batch (it reshapes with a fixed batch, say), a static export of the given
+    example inputs is returned instead; ``program.range_constraints`` tells which one you got.
+    Raises :class:`ExportError` when the model cannot be exported at all.
+    """
+    args = as_args(example_inputs)
+    batch = _batch_size(args)
+    if dynamic_batch and batch is not None:
+        batch_dim = torch.export.Dim("batch")
+        shapes = tuple({0: batch_dim} if isinstance(a, torch.Tensor) and a.ndim > 0 else None for a in args)
+        with contextlib.suppress(Exception):
+            return torch.export.export(model, _batched(args, max(batch, 2)), dynamic_shapes=shapes)
+    try:
+        return torch.export.export(model, args)
+    except Exception as exc:
+        raise ExportError(f"torch.export could not trace the model ({type(exc).__name__}: {_first_line(exc)}). "
+                          "Re-run with --debug for the full error") from exc
+
+
+def _is_dynamic(program: torch.export.ExportedProgram) -> bool:
+    return bool(program.range_constraints)
+
+
+def foreign_references(program: torch.export.ExportedProgram) -> list[str]:
+    """Ops or functions in ``program`` that come from reparam (loading the file would need reparam installed)."""
+    found = []
+    for module in program.graph_module.modules():
+        if not isinstance(module, fx.GraphModule):
+            continue
+        for node in module.graph.nodes:
+            if node.op != "call_function":
+                continue
+            target = node.target
+            namespace = getattr(target, "namespace", None)
+            origin = getattr(target, "__module__", "") or ""
+            if namespace == "reparam" or origin == "reparam" or origin.startswith("reparam."):
+                found.append(str(target))
+    return found
+
+
+def _verification_inputs(args: tuple, dynamic: bool) -> list[tuple]:
+    """The example inputs, plus a copy with another batch size when the batch axis is dynamic."""
+    inputs = [args]
+    batch = _batch_size(args)
+    if dynamic and batch is not None:
+        inputs.append(_batched(args, batch + 1 if batch > 1 else 3))
+    return inputs
+
+
+def _verify(
+    run_file: Callable[[tuple], Any],
+    references: Mapping[str, Callable],
+    inputs: Sequence[tuple],
+    tolerance: float,
+    check: bool,
+    what: str,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Compare ``run_file`` with each reference on each input; raise when an error exceeds ``tolerance``."""
+    errors = dict.fromkeys(references, 0.0)
+    abs_errors = dict.fromkeys(references, 0.0)
+    with torch.no_grad():
+        for args in inputs:
+            got = run_file(args)
+            for name, reference in references.items():
+                expected = reference(*args)
+                errors[name] = max(errors[name], relative_error(got, expected))
+                abs_errors[name] = max(abs_errors[name], max_abs_error(got, expected))
+    bad = {name: err for name, err in errors.items() if not err <= tolerance}
+    if bad and check:
+        detail = ", ".join(f"{err:.3g} vs the {name} model" for name, err in bad.items())
+        raise ExportMismatchError(f"the {what} disagrees with the model it was exported from: relative error "
+                                  f"{detail} (tolerance {tolerance:g}). Re-run with --no-check to keep the file anyway "
+                                  "and inspect it, or report the model")
+    return errors, abs_errors
+
+
+def _references(model: torch.nn.Module, original: torch.nn.Module | None) -> dict[str, Callable]:
+    refs = {"fused": model}
+    if original is not None:
+        refs["original"] = original
+    return refs
+
+
+def _output_dtype(model: torch.nn.Module, args: tuple) -> torch.dtype:
+    with torch.no_grad():
+        leaves = [t for t in tree_leaves(model(*args)) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return leaves[0].dtype if leaves else torch.float32
+
+
+def export_pt2(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    path: str | os.PathLike,
+    *,
+    original: torch.nn.Module | None = None,
+    program: torch.export.ExportedProgram | None = None,
+    tolerance: float | None = None,
+    check: bool = True,
+) -> ExportResult:
+    """Export ``model`` with ``torch.export`` and save it to ``path`` (a ``.pt2`` archive), verified.
+
+    The saved file is loaded back with ``torch.export.load`` and compared with ``model`` (and ``original`` when
+    given) on the example inputs and another batch size.  It contains only ATen ops, so it loads without reparam
+    installed; an op or function from reparam in the program raises :class:`ExportError`.  ``program`` reuses an
+    :func:`export_program` result.  Returns an :class:`ExportResult`.
+    """
+    args = as_args(example_inputs)
+    program = program if program is not None else export_program(model, args)
+    foreign = foreign_references(program)
+    if foreign:
+        raise ExportError(f"the exported program calls reparam code ({', '.join(foreign[:3])}), so it would not load "
+                          "without reparam. This is a bug in reparam; please report it")
+    dynamic = _is_dynamic(program)
+    tol = tolerance if tolerance is not None else default_tolerance(_output_dtype(model, args))
+
+    def write(tmp: Path) -> tuple[dict, dict]:
+        torch.export.save(program, tmp)
+        loaded = torch.export.load(tmp).module()
+        return _verify(lambda a: loaded(*a), _references(model, original), _verification_inputs(args, dynamic), tol, check, ".pt2 file")
+
+    errors, abs_errors = atomic_write(path, write)
+    path = Path(path)
+    return ExportResult(path, "pt2", path.stat().st_size, dynamic, errors, abs_errors)
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    path: str | os.PathLike,
+    opset: int = DEFAULT_OPSET,
+    *,
+    original: torch.nn.Module | None = None,
+    program: torch.export.ExportedProgram | None = None,
+    tolerance: float | None = None,
+    check: bool = True,
+) -> ExportResult:
+    """Export ``model`` to ONNX (``opset`` ≥ 17, dynamic batch axis) at ``path``, verified in ONNX Runtime.
+
+    The file is checked with ``onnx.checker``, run in ONNX Runtime (CPU) on the example inputs and another batch
+    size, and compared with ``model`` and ``original`` (when given).  Inputs are named ``input`` (``input_<i>``
+    when there are several), outputs ``output`` / ``output_<i>``.  ``program`` reuses an :func:`export_program`
+    result.  Returns an :class:`ExportResult` whose ``opset`` is the opset actually written.
+    """
+    if opset < MIN_OPSET:
+        raise InputError(f"ONNX opset {opset} is too old. Use opset {MIN_OPSET} or later (default {DEFAULT_OPSET})")
+    import onnx
+    import onnxruntime
+
+    args = as_args(example_inputs)
+    program = program if program is not None else export_program(model, args)
+    dynamic = _is_dynamic(program)
+    tol = tolerance if tolerance is not None else default_tolerance(_output_dtype(model, args))
+    tensor_args = [a for a in args if isinstance(a, torch.Tensor)]
+    input_names = ["input"] if len(tensor_args) == 1 else [f"input_{i}" for i in range(len(tensor_args))]
+    with torch.no_grad():
+        n_outputs = len(tree_leaves(model(*args)))
+    output_names = ["output"] if n_outputs == 1 else [f"output_{i}" for i in range(n_outputs)]
+
+    def write(tmp: Path) -> tuple[dict, dict, int]:
+        try:
+            with contextlib.redirect_stdout(_io.StringIO()):
+                onnx_program = torch.onnx.export(program, opset_version=opset, input_names=input_names,
+                                                 output_names=output_names, verbose=False)
+            onnx_program.save(str(tmp))
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except Exception as exc:
+            raise ExportError(f"ONNX export failed ({type(exc).__name__}: {_first_line(exc)}). "
+                              "Re-run with --debug for the full error, or export only the .pt2 file") from exc
+        written_opset = max((o.version for o in onnx.load(str(tmp), load_external_data=False).opset_import
+                             if o.domain in ("", "ai.onnx")), default=opset)
+        session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+
+        def run(a: tuple) -> list:
+            feeds = [t for t in a if isinstance(t, torch.Tensor)]
+            return session.run(None, {n: t.detach().cpu().numpy() for n, t in zip(names, feeds)})
+
+        errors, abs_errors = _verify(run, _references(model, original), _verification_inputs(args, dynamic), tol, check,
+                                     "ONNX file (run in ONNX Runtime)")
+        return errors, abs_errors, written_opset
+
+    errors, abs_errors, written_opset = atomic_write(path, write)
+    path = Path(path)
+    return ExportResult(path, "onnx", path.stat().st_size, dynamic, errors, abs_errors, written_opset)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
+
+
+# ------------------------------------------------------------------------------------------ graph drawings
+
+
+class GraphDrawingError(InputError):
+    """A drawing cannot be produced (unsupported file type, no renderer installed)."""
+
+
+_ADD_TARGETS = {operator.add, operator.iadd, torch.add, torch.cat, torch.concat, torch.stack}
+
+
+def _is_merge(node: fx.Node) -> bool:
+    """A node that joins several tensor branches (add / cat)."""
+    joins = node.target in _ADD_TARGETS or (node.op == "call_method" and node.target in ("add", "add_"))
+    if not joins:
+        return False
+    inputs = [a for a in tree_leaves((node.args, node.kwargs)) if isinstance(a, fx.Node)]
+    return len(inputs) >= 2
+
+
+def _traced_branchy(module: torch.nn.Module) -> bool:
+    try:
+        graph = fx.symbolic_trace(module).graph
+    except Exception:
+        return False
+    return any(_is_merge(n) for n in graph.nodes)
+
+
+def find_branch_block(model: torch.nn.Module) -> str | None:
+    """Qualified name of the first innermost submodule whose graph joins branches (add / cat), or None.
+
+    Walks the module tree in definition order; a branchy module whose own children include a branchy one is
+    descended into, so a stage yields its first block and a block its first branchy sub-block.
+    """
+
+    def search(module: torch.nn.Module, prefix: str) -> str | None:
+        for name, child in module.named_children():
+            qualified = f"{prefix}{name}"
+            if not any(True for _ in child.children()) or not _traced_branchy(child):
+                continue
+            return search(child, qualified + ".") or qualified
+        return None
+
+    return search(model, "")
+
+
+def _node_label(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "placeholder":
+        return f"input {node.target}"
+    if node.op == "output":
+        return "output"
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        label = type(module).__name__
+        if isinstance(module, torch.nn.modules.conv._ConvNd):
+            kernel = "×".join(str(k) for k in module.kernel_size)
+            label += f" {kernel} {module.in_channels}→{module.out_channels}"
+            if module.stride != (1,) * len(module.stride):
+                label += f" s{module.stride[0]}"
+            if module.groups != 1:
+                label += f" g{module.groups}"
+        return label
+    name = getattr(node.target, "__name__", str(node.target))
+    return name
+
+
+def _drawable_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """Nodes worth drawing: everything but constant fetches (``get_attr``)."""
+    return [n for n in gm.graph.nodes if n.op != "get_attr"]
+
+
+def _edges(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
+    keep = set(_drawable_nodes(gm))
+    return [(a, n) for n in keep for a in n.all_input_nodes if a in keep]
+
+
+def graph_to_dot(graphs: Mapping[str, fx.GraphModule]) -> str:
+    """Graphviz source drawing each graph of ``graphs`` (title -> GraphModule) side by side, as clusters."""
+    lines = ["digraph reparam {", '  rankdir=TB; node [shape=box, style="rounded,filled", fillcolor="#eef3fb", fontname="Helvetica"];']
+    for index, (title, gm) in enumerate(graphs.items()):
+        ids = {n: f"g{index}_{i}" for i, n in enumerate(_drawable_nodes(gm))}
+        lines.append(f'  subgraph cluster_{index} {{ label="{_escape(title)}"; fontname="Helvetica";')
+        for node, ident in ids.items():
+            lines.append(f'    {ident} [label="{_escape(_node_label(gm, node))}"];')
+        for a, b in _edges(gm):
+            lines.append(f"    {ids[a]} -> {ids[b]};")
+        lines.append("  }")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+_RENDER_FORMATS = ("svg", "png", "pdf")
+
+
+def draw_graphs(graphs: Mapping[str, fx.GraphModule], path: str | os.PathLike) -> str:
+    """Draw ``graphs`` (title -> GraphModule) side by side into ``path``; returns the renderer used.
+
+    ``.dot`` writes the Graphviz source (no dependency).  ``.svg`` / ``.png`` / ``.pdf`` use Graphviz's ``dot``
+    when it is on PATH, else matplotlib when installed, else raise :class:`GraphDrawingError` saying what to
+    install.  The file is written atomically.
+    """
+    path = Path(path)
+    renderer = graph_renderer(path)
+    fmt = path.suffix.lower().lstrip(".")
+    if renderer == "graphviz source":
+        atomic_write(path, lambda tmp: tmp.write_text(graph_to_dot(graphs)))
+    elif renderer == "graphviz":
+        source = graph_to_dot(graphs)
+        atomic_write(path, lambda tmp: _run_dot(shutil.which("dot"), fmt, source, tmp))
+    else:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        atomic_write(path, lambda tmp: _draw_matplotlib(graphs, tmp, fmt))
+    return renderer
+
+
+def graph_renderer(path: str | os.PathLike) -> str:
+    """How :func:`draw_graphs` would draw into ``path``: ``"graphviz source"``, ``"graphviz"`` or ``"matplotlib"``.
+
+    Raises :class:`GraphDrawingError` for an unknown file type or when no renderer is installed, so a caller can
+    check before doing any work.
+    """
+    fmt = Path(path).suffix.lower().lstrip(".")
+    if fmt == "dot":
+        return "graphviz source"
+    if fmt not in _RENDER_FORMATS:
+        raise GraphDrawingError(f"cannot draw to {Path(path).name}: unknown file type. "
+                                "Use a .svg, .png, .pdf or .dot file name")
+    if shutil.which("dot") is not None:
+        return "graphviz"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise GraphDrawingError("drawing a graph needs Graphviz or matplotlib, and neither is installed. "
+                                "Install one (`apt install graphviz` or `pip install matplotlib`), "
+                                "or write Graphviz source with --graph FILE.dot") from None
+    return "matplotlib"
+
+
+def _run_dot(dot: str, fmt: str, source: str, out: Path) -> None:
+    result = subprocess.run([dot, f"-T{fmt}", "-o", str(out)], input=source, text=True, capture_output=True, timeout=120)
+    if result.returncode != 0:
+        raise GraphDrawingError(f"Graphviz failed ({result.stderr.strip().splitlines()[0] if result.stderr.strip() else result.returncode}). "
+                                "Write the source with --graph FILE.dot and render it yourself")
+
+
+def _layout(gm: fx.GraphModule) -> dict[fx.Node, tuple[float, float]]:
+    """Layered layout: a node's row is its longest distance from an input, columns spread each row."""
+    nodes = _drawable_nodes(gm)
+    depth: dict[fx.Node, int] = {}
+    for node in nodes:  # graph order is topological
+        parents = [depth[a] for a in node.all_input_nodes if a in depth]
+        depth[node] = 1 + max(parents) if parents else 0
+    rows: dict[int, list[fx.Node]] = {}
+    for node in nodes:
+        rows.setdefault(depth[node], []).append(node)
+    return {node: (i - (len(row) - 1) / 2, -d) for d, row in rows.items() for i, node in enumerate(row)}
+
+
+def _draw_matplotlib(graphs: Mapping[str, fx.GraphModule], out: Path, fmt: str) -> None:
+    import matplotlib.pyplot as plt
+
+    layouts = {title: _layout(gm) for title, gm in graphs.items()}
+    points = [p for lay in layouts.values() for p in lay.values()] or [(0.0, 0.0)]
+    lowest = min(y for _, y in points)
+    height, width = 1 - lowest, 1 + 2 * max(abs(x) for x, _ in points)
+    fig, axes = plt.subplots(1, len(graphs), figsize=(max(4.0, 2.4 * width) * len(graphs), max(3.0, 0.8 * height)), squeeze=False)
+    for ax, (title, gm) in zip(axes[0], graphs.items()):
+        positions = layouts[title]
+        for a, b in _edges(gm):
+            (x0, y0), (x1, y1) = positions[a], positions[b]
+            ax.annotate("", xy=(x1, y1 + 0.18), xytext=(x0, y0 - 0.18), arrowprops={"arrowstyle": "->", "color": "#555"})
+        for node, (x, y) in positions.items():
+            ax.text(x, y, _node_label(gm, node), ha="center", va="center", fontsize=8,
+                    bbox={"boxstyle": "round", "facecolor": "#eef3fb", "edgecolor": "#4a6fa5"})
+        ax.set_xlim(-width / 2 - 0.5, width / 2 + 0.5)
+        ax.set_ylim(lowest - 0.6, 0.6)
+        ax.set_title(title)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out, format=fmt)
+    plt.close(fig)

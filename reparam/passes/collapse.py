@@ -1,0 +1,440 @@
+"""Collapse affine regions: every maximal piece of graph that is affine in one input becomes one kernel.
+
+This single pass subsumes the classic rules, each still counted and reported on its own:
+
+- fold_bn:        conv -> BN, BN -> conv (only where exact), linear <-> BN1d
+- merge_parallel: ``A1(x) + ... + An(x) -> A(x)`` (k×k, 1×k, k×1, 1×1, identity, BN-identity,
+                  avg-pool, scale branches; BN after the sum)
+- merge_concat:   ``cat([A1(x), ..., An(x)]) -> A(x)``
+- compose:        ``B(A(x)) -> C(x)`` (k×k -> 1×1, 1×1 -> k×k when exact, Linear -> Linear)
+- skip:           ``x + f(x)`` with f affine
+- scale / pad / pool: layer scales, explicit zero pads, average pools folded into the conv
+
+Algorithm (linear in graph size per round):
+1. abstract interpretation in topological order: each node gets a *value* = (root tensor, Affine from
+   the root, the set of original nodes it replaces).  An op on a node extends that node's value when
+   :mod:`reparam.affine` allows it; otherwise the op starts a fresh region at its input, and the
+   refusal is recorded with its reason.
+2. frontier = nodes whose value is needed by something that is not absorbed (non-affine users, the
+   output, refused compositions).  Each frontier becomes one module reading the root.
+3. cuts: a node inside two regions (its work would be duplicated) and regions that would cost more
+   MACs than they replace are cut at the offending point and step 1 runs again; cuts only grow, so
+   this ends.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from .. import affine as A
+from ..emit import to_module
+from ..lift import Concat, Constants, Lifter, NotAffine, Sum, Unary
+from ..report import Report, Rewrite
+from ..trace import node_shape
+
+METADATA_ATTRS = {"ndim", "dtype", "device", "is_cuda", "layout"}
+METADATA_METHODS = {"dim", "ndimension", "get_device"}
+
+
+def is_metadata_user(user: fx.Node) -> bool:
+    """Reads only a tensor's rank/dtype/device (e.g. timm's ``_assert(x.ndim == 4)``)."""
+    if user.op == "call_function" and user.target is getattr and len(user.args) > 1:
+        return user.args[1] in METADATA_ATTRS
+    return user.op == "call_method" and user.target in METADATA_METHODS
+
+
+def real_users(node: fx.Node) -> list:
+    return [u for u in node.users if not is_metadata_user(u)]
+
+
+@dataclass
+class Value:
+    """``node == affine(root)``, replacing the original nodes in ``ops``."""
+
+    root: fx.Node
+    affine: A.Affine
+    ops: frozenset
+    expanding: tuple = ()  # inputs where composing made the work larger
+    joins: tuple = ()  # inputs of adds / concats inside the region
+
+
+@dataclass
+class _State:
+    values: dict = field(default_factory=dict)
+    cost: dict = field(default_factory=dict)  # node -> MACs it costs, per root position
+    events: dict = field(default_factory=dict)  # node -> rewrite kinds it contributes
+    refusals: list = field(default_factory=list)
+
+
+class Collapse:
+    def __init__(self, gm: fx.GraphModule, report: Report, dtype_of=None, new_dtypes: Optional[dict] = None):
+        self.gm = gm
+        self.report = report
+        self.constants = Constants(gm)
+        self.lifter = Lifter(gm, self.constants)
+        self.ops: dict = {}
+        self.memo: dict = {}
+        for node in gm.graph.nodes:
+            if node.op in ("call_module", "call_function", "call_method"):
+                try:
+                    self.ops[node] = self.lifter.lift(node)
+                except A.Refusal as r:
+                    report.refuse(_where(node), str(r))
+                except (NotAffine, Exception):
+                    pass
+        self.dtype_of = dtype_of or (lambda nodes: torch.float32)
+        self.new_dtypes = new_dtypes if new_dtypes is not None else {}  # param name -> dtype to cast back to
+
+    # -- step 1: values ------------------------------------------------------------------------------
+    def _root_identity(self, node: fx.Node, layout: Optional[A.Layout], channels: Optional[int] = None):
+        shape = node_shape(node)
+        if layout is None:
+            if shape is None:
+                return None
+            layout = A.Layout.of_rank(len(shape))
+        if shape is not None and len(shape) >= 2:
+            channels = shape[layout.channel_axis(len(shape))]
+        if channels is None:
+            return None
+        return A.identity(channels, layout)
+
+    def _input(self, state: _State, node: fx.Node, cut: set) -> Optional[Value]:
+        return None if node in cut else state.values.get(node)
+
+    def _unary(self, state: _State, node: fx.Node, op: Unary, cut: set) -> Optional[Value]:
+        base = self._input(state, op.source, cut)
+        aff = op.affine
+        if aff is None:  # scalar op or identity: take the layout of what it acts on
+            start = base.affine if base else self._root_identity(op.source, None)
+            if start is None:
+                return None
+            channels, layout = start.out_channels, start.layout
+            if op.kind == "identity" or (op.scale == 1.0 and op.shift == 0.0):
+                aff = A.identity(channels, layout)
+            else:
+                shift = None if op.shift == 0.0 else torch.full((channels,), op.shift, dtype=torch.float64)
+                aff = A.channelwise(torch.full((channels,), op.scale, dtype=torch.float64), shift, layout)
+        events = (_EVENT.get(op.kind),) if _EVENT.get(op.kind) else ()
+        stride_in = base.affine.stride if base else ()
+        state.cost[node] = _op_cost(aff, stride_in)
+        if base is not None:
+            try:
+                composed = A.compose(base.affine, aff)
+                heavy = base.affine.kind == "dense" and aff.kind == "dense"
+                if heavy:
+                    events += ("compose",)
+                expanding = base.expanding
+                if heavy and composed.macs() > base.affine.macs() + aff.macs() / max(1, math.prod(stride_in)):
+                    expanding += (op.source,)
+                state.events[node] = events
+                return Value(base.root, composed, base.ops | {node}, expanding, base.joins)
+            except A.Refusal as r:
+                state.refusals.append((node, str(r)))
+        start = self._root_identity(op.source, aff.layout, aff.in_channels)
+        if start is None or start.out_channels != aff.in_channels:
+            return None
+        state.cost[node] = _op_cost(aff, ())
+        state.events[node] = events
+        return Value(op.source, aff, frozenset({node}))
+
+    def _terms(self, state: _State, sources: list, cut: set):
+        """Values (or root identities) of a join's inputs, all from one root; None otherwise."""
+        bases = [self._input(state, s, cut) for s in sources]
+        roots = {b.root if b else s for b, s in zip(bases, sources)}
+        if len(roots) != 1:
+            return None
+        layout = next((b.affine.layout for b in bases if b), None)
+        terms, skips = [], 0
+        for b, s in zip(bases, sources):
+            if b is not None:
+                terms.append(b)
+                continue
+            ident = self._root_identity(s, layout)
+            if ident is None:
+                return None
+            terms.append(Value(s, ident, frozenset()))
+            skips += 1
+        return terms, skips
+
+    def _join(self, state: _State, node: fx.Node, sources: list, build, kind: str, cut: set) -> Optional[Value]:
+        found = self._terms(state, sources, cut)
+        if found is None:
+            return None
+        terms, skips = found
+        try:
+            aff = build([t.affine for t in terms])
+        except A.Refusal as r:
+            state.refusals.append((node, str(r)))
+            return None
+        ops = frozenset().union(*(t.ops for t in terms)) | {node}
+        stride = terms[0].affine.stride
+        state.cost[node] = aff.out_channels / max(1, math.prod(stride))
+        state.events[node] = (kind,) + ("skip",) * (skips if kind == "merge_parallel" else 0)
+        expanding = tuple(x for t in terms for x in t.expanding)
+        joins = tuple(x for t in terms for x in t.joins) + tuple(sources)
+        return Value(terms[0].root, aff, ops, expanding, joins)
+
+    def _sum(self, state: _State, node: fx.Node, op: Sum, cut: set) -> Optional[Value]:
+        coeffs = [c for _, c in op.terms]
+
+        def build(affines):
+            scaled = [a if c == 1.0 else A.compose(a, A.channelwise(torch.full((a.out_channels,), c, dtype=torch.float64), None, a.layout))
+                      for a, c in zip(affines, coeffs)]
+            return A.add(scaled)
+
+        return self._join(state, node, [t for t, _ in op.terms], build, "merge_parallel", cut)
+
+    def _concat(self, state: _State, node: fx.Node, op: Concat, cut: set) -> Optional[Value]:
+        shape = node_shape(node)
+        if shape is None:
+            return None
+        rank, dim = len(shape), op.dim % len(shape)
+
+        def build(affines):
+            layout = affines[0].layout
+            if dim != layout.channel_axis(rank):
+                raise A.Refusal("concatenation is not along the channel axis")
+            return A.concat(affines)
+
+        return self._join(state, node, op.sources, build, "merge_concat", cut)
+
+    def evaluate(self, cut: set) -> _State:
+        """Values of every node given the cuts; a node whose inputs' values are unchanged since the
+        previous call reuses its result (so re-planning after a cut costs little)."""
+        state = _State()
+        for node in self.gm.graph.nodes:
+            op = self.ops.get(node)
+            if op is None:
+                continue
+            inputs = tuple(self._input(state, s, cut) for s in _sources(op)) + (node in cut,)
+            cached = self.memo.get(node)
+            if cached is not None and len(cached[0]) == len(inputs) and all(a is b for a, b in zip(cached[0], inputs)):
+                value, cost, events, refusals = cached[1]
+                if cost is not None:
+                    state.cost[node] = cost
+                if events is not None:
+                    state.events[node] = events
+                state.refusals += refusals
+            else:
+                mark = len(state.refusals)
+                if isinstance(op, Unary):
+                    value = self._unary(state, node, op, cut)
+                elif isinstance(op, Sum):
+                    value = self._sum(state, node, op, cut)
+                else:
+                    value = self._concat(state, node, op, cut)
+                self.memo[node] = (inputs, (value, state.cost.get(node), state.events.get(node), state.refusals[mark:]))
+            if value is not None:
+                state.values[node] = value
+        return state
+
+    # -- step 2 and 3: frontiers and cuts --------------------------------------------------------------
+    def frontiers(self, state: _State, cut: set) -> list:
+        out = []
+        for node, value in state.values.items():
+            users = real_users(node)
+            absorbed = all(
+                u not in cut and node not in cut and u in state.values and node in state.values[u].ops
+                for u in users
+            )
+            if users and not absorbed:
+                out.append(node)
+        return out
+
+    def _profitable(self, state: _State, value: Value) -> bool:
+        old = sum(state.cost.get(n, 0.0) for n in value.ops)
+        return value.affine.macs() <= old * (1 + 1e-9) + 1e-9
+
+    def plan(self) -> tuple[_State, list]:
+        cut: set = set()
+        declined: set = set()
+        while True:
+            state = self.evaluate(cut)
+            frontiers = self.frontiers(state, cut)
+            membership = Counter(n for f in frontiers for n in state.values[f].ops)
+            new_cuts = {n for n, c in membership.items() if c > 1}
+            for f in frontiers:
+                value = state.values[f]
+                if len(value.ops) < 2 or f in declined or self._profitable(state, value):
+                    continue
+                points = set(value.expanding) or set(value.joins)
+                points = {p for p in points if p in state.values} - cut
+                if points:
+                    new_cuts |= points
+                    for p in points:
+                        state.refusals.append((p, "merging through here would cost more MACs than it saves"))
+                else:
+                    declined.add(f)
+            new_cuts -= cut
+            if not new_cuts:
+                self._record_refusals(state)
+                return state, [f for f in frontiers if f not in declined]
+            cut |= new_cuts
+
+    def _record_refusals(self, state: _State) -> None:
+        for node, reason in state.refusals:
+            self.report.refuse(_where(node), reason)
+
+    # -- materialisation ---------------------------------------------------------------------------------
+    def run(self) -> int:
+        state, frontiers = self.plan()
+        done = 0
+        for f in frontiers:
+            if self._materialize(state, f):
+                done += 1
+        if done:
+            self.gm.graph.eliminate_dead_code()
+            self.gm.delete_all_unused_submodules()
+            self.gm.recompile()
+        return done
+
+    def _materialize(self, state: _State, f: fx.Node) -> bool:
+        value = state.values[f]
+        aff = value.affine
+        graph = self.gm.graph
+        if aff.kind == "identity" and not aff.pads:
+            replacement = value.root
+            if node_shape(replacement) != node_shape(f) and node_shape(f) is not None:
+                return False
+        else:
+            if len(value.ops) < 2:
+                return False
+            expected = _expected_shape(value)
+            if expected is not None and node_shape(f) is not None and expected != node_shape(f):
+                return False
+            module = to_module(aff, torch.float64, _device(self.gm))
+            if module is None:
+                self.report.refuse(_where(f), "no single module pads asymmetrically with " + aff.padding_mode)
+                return False
+            name = self._fresh_name(value.ops)
+            self.gm.add_submodule(name, module)
+            dtype = self.dtype_of(value.ops)
+            self.new_dtypes.update({f"{name}.{p}": dtype for p, _ in module.named_parameters()})
+            with graph.inserting_after(_insertion_point(value.root)):
+                replacement = graph.call_module(name, (value.root,))
+            replacement.meta.update(f.meta)
+        f.replace_all_uses_with(replacement)
+        for node in value.ops:
+            for user in list(node.users):
+                if is_metadata_user(user):
+                    user.replace_input_with(node, replacement)
+        self._report(state, f, value, aff)
+        return True
+
+    def _report(self, state: _State, f: fx.Node, value: Value, aff: A.Affine) -> None:
+        events = tuple(e for n in _ordered(value.ops) for e in state.events.get(n, ()))
+        kinds = Counter(self._describe(n) for n in _ordered(value.ops))
+        before = ", ".join(f"{k} x{v}" if v > 1 else k for k, v in kinds.items())
+        after = "identity" if aff.kind == "identity" else aff.describe()
+        self.report.rewrites.append(Rewrite(_prefix(value.ops) or f.name, before, after, events))
+
+    def _describe(self, node: fx.Node) -> str:
+        op = self.ops[node]
+        if isinstance(op, Unary):
+            return op.affine.describe() if op.kind in ("conv", "linear") and op.affine else op.kind
+        return "add" if isinstance(op, Sum) else "cat"
+
+    def _fresh_name(self, ops) -> str:
+        base = _prefix(ops)
+        stem = f"{base}.reparam" if base else "reparam"
+        name, i = stem, 1
+        while _has_path(self.gm, name):
+            name, i = f"{stem}_{i}", i + 1
+        return name
+
+
+def _sources(op) -> list:
+    if isinstance(op, Unary):
+        return [op.source]
+    return [t for t, _ in op.terms] if isinstance(op, Sum) else list(op.sources)
+
+
+_EVENT = {"batchnorm": "fold_bn", "scale": "scale", "shift": "scale", "pad": "pad", "avgpool": "pool"}
+
+
+def _op_cost(aff: A.Affine, stride_in: tuple) -> float:
+    per = max(1, math.prod(stride_in)) if stride_in else 1
+    if aff.kind == "identity" and not aff.pads:
+        return 0.0
+    if aff.kind in ("identity", "diagonal") or (aff.kind == "dense" and aff.groups == aff.out_channels == aff.in_channels and all(k == 1 for k in aff.kernel)):
+        return aff.out_channels / per
+    return aff.macs() / per
+
+
+def _expected_shape(value: Value) -> Optional[tuple]:
+    shape = node_shape(value.root)
+    if shape is None:
+        return None
+    aff = value.affine
+    if aff.layout.channels_last:
+        return shape[:-1] + (aff.out_channels,)
+    return (shape[0], aff.out_channels) + aff.out_size(shape[2:])
+
+
+def _insertion_point(root: fx.Node) -> fx.Node:
+    if root.op != "placeholder":
+        return root
+    last = root
+    for node in root.graph.nodes:
+        if node.op == "placeholder":
+            last = node
+    return last
+
+
+def _device(gm: torch.nn.Module):
+    for p in gm.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _ordered(nodes) -> list:
+    return sorted(nodes, key=lambda n: n.name)
+
+
+def _where(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        return list(stack.values())[-1][0] or node.name
+    return node.name
+
+
+def _prefix(ops) -> str:
+    """Longest common module path of the region's modules (its block), e.g. ``stage1.0``."""
+    paths = [_block_path(n) for n in ops]
+    paths = [p for p in paths if p is not None]
+    if not paths:
+        return ""
+    common = paths[0]
+    for p in paths[1:]:
+        k = 0
+        while k < min(len(common), len(p)) and common[k] == p[k]:
+            k += 1
+        common = common[:k]
+    return ".".join(common)
+
+
+def _block_path(node: fx.Node) -> Optional[list]:
+    """Path of the module whose forward holds ``node`` (a module call's parent), if recorded."""
+    if node.op == "call_module":
+        return node.target.split(".")[:-1]
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        return path.split(".") if path else []
+    return None
+
+
+def _has_path(gm: torch.nn.Module, path: str) -> bool:
+    obj = gm
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True

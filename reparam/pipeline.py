@@ -1,0 +1,185 @@
+"""fuse(): copy -> float64 -> trace -> passes to a fixed point -> verify -> cast back.
+
+The input model is never touched: everything happens on a deep copy in eval mode.  Folding happens
+in float64 (also for float16/bfloat16 models) and the result is cast back to each tensor's dtype.
+When the whole model does not trace, the largest traceable submodules are fused instead, and the
+report names the parts left alone.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from . import trace as T
+from .errors import ReparamError
+from .passes.collapse import Collapse
+from .report import Report
+from .verify import compare, random_like, to_float64
+
+MAX_ROUNDS = 8
+
+
+class TrainingModeWarning(UserWarning):
+    """The model was in training mode; it is fused with inference semantics."""
+
+
+class VerificationSkippedWarning(UserWarning):
+    """No example inputs could be found, so the fused model was not checked."""
+
+
+def _dtype_map(model: nn.Module) -> dict:
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    return {name: t.dtype for name, t in named}
+
+
+def _main_dtype(dtypes: dict) -> torch.dtype:
+    floats = [d for d in dtypes.values() if d.is_floating_point]
+    return max(set(floats), key=floats.count) if floats else torch.float32
+
+
+def _normalise_inputs(example_inputs) -> Optional[tuple]:
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(example_inputs)
+    raise ReparamError(
+        f"example_inputs must be a tensor or a tuple of positional inputs, got {type(example_inputs).__name__}"
+    )
+
+
+def _region_dtype(gm: fx.GraphModule, dtypes: dict, fallback: torch.dtype):
+    """dtype for a fused module: that of the first weight in the region (the model's otherwise)."""
+
+    def pick(nodes) -> torch.dtype:
+        for node in sorted(nodes, key=lambda n: n.name):
+            if node.op == "call_module":
+                d = dtypes.get(f"{node.target}.weight")
+                if d is not None:
+                    return d
+        return fallback
+
+    return pick
+
+
+def _fuse_graph(gm: fx.GraphModule, inputs: Optional[tuple], report: Report, dtypes: dict, main: torch.dtype) -> None:
+    """Run the passes on ``gm`` (in place) to a fixed point."""
+    if inputs is not None:
+        T.propagate_shapes(gm, inputs)
+    for _ in range(MAX_ROUNDS):  # new nodes carry their replaced node's shape, so no re-propagation
+        if Collapse(gm, report, _region_dtype(gm, dtypes, main), dtypes).run() == 0:
+            break
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _record_inputs(module: nn.Module, inputs: tuple) -> dict:
+    """First positional inputs each submodule sees when ``module`` runs ``inputs``."""
+    seen: dict = {}
+
+    def hook(mod, args):
+        seen.setdefault(mod, args)
+
+    handles = [m.register_forward_pre_hook(hook) for m in module.modules()]
+    try:
+        with torch.no_grad():
+            module(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _fuse_tree(module: nn.Module, inputs: Optional[tuple], recorded: Optional[dict], report: Report, dtypes, main,
+               path="") -> nn.Module:
+    """Fuse ``module`` whole if it traces, else each child that was called (depth first)."""
+    try:
+        gm = T.symbolic_trace(module)
+    except Exception as err:  # data-dependent control flow and the like
+        if recorded is None:
+            recorded = _record_inputs(module, inputs) if inputs is not None else {}
+        if path or not list(module.children()):
+            report.notes.append(f"{path or type(module).__name__} left unfused: not traceable ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
+        if not path:
+            report.notes.append(f"{type(module).__name__} does not trace as a whole; fused its traceable parts")
+        for name, child in list(module.named_children()):
+            if child in recorded:
+                setattr(module, name, _fuse_tree(child, recorded[child], recorded, report, dtypes, main, f"{path}.{name}".strip(".")))
+        return module
+    prefix = f"{path}." if path else ""
+    local = {k[len(prefix):]: v for k, v in dtypes.items() if k.startswith(prefix)}
+    _fuse_graph(gm, inputs, report, local, main)
+    dtypes.update({prefix + k: v for k, v in local.items()})  # dtypes of the modules it created
+    return gm
+
+
+def fuse_with_report(model: nn.Module, example_inputs=None, *, check: bool = True,
+                     remove_residuals: bool = False) -> tuple[nn.Module, Report]:
+    """:func:`reparam.fuse` that also returns the :class:`Report`."""
+    if not isinstance(model, nn.Module):
+        raise ReparamError(f"reparam.fuse expects an nn.Module, got {type(model).__name__}")
+    if remove_residuals:
+        raise NotImplementedError("remove_residuals=True is not implemented yet")
+    if model.training:
+        warnings.warn("model is in training mode: fusing with inference semantics (BatchNorm uses running "
+                      "statistics); the input model is left in training mode", TrainingModeWarning, stacklevel=3)
+    report = Report()
+    dtypes = _dtype_map(model)
+    main = _main_dtype(dtypes)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+
+    work = copy.deepcopy(model).eval().to(torch.float64)
+    reference = copy.deepcopy(work)
+    inputs = _normalise_inputs(example_inputs)
+    inputs = to_float64(inputs) if inputs is not None else None
+    if inputs is None:
+        try:
+            traced = T.symbolic_trace(work)
+            inputs = T.infer_example_inputs(work, traced, torch.float64, device)
+        except Exception:
+            inputs = None
+    fused = _fuse_tree(work, inputs, None, report, dtypes, main)
+
+    if check:
+        if inputs is None:
+            warnings.warn("could not infer example inputs, so the fused model was NOT verified; pass "
+                          "example_inputs=(x,) to reparam.fuse", VerificationSkippedWarning, stacklevel=3)
+            report.notes.append("verification skipped: no example inputs")
+        else:
+            report.max_rel_error = max(compare(fused, reference, inputs),
+                                       compare(fused, reference, random_like(inputs)))
+    _cast_back(fused, dtypes, main, device)
+    fused.reparam_report = report
+    return fused, report
+
+
+def _cast_back(fused: nn.Module, dtypes: dict, main: torch.dtype, device) -> None:
+    """Every floating tensor back to its original dtype (new ones: the model's main dtype)."""
+    for name, t in list(fused.named_parameters(remove_duplicate=False)) + list(fused.named_buffers(remove_duplicate=False)):
+        if not t.is_floating_point():
+            continue
+        want = dtypes.get(name, main)
+        if t.dtype != want or t.device != device:
+            t.data = t.data.to(dtype=want, device=device)
+
+
+def fuse(model: nn.Module, example_inputs=None, *, check: bool = True, remove_residuals: bool = False) -> nn.Module:
+    """Return a new module computing the same function as ``model`` with fewer, larger kernels.
+
+    Inference semantics (BatchNorm with running statistics); same dtype and device; the input model is
+    never modified.  ``example_inputs``: a tensor or tuple of positional inputs (inferred when omitted).
+    ``check=True`` verifies the result in float64 and raises :class:`reparam.EquivalenceError` if it
+    disagrees.  The report of rewrites and refusals is at ``fused.reparam_report``.
+    """
+    return fuse_with_report(model, example_inputs, check=check, remove_residuals=remove_residuals)[0]
+
+
+def explain(model: nn.Module, example_inputs=None) -> Report:
+    """Every rewrite :func:`fuse` would do and every merge it refuses, with the reason."""
+    return fuse_with_report(model, example_inputs, check=False)[1]

@@ -1,0 +1,232 @@
+"""Measurements of a model: what it executes, how big it is, how fast it runs, how far apart two outputs are.
+
+Everything here runs the model as it is, in inference mode (``torch.no_grad``) and never changes the model's
+mode or tensors.  ``example_inputs`` is either one tensor or a tuple of positional arguments.
+
+Public API (stable; used by the CLI, the benchmarks and the tests):
+
+``count_kernels(model, example_inputs) -> dict[str, int]``
+    runs the model once under a :class:`~torch.utils._python_dispatch.TorchDispatchMode` and counts the ATen ops
+    executed, in the keys of :data:`KERNEL_KINDS`:
+
+    - ``"conv"``: convolutions (``aten.convolution``, ``aten.conv1d/2d/3d``, transposed and backend variants such
+      as ``mkldnn_convolution`` / ``cudnn_convolution``);
+    - ``"batch_norm"``: any op whose name contains ``batch_norm``
+      (``native_batch_norm``, ``_native_batch_norm_legit_no_training``, ``cudnn_batch_norm`` ...);
+    - ``"add"``: ``aten.add.Tensor`` / ``aten.add_.Tensor`` whose two operands are tensors with the same number of
+      elements, i.e. residual and branch adds; bias adds (broadcast) and adds of a scalar are not counted;
+    - ``"linear"``: ``aten.addmm``, ``aten.mm``, ``aten.linear``;
+    - ``"total"``: every ATen op seen, including views and allocations.
+
+``count_params(model) -> int``
+    number of elements in the model's parameters (each shared tensor counted once; buffers are not counted).
+
+``count_macs(model, example_inputs) -> int``
+    multiply-accumulates of one forward pass, from :class:`torch.utils.flop_counter.FlopCounterMode` (flops / 2).
+
+``latency_ms(model, example_inputs, warmup=3, repeats=10) -> float``
+    median wall-clock time of one forward pass, in milliseconds (synchronising CUDA when the inputs live there).
+
+``relative_error(actual, expected) -> float``
+    the largest ‖actual − expected‖₂ / ‖expected‖₂ over the output tensors, computed in float64;
+    ``inf`` when a difference is not finite (NaN or inf in either output), so ``err <= tol`` fails.
+
+``max_abs_error(actual, expected) -> float``
+    the largest element-wise ``|actual − expected|`` over the output tensors.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = [
+    "KERNEL_KINDS",
+    "count_kernels",
+    "count_params",
+    "count_macs",
+    "latency_ms",
+    "relative_error",
+    "max_abs_error",
+    "as_args",
+]
+
+KERNEL_KINDS = ("conv", "batch_norm", "add", "linear", "total")
+
+_CONV_OPS = frozenset(
+    {
+        "convolution",
+        "_convolution",
+        "conv1d",
+        "conv2d",
+        "conv3d",
+        "conv_transpose1d",
+        "conv_transpose2d",
+        "conv_transpose3d",
+        "mkldnn_convolution",
+        "cudnn_convolution",
+        "cudnn_convolution_transpose",
+        "miopen_convolution",
+        "miopen_depthwise_convolution",
+        "_mps_convolution",
+        "thnn_conv2d",
+        "_slow_conv2d_forward",
+        "slow_conv3d",
+        "slow_conv_dilated2d",
+        "slow_conv_dilated3d",
+        "slow_conv_transpose2d",
+        "slow_conv_transpose3d",
+        "_conv_depthwise2d",
+        "conv_depthwise3d",
+    }
+)
+_LINEAR_OPS = frozenset({"addmm", "mm", "linear"})
+_ADD_OPS = frozenset({("add", "Tensor"), ("add_", "Tensor")})
+
+
+def as_args(example_inputs: Any) -> tuple:
+    """Normalise ``example_inputs`` (a tensor, a tuple/list of arguments, or None) to a tuple of arguments."""
+    if example_inputs is None:
+        return ()
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
+def _kind_of(func: Any, args: Sequence[Any]) -> str | None:
+    """The :data:`KERNEL_KINDS` bucket of one executed ATen op, or None when it is in none of the named ones."""
+    name = func.overloadpacket.__name__
+    if name in _CONV_OPS:
+        return "conv"
+    if "batch_norm" in name:
+        return "batch_norm"
+    if name in _LINEAR_OPS:
+        return "linear"
+    if (name, func._overloadname) in _ADD_OPS and len(args) >= 2:
+        a, b = args[0], args[1]
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.numel() == b.numel():
+            return "add"
+    return None
+
+
+class _KernelCounter(TorchDispatchMode):
+    """Counts the ATen ops that reach the dispatcher (only the outermost call of each op is seen)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts = dict.fromkeys(KERNEL_KINDS, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kind = _kind_of(func, args)
+        if kind is not None:
+            self.counts[kind] += 1
+        self.counts["total"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_kernels(model: Callable, example_inputs: Any) -> dict[str, int]:
+    """Run ``model`` once and count the convolutions, batch norms, tensor adds and linears it executes.
+
+    Returns a dict with the keys of :data:`KERNEL_KINDS` (see the module docstring for what each counts).
+    """
+    counter = _KernelCounter()
+    with torch.no_grad(), counter:
+        model(*as_args(example_inputs))
+    return dict(counter.counts)
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Number of parameter elements of ``model``; a tensor shared by several modules is counted once."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def count_macs(model: Callable, example_inputs: Any) -> int:
+    """Multiply-accumulates of one forward pass of ``model`` on ``example_inputs`` (FlopCounterMode flops / 2)."""
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(*as_args(example_inputs))
+    return counter.get_total_flops() // 2
+
+
+def _synchronize(args: tuple) -> None:
+    for leaf in tree_leaves(args):
+        if isinstance(leaf, torch.Tensor) and leaf.is_cuda:
+            torch.cuda.synchronize(leaf.device)
+            return
+
+
+def latency_ms(model: Callable, example_inputs: Any, warmup: int = 3, repeats: int = 10) -> float:
+    """Median time of one forward pass in milliseconds, after ``warmup`` untimed passes."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    args = as_args(example_inputs)
+    times = []
+    with torch.no_grad():
+        for _ in range(warmup):
+            model(*args)
+        _synchronize(args)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(*args)
+            _synchronize(args)
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _leaf_pairs(actual: Any, expected: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Flatten two output structures (tensors, numpy arrays, tuples, dicts...) into aligned float64 arrays."""
+    a_leaves, e_leaves = tree_leaves(actual), tree_leaves(expected)
+    if len(a_leaves) != len(e_leaves):
+        raise ValueError(f"outputs differ in structure: {len(a_leaves)} tensors vs {len(e_leaves)}")
+    pairs = []
+    for a, e in zip(a_leaves, e_leaves):
+        a64 = _to_float64(a)
+        e64 = _to_float64(e)
+        if a64.shape != e64.shape:
+            raise ValueError(f"outputs differ in shape: {tuple(a64.shape)} vs {tuple(e64.shape)}")
+        pairs.append((a64, e64))
+    return pairs
+
+
+def _to_float64(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def relative_error(actual: Any, expected: Any) -> float:
+    """Largest relative L2 error ‖actual − expected‖ / ‖expected‖ over the output tensors (0.0 when both are 0)."""
+    worst = 0.0
+    for a, e in _leaf_pairs(actual, expected):
+        diff = float(np.linalg.norm((a - e).ravel()))
+        ref = float(np.linalg.norm(e.ravel()))
+        if not np.isfinite(diff):
+            return float("inf")
+        if diff == 0.0:
+            continue
+        worst = max(worst, diff / ref if ref > 0 else float("inf"))
+    return worst
+
+
+def max_abs_error(actual: Any, expected: Any) -> float:
+    """Largest element-wise absolute difference over the output tensors."""
+    worst = 0.0
+    for a, e in _leaf_pairs(actual, expected):
+        if a.size:
+            diff = float(np.max(np.abs(a - e)))
+            worst = max(worst, diff) if np.isfinite(diff) else float("inf")
+    return worst

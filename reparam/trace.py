@@ -1,0 +1,173 @@
+"""nn.Module -> torch.fx GraphModule with shapes, and example inputs when none are given.
+
+Leaf policy: torch.nn modules are leaves (fx's default), plus any module timm marks as not traceable.
+Parameter and buffer look-ups are resolved from a dictionary built once, so tracing stays linear in
+model size (fx's stock tracer scans every parameter for each functional access).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp
+
+
+def _timm_leaves() -> tuple[set, set]:
+    try:  # timm's own registry of modules / functions fx cannot trace through
+        from timm.models import _features_fx as tfx
+
+        leaves = set(getattr(tfx, "_leaf_modules", set()))
+        functions = set(getattr(tfx, "_autowrap_functions", set()))
+        return leaves, functions
+    except Exception:  # timm absent or reorganised: the stock policy still works
+        return set(), set()
+
+
+class Tracer(fx.Tracer):
+    """fx tracer with O(1) parameter/buffer look-up and timm's leaf modules."""
+
+    def __init__(self, root: torch.nn.Module):
+        leaves, functions = _timm_leaves()
+        super().__init__(autowrap_functions=tuple(functions))
+        self._extra_leaves = tuple(leaves)
+        self._names = {}
+        for name, p in root.named_parameters(remove_duplicate=False):
+            self._names.setdefault(id(p), name)
+        for name, b in root.named_buffers(remove_duplicate=False):
+            self._names.setdefault(id(b), name)
+        self._proxies: dict[str, Any] = {}
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        if self._extra_leaves and isinstance(m, self._extra_leaves):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if isinstance(attr_val, torch.Tensor):
+            name = self._names.get(id(attr_val))
+            if name is not None:
+                if name not in parameter_proxy_cache:
+                    parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+                return parameter_proxy_cache[name]
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def create_arg(self, a):
+        if isinstance(a, torch.Tensor):
+            name = self._names.get(id(a))
+            if name is not None:
+                return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
+
+
+def symbolic_trace(model: torch.nn.Module) -> fx.GraphModule:
+    """Trace ``model`` (in its current mode) into a GraphModule sharing its submodules."""
+    tracer = Tracer(model)
+    graph = tracer.trace(model)
+    name = model.__class__.__name__
+    return fx.GraphModule(tracer.root, graph, name)
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> bool:
+    """Record ``meta['tensor_meta']`` on every node by running ``example_inputs``; False if it fails."""
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ShapeProp(gm).propagate(*example_inputs)
+        return True
+    except Exception:
+        return False
+
+
+def node_shape(node: fx.Node) -> Optional[tuple]:
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return tuple(shape) if shape is not None else None
+
+
+# --------------------------------------------------------------------------------------------
+# example inputs
+
+
+def _first_consumer_channels(gm: fx.GraphModule, placeholder: fx.Node) -> Optional[tuple[int, int]]:
+    """(channels, spatial rank) of the first conv/linear reached from ``placeholder``, breadth first."""
+    modules = dict(gm.named_modules())
+    frontier, seen = [placeholder], {placeholder}
+    while frontier:
+        nxt = []
+        for node in frontier:
+            for user in node.users:
+                if user in seen:
+                    continue
+                seen.add(user)
+                if user.op == "call_module":
+                    m = modules.get(user.target)
+                    if isinstance(m, torch.nn.modules.conv._ConvNd) and not isinstance(m, torch.nn.modules.conv._ConvTransposeNd):
+                        return m.in_channels, m.weight.dim() - 2
+                    if isinstance(m, torch.nn.Linear):
+                        return m.in_features, 0
+                if user.op == "call_function" and user.target in _FUNCTIONAL_CONVS and user.args[0] is node:
+                    w = user.args[1] if len(user.args) > 1 else user.kwargs.get("weight")
+                    if isinstance(w, fx.Node) and w.op == "get_attr":
+                        t = _fetch(gm, w.target)
+                        return t.shape[1] * _groups(user), t.dim() - 2
+                nxt.append(user)
+        frontier = nxt
+    return None
+
+
+def _groups(node: fx.Node) -> int:
+    if len(node.args) > 6:
+        return int(node.args[6])
+    return int(node.kwargs.get("groups", 1))
+
+
+def _fetch(gm: torch.nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+_FUNCTIONAL_CONVS = {torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d, torch.conv2d, torch.conv1d, torch.conv3d}
+
+
+def _configured_size(model: torch.nn.Module) -> Optional[int]:
+    for attr in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(model, attr, None)
+        if isinstance(cfg, dict) and cfg.get("input_size"):
+            size = cfg["input_size"]
+            return int(size[-1])
+    return None
+
+
+def infer_example_inputs(model: torch.nn.Module, gm: fx.GraphModule, dtype, device) -> Optional[tuple]:
+    """Random inputs a forward pass accepts, from the first conv/linear the inputs reach.
+
+    Tries the model's configured input size (timm ``pretrained_cfg``) and a few common sizes; None if
+    no candidate runs.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    required = [n for n in placeholders if not n.args]  # args hold the default value
+    specs = []
+    for node in required:
+        found = _first_consumer_channels(gm, node)
+        if found is None:
+            return None
+        specs.append(found)
+    sizes = [s for s in (_configured_size(model), 64, 224, 32, 96, 128, 256, 16) if s]
+    generator = torch.Generator().manual_seed(0)
+    for size in dict.fromkeys(sizes):
+        inputs = tuple(
+            torch.randn((2, c) + (size,) * nd, generator=generator, dtype=dtype).to(device) for c, nd in specs
+        )
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model(*inputs)
+            return inputs
+        except Exception:
+            continue
+    return None
