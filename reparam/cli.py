@@ -30,7 +30,7 @@ __all__ = ["main", "build_parser"]
 
 PROG = "reparam"
 DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
-LATENCY_WARMUP, LATENCY_REPEATS = 3, 10
+LATENCY_WARMUP, LATENCY_REPEATS, LATENCY_BUDGET_S = 2, 10, 2.0  # the report's "quick latency"
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
@@ -240,11 +240,14 @@ def _change(before: float, after: float) -> str:
         return "="
     if before == 0:
         return "new"
-    return f"{(after - before) / before:+.0%}"
+    change = (after - before) / before
+    return f"{change:+.1%}" if abs(change) < 0.095 else f"{change:+.0%}"
 
 
 def _speedup(before: float, after: float) -> str:
-    return f"{before / after:.2f}× faster" if after > 0 else ""
+    if before <= 0 or after <= 0:
+        return ""
+    return f"{before / after:.2f}× faster" if before >= after else f"{after / before:.2f}× slower"
 
 
 # ------------------------------------------------------------------------------------------------- convert
@@ -265,7 +268,8 @@ def _measure(model: torch.nn.Module, example: torch.Tensor) -> Measures:
         params=stats.count_params(model),
         macs=stats.count_macs(model, example),
         kernels=stats.count_kernels(model, example),
-        latency=stats.latency_ms(model, example, warmup=LATENCY_WARMUP, repeats=LATENCY_REPEATS),
+        latency=stats.latency_ms(model, example, warmup=LATENCY_WARMUP, repeats=LATENCY_REPEATS,
+                                 budget_s=LATENCY_BUDGET_S),
     )
 
 
@@ -307,9 +311,8 @@ def cmd_convert(args: argparse.Namespace, ui: Ui) -> int:
             fused_error = stats.relative_error(fused(example), model(example))
 
     results = []
-    if pt2_path is not None or onnx_path is not None:
-        with ui.step("Tracing with torch.export"):
-            program = export.export_program(fused, example)
+    with ui.step("Tracing with torch.export"):
+        program = export.export_program(fused, example)
     if pt2_path is not None:
         with ui.step(f"Writing and verifying {pt2_path.name}"):
             results.append(export.export_pt2(fused, example, pt2_path, original=model, program=program, check=check))
@@ -340,11 +343,11 @@ def _print_convert_report(ui, args, loaded, before: Measures, after: Measures, f
     batch = tuple(loaded.example.shape)
     table.add_row(f"latency, input {','.join(map(str, batch))}", f"{before.latency:.2f} ms", f"{after.latency:.2f} ms",
                   _speedup(before.latency, after.latency))
-    table.add_section()
-    table.add_row("rel. error: fused vs original", "", f"{fused_error:.1e}", "")
+    table.add_section()  # errors: relative L2 vs the original model on the example input (and another batch size)
+    table.add_row("rel. error, fused model", "", f"{fused_error:.1e}", "")
     for result in results:
-        where = ".pt2 (torch.export.load)" if result.format == "pt2" else f".onnx (ONNX Runtime, opset {result.opset})"
-        table.add_row(f"rel. error: {where}", "", f"{result.errors.get('original', 0.0):.1e}", "")
+        where = ".pt2 reloaded" if result.format == "pt2" else ".onnx in ORT"
+        table.add_row(f"rel. error, {where}", "", f"{result.errors.get('original', 0.0):.1e}", "")
     ui.out.print(table)
     ui.out.print(f"weights: {loaded.source}; classes: {loaded.num_classes or 'architecture default'}", highlight=False)
     if report is not None and getattr(report, "rewrites", None) is not None:
@@ -355,8 +358,10 @@ def _print_convert_report(ui, args, loaded, before: Measures, after: Measures, f
     if args.no_check:
         ui.out.print("[yellow]--no-check: differences were reported, not enforced[/]")
     for result in results:
-        dyn = "dynamic batch" if result.dynamic_batch else "static batch"
-        ui.out.print(f"wrote {result.path} ({_fmt_bytes(result.size)}, {dyn})", highlight=False, soft_wrap=True)
+        details = [_fmt_bytes(result.size), "dynamic batch" if result.dynamic_batch else "static batch"]
+        if result.opset is not None:
+            details.append(f"opset {result.opset}")
+        ui.out.print(f"wrote {result.path} ({', '.join(details)})", highlight=False, soft_wrap=True)
 
 
 # ------------------------------------------------------------------------------------------------- inspect
@@ -374,6 +379,8 @@ def cmd_inspect(args: argparse.Namespace, ui: Ui) -> int:
     elif args.block is not None:
         raise UsageError("--block chooses the block to draw. Add --graph FILE.svg")
     loaded = _load_model(args, ui)
+    if args.block is not None:
+        _submodule(loaded.model, args.block)
     with ui.step("Analysing"):
         kernels = stats.count_kernels(loaded.model, loaded.example)
         report = reparam.explain(loaded.model, (loaded.example,))
@@ -429,6 +436,14 @@ def _tally(items: Sequence[str]) -> dict[str, int]:
     return counts
 
 
+def _submodule(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        children = ", ".join(n for n, _ in list(model.named_children())[:6])
+        raise UsageError(f"no submodule {name!r} in the model. Give a dotted module name, e.g. one of: {children}") from None
+
+
 def _draw_block(loaded: LoadedModel, name: str | None, path: Path) -> tuple[str, str]:
     """Trace one block, fuse it, and draw both graphs; returns (block name, renderer)."""
     from torch import fx
@@ -440,11 +455,7 @@ def _draw_block(loaded: LoadedModel, name: str | None, path: Path) -> tuple[str,
     name = name or export.find_branch_block(model)
     if name is None:
         raise UsageError(f"found no multi-branch block in {type(model).__name__} to draw. Name one with --block")
-    try:
-        block = model.get_submodule(name)
-    except AttributeError:
-        children = ", ".join(n for n, _ in list(model.named_children())[:6])
-        raise UsageError(f"no submodule {name!r} in the model. Use a dotted module name, e.g. one of: {children}") from None
+    block = _submodule(model, name)
     seen: list[tuple] = []
     handle = block.register_forward_pre_hook(lambda _m, a: seen.append(a) if not seen else None)
     try:

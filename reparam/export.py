@@ -234,7 +234,8 @@ def export_pt2(
     def write(tmp: Path) -> tuple[dict, dict]:
         torch.export.save(program, tmp)
         loaded = torch.export.load(tmp).module()
-        return _verify(lambda a: loaded(*a), _references(model, original), _verification_inputs(args, dynamic), tol, check, ".pt2 file")
+        inputs = _verification_inputs(args, dynamic)
+        return _verify(lambda a: loaded(*a), _references(model, original), inputs, tol, check, ".pt2 file")
 
     errors, abs_errors = atomic_write(path, write)
     path = Path(path)
@@ -453,8 +454,8 @@ def graph_renderer(path: str | os.PathLike) -> str:
 def _run_dot(dot: str, fmt: str, source: str, out: Path) -> None:
     result = subprocess.run([dot, f"-T{fmt}", "-o", str(out)], input=source, text=True, capture_output=True, timeout=120)
     if result.returncode != 0:
-        raise GraphDrawingError(f"Graphviz failed ({result.stderr.strip().splitlines()[0] if result.stderr.strip() else result.returncode}). "
-                                "Write the source with --graph FILE.dot and render it yourself")
+        reason = result.stderr.strip().splitlines()[0] if result.stderr.strip() else f"exit code {result.returncode}"
+        raise GraphDrawingError(f"Graphviz failed ({reason}). Write the source with --graph FILE.dot and render it yourself")
 
 
 def _layout(gm: fx.GraphModule) -> dict[fx.Node, tuple[float, float]]:
@@ -476,9 +477,10 @@ def _draw_matplotlib(graphs: Mapping[str, fx.GraphModule], out: Path, fmt: str) 
     layouts = {title: _layout(gm) for title, gm in graphs.items()}
     points = [p for lay in layouts.values() for p in lay.values()] or [(0.0, 0.0)]
     lowest = min(y for _, y in points)
-    height, width = 1 - lowest, 1 + 2 * max(abs(x) for x, _ in points)
-    fig, axes = plt.subplots(1, len(graphs), figsize=(max(4.0, 2.4 * width) * len(graphs), max(3.0, 0.8 * height)), squeeze=False)
-    for ax, (title, gm) in zip(axes[0], graphs.items()):
+    widths = [1 + 2 * max((abs(x) for x, _ in lay.values()), default=0) for lay in layouts.values()]
+    figsize = (max(4.0, 2.4 * sum(widths)), max(3.0, 0.8 * (1 - lowest)))
+    fig, axes = plt.subplots(1, len(graphs), figsize=figsize, squeeze=False, gridspec_kw={"width_ratios": widths})
+    for ax, width, (title, gm) in zip(axes[0], widths, graphs.items()):
         positions = layouts[title]
         for a, b in _edges(gm):
             (x0, y0), (x1, y1) = positions[a], positions[b]

@@ -21,8 +21,10 @@ import contextlib
 import difflib
 import os
 import pickle
+import pickletools
 import re
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,7 +187,7 @@ def _load_pickle(path: Path, trust: bool) -> Any:
         return torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as exc:
         if not trust and "weights only load failed" in str(exc).lower():
-            raise _unsafe_error(path, exc) from exc
+            raise _refusal(path, exc) from exc
         raise _corrupt_error(path, exc) from exc
     except MemoryError:
         raise
@@ -201,21 +203,39 @@ def _corrupt_error(path: Path, exc: BaseException) -> CheckpointError:
     )
 
 
-def _unsafe_error(path: Path, exc: BaseException) -> UnsafeCheckpointError:
-    """Name the globals a ``weights_only`` load refused, without unpickling anything."""
+_GLOBAL_NAME = re.compile(r"GLOBAL ([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)(?:\s|$)")
+
+
+def _refusal(path: Path, exc: BaseException) -> CheckpointError:
+    """Explain why a ``weights_only`` load failed, naming the globals it refused, without unpickling anything.
+
+    Garbage that merely fails the safe unpickler (it is no pickle at all) is reported as corrupt instead.
+    """
     found: list[str] = []
-    with contextlib.suppress(Exception):  # only understands the zip format
-        found = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    if not found:
-        found = re.findall(r"GLOBAL ([\w.]+)", str(exc))
-    found = list(dict.fromkeys(found))
+    if zipfile.is_zipfile(path):
+        with contextlib.suppress(Exception):
+            found = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    found = list(dict.fromkeys(found or _GLOBAL_NAME.findall(str(exc))))
     if found:
         shown = ", ".join(found[:8]) + (f" and {len(found) - 8} more" if len(found) > 8 else "")
-        problem = f"refusing to load {path}: its pickle needs code from {shown}"
-    else:
-        detail = next((line for line in str(exc).splitlines()[1:] if line.strip() and "error" not in line.lower()), "")
-        problem = f"refusing to load {path}: it cannot be loaded with weights_only=True ({detail.strip() or 'unsupported pickle'})"
-    return UnsafeCheckpointError(f"{problem}. {_TRUST_HINT}", found)
+        return UnsafeCheckpointError(f"refusing to load {path}: its pickle needs code from {shown}. {_TRUST_HINT}", found)
+    if not zipfile.is_zipfile(path) and not _parses_as_pickle(path):
+        return _corrupt_error(path, exc)
+    detail = next((line.strip() for line in str(exc).splitlines()[1:]
+                   if line.strip() and "error" not in line.lower() and "documentation" not in line.lower()), "")
+    return UnsafeCheckpointError(f"refusing to load {path}: it cannot be loaded with weights_only=True "
+                                 f"({detail or 'unsupported pickle'}). {_TRUST_HINT}")
+
+
+def _parses_as_pickle(path: Path) -> bool:
+    """True when the file starts with a well-formed pickle (read with pickletools: nothing is executed)."""
+    try:
+        with open(path, "rb") as f:
+            for _ in pickletools.genops(f):
+                pass
+    except Exception:
+        return False
+    return True
 
 
 def _unwrap(obj: Any, fmt: str, prefer_ema: bool, path: Path) -> tuple[dict[str, torch.Tensor], str, list[str]]:

@@ -1,7 +1,8 @@
 """Measurements of a model: what it executes, how big it is, how fast it runs, how far apart two outputs are.
 
-Everything here runs the model as it is, in inference mode (``torch.no_grad``) and never changes the model's
-mode or tensors.  ``example_inputs`` is either one tensor or a tuple of positional arguments.
+Everything here runs the model as it is, under ``torch.no_grad``, and never changes the model's mode: put it in
+eval mode first (a model in training mode updates its BatchNorm running statistics when it runs).
+``example_inputs`` is either one tensor or a tuple of positional arguments.
 
 Public API (stable; used by the CLI, the benchmarks and the tests):
 
@@ -24,8 +25,9 @@ Public API (stable; used by the CLI, the benchmarks and the tests):
 ``count_macs(model, example_inputs) -> int``
     multiply-accumulates of one forward pass, from :class:`torch.utils.flop_counter.FlopCounterMode` (flops / 2).
 
-``latency_ms(model, example_inputs, warmup=3, repeats=10) -> float``
-    median wall-clock time of one forward pass, in milliseconds (synchronising CUDA when the inputs live there).
+``latency_ms(model, example_inputs, warmup=3, repeats=10, budget_s=None) -> float``
+    median wall-clock time of one forward pass, in milliseconds (synchronising CUDA when the inputs live there);
+    ``budget_s`` caps the time spent on the timed passes.
 
 ``relative_error(actual, expected) -> float``
     the largest ‖actual − expected‖₂ / ‖expected‖₂ over the output tensors, computed in float64;
@@ -169,12 +171,18 @@ def _synchronize(args: tuple) -> None:
             return
 
 
-def latency_ms(model: Callable, example_inputs: Any, warmup: int = 3, repeats: int = 10) -> float:
-    """Median time of one forward pass in milliseconds, after ``warmup`` untimed passes."""
+def latency_ms(
+    model: Callable, example_inputs: Any, warmup: int = 3, repeats: int = 10, budget_s: float | None = None
+) -> float:
+    """Median time of one forward pass in milliseconds, after ``warmup`` untimed passes.
+
+    ``budget_s`` (optional) stops timing early once that many seconds have been spent on the timed passes
+    (at least one pass is always timed), for a quick estimate on slow models.
+    """
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     args = as_args(example_inputs)
-    times = []
+    times: list[float] = []
     with torch.no_grad():
         for _ in range(warmup):
             model(*args)
@@ -184,6 +192,8 @@ def latency_ms(model: Callable, example_inputs: Any, warmup: int = 3, repeats: i
             model(*args)
             _synchronize(args)
             times.append((time.perf_counter() - start) * 1e3)
+            if budget_s is not None and sum(times) >= budget_s * 1e3:
+                break
     return statistics.median(times)
 
 

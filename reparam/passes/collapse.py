@@ -239,7 +239,7 @@ class Collapse:
         for node, value in state.values.items():
             users = real_users(node)
             absorbed = all(
-                u not in cut and node not in cut and u in state.values and node in state.values[u].ops
+                node not in cut and u in state.values and node in state.values[u].ops
                 for u in users
             )
             if users and not absorbed:
@@ -257,7 +257,9 @@ class Collapse:
             state = self.evaluate(cut)
             frontiers = self.frontiers(state, cut)
             membership = Counter(n for f in frontiers for n in state.values[f].ops)
-            new_cuts = {n for n, c in membership.items() if c > 1}
+            shared = {n for n, c in membership.items() if c > 1}
+            # cut where the shared part ends (its outputs leave it), so it is computed once
+            new_cuts = {n for n in shared if any(u not in shared for u in real_users(n))}
             for f in frontiers:
                 value = state.values[f]
                 if len(value.ops) < 2 or f in declined or self._profitable(state, value):
@@ -284,8 +286,9 @@ class Collapse:
     def run(self) -> int:
         state, frontiers = self.plan()
         done = 0
+        replaced: dict = {}  # frontier -> its replacement, so later regions read the new node
         for f in frontiers:
-            if self._materialize(state, f):
+            if self._materialize(state, f, replaced):
                 done += 1
         if done:
             self.gm.graph.eliminate_dead_code()
@@ -293,12 +296,13 @@ class Collapse:
             self.gm.recompile()
         return done
 
-    def _materialize(self, state: _State, f: fx.Node) -> bool:
+    def _materialize(self, state: _State, f: fx.Node, replaced: dict) -> bool:
         value = state.values[f]
         aff = value.affine
         graph = self.gm.graph
+        root = replaced.get(value.root, value.root)
         if aff.kind == "identity" and not aff.pads:
-            replacement = value.root
+            replacement = root
             if node_shape(replacement) != node_shape(f) and node_shape(f) is not None:
                 return False
         else:
@@ -315,10 +319,11 @@ class Collapse:
             self.gm.add_submodule(name, module)
             dtype = self.dtype_of(value.ops)
             self.new_dtypes.update({f"{name}.{p}": dtype for p, _ in module.named_parameters()})
-            with graph.inserting_after(_insertion_point(value.root)):
-                replacement = graph.call_module(name, (value.root,))
+            with graph.inserting_after(_insertion_point(root)):
+                replacement = graph.call_module(name, (root,))
             replacement.meta.update(f.meta)
         f.replace_all_uses_with(replacement)
+        replaced[f] = replacement
         for node in value.ops:
             for user in list(node.users):
                 if is_metadata_user(user):
