@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from . import trace as T
 from .errors import ReparamError
+from .passes.cleanup import drop_static_asserts
 from .passes.collapse import Collapse
 from .report import Report
 from .verify import compare, random_like, to_float64
@@ -75,6 +76,8 @@ def _fuse_graph(gm: fx.GraphModule, inputs: Optional[tuple], report: Report, dty
     for _ in range(MAX_ROUNDS):  # new nodes carry their replaced node's shape, so no re-propagation
         if Collapse(gm, report, _region_dtype(gm, dtypes, main), dtypes).run() == 0:
             break
+    drop_static_asserts(gm)
+    gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
 

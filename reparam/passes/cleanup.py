@@ -1,0 +1,43 @@
+"""Cleanup: drop rank/dtype assertions left behind by folded layers, then dead code.
+
+``_assert(x.ndim == 4)`` (timm's BatchNormAct2d) -> nothing.  Precondition: the condition reads only a
+tensor's rank, dtype or device and constants; those are fixed by the traced graph, so the check can
+only fail on inputs the original model rejects as well (the fused model then fails in its own conv).
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from .collapse import is_metadata_user
+
+_ASSERTS = {torch._assert}
+_LOGIC = {operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
+          operator.and_, operator.or_, operator.not_, operator.truth}
+
+
+def _static(arg) -> bool:
+    """True when ``arg`` is built only from constants and rank/dtype/device reads."""
+    if isinstance(arg, (list, tuple)):
+        return all(_static(a) for a in arg)
+    if not isinstance(arg, fx.Node):
+        return True
+    if is_metadata_user(arg):
+        return True
+    if arg.op == "call_function" and arg.target in _LOGIC:
+        return all(_static(a) for a in arg.args)
+    return False
+
+
+def drop_static_asserts(gm: fx.GraphModule) -> int:
+    """Remove assertions on rank/dtype/device; return how many were removed."""
+    removed = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in _ASSERTS and not node.users and _static(node.args[0]):
+            gm.graph.erase_node(node)
+            removed += 1
+    if removed:
+        gm.graph.eliminate_dead_code()
+    return removed
