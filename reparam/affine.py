@@ -60,16 +60,31 @@ class Layout:
 # the affine convolution
 
 
+class Lazy:
+    """A weight known by its shape, computed on first use (planning needs only geometry)."""
+
+    __slots__ = ("shape", "_fn", "_value")
+
+    def __init__(self, shape: tuple, fn):
+        self.shape, self._fn, self._value = tuple(shape), fn, None
+
+    def resolve(self) -> torch.Tensor:
+        if self._value is None:
+            self._value, self._fn = self._fn(), None
+        return self._value
+
+
 @dataclass(frozen=True)
 class Affine:
     """``y = conv_nd(pad(x, lo, hi, padding_mode), weight, bias, stride, dilation, groups)``.
 
-    weight: ``(out, in // groups, *kernel)``; bias: ``(out,)`` or None (structurally zero).
+    w: weight ``(out, in // groups, *kernel)``, a tensor or a :class:`Lazy` one (read ``.weight``);
+    bias: ``(out,)`` or None (structurally zero).
     kind: "identity", "diagonal" (one scale per channel, 1x1, groups == channels) or "dense";
     tracked symbolically so that no operation has to scan a weight to find structure.
     """
 
-    weight: torch.Tensor
+    w: object
     bias: Optional[torch.Tensor]
     stride: tuple
     pad_lo: tuple
@@ -82,20 +97,24 @@ class Affine:
 
     # -- shape facts --------------------------------------------------------------------------
     @property
+    def weight(self) -> torch.Tensor:
+        return self.w.resolve() if isinstance(self.w, Lazy) else self.w
+
+    @property
     def nd(self) -> int:
         return self.layout.nd
 
     @property
     def out_channels(self) -> int:
-        return self.weight.shape[0]
+        return self.w.shape[0]
 
     @property
     def in_channels(self) -> int:
-        return self.weight.shape[1] * self.groups
+        return self.w.shape[1] * self.groups
 
     @property
     def kernel(self) -> tuple:
-        return tuple(self.weight.shape[2:])
+        return tuple(self.w.shape[2:])
 
     @property
     def extent(self) -> tuple:
@@ -122,7 +141,7 @@ class Affine:
         """Multiply-accumulates per input position of the region root (stride-normalised)."""
         if self.kind == "identity":
             return 0.0
-        per_out = self.weight.numel()
+        per_out = math.prod(self.w.shape)
         return per_out / math.prod(self.stride) if self.nd else float(per_out)
 
     def bias_is_zero(self) -> bool:
@@ -249,7 +268,7 @@ def regroup(a: Affine, groups: int) -> Affine:
     w = a.weight.new_zeros((out, in_per_new, *a.kernel))
     index = cols.reshape(out, in_per_old, *([1] * a.nd)).expand_as(a.weight)
     w.scatter_(1, index, a.weight)
-    return replace(a, weight=w, groups=groups, kind="dense")
+    return replace(a, w=w, groups=groups, kind="dense")
 
 
 def _embed(weight: torch.Tensor, nd: int, offsets: tuple, step: tuple, size: tuple) -> torch.Tensor:
@@ -375,17 +394,22 @@ def add(branches: Sequence[Affine]) -> Affine:
         return channelwise(sum(a.weight.reshape(-1) for a in branches), bias, branches[0].layout)
     grid = _align(branches)
     groups = grid.geometry["groups"]
-    order = sorted(range(len(branches)), key=lambda i: branches[i].kind != "dense")  # dense first
-    weight = None
-    for i in order:
-        a = branches[i]
-        if a.kind in ("identity", "diagonal") and not a.pads:
-            _scatter_diagonal(weight, a, groups, grid.offsets[i])
-        elif weight is None:
-            weight = _on_grid(a, grid, grid.offsets[i], grid.steps[i], groups)
-        else:
-            weight += _on_grid(a, grid, grid.offsets[i], grid.steps[i], groups)
-    return Affine(weight, bias, **grid.geometry)
+
+    def summed() -> torch.Tensor:
+        order = sorted(range(len(branches)), key=lambda i: branches[i].kind != "dense")  # dense first
+        weight = None
+        for i in order:
+            a = branches[i]
+            if a.kind in ("identity", "diagonal") and not a.pads:
+                _scatter_diagonal(weight, a, groups, grid.offsets[i])
+            elif weight is None:
+                weight = _on_grid(a, grid, grid.offsets[i], grid.steps[i], groups)
+            else:
+                weight += _on_grid(a, grid, grid.offsets[i], grid.steps[i], groups)
+        return weight
+
+    shape = (branches[0].out_channels, branches[0].in_channels // groups) + grid.kernel
+    return Affine(Lazy(shape, summed), bias, **grid.geometry)
 
 
 def concat(branches: Sequence[Affine]) -> Affine:
@@ -395,10 +419,14 @@ def concat(branches: Sequence[Affine]) -> Affine:
     result has groups 1.
     """
     grid = _align(branches)
-    weights = [_on_grid(a, grid, off, st, 1) for a, off, st in zip(branches, grid.offsets, grid.steps)]
-    biases = [a.bias if a.bias is not None else a.weight.new_zeros(a.out_channels) for a in branches]
+
+    def stacked() -> torch.Tensor:
+        return torch.cat([_on_grid(a, grid, off, st, 1) for a, off, st in zip(branches, grid.offsets, grid.steps)])
+
+    biases = [a.bias if a.bias is not None else torch.zeros(a.out_channels, dtype=torch.float64) for a in branches]
     bias = None if all(a.bias is None for a in branches) else torch.cat(biases)
-    return Affine(torch.cat(weights), bias, **dict(grid.geometry, groups=1))
+    shape = (sum(a.out_channels for a in branches), branches[0].in_channels) + grid.kernel
+    return Affine(Lazy(shape, stacked), bias, **dict(grid.geometry, groups=1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,9 +481,9 @@ def compose(a: Affine, b: Affine) -> Affine:
     mode = b.padding_mode if b.pads and b.padding_mode != "zeros" else a.padding_mode
     if b.kind == "diagonal":  # channelwise after: scale rows
         scale = b.weight.reshape(-1)
-        weight = a.weight * scale.reshape(-1, *([1] * (a.weight.dim() - 1)))
+        weight = Lazy(a.w.shape, lambda: a.weight * scale.reshape(-1, *([1] * (len(a.w.shape) - 1))))
         bias = b.bias if a.bias is None else _add_bias(a.bias * scale, b.bias)
-        return replace(a, weight=weight, bias=bias, kind="diagonal" if a.kind in ("identity", "diagonal") else a.kind)
+        return replace(a, w=weight, bias=bias, kind="diagonal" if a.kind in ("identity", "diagonal") else a.kind)
     if a.kind == "diagonal" and not a.pads:  # channelwise before: scale input columns
         scale = a.weight.reshape(-1)
         per = b.weight.shape[1]
@@ -467,44 +495,58 @@ def compose(a: Affine, b: Affine) -> Affine:
             spatial = tuple(range(2, b.weight.dim()))
             summed = b.weight.sum(spatial) if spatial else b.weight
             bias = _add_bias(_grouped_matvec(summed, a.bias, b.groups), b.bias)
-        return replace(b, weight=weight, bias=bias, padding_mode=mode)
+        return replace(b, w=weight, bias=bias, padding_mode=mode)
     return _compose_general(a, b, mode)
 
 
 def _compose_general(a: Affine, b: Affine, mode: str) -> Affine:
-    nd = a.nd
     groups = math.gcd(a.groups, b.groups)
-    a, b = regroup(a, groups), regroup(b, groups)
-    wa = a.weight
-    if any(d != 1 for d in a.dilation):  # spell A's taps out at dilation 1
-        wa = _embed(wa, nd, (0,) * nd, a.dilation, a.extent)
     step = tuple(sa * db for sa, db in zip(a.stride, b.dilation))
-    out, mid, in_g = b.out_channels, a.out_channels, a.weight.shape[1]
-    # conv_transpose with weight W_B^T computes sum_m,t W_B[o, m, t] * W_A[m, i, p - step*t]
-    wt = b.weight.reshape(groups, out // groups, mid // groups, *b.kernel).transpose(1, 2)
-    wt = wt.reshape(mid, out // groups, *b.kernel)
-    x = wa.transpose(0, 1)  # (in/g as batch, mid, *ka)
-    if nd == 0:
-        w = torch.einsum("gom,gmi->goi", b.weight.reshape(groups, out // groups, mid // groups),
-                         a.weight.reshape(groups, mid // groups, in_g)).reshape(out, in_g)
-    else:
-        conv_t = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
-        w = conv_t(x, wt, groups=groups, dilation=step).transpose(0, 1)
-    stride = tuple(sa * sb for sa, sb in zip(a.stride, b.stride))
-    lo = tuple(la + sa * lb for la, sa, lb in zip(a.pad_lo, a.stride, b.pad_lo))
-    hi = tuple(ha + sa * hb for ha, sa, hb in zip(a.pad_hi, a.stride, b.pad_hi))
     dil = tuple(
         (math.gcd(da if ka > 1 else 0, st if kb > 1 else 0) or 1)
         for da, ka, st, kb in zip(a.dilation, a.kernel, step, b.kernel)
     )
-    if any(d != 1 for d in dil):
-        w = w[(slice(None), slice(None)) + tuple(slice(None, None, d) for d in dil)]
+    extent = tuple(ea + st * (kb - 1) for ea, st, kb in zip(a.extent, step, b.kernel))
+    kernel = tuple((e - 1) // d + 1 for e, d in zip(extent, dil))
+    stride = tuple(sa * sb for sa, sb in zip(a.stride, b.stride))
+    lo = tuple(la + sa * lb for la, sa, lb in zip(a.pad_lo, a.stride, b.pad_lo))
+    hi = tuple(ha + sa * hb for ha, sa, hb in zip(a.pad_hi, a.stride, b.pad_hi))
     bias = b.bias
     if a.bias is not None:
         spatial = tuple(range(2, b.weight.dim()))
         summed = b.weight.sum(spatial) if spatial else b.weight
-        bias = _add_bias(_grouped_matvec(summed, a.bias, groups), b.bias)
-    return Affine(w.contiguous(), bias, stride, lo, hi, dil, groups, a.layout, mode)
+        bias = _add_bias(_grouped_matvec(regroup_2d(summed, b, groups), a.bias, groups), b.bias)
+    shape = (b.out_channels, a.in_channels // groups) + kernel
+    return Affine(Lazy(shape, lambda: _composite_weight(a, b, groups, step, dil)), bias, stride, lo, hi, dil,
+                  groups, a.layout, mode)
+
+
+def regroup_2d(summed: torch.Tensor, b: Affine, groups: int) -> torch.Tensor:
+    """``b``'s kernel-summed weight ``(O, M/b.groups)`` expressed with ``groups`` groups."""
+    if groups == b.groups:
+        return summed
+    return regroup(Affine(summed, None, (), (), (), (), b.groups, Layout(0)), groups).weight
+
+
+def _composite_weight(a: Affine, b: Affine, groups: int, step: tuple, dil: tuple) -> torch.Tensor:
+    """Kernel of ``B(A(x))``: ``sum_m,tb W_B[o, m, tb] * W_A[m, i, p - step * tb]`` at dilation ``dil``."""
+    a, b = regroup(a, groups), regroup(b, groups)
+    nd = a.nd
+    out, mid, in_g = b.out_channels, a.out_channels, a.w.shape[1]
+    if nd == 0:
+        return torch.einsum("gom,gmi->goi", b.weight.reshape(groups, out // groups, mid // groups),
+                            a.weight.reshape(groups, mid // groups, in_g)).reshape(out, in_g)
+    wa = a.weight
+    if any(d != 1 for d in a.dilation):  # spell A's taps out at dilation 1
+        wa = _embed(wa, nd, (0,) * nd, a.dilation, a.extent)
+    # conv_transpose with weight W_B^T computes sum_m,t W_B[o, m, t] * W_A[m, i, p - step*t]
+    wt = b.weight.reshape(groups, out // groups, mid // groups, *b.kernel).transpose(1, 2)
+    wt = wt.reshape(mid, out // groups, *b.kernel)
+    conv_t = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
+    w = conv_t(wa.transpose(0, 1), wt, groups=groups, dilation=step).transpose(0, 1)
+    if any(d != 1 for d in dil):
+        w = w[(slice(None), slice(None)) + tuple(slice(None, None, d) for d in dil)]
+    return w.contiguous()
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,216 @@
+"""reparam.export: verified .pt2 / .onnx files and block drawings."""
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+import onnx
+import onnxruntime
+import pytest
+import torch
+import torch.nn as nn
+
+import reparam
+import reparam.models as zoo
+from reparam import export
+from reparam.errors import EquivalenceError
+from reparam.io import InputError
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; on a busy machine two OpenMP threads can be 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """A tiny zoo model, its fused form and an example input."""
+    torch.manual_seed(0)
+    model = zoo.create("repvgg_digits").eval()
+    x = torch.randn(1, 1, 8, 8)
+    return model, reparam.fuse(model, (x,)), x
+
+
+@pytest.fixture(scope="module")
+def program(digits):
+    _, fused, x = digits
+    return export.export_program(fused, x)
+
+
+def perturbed(model):
+    """A copy of ``model`` whose outputs are clearly different."""
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.5)
+    return other
+
+
+def test_export_program_has_a_dynamic_batch(program, digits):
+    _, fused, _ = digits
+    assert program.range_constraints  # batch is symbolic even though the example has batch 1
+    out = program.module()(torch.randn(5, 1, 8, 8))
+    assert out.shape == (5, 10)
+
+
+def test_export_program_falls_back_to_a_static_batch():
+    class FixedBatch(nn.Module):
+        def forward(self, x):
+            return x.view(1, 3) * 2  # only valid for batch 1
+
+    program = export.export_program(FixedBatch(), torch.randn(1, 3))
+    assert not program.range_constraints
+
+
+def test_export_pt2_loads_without_reparam(tmp_path, digits, program):
+    model, fused, x = digits
+    result = export.export_pt2(fused, x, tmp_path / "m.pt2", original=model, program=program)
+    assert result.path == tmp_path / "m.pt2" and result.format == "pt2" and result.dynamic_batch
+    assert result.size == (tmp_path / "m.pt2").stat().st_size
+    assert set(result.errors) == {"fused", "original"} and result.max_error <= 1e-4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt2"]
+
+    batch = torch.randn(3, 1, 8, 8)
+    torch.save({"x": batch, "y": model(batch).detach()}, tmp_path / "io.pt")
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["reparam"] = None  # any import of reparam now fails
+        import torch
+        program = torch.export.load({str(tmp_path / "m.pt2")!r})
+        data = torch.load({str(tmp_path / "io.pt")!r})
+        y = program.module()(data["x"])
+        err = ((y - data["y"]).norm() / data["y"].norm()).item()
+        assert err < 1e-4, err
+        assert not any(name == "reparam" or name.startswith("reparam.") for name in sys.modules if sys.modules[name])
+        print("ok")
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("ok")
+
+
+def test_export_pt2_mismatch_leaves_no_file(tmp_path, digits, program):
+    model, fused, x = digits
+    with pytest.raises(export.ExportMismatchError, match="original model") as info:
+        export.export_pt2(fused, x, tmp_path / "m.pt2", original=perturbed(model), program=program)
+    assert isinstance(info.value, EquivalenceError)
+    assert list(tmp_path.iterdir()) == []
+    result = export.export_pt2(fused, x, tmp_path / "m.pt2", original=perturbed(model), program=program, check=False)
+    assert result.errors["original"] > 1e-4 and result.errors["fused"] <= 1e-6
+    assert (tmp_path / "m.pt2").exists()
+
+
+def test_export_pt2_refuses_reparam_ops(tmp_path):
+    @torch.library.custom_op("reparam::_test_only_double", mutates_args=())
+    def double(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    @double.register_fake
+    def _(x):
+        return torch.empty_like(x)
+
+    class UsesReparamOp(nn.Module):
+        def forward(self, x):
+            return double(x)
+
+    with pytest.raises(export.ExportError, match="would not load without reparam"):
+        export.export_pt2(UsesReparamOp(), torch.randn(2, 3), tmp_path / "m.pt2")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_onnx_verified_in_onnx_runtime(tmp_path, digits, program):
+    model, fused, x = digits
+    result = export.export_onnx(fused, x, tmp_path / "m.onnx", original=model, program=program)
+    assert result.format == "onnx" and result.opset >= 17 and result.dynamic_batch
+    assert result.max_error <= 1e-4
+    onnx.checker.check_model(str(tmp_path / "m.onnx"))
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    assert [i.name for i in proto.graph.input] == ["input"] and [o.name for o in proto.graph.output] == ["output"]
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    batch = torch.randn(4, 1, 8, 8)
+    (y,) = session.run(None, {"input": batch.numpy()})
+    expected = model(batch).detach()
+    assert (torch.from_numpy(y) - expected).norm() / expected.norm() < 1e-4
+
+
+def test_export_onnx_mismatch_and_opset(tmp_path, digits, program):
+    model, fused, x = digits
+    with pytest.raises(export.ExportMismatchError, match="ONNX"):
+        export.export_onnx(fused, x, tmp_path / "m.onnx", original=perturbed(model), program=program)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(InputError, match="opset 16 is too old"):
+        export.export_onnx(fused, x, tmp_path / "m.onnx", opset=16)
+
+
+def test_default_tolerance():
+    assert export.default_tolerance(torch.float32) == 1e-4
+    assert export.default_tolerance(torch.float16) > 1e-4 > export.default_tolerance(torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------- drawings
+
+
+@pytest.fixture(scope="module")
+def block_graphs(digits):
+    model, _, _ = digits
+    block = model.get_submodule("stage1.1")
+    x = torch.randn(1, 32, 4, 4)
+    return {"before": torch.fx.symbolic_trace(block), "after": reparam.fuse(block, (x,))}
+
+
+def test_find_branch_block(digits):
+    model, fused, _ = digits
+    assert export.find_branch_block(model) == "stage0"
+    assert export.find_branch_block(nn.Sequential(nn.Sequential(nn.Conv2d(1, 1, 1), nn.ReLU()))) is None
+
+
+def test_graph_to_dot(block_graphs):
+    dot = export.graph_to_dot(block_graphs)
+    assert dot.startswith("digraph") and dot.count("subgraph cluster_") == 2
+    assert 'label="before"' in dot and 'label="after"' in dot
+    assert "Conv2d 3×3 32→32" in dot and "BatchNorm2d" in dot and "add" in dot
+    before, after = dot.split("subgraph cluster_1")
+    assert "BatchNorm2d" not in after and after.count("Conv2d") == 1
+
+
+def test_draw_graphs_dot_source(tmp_path, block_graphs):
+    assert export.draw_graphs(block_graphs, tmp_path / "g.dot") == "graphviz source"
+    assert (tmp_path / "g.dot").read_text() == export.graph_to_dot(block_graphs)
+
+
+def test_draw_graphs_with_graphviz(tmp_path, block_graphs, monkeypatch):
+    """A stand-in `dot` on PATH receives the source and the format, and writes the -o file."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "dot"
+    fake.write_text('#!/bin/sh\n# usage: dot -Tfmt -o out\ncat > "$3"\necho "$1" >> "$3"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    assert export.draw_graphs(block_graphs, tmp_path / "g.svg") == "graphviz"
+    text = (tmp_path / "g.svg").read_text()
+    assert text.startswith("digraph") and text.rstrip().endswith("-Tsvg")
+
+
+def test_draw_graphs_with_matplotlib(tmp_path, block_graphs, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(export.shutil, "which", lambda name: None)
+    assert export.draw_graphs(block_graphs, tmp_path / "g.png") == "matplotlib"
+    assert (tmp_path / "g.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_draw_graphs_without_a_renderer(tmp_path, block_graphs, monkeypatch):
+    monkeypatch.setattr(export.shutil, "which", lambda name: None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(export.GraphDrawingError, match="pip install matplotlib.*graphviz|graphviz.*pip install matplotlib"):
+        export.draw_graphs(block_graphs, tmp_path / "g.svg")
+    with pytest.raises(export.GraphDrawingError, match="unknown file type"):
+        export.draw_graphs(block_graphs, tmp_path / "g.txt")
+    assert list(tmp_path.iterdir()) == []
