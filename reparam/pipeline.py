@@ -69,9 +69,10 @@ def _region_dtype(gm: fx.GraphModule, dtypes: dict, fallback: torch.dtype):
     return pick
 
 
-def _fuse_graph(gm: fx.GraphModule, inputs: Optional[tuple], report: Report, dtypes: dict, main: torch.dtype) -> None:
+def _fuse_graph(gm: fx.GraphModule, inputs: Optional[tuple], report: Report, dtypes: dict, main: torch.dtype,
+                shapes_known: bool = False) -> None:
     """Run the passes on ``gm`` (in place) to a fixed point."""
-    if inputs is not None:
+    if inputs is not None and not shapes_known:
         T.propagate_shapes(gm, inputs)
     for _ in range(MAX_ROUNDS):  # new nodes carry their replaced node's shape, so no re-propagation
         if Collapse(gm, report, _region_dtype(gm, dtypes, main), dtypes).run() == 0:
@@ -101,7 +102,10 @@ def _record_inputs(module: nn.Module, inputs: tuple) -> dict:
 
 def _fuse_tree(module: nn.Module, inputs: Optional[tuple], recorded: Optional[dict], report: Report, dtypes, main,
                path="") -> nn.Module:
-    """Fuse ``module`` whole if it traces, else each child that was called (depth first)."""
+    """Fuse ``module`` whole if it traces, else each child that was called (depth first).
+
+    Children are replaced in ``module`` itself: the caller passes a module it owns.
+    """
     try:
         gm = T.symbolic_trace(module)
     except Exception as err:  # data-dependent control flow and the like
@@ -138,16 +142,24 @@ def fuse_with_report(model: nn.Module, example_inputs=None, *, check: bool = Tru
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
 
     work = copy.deepcopy(model).eval().to(torch.float64)
-    reference = copy.deepcopy(work)
     inputs = _normalise_inputs(example_inputs)
     inputs = to_float64(inputs) if inputs is not None else None
-    if inputs is None:
-        try:
-            traced = T.symbolic_trace(work)
-            inputs = T.infer_example_inputs(work, traced, torch.float64, device)
-        except Exception:
-            inputs = None
-    fused = _fuse_tree(work, inputs, None, report, dtypes, main)
+    given = inputs is not None
+    try:
+        gm = T.symbolic_trace(work)
+    except Exception:  # not traceable as a whole: fuse the traceable parts of a private copy
+        gm = None
+    if gm is not None:
+        shapes_known = False
+        if inputs is None:  # running the candidates through ShapeProp also records the shapes
+            inputs = T.infer_example_inputs(work, gm, torch.float64, device,
+                                            runs=lambda x: T.propagate_shapes(gm, x))
+            shapes_known = inputs is not None
+        _fuse_graph(gm, inputs, report, dtypes, main, shapes_known)
+        fused, reference = gm, work  # gm shares work's leaf modules but leaves work itself intact
+    else:
+        reference = copy.deepcopy(work)
+        fused = _fuse_tree(work, inputs, None, report, dtypes, main)
 
     if check:
         if inputs is None:
@@ -155,8 +167,9 @@ def fuse_with_report(model: nn.Module, example_inputs=None, *, check: bool = Tru
                           "example_inputs=(x,) to reparam.fuse", VerificationSkippedWarning, stacklevel=3)
             report.notes.append("verification skipped: no example inputs")
         else:
-            report.max_rel_error = max(compare(fused, reference, inputs),
-                                       compare(fused, reference, random_like(inputs)))
+            report.max_rel_error = compare(fused, reference, inputs)
+            if given:  # inferred inputs are random already; user inputs get a random twin
+                report.max_rel_error = max(report.max_rel_error, compare(fused, reference, random_like(inputs)))
     _cast_back(fused, dtypes, main, device)
     fused.reparam_report = report
     return fused, report

@@ -143,11 +143,12 @@ def _configured_size(model: torch.nn.Module) -> Optional[int]:
     return None
 
 
-def infer_example_inputs(model: torch.nn.Module, gm: fx.GraphModule, dtype, device) -> Optional[tuple]:
+def infer_example_inputs(model: torch.nn.Module, gm: fx.GraphModule, dtype, device, runs=None) -> Optional[tuple]:
     """Random inputs a forward pass accepts, from the first conv/linear the inputs reach.
 
     Tries small sizes first, then the model's configured input size (timm ``pretrained_cfg``) and a
-    few common sizes; None if no candidate runs.
+    few common sizes; None if no candidate runs.  ``runs(inputs) -> bool`` tries one candidate
+    (default: a forward pass of ``model``).
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     required = [n for n in placeholders if not n.args]  # args hold the default value
@@ -164,11 +165,16 @@ def infer_example_inputs(model: torch.nn.Module, gm: fx.GraphModule, dtype, devi
         inputs = tuple(
             torch.randn((2, c) + (size,) * nd, generator=generator, dtype=dtype).to(device) for c, nd in specs
         )
-        try:
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model(*inputs)
+        if (runs or (lambda x: _forward_ok(model, x)))(inputs):
             return inputs
-        except Exception:
-            continue
     return None
+
+
+def _forward_ok(model: torch.nn.Module, inputs: tuple) -> bool:
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model(*inputs)
+        return True
+    except Exception:
+        return False
