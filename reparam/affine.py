@@ -324,7 +324,7 @@ class _Grid:
     steps: list  # per branch: tap spacing per axis in the common kernel
 
 
-def _align(branches: Sequence[Affine]) -> _Grid:
+def _align(branches: Sequence[Affine], same_input: bool = True) -> _Grid:
     """Bring parallel branches on one input to one kernel grid.
 
     Precondition (each violation refused): same layout, in-channels and stride, and the same output
@@ -336,7 +336,7 @@ def _align(branches: Sequence[Affine]) -> _Grid:
     for a in branches[1:]:
         if a.layout != first.layout:
             raise Refusal(f"branches have different layouts ({a.layout} vs {first.layout})")
-        if a.in_channels != first.in_channels:
+        if same_input and a.in_channels != first.in_channels:
             raise Refusal("branches read different channel counts")
         if a.stride != first.stride:
             raise Refusal(f"branches have different strides ({a.stride} vs {first.stride})")
@@ -427,6 +427,57 @@ def concat(branches: Sequence[Affine]) -> Affine:
     bias = None if all(a.bias is None for a in branches) else torch.cat(biases)
     shape = (sum(a.out_channels for a in branches), branches[0].in_channels) + grid.kernel
     return Affine(Lazy(shape, stacked), bias, **dict(grid.geometry, groups=1))
+
+
+def strided_identity(channels: int, layout: Layout, stride: tuple, sign: float = 1.0) -> Affine:
+    """``y[o] = sign * x[o * stride]``: the centre tap of a strided conv, as a depthwise 1x1."""
+    base = identity(channels, layout)
+    return replace(base, w=base.weight * sign, stride=tuple(stride), kind="dense")
+
+
+def widen_inputs(a: Affine, extra: int) -> Affine:
+    """``A`` reading ``extra`` more input channels (appended, zero weights): groups become 1."""
+    dense = regroup(a, 1)
+    w = torch.cat([dense.weight, dense.weight.new_zeros((a.out_channels, extra, *a.kernel))], 1)
+    return replace(dense, w=w, kind="dense")
+
+
+def _merge_factors(a: Affine, b: Affine) -> Optional[tuple]:
+    """Smallest (ka, kb) merging ka groups of ``a`` and kb of ``b`` into groups of one shape."""
+    ia, oa = a.w.shape[1], a.out_channels // a.groups
+    ib, ob = b.w.shape[1], b.out_channels // b.groups
+    for ka in (k for k in range(1, a.groups + 1) if a.groups % k == 0):
+        if (ka * ia) % ib:
+            continue
+        kb = ka * ia // ib
+        if kb <= b.groups and b.groups % kb == 0 and ka * oa == kb * ob:
+            return ka, kb
+    return None
+
+
+def direct_sum(a: Affine, b: Affine) -> Affine:
+    """``[x1, x2] -> [A(x1), B(x2)]``, block-diagonal; stays grouped when the groups can share a shape.
+
+    Precondition: as :func:`add` for the geometry (same stride and output grid).
+    """
+    grid = _align([a, b], same_input=False)
+    factors = _merge_factors(a, b)
+    if factors is not None:
+        ga, gb = a.groups // factors[0], b.groups // factors[1]
+        wa = _on_grid(a, grid, grid.offsets[0], grid.steps[0], ga)
+        wb = _on_grid(b, grid, grid.offsets[1], grid.steps[1], gb)
+        weight, groups = torch.cat([wa, wb]), ga + gb
+    else:
+        wa = _on_grid(a, grid, grid.offsets[0], grid.steps[0], 1)
+        wb = _on_grid(b, grid, grid.offsets[1], grid.steps[1], 1)
+        weight = wa.new_zeros((a.out_channels + b.out_channels, a.in_channels + b.in_channels) + grid.kernel)
+        weight[: a.out_channels, : a.in_channels] = wa
+        weight[a.out_channels:, a.in_channels:] = wb
+        groups = 1
+    zeros = lambda t: torch.zeros(t.out_channels, dtype=torch.float64)  # noqa: E731
+    bias = None if a.bias is None and b.bias is None else torch.cat(
+        [a.bias if a.bias is not None else zeros(a), b.bias if b.bias is not None else zeros(b)])
+    return Affine(weight, bias, **dict(grid.geometry, groups=groups))
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from . import trace as T
 from .errors import ReparamError
 from .passes.cleanup import drop_static_asserts
 from .passes.collapse import Collapse
+from .passes.residual import remove_residuals as remove_residual_adds
 from .report import Report
 from .verify import compare, random_like, to_float64
 
@@ -70,13 +71,15 @@ def _region_dtype(gm: fx.GraphModule, dtypes: dict, fallback: torch.dtype):
 
 
 def _fuse_graph(gm: fx.GraphModule, inputs: Optional[tuple], report: Report, dtypes: dict, main: torch.dtype,
-                shapes_known: bool = False) -> None:
+                shapes_known: bool = False, remove_residuals: bool = False) -> None:
     """Run the passes on ``gm`` (in place) to a fixed point."""
     if inputs is not None and not shapes_known:
         T.propagate_shapes(gm, inputs)
     for _ in range(MAX_ROUNDS):  # new nodes carry their replaced node's shape, so no re-propagation
         if Collapse(gm, report, _region_dtype(gm, dtypes, main), dtypes).run() == 0:
             break
+    if remove_residuals and remove_residual_adds(gm, report) and inputs is not None:
+        T.propagate_shapes(gm, inputs)  # carried channels widened some tensors
     drop_static_asserts(gm)
     gm.delete_all_unused_submodules()
     gm.graph.lint()
@@ -101,7 +104,7 @@ def _record_inputs(module: nn.Module, inputs: tuple) -> dict:
 
 
 def _fuse_tree(module: nn.Module, inputs: Optional[tuple], recorded: Optional[dict], report: Report, dtypes, main,
-               path="") -> nn.Module:
+               path="", remove_residuals: bool = False) -> nn.Module:
     """Fuse ``module`` whole if it traces, else each child that was called (depth first).
 
     Children are replaced in ``module`` itself: the caller passes a module it owns.
@@ -117,11 +120,12 @@ def _fuse_tree(module: nn.Module, inputs: Optional[tuple], recorded: Optional[di
             report.notes.append(f"{type(module).__name__} does not trace as a whole; fused its traceable parts")
         for name, child in list(module.named_children()):
             if child in recorded:
-                setattr(module, name, _fuse_tree(child, recorded[child], recorded, report, dtypes, main, f"{path}.{name}".strip(".")))
+                setattr(module, name, _fuse_tree(child, recorded[child], recorded, report, dtypes, main,
+                                                 f"{path}.{name}".strip("."), remove_residuals))
         return module
     prefix = f"{path}." if path else ""
     local = {k[len(prefix):]: v for k, v in dtypes.items() if k.startswith(prefix)}
-    _fuse_graph(gm, inputs, report, local, main)
+    _fuse_graph(gm, inputs, report, local, main, remove_residuals=remove_residuals)
     dtypes.update({prefix + k: v for k, v in local.items()})  # dtypes of the modules it created
     return gm
 
@@ -131,8 +135,6 @@ def fuse_with_report(model: nn.Module, example_inputs=None, *, check: bool = Tru
     """:func:`reparam.fuse` that also returns the :class:`Report`."""
     if not isinstance(model, nn.Module):
         raise ReparamError(f"reparam.fuse expects an nn.Module, got {type(model).__name__}")
-    if remove_residuals:
-        raise NotImplementedError("remove_residuals=True is not implemented yet")
     if model.training:
         warnings.warn("model is in training mode: fusing with inference semantics (BatchNorm uses running "
                       "statistics); the input model is left in training mode", TrainingModeWarning, stacklevel=3)
@@ -155,11 +157,11 @@ def fuse_with_report(model: nn.Module, example_inputs=None, *, check: bool = Tru
             inputs = T.infer_example_inputs(work, gm, torch.float64, device,
                                             runs=lambda x: T.propagate_shapes(gm, x))
             shapes_known = inputs is not None
-        _fuse_graph(gm, inputs, report, dtypes, main, shapes_known)
+        _fuse_graph(gm, inputs, report, dtypes, main, shapes_known, remove_residuals)
         fused, reference = gm, work  # gm shares work's leaf modules but leaves work itself intact
     else:
         reference = copy.deepcopy(work)
-        fused = _fuse_tree(work, inputs, None, report, dtypes, main)
+        fused = _fuse_tree(work, inputs, None, report, dtypes, main, remove_residuals=remove_residuals)
 
     if check:
         if inputs is None:

@@ -1,0 +1,113 @@
+"""Value-range analysis: a sound interval ``[lo, hi]`` for every node's values (per element).
+
+Used by residual removal: a signal carried through a ReLU unchanged must be provably >= 0, through a
+ReLU6 provably in [0, 6].  Intervals are conservative: anything unknown is (-inf, inf).
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+INF = math.inf
+ANY = (-INF, INF)
+
+# ops whose output values are a subset (or rearrangement) of their first input's values
+_PASS_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+                 nn.AdaptiveMaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+                 nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Identity, nn.Dropout, nn.Dropout2d,
+                 nn.Flatten, nn.Upsample)
+_PASS_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+                   F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.avg_pool1d,
+                   F.avg_pool2d, F.avg_pool3d, torch.flatten, torch.reshape, torch.permute, torch.transpose,
+                   F.dropout, torch.squeeze, torch.unsqueeze}
+_PASS_METHODS = {"flatten", "reshape", "view", "contiguous", "permute", "transpose", "squeeze", "unsqueeze",
+                 "mean", "max", "amax", "clone", "detach"}
+_RELU = {F.relu, torch.relu, torch.relu_, F.relu_}
+
+
+def activation_bounds(node: fx.Node, modules: dict) -> Optional[tuple]:
+    """(lo, hi) of a clamp-like activation ``node`` (ReLU, ReLU6, Hardtanh, clamp); None otherwise."""
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        if isinstance(m, nn.ReLU):
+            return 0.0, INF
+        if isinstance(m, nn.Hardtanh):  # ReLU6 is Hardtanh(0, 6)
+            return float(m.min_val), float(m.max_val)
+        return None
+    if node.op == "call_function":
+        if node.target in _RELU:
+            return 0.0, INF
+        if node.target is F.relu6:
+            return 0.0, 6.0
+        if node.target is F.hardtanh:
+            lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
+            hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
+            return (float(lo), float(hi)) if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) else None
+        if node.target in (torch.clamp, torch.clip):
+            lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+            hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
+            if all(v is None or isinstance(v, (int, float)) for v in (lo, hi)):
+                return (-INF if lo is None else float(lo)), (INF if hi is None else float(hi))
+        return None
+    if node.op == "call_method" and node.target in ("relu", "relu_"):
+        return 0.0, INF
+    if node.op == "call_method" and node.target in ("clamp", "clamp_", "clip"):
+        lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+        hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
+        if all(v is None or isinstance(v, (int, float)) for v in (lo, hi)):
+            return (-INF if lo is None else float(lo)), (INF if hi is None else float(hi))
+    return None
+
+
+def value_ranges(gm: fx.GraphModule) -> dict:
+    """Interval of every node (tensor nodes only; anything unknown is ``(-inf, inf)``)."""
+    modules = dict(gm.named_modules())
+    ranges: dict = {}
+
+    def get(arg) -> tuple:
+        if isinstance(arg, fx.Node):
+            return ranges.get(arg, ANY)
+        if isinstance(arg, (int, float)):
+            return float(arg), float(arg)
+        return ANY
+
+    for node in gm.graph.nodes:
+        first = node.args[0] if node.args else None
+        bounds = activation_bounds(node, modules)
+        if bounds is not None:
+            r = get(first)
+            ranges[node] = (max(r[0], bounds[0]), min(r[1], bounds[1]))
+            continue
+        if node.op == "call_module":
+            m = modules.get(node.target)
+            if isinstance(m, nn.Sigmoid):
+                ranges[node] = (0.0, 1.0)
+            elif isinstance(m, _PASS_MODULES):
+                ranges[node] = get(first)
+        elif node.op == "call_function":
+            if node.target in _PASS_FUNCTIONS:
+                ranges[node] = get(first)
+            elif node.target in (torch.sigmoid, F.sigmoid):
+                ranges[node] = (0.0, 1.0)
+            elif node.target in (torch.cat, torch.concat):
+                parts = [get(t) for t in (first or [])]
+                if parts:
+                    ranges[node] = (min(p[0] for p in parts), max(p[1] for p in parts))
+            elif node.target in (operator.add, torch.add, operator.iadd) and len(node.args) == 2:
+                a, b = get(node.args[0]), get(node.args[1])
+                ranges[node] = (a[0] + b[0], a[1] + b[1])
+            elif node.target in (operator.mul, torch.mul) and len(node.args) == 2:
+                a, b = get(node.args[0]), get(node.args[1])
+                if a[0] >= 0 and b[0] >= 0:
+                    ranges[node] = (a[0] * b[0], a[1] * b[1] if math.isfinite(a[1] * b[1]) else INF)
+        elif node.op == "call_method" and node.target in _PASS_METHODS:
+            ranges[node] = get(first)
+        elif node.op == "call_method" and node.target == "sigmoid":
+            ranges[node] = (0.0, 1.0)
+    return ranges

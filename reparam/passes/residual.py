@@ -1,0 +1,162 @@
+"""Residual removal (opt-in): ``act(Ak(...act(A1(x))) + S(x)) -> act(Ak'(...act(A1'(x))))``.
+
+The block input ``x`` rides along in extra channels: ``A1' = [A1; P]`` where ``P`` is the centre tap
+of A1's grid (a strided Dirac kernel), every middle conv gets a block-diagonal identity for the carried
+channels, the activations pass them untouched, and the last conv adds the skip ``S`` (identity or a
+pointwise projection such as ResNet's 1x1 downsample) applied to them.  Exact when every activation
+is the identity on the carried values:
+
+- ``x >= 0`` proven (value-range analysis) and every activation is identity on ``[0, max x]`` (ReLU;
+  ReLU6 / Hardtanh only when ``x`` is proven to fit), or
+- ``x`` of any sign and every activation is ReLU: carry ``[x, -x]``, the first ReLU makes them
+  ``relu(x), relu(-x)`` and the last conv reads ``x = relu(x) - relu(-x)`` (twice the carried channels).
+
+Anything else is refused with a reason (e.g. MobileNetV2's ReLU6 on an unbounded input).
+Cost: the carried channels add MACs; the report says how many channels were added.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .. import affine as A
+from ..emit import to_module
+from ..report import Report, Rewrite
+from ..trace import node_shape
+from .collapse import real_users
+from .ranges import ANY, activation_bounds, value_ranges
+
+_ADDS = {operator.add, operator.iadd, torch.add}
+MAX_DEPTH = 8
+
+
+def _conv(node: fx.Node, modules: dict) -> Optional[nn.Module]:
+    if node.op != "call_module":
+        return None
+    m = modules.get(node.target)
+    if isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.modules.conv._ConvTransposeNd):
+        return m
+    return None
+
+
+def _affine(m: nn.Module) -> A.Affine:
+    return A.from_conv(m.weight.detach().double(), None if m.bias is None else m.bias.detach().double(),
+                       m.stride, m.padding, m.dilation, m.groups, m.padding_mode)
+
+
+class _Block:
+    """A matched residual block: convs and activations of the body, the skip, the input."""
+
+    def __init__(self, add: fx.Node, x: fx.Node, convs: list, acts: list, skip: Optional[fx.Node]):
+        self.add, self.x, self.convs, self.acts, self.skip = add, x, convs, acts, skip
+
+
+def _match(add: fx.Node, body: fx.Node, other: fx.Node, modules: dict) -> Optional[_Block]:
+    skip_conv = _conv(other, modules)
+    x = other.args[0] if skip_conv is not None else other
+    convs, acts, n = [], [], body
+    for _ in range(MAX_DEPTH):
+        if _conv(n, modules) is None or len(real_users(n)) != 1:
+            return None
+        convs.append(n)
+        src = n.args[0]
+        if src is x:
+            break
+        if activation_bounds(src, modules) is None or len(real_users(src)) != 1:
+            return None
+        acts.append(src)
+        n = src.args[0]
+    else:
+        return None
+    if len(convs) < 2 or (skip_conv is not None and len(other.users) != 1):
+        return None
+    return _Block(add, x, convs[::-1], acts[::-1], other if skip_conv is not None else None)
+
+
+def _carry_signs(block: _Block, x_range: tuple, modules: dict) -> list:
+    """[+1] or [+1, -1] when the activations pass the carried values exactly; Refusal otherwise."""
+    bounds = [activation_bounds(a, modules) for a in block.acts]
+    if x_range[0] >= 0:
+        if all(lo <= 0 and x_range[1] <= hi for lo, hi in bounds):
+            return [1.0]
+        raise A.Refusal("an activation would clip the carried input (its range is not proven to fit, e.g. ReLU6 "
+                        "on an input without a proven upper bound of 6)")
+    if bounds[0] == (0.0, math.inf) and all(lo <= 0 and hi == math.inf for lo, hi in bounds[1:]):
+        return [1.0, -1.0]
+    raise A.Refusal("the block input can be negative and an activation is not ReLU, so it cannot be carried as "
+                    "relu(x) - relu(-x)")
+
+
+def _rebuild(block: _Block, modules: dict, signs: list) -> list:
+    """New affines for the body convs with the input carried; Refusal when the grids don't align."""
+    affs = [_affine(modules[c.target]) for c in block.convs]
+    shape = node_shape(block.x)
+    if shape is None:
+        raise A.Refusal("block input shape unknown")
+    layout = affs[0].layout
+    channels = shape[1]
+    skip = _affine(modules[block.skip.target]) if block.skip is not None else A.identity(channels, layout)
+    total = tuple(math.prod(a.stride[i] for a in affs) for i in range(layout.nd))
+    if any(k != 1 for k in skip.kernel) or skip.pads or skip.stride != total:
+        raise A.Refusal("the skip is not a pointwise projection on the body's output grid")
+    carried = channels * len(signs)
+    first = A.concat([affs[0]] + [A.strided_identity(channels, layout, affs[0].stride, s) for s in signs])
+    middle = [A.direct_sum(a, A.strided_identity(carried, layout, a.stride)) for a in affs[1:-1]]
+    last = affs[-1]
+    w_skip = A.regroup(skip, 1).weight.reshape(skip.out_channels, channels)
+    carried_w = torch.cat([s * w_skip for s in signs], 1)
+    full = torch.cat([carried_w.new_zeros(skip.out_channels, last.in_channels), carried_w], 1)
+    ones = (1,) * layout.nd
+    skip_on_grid = A.Affine(full.reshape(*full.shape, *ones), skip.bias, last.stride, (0,) * layout.nd,
+                            (0,) * layout.nd, ones, 1, layout)
+    final = A.add([A.widen_inputs(last, carried), skip_on_grid])
+    return [first] + middle + [final]
+
+
+def remove_residuals(gm: fx.GraphModule, report: Report) -> int:
+    """Remove every residual add that can be removed exactly; returns how many."""
+    modules = dict(gm.named_modules())
+    ranges = value_ranges(gm)
+    removed = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _ADDS or len(node.args) != 2 or node.kwargs:
+            continue
+        a, b = node.args
+        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+            continue
+        block = _match(node, a, b, modules) or _match(node, b, a, modules)
+        if block is None:
+            continue
+        where = block.convs[0].target.rsplit(".", 1)[0]
+        try:
+            signs = _carry_signs(block, ranges.get(block.x, ANY), modules)
+            affs = _rebuild(block, modules, signs)
+        except A.Refusal as r:
+            report.refuse(where, f"residual kept: {r}")
+            continue
+        _rewire(gm, block, affs)
+        modules = dict(gm.named_modules())
+        report.rewrites.append(Rewrite(where, f"{len(block.convs)} convs + residual add",
+                                       f"plain chain carrying {node_shape(block.x)[1] * len(signs)} extra channels",
+                                       ("remove_residual",)))
+        removed += 1
+    if removed:
+        gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+    return removed
+
+
+def _rewire(gm: fx.GraphModule, block: _Block, affs: list) -> None:
+    device = next(iter(gm.parameters())).device
+    for conv, aff in zip(block.convs, affs):
+        name = f"{conv.target}_carry"
+        gm.add_submodule(name, to_module(aff, torch.float64, device))
+        conv.target = name
+    block.add.replace_all_uses_with(block.convs[-1])
+    gm.graph.erase_node(block.add)
