@@ -57,8 +57,17 @@ class _Block:
 
 
 def _match(add: fx.Node, body: fx.Node, other: fx.Node, modules: dict) -> Optional[_Block]:
-    skip_conv = _conv(other, modules)
-    x = other.args[0] if skip_conv is not None else other
+    """``add(body, other)`` as a residual block: ``other`` is a pointwise projection of the block
+    input, or the block input itself (tried in that order)."""
+    if _conv(other, modules) is not None and len(other.users) == 1:
+        block = _match_body(add, body, other.args[0], other, modules)
+        if block is not None:
+            return block
+    return _match_body(add, body, other, None, modules)
+
+
+def _match_body(add: fx.Node, body: fx.Node, x: fx.Node, skip: Optional[fx.Node], modules: dict) -> Optional[_Block]:
+    """Walk ``body`` back through conv / activation pairs (single users) until it reads ``x``."""
     convs, acts, n = [], [], body
     for _ in range(MAX_DEPTH):
         if _conv(n, modules) is None or len(real_users(n)) != 1:
@@ -73,9 +82,9 @@ def _match(add: fx.Node, body: fx.Node, other: fx.Node, modules: dict) -> Option
         n = src.args[0]
     else:
         return None
-    if len(convs) < 2 or (skip_conv is not None and len(other.users) != 1):
+    if len(convs) < 2:
         return None
-    return _Block(add, x, convs[::-1], acts[::-1], other if skip_conv is not None else None)
+    return _Block(add, x, convs[::-1], acts[::-1], skip)
 
 
 def _carry_signs(block: _Block, x_range: tuple, modules: dict) -> list:
