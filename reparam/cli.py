@@ -263,14 +263,12 @@ class Measures:
     latency: float
 
 
-def _measure(model: torch.nn.Module, example: torch.Tensor) -> Measures:
-    return Measures(
-        params=stats.count_params(model),
-        macs=stats.count_macs(model, example),
-        kernels=stats.count_kernels(model, example),
-        latency=stats.latency_ms(model, example, warmup=LATENCY_WARMUP, repeats=LATENCY_REPEATS,
-                                 budget_s=LATENCY_BUDGET_S),
-    )
+def _measure(model: torch.nn.Module, fused: torch.nn.Module, example: torch.Tensor) -> tuple[Measures, Measures]:
+    """Measures of the original and the fused model; latencies timed interleaved."""
+    latency = stats.latencies_ms([model, fused], example, warmup=LATENCY_WARMUP, repeats=LATENCY_REPEATS,
+                                 budget_s=LATENCY_BUDGET_S)
+    return tuple(Measures(params=stats.count_params(m), macs=stats.count_macs(m, example),
+                          kernels=stats.count_kernels(m, example), latency=t) for m, t in zip((model, fused), latency))
 
 
 def _outputs(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
@@ -306,7 +304,7 @@ def cmd_convert(args: argparse.Namespace, ui: Ui) -> int:
     with ui.step("Fusing"):
         fused = _fuse(model, example, check=check, remove_residuals=args.remove_residuals)
     with ui.step("Measuring"):
-        before, after = _measure(model, example), _measure(fused, example)
+        before, after = _measure(model, fused, example)
         with torch.no_grad():
             fused_error = stats.relative_error(fused(example), model(example))
 

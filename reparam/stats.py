@@ -197,6 +197,30 @@ def latency_ms(
     return statistics.median(times)
 
 
+def latencies_ms(models: list, example_inputs: Any, warmup: int = 3, repeats: int = 10,
+                 budget_s: float | None = None) -> list[float]:
+    """Median latency (ms) of each model, timed interleaved (round-robin) so that load on the machine
+    hits every model alike; ``budget_s`` bounds the total timed seconds (at least one round runs)."""
+    args = as_args(example_inputs)
+    times: list[list[float]] = [[] for _ in models]
+    with torch.no_grad():
+        for _ in range(warmup):
+            for model in models:
+                model(*args)
+        _synchronize(args)
+        spent = 0.0
+        for _ in range(repeats):
+            for model, bucket in zip(models, times):
+                start = time.perf_counter()
+                model(*args)
+                _synchronize(args)
+                bucket.append((time.perf_counter() - start) * 1e3)
+                spent += bucket[-1] / 1e3
+            if budget_s is not None and spent >= budget_s:
+                break
+    return [statistics.median(t) for t in times]
+
+
 def _leaf_pairs(actual: Any, expected: Any) -> list[tuple[np.ndarray, np.ndarray]]:
     """Flatten two output structures (tensors, numpy arrays, tuples, dicts...) into aligned float64 arrays."""
     a_leaves, e_leaves = tree_leaves(actual), tree_leaves(expected)
