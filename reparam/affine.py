@@ -435,6 +435,20 @@ def strided_identity(channels: int, layout: Layout, stride: tuple, sign: float =
     return replace(base, w=base.weight * sign, stride=tuple(stride), kind="dense")
 
 
+def sum_over_inputs(branches: Sequence[Affine]) -> Affine:
+    """``[x1, ..., xn] -> A1(x1) + ... + An(xn)``: weights stacked along the input axis, biases summed.
+
+    Precondition: the same geometry (kernel, stride, padding, dilation, padding mode) and out-channels.
+    """
+    first = branches[0]
+    geometry = lambda a: (a.kernel, a.stride, a.pad_lo, a.pad_hi, a.dilation, a.padding_mode, a.layout)  # noqa: E731
+    if any(geometry(a) != geometry(first) or a.out_channels != first.out_channels for a in branches):
+        raise Refusal("paths end in convolutions of different shapes")
+    weight = torch.cat([regroup(a, 1).weight for a in branches], 1)
+    bias = reduce(_add_bias, [a.bias for a in branches])
+    return replace(first, w=weight, bias=bias, groups=1, kind="dense")
+
+
 def widen_inputs(a: Affine, extra: int) -> Affine:
     """``A`` reading ``extra`` more input channels (appended, zero weights): groups become 1."""
     dense = regroup(a, 1)

@@ -20,6 +20,7 @@ from .errors import ReparamError
 from .passes.cleanup import drop_static_asserts
 from .passes.collapse import Collapse
 from .passes.residual import remove_residuals as remove_residual_adds
+from .passes.towers import merge_towers
 from .report import Report
 from .verify import compare, random_like, to_float64
 
@@ -75,15 +76,23 @@ def _fuse_graph(gm: fx.GraphModule, inputs: Optional[tuple], report: Report, dty
     """Run the passes on ``gm`` (in place) to a fixed point."""
     if inputs is not None and not shapes_known:
         T.propagate_shapes(gm, inputs)
-    for _ in range(MAX_ROUNDS):  # new nodes carry their replaced node's shape, so no re-propagation
-        if Collapse(gm, report, _region_dtype(gm, dtypes, main), dtypes).run() == 0:
-            break
+    _collapse(gm, report, dtypes, main)
+    if merge_towers(gm, report):  # sums of convs merged first, so towers see their final form
+        if inputs is not None:
+            T.propagate_shapes(gm, inputs)
+        _collapse(gm, report, dtypes, main)
     if remove_residuals and remove_residual_adds(gm, report) and inputs is not None:
         T.propagate_shapes(gm, inputs)  # carried channels widened some tensors
     drop_static_asserts(gm)
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
+
+
+def _collapse(gm: fx.GraphModule, report: Report, dtypes: dict, main: torch.dtype) -> None:
+    for _ in range(MAX_ROUNDS):  # new nodes carry their replaced node's shape, so no re-propagation
+        if Collapse(gm, report, _region_dtype(gm, dtypes, main), dtypes).run() == 0:
+            break
 
 
 def _record_inputs(module: nn.Module, inputs: tuple) -> dict:

@@ -119,7 +119,7 @@ class Collapse:
             else:
                 shift = None if op.shift == 0.0 else torch.full((channels,), op.shift, dtype=torch.float64)
                 aff = A.channelwise(torch.full((channels,), op.scale, dtype=torch.float64), shift, layout)
-        events = (_EVENT.get(op.kind),) if _EVENT.get(op.kind) else ()
+        events = (_EVENT[op.kind],) if op.kind in _EVENT and aff.kind != "identity" else ()
         stride_in = base.affine.stride if base else ()
         state.cost[node] = _op_cost(aff, stride_in)
         if base is not None:
