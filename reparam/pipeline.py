@@ -140,15 +140,19 @@ def _fuse_tree(module: nn.Module, inputs: Optional[tuple], recorded: Optional[di
 
 
 def fuse_with_report(model: nn.Module, example_inputs=None, *, check: bool = True,
-                     remove_residuals: bool = False) -> tuple[nn.Module, Report]:
+                     remove_residuals: bool = False, dtype: Optional[torch.dtype] = None) -> tuple[nn.Module, Report]:
     """:func:`reparam.fuse` that also returns the :class:`Report`."""
     if not isinstance(model, nn.Module):
         raise ReparamError(f"reparam.fuse expects an nn.Module, got {type(model).__name__}")
     if model.training:
         warnings.warn("model is in training mode: fusing with inference semantics (BatchNorm uses running "
                       "statistics); the input model is left in training mode", TrainingModeWarning, stacklevel=3)
+    if dtype is not None and not dtype.is_floating_point:
+        raise ReparamError(f"dtype must be a floating dtype such as torch.float16, got {dtype}")
     report = Report()
     dtypes = _dtype_map(model)
+    if dtype is not None:  # deploy in another precision: fold in float64, cast once at the end
+        dtypes = {k: (dtype if v.is_floating_point else v) for k, v in dtypes.items()}
     main = _main_dtype(dtypes)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
 
@@ -196,15 +200,18 @@ def _cast_back(fused: nn.Module, dtypes: dict, main: torch.dtype, device) -> Non
             t.data = t.data.to(dtype=want, device=device)
 
 
-def fuse(model: nn.Module, example_inputs=None, *, check: bool = True, remove_residuals: bool = False) -> nn.Module:
+def fuse(model: nn.Module, example_inputs=None, *, check: bool = True, remove_residuals: bool = False,
+         dtype: Optional[torch.dtype] = None) -> nn.Module:
     """Return a new module computing the same function as ``model`` with fewer, larger kernels.
 
     Inference semantics (BatchNorm with running statistics); same dtype and device; the input model is
     never modified.  ``example_inputs``: a tensor or tuple of positional inputs (inferred when omitted).
     ``check=True`` verifies the result in float64 and raises :class:`reparam.EquivalenceError` if it
-    disagrees.  The report of rewrites and refusals is at ``fused.reparam_report``.
+    disagrees.  ``remove_residuals=True`` also removes ReLU residuals exactly (ResNets become plain).
+    ``dtype`` (e.g. ``torch.float16``): cast the result to that precision after folding in float64.
+    The report of rewrites and refusals is at ``fused.reparam_report``.
     """
-    return fuse_with_report(model, example_inputs, check=check, remove_residuals=remove_residuals)[0]
+    return fuse_with_report(model, example_inputs, check=check, remove_residuals=remove_residuals, dtype=dtype)[0]
 
 
 def explain(model: nn.Module, example_inputs=None) -> Report:
