@@ -28,16 +28,17 @@ def _timm_leaves() -> tuple[set, set]:
 class Tracer(fx.Tracer):
     """fx tracer with O(1) parameter/buffer look-up and timm's leaf modules."""
 
-    def __init__(self, root: torch.nn.Module):
+    def __init__(self, root: Optional[torch.nn.Module] = None, **kwargs):
+        # root is optional: GraphModule re-creates its tracer class with no arguments when unpickled
         leaves, functions = _timm_leaves()
-        super().__init__(autowrap_functions=tuple(functions))
+        super().__init__(autowrap_functions=tuple(functions), **kwargs)
         self._extra_leaves = tuple(leaves)
         self._names = {}
-        for name, p in root.named_parameters(remove_duplicate=False):
-            self._names.setdefault(id(p), name)
-        for name, b in root.named_buffers(remove_duplicate=False):
-            self._names.setdefault(id(b), name)
-        self._proxies: dict[str, Any] = {}
+        if root is not None:
+            for name, p in root.named_parameters(remove_duplicate=False):
+                self._names.setdefault(id(p), name)
+            for name, b in root.named_buffers(remove_duplicate=False):
+                self._names.setdefault(id(b), name)
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         if self._extra_leaves and isinstance(m, self._extra_leaves):
@@ -45,7 +46,7 @@ class Tracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
-        if isinstance(attr_val, torch.Tensor):
+        if isinstance(attr_val, torch.Tensor) and self._names:
             name = self._names.get(id(attr_val))
             if name is not None:
                 if name not in parameter_proxy_cache:
