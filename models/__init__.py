@@ -9,7 +9,7 @@ Deployment (merging the branches into plain convolutions) is :func:`reparam.fuse
     True
 """
 
-from . import mobileone, repvgg, resnet_variants  # noqa: F401  (importing registers the models)
+from . import mobileone, repvgg, resnet_variants, resnext  # noqa: F401  (importing registers the models)
 from .blocks import (
     ACBlock,
     ConvBN,
@@ -25,6 +25,7 @@ from .mobileone import MobileOne
 from .registry import ModelSpec, create, names, register, spec
 from .repvgg import RepVGG
 from .resnet_variants import BasicBlock, ResNet18
+from .resnext import MultiPathBottleneck, MultiPathResNeXt
 
 __all__ = [
     "create",
@@ -45,4 +46,6 @@ __all__ = [
     "MobileOne",
     "ResNet18",
     "BasicBlock",
+    "MultiPathBottleneck",
+    "MultiPathResNeXt",
 ]

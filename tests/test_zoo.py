@@ -437,7 +437,8 @@ def test_block_fuses_to_one_conv(case):
     assert counts == Counter({"conv": convs}), counts
 
 
-DEFAULT_FUSION_MODELS = ["repvgg_a0", "mobileone_s0", "acnet_resnet18", "dbb_resnet18", "repvgg_digits"]
+DEFAULT_FUSION_MODELS = ["repvgg_a0", "mobileone_s0", "acnet_resnet18", "dbb_resnet18", "repvgg_digits",
+                         "resnext_multipath_tiny"]
 SLOW_FUSION_MODELS = [name for name in zoo.names() if name not in DEFAULT_FUSION_MODELS]
 
 
