@@ -403,3 +403,20 @@ class RepLKBlock(nn.Module):
         if hasattr(self, "small_conv"):
             branches.append(self.small_conv(x))
         return self.nonlinear(_sum_branches(branches))
+
+
+class StagedClassifier(nn.Module):
+    """Forward of the official RepVGG / MobileOne nets: ``stage0 .. stageN -> gap -> flatten -> linear``.
+
+    Subclasses register ``stage0`` .. ``stage{num_stages}``, ``gap`` and ``linear`` (official key names).
+    """
+
+    num_stages: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage0(x)
+        for index in range(1, self.num_stages + 1):
+            x = getattr(self, f"stage{index}")(x)
+        x = self.gap(x)
+        return self.linear(torch.flatten(x, 1))
+

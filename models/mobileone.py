@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .blocks import MobileOneBlock
+from .blocks import MobileOneBlock, StagedClassifier
 from .registry import register
 
 __all__ = ["MobileOne", "official_mobileone"]
@@ -27,7 +27,7 @@ __all__ = ["MobileOne", "official_mobileone"]
 DEPTHS = (2, 8, 10, 1)
 
 
-class MobileOne(nn.Module):
+class MobileOne(StagedClassifier):
     """Stem block, then stages of (depthwise 3×3 block, pointwise 1×1 block) units, then gap + linear.
 
     Args:
@@ -73,13 +73,6 @@ class MobileOne(nn.Module):
         self.num_stages = len(widths)
         self.gap = nn.AdaptiveAvgPool2d(output_size=1)
         self.linear = nn.Linear(channels, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stage0(x)
-        for index in range(1, self.num_stages + 1):
-            x = getattr(self, f"stage{index}")(x)
-        x = self.gap(x)
-        return self.linear(torch.flatten(x, 1))
 
 
 def official_mobileone(

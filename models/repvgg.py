@@ -19,7 +19,7 @@ from typing import Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .blocks import RepVGGBlock
+from .blocks import RepVGGBlock, StagedClassifier
 from .registry import register
 
 __all__ = ["RepVGG", "official_repvgg"]
@@ -30,7 +30,7 @@ D_SERIES_DEPTHS = (8, 14, 24, 1)
 GROUPWISE_LAYERS = tuple(range(2, 27, 2))
 
 
-class RepVGG(nn.Module):
+class RepVGG(StagedClassifier):
     """A plain stack of :class:`RepVGGBlock` stages with a global-pool + linear head.
 
     Args:
@@ -76,13 +76,6 @@ class RepVGG(nn.Module):
         self.num_stages = len(widths)
         self.gap = nn.AdaptiveAvgPool2d(output_size=1)
         self.linear = nn.Linear(channels, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stage0(x)
-        for index in range(1, self.num_stages + 1):
-            x = getattr(self, f"stage{index}")(x)
-        x = self.gap(x)
-        return self.linear(torch.flatten(x, 1))
 
 
 def official_repvgg(
