@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Sequence
 
-import torch
 import torch.nn as nn
 
 from .blocks import RepVGGBlock, StagedClassifier

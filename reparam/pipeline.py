@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.fx as fx
