@@ -320,6 +320,69 @@ class Lifter:
             raise NotAffine("not a tensor")
         return Unary(node.args[0], "identity")
 
+    def reshape(self, node: fx.Node) -> Op:
+        """A row-major reshape that keeps the last axis and is undone later: the identity on channels-last data.
+
+        ``flatten`` / ``view`` / ``reshape`` / ``unflatten`` / ``squeeze`` / ``unsqueeze`` /
+        ``reshape_as`` / ``view_as`` keep the flat (row-major) order, so when the last axis keeps its
+        size, element ``(..., c)`` stays ``(..., c)``: a channels-last affine op (Linear, BatchNorm over
+        ``(N, C)``) acts on each position alone and commutes with it.  Lifted (as a channels-last
+        identity, which composes only with channels-last ops) when it is one end of a pair
+        ``reshape -> single-user affine ops -> reshape back to the first one's input shape``, e.g. timm's
+        ``bn(linear(x).flatten(0, 1)).reshape_as(x)``: a region then never ends between the two, where
+        its output would not have its root's shape.  With the flat order kept, the same shape means the
+        same data.  Permutations are never lifted: a transpose of a square tensor keeps the shape but
+        moves the data.
+        """
+        src = _reshape_source(node)
+        if not self.tensor(src):
+            raise NotAffine("not a tensor")
+        before, after = node_shape(src), node_shape(node)
+        if not before or not after:
+            raise NotAffine("reshape: shapes unknown")
+        if before[-1] != after[-1]:
+            raise NotAffine("reshape changes the last axis")
+        if not (self._undone_later(node, before) or self._undoes_earlier(src, after)):
+            raise NotAffine("reshape is not undone by a later one")
+        return Unary(src, "identity", A.identity(int(before[-1]), A.Layout(0)))
+
+    def _chain_step(self, node: fx.Node) -> Optional[fx.Node]:
+        """The source of ``node`` when it is a one-input affine op that is not a reshape; else None."""
+        if _is_reshape(node):
+            return None
+        try:
+            op = self._lift(node)
+        except Exception:
+            return None
+        return op.source if isinstance(op, Unary) else None
+
+    def _undone_later(self, node: fx.Node, shape: tuple, limit: int = 8) -> bool:
+        cur = node
+        for _ in range(limit):
+            users = _value_users(cur)
+            if len(users) != 1:
+                return False
+            user = users[0]
+            if _is_reshape(user) and _reshape_source(user) is cur:
+                return node_shape(user) == shape and _keeps_last(user)
+            if self._chain_step(user) is not cur:
+                return False
+            cur = user
+        return False
+
+    def _undoes_earlier(self, src: fx.Node, shape: tuple, limit: int = 8) -> bool:
+        cur = src
+        for _ in range(limit):
+            if len(_value_users(cur)) != 1:
+                return False
+            if _is_reshape(cur):
+                inner = _reshape_source(cur)
+                return isinstance(inner, fx.Node) and node_shape(inner) == shape and _keeps_last(cur)
+            cur = self._chain_step(cur)
+            if cur is None:
+                return False
+        return False
+
     # -- arithmetic ----------------------------------------------------------------------------------
     def _inplace_ok(self, node: fx.Node, inplace: bool) -> None:
         """An in-place op is a plain op when nobody else reads the tensor it overwrites."""
@@ -386,6 +449,40 @@ class Lifter:
         return Concat(list(tensors), int(dim))
 
 
+_RESHAPE_METHODS = {"flatten", "view", "reshape", "unflatten", "squeeze", "unsqueeze", "reshape_as", "view_as"}
+_RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.unflatten, torch.squeeze, torch.unsqueeze}
+_SHAPE_READS = {"ndim", "dtype", "device", "is_cuda", "layout", "shape"}
+
+
+def _is_reshape(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target in _RESHAPE_METHODS) or (
+        node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS)
+
+
+def _reshape_source(node: fx.Node):
+    return node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
+
+
+def _keeps_last(node: fx.Node) -> bool:
+    src = _reshape_source(node)
+    before, after = node_shape(src) if isinstance(src, fx.Node) else None, node_shape(node)
+    return bool(before) and bool(after) and before[-1] == after[-1]
+
+
+def _value_users(node: fx.Node) -> list:
+    """Users that read ``node``'s values (not only its shape: ``x.shape``, ``y.reshape_as(x)``...)."""
+    out = []
+    for user in node.users:
+        if user.op == "call_function" and user.target is getattr and len(user.args) > 1 and user.args[1] in _SHAPE_READS:
+            continue
+        if user.op == "call_method" and user.target in ("size", "dim", "ndimension") and user.args[0] is node:
+            continue
+        if user.op == "call_method" and user.target in ("reshape_as", "view_as") and user.args[0] is not node:
+            continue
+        out.append(user)
+    return out
+
+
 def _method(fn: Callable, **kw) -> Callable:
     return lambda lifter, node: fn(lifter, node, **kw)
 
@@ -415,5 +512,10 @@ _METHODS = {
     "sub": Lifter.sub, "sub_": _method(Lifter.sub, inplace=True),
     "mul": Lifter.mul, "mul_": _method(Lifter.mul, inplace=True),
     "div": _method(Lifter.mul, divide=True), "div_": _method(Lifter.mul, inplace=True, divide=True),
-    "neg": Lifter.neg, "contiguous": Lifter.identity,
+    "neg": Lifter.neg, "contiguous": Lifter.identity, "clone": Lifter.identity,
 }
+for _name in _RESHAPE_METHODS:
+    _METHODS[_name] = Lifter.reshape
+for _f in _RESHAPE_FUNCTIONS:
+    _FUNCTIONS[_f] = Lifter.reshape
+_FUNCTIONS[torch.clone] = Lifter.identity

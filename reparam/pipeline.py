@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from . import trace as T
 from .errors import ReparamError
-from .passes.cleanup import drop_static_asserts
+from .passes.cleanup import drop_static_asserts, drop_unused_tensors
 from .passes.collapse import Collapse
 from .passes.residual import remove_residuals as remove_residual_adds
 from .passes.towers import merge_towers
@@ -85,6 +85,7 @@ def _fuse_graph(gm: fx.GraphModule, inputs: Optional[tuple], report: Report, dty
         T.propagate_shapes(gm, inputs)  # carried channels widened some tensors
     drop_static_asserts(gm)
     gm.delete_all_unused_submodules()
+    drop_unused_tensors(gm)
     gm.graph.lint()
     gm.recompile()
 
@@ -156,9 +157,10 @@ def fuse_with_report(model: nn.Module, example_inputs=None, *, check: bool = Tru
     main = _main_dtype(dtypes)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
 
-    work = copy.deepcopy(model).eval().to(torch.float64)
+    # all folding and checking happens on a float64 CPU copy; the result goes back to ``device``
+    work = copy.deepcopy(model).eval().to(device="cpu", dtype=torch.float64)
     inputs = _normalise_inputs(example_inputs)
-    inputs = to_float64(inputs) if inputs is not None else None
+    inputs = to_float64(_to_cpu(inputs)) if inputs is not None else None
     given = inputs is not None
     try:
         gm = T.symbolic_trace(work)
@@ -167,7 +169,7 @@ def fuse_with_report(model: nn.Module, example_inputs=None, *, check: bool = Tru
     if gm is not None:
         shapes_known = False
         if inputs is None:  # running the candidates through ShapeProp also records the shapes
-            inputs = T.infer_example_inputs(work, gm, torch.float64, device,
+            inputs = T.infer_example_inputs(work, gm, torch.float64, "cpu",
                                             runs=lambda x: T.propagate_shapes(gm, x))
             shapes_known = inputs is not None
         _fuse_graph(gm, inputs, report, dtypes, main, shapes_known, remove_residuals)
@@ -190,12 +192,30 @@ def fuse_with_report(model: nn.Module, example_inputs=None, *, check: bool = Tru
     return fused, report
 
 
+def _to_cpu(inputs: tuple) -> tuple:
+    return torch.utils._pytree.tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, inputs)
+
+
+def _register_constants(fused: nn.Module) -> None:
+    """Plain tensor attributes that traced graphs read (fx's ``_tensor_constant*``) become non-persistent
+    buffers, so that ``.to()`` / ``.half()`` move them with the parameters."""
+    for gm in [m for m in fused.modules() if isinstance(m, fx.GraphModule)]:
+        for node in gm.graph.nodes:
+            if node.op != "get_attr":
+                continue
+            owner_path, _, attr = node.target.rpartition(".")
+            owner = gm.get_submodule(owner_path) if owner_path else gm
+            value = owner.__dict__.get(attr)
+            if isinstance(value, torch.Tensor) and attr not in owner._parameters and attr not in owner._buffers:
+                delattr(owner, attr)
+                owner.register_buffer(attr, value, persistent=False)
+
+
 def _cast_back(fused: nn.Module, dtypes: dict, main: torch.dtype, device) -> None:
-    """Every floating tensor back to its original dtype (new ones: the model's main dtype)."""
+    """Every tensor back to ``device`` and, if floating, to its original dtype (new ones: ``main``)."""
+    _register_constants(fused)
     for name, t in list(fused.named_parameters(remove_duplicate=False)) + list(fused.named_buffers(remove_duplicate=False)):
-        if not t.is_floating_point():
-            continue
-        want = dtypes.get(name, main)
+        want = dtypes.get(name, main) if t.is_floating_point() else t.dtype
         if t.dtype != want or t.device != device:
             t.data = t.data.to(dtype=want, device=device)
 

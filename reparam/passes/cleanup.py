@@ -41,3 +41,12 @@ def drop_static_asserts(gm: fx.GraphModule) -> int:
     if removed:
         gm.graph.eliminate_dead_code()
     return removed
+
+
+def drop_unused_tensors(gm: fx.GraphModule) -> None:
+    """Delete the GraphModule's own parameters/buffers that no node reads any more (folded constants);
+    submodules' tensors go with ``delete_all_unused_submodules``."""
+    read = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
+    for table in (gm._parameters, gm._buffers):
+        for name in [n for n in table if n not in read]:
+            del table[name]
