@@ -70,8 +70,13 @@ class Lazy:
 
     def resolve(self) -> torch.Tensor:
         if self._value is None:
-            self._value, self._fn = self._fn(), None
+            self._value = self._fn()
         return self._value
+
+    def take(self) -> torch.Tensor:
+        """The value, handed over: the caller may write into it; a later read recomputes it."""
+        value, self._value = self.resolve(), None
+        return value
 
 
 @dataclass(frozen=True)
@@ -373,10 +378,16 @@ def _scatter_diagonal(weight: torch.Tensor, a: Affine, groups: int, offset: tupl
 
 def _on_grid(a: Affine, grid: _Grid, offset: tuple, step: tuple, groups: int) -> torch.Tensor:
     """``a``'s weight in ``groups`` groups on the common kernel (a new tensor, safe to mutate)."""
-    w = regroup(a, groups).weight
-    if tuple(w.shape[2:]) == grid.kernel and all(o == 0 for o in offset):
-        return w.clone() if w is a.weight else w
-    return _embed(w, a.nd, offset, step, grid.kernel)
+    if a.groups == groups and tuple(a.kernel) == grid.kernel and all(o == 0 for o in offset):
+        return a.w.take() if isinstance(a.w, Lazy) else a.weight.clone()
+    return _embed(regroup(a, groups).weight, a.nd, offset, step, grid.kernel)
+
+
+def _accumulate(weight: torch.Tensor, a: Affine, offset: tuple, step: tuple, groups: int) -> None:
+    """``weight[taps of a] += a`` in place, without building ``a`` on the full kernel."""
+    index = (slice(None), slice(None)) + tuple(
+        slice(o, o + s * (k - 1) + 1, s) for o, s, k in zip(offset, step, a.kernel))
+    weight[index] += regroup(a, groups).weight
 
 
 def add(branches: Sequence[Affine]) -> Affine:
@@ -405,7 +416,7 @@ def add(branches: Sequence[Affine]) -> Affine:
             elif weight is None:
                 weight = _on_grid(a, grid, grid.offsets[i], grid.steps[i], groups)
             else:
-                weight += _on_grid(a, grid, grid.offsets[i], grid.steps[i], groups)
+                _accumulate(weight, a, grid.offsets[i], grid.steps[i], groups)
         return weight
 
     shape = (branches[0].out_channels, branches[0].in_channels // groups) + grid.kernel
