@@ -365,7 +365,7 @@ def _align(branches: Sequence[Affine], same_input: bool = True) -> _Grid:
                     layout=first.layout, padding_mode=mode)
     return _Grid(geometry, kernel,
                  [tuple(o // d for o, d in zip(off, dil)) for off in offsets],
-                 [tuple(ad // d for ad, d in zip(a.dilation, dil)) for a in branches])
+                 [tuple(ad // d if k > 1 else 1 for ad, d, k in zip(a.dilation, dil, a.kernel)) for a in branches])
 
 
 def _scatter_diagonal(weight: torch.Tensor, a: Affine, groups: int, offset: tuple) -> None:
