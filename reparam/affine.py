@@ -85,7 +85,8 @@ class Affine:
 
     w: weight ``(out, in // groups, *kernel)``, a tensor or a :class:`Lazy` one (read ``.weight``);
     bias: ``(out,)`` or None (structurally zero).
-    kind: "identity", "diagonal" (one scale per channel, 1x1, groups == channels) or "dense";
+    kind: "identity", "diagonal" (one scale per channel, 1x1, groups == channels), "pad" (an identity
+    with zero padding) or "dense";
     tracked symbolically so that no operation has to scan a weight to find structure.
     """
 
@@ -144,7 +145,7 @@ class Affine:
 
     def macs(self) -> float:
         """Multiply-accumulates per input position of the region root (stride-normalised)."""
-        if self.kind == "identity":
+        if self.kind in ("identity", "pad"):
             return 0.0
         per_out = math.prod(self.w.shape)
         return per_out / math.prod(self.stride) if self.nd else float(per_out)
@@ -252,7 +253,7 @@ def zero_pad(channels: int, lo: tuple, hi: tuple, layout: Layout, dtype=torch.fl
     if any(p < 0 for p in lo + hi):
         raise Refusal("negative padding (cropping) is not a convolution")
     base = identity(channels, layout, dtype, device)
-    return replace(base, pad_lo=tuple(lo), pad_hi=tuple(hi), kind="dense")
+    return replace(base, pad_lo=tuple(lo), pad_hi=tuple(hi), kind="pad")
 
 
 # --------------------------------------------------------------------------------------------
@@ -554,12 +555,15 @@ def compose(a: Affine, b: Affine) -> Affine:
         return b
     if b.kind == "identity":
         return a
+    if a.kind == "pad" and b.kind == "pad":  # pads of pads: one pad
+        return replace(a, pad_lo=tuple(x + y for x, y in zip(a.pad_lo, b.pad_lo)),
+                       pad_hi=tuple(x + y for x, y in zip(a.pad_hi, b.pad_hi)))
     mode = b.padding_mode if b.pads and b.padding_mode != "zeros" else a.padding_mode
     if b.kind == "diagonal":  # channelwise after: scale rows
         scale = b.weight.reshape(-1)
         weight = Lazy(a.w.shape, lambda: a.weight * scale.reshape(-1, *([1] * (len(a.w.shape) - 1))))
         bias = b.bias if a.bias is None else _add_bias(a.bias * scale, b.bias)
-        return replace(a, w=weight, bias=bias, kind="diagonal" if a.kind in ("identity", "diagonal") else a.kind)
+        return replace(a, w=weight, bias=bias, kind="diagonal" if a.kind in ("identity", "diagonal") else "dense")
     if a.kind == "diagonal" and not a.pads:  # channelwise before: scale input columns
         scale = a.weight.reshape(-1)
         per = b.weight.shape[1]

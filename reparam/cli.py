@@ -1,5 +1,9 @@
 """The ``reparam`` command line: ``convert``, ``inspect`` and ``list``.
 
+``convert`` writes any of ``.pt2`` (-o), ``.onnx`` (--onnx), ``.pte`` (--pte, ExecuTorch with XNNPACK) and
+``.mlpackage`` (--coreml, Core ML), optionally in another precision (--dtype float16/bfloat16, folded in float64);
+``inspect --quant`` adds a per-layer int8 weight-quantization report of the fused model (:mod:`reparam.quant`).
+
 ``main(argv) -> int`` runs in-process and returns the exit code: 0 on success, 2 for bad input or usage
 (missing/corrupt/unsafe checkpoint, unknown architecture, keys that do not match, unwritable output...), 1 when
 verification fails (the fused model or an exported file disagrees with the original) or another step fails.
@@ -29,6 +33,8 @@ from reparam.errors import EquivalenceError, ReparamError
 __all__ = ["main", "build_parser"]
 
 PROG = "reparam"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_MOBILE_HINT = "pip install 'reparam[mobile]'"
 DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
 LATENCY_WARMUP, LATENCY_REPEATS, LATENCY_BUDGET_S = 2, 10, 2.0  # the report's "quick latency"
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -97,13 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", default=False, help="show tracebacks")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    convert = commands.add_parser("convert", help="fuse a checkpoint into a verified deploy model (.pt2 / .onnx)",
+    convert = commands.add_parser("convert", help="fuse a checkpoint into a verified deploy model "
+                                  "(.pt2 / .onnx / .pte / .mlpackage)",
                                   description="Load CHECKPOINT into --arch, fuse it, verify it and write deploy files. "
-                                  "Without -o/--onnx, writes <checkpoint stem>_deploy.pt2 next to the checkpoint.")
+                                  "Without -o/--onnx/--pte/--coreml, writes <checkpoint stem>_deploy.pt2 next to the "
+                                  "checkpoint.")
     _model_options(convert, checkpoint_required=True)
     convert.add_argument("-o", "--output", type=Path, metavar="OUT.pt2", help="write a torch.export program here")
     convert.add_argument("--onnx", type=Path, metavar="OUT.onnx", help="write an ONNX model here (dynamic batch axis)")
     convert.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset, 17 or later (default 18)")
+    convert.add_argument("--pte", type=Path, metavar="OUT.pte", help="write an ExecuTorch program lowered to XNNPACK "
+                         f"here, verified in ExecuTorch's runtime (needs {_MOBILE_HINT})")
+    convert.add_argument("--coreml", type=Path, metavar="OUT.mlpackage", help="write a Core ML package here "
+                         f"(conversion only: not run off macOS; needs coremltools, e.g. {_MOBILE_HINT})")
+    convert.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="precision of the deploy model and "
+                         "files (folded in float64, rounded once; default: the model's own). Exported files then take "
+                         "inputs of this dtype (Core ML packages take float32 inputs and compute in float16)")
     convert.add_argument("--no-check", action="store_true",
                          help="report but do not fail on differences between the original, fused and exported models")
     convert.add_argument("--remove-residuals", action="store_true",
@@ -117,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--graph", type=Path, metavar="FILE", help="draw one block before and after fusion "
                          "(.svg/.png/.pdf with Graphviz or matplotlib; .dot writes Graphviz source)")
     inspect.add_argument("--block", metavar="NAME", help="the submodule to draw (default: the first multi-branch block)")
+    inspect.add_argument("--quant", action="store_true", help="report how each fused conv/linear layer's weights "
+                         "survive int8 quantization (range, outliers, per-tensor / per-channel SNR) and flag the "
+                         "layers that will hurt (see docs/quantization.md)")
     inspect.set_defaults(func=cmd_inspect)
 
     listing = commands.add_parser("list", help="list the available architectures",
@@ -214,6 +232,7 @@ def _fuse(model: torch.nn.Module, example: torch.Tensor, **kwargs: Any) -> torch
         raise UsageError(f"{exc}. Leave out the option that needs it") from exc
 
 
+_RUN_LABELS = {"pt2": ".pt2 reloaded", "onnx": ".onnx in ORT", "pte": ".pte in ExecuTorch"}
 _KERNEL_LABELS = (("conv", "convolution"), ("batch_norm", "batch norm"), ("add", "tensor add"), ("linear", "linear"))
 
 
@@ -271,21 +290,84 @@ def _measure(model: torch.nn.Module, fused: torch.nn.Module, example: torch.Tens
                           kernels=stats.count_kernels(m, example), latency=t) for m, t in zip((model, fused), latency))
 
 
-def _outputs(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
-    """The ``.pt2`` and ``.onnx`` paths to write, validated before any work is done."""
+@dataclass
+class Outputs:
+    """The files ``convert`` writes (None: not requested)."""
+
+    pt2: Path | None = None
+    onnx: Path | None = None
+    pte: Path | None = None
+    coreml: Path | None = None
+
+
+_SUFFIX_OPTIONS = {".onnx": "--onnx", ".pte": "--pte", ".mlpackage": "--coreml"}
+
+
+def _outputs(args: argparse.Namespace) -> Outputs:
+    """The paths to write, validated before any work is done."""
     pt2, onnx_path = args.output, args.onnx
-    if pt2 is not None and pt2.suffix.lower() == ".onnx":
-        raise UsageError(f"-o writes a torch.export program, not ONNX ({pt2}). Use --onnx {pt2} for an ONNX file")
-    if pt2 is None and onnx_path is None:
+    pte, coreml = getattr(args, "pte", None), getattr(args, "coreml", None)
+    if pt2 is not None and pt2.suffix.lower() in _SUFFIX_OPTIONS:
+        option = _SUFFIX_OPTIONS[pt2.suffix.lower()]
+        what = {".onnx": "ONNX", ".pte": "an ExecuTorch program", ".mlpackage": "a Core ML package"}[pt2.suffix.lower()]
+        raise UsageError(f"-o writes a torch.export program, not {what} ({pt2}). Use {option} {pt2} for that")
+    if pte is not None and pte.suffix.lower() != ".pte":
+        raise UsageError(f"--pte writes an ExecuTorch program, whose file name ends in .pte ({pte}). "
+                         f"Name it {pte.with_suffix('.pte').name}")
+    if coreml is not None and coreml.suffix.lower() != ".mlpackage":
+        raise UsageError(f"--coreml writes a Core ML package, a directory whose name ends in .mlpackage ({coreml}). "
+                         f"Name it {coreml.with_suffix('.mlpackage').name}")
+    if pt2 is None and onnx_path is None and pte is None and coreml is None:
         pt2 = args.checkpoint.with_name(f"{args.checkpoint.stem}_deploy.pt2")
     if args.opset is not None and onnx_path is None:
         raise UsageError("--opset only applies to ONNX output. Add --onnx OUT.onnx")
-    if pt2 is not None and onnx_path is not None and io.same_file(pt2, onnx_path):
-        raise UsageError(f"-o and --onnx name the same file {pt2}. Give them different names")
-    for path in (pt2, onnx_path):
-        if path is not None:
-            io.check_output_path(path, inputs=[args.checkpoint])
-    return pt2, onnx_path
+    named = [(flag, path) for flag, path in (("-o", pt2), ("--onnx", onnx_path), ("--pte", pte), ("--coreml", coreml))
+             if path is not None]
+    for i, (flag_a, a) in enumerate(named):
+        for flag_b, b in named[i + 1:]:
+            if io.same_file(a, b):
+                raise UsageError(f"{flag_a} and {flag_b} name the same file {a}. Give them different names")
+    for flag, path in named:
+        if flag == "--coreml" and path.is_dir() and not path.is_symlink():
+            if not (path / "Manifest.json").is_file():
+                raise UsageError(f"output {path} is a directory but not a Core ML package. Choose another name")
+            io.check_output_path(path.parent / f"{path.name}.new", inputs=[args.checkpoint])  # replaced when done
+            continue
+        io.check_output_path(path, inputs=[args.checkpoint])
+    return Outputs(pt2, onnx_path, pte, coreml)
+
+
+def _check_dtype(args: argparse.Namespace, outputs: Outputs) -> torch.dtype | None:
+    """The ``--dtype`` asked for, after refusing the output formats that cannot hold it."""
+    if args.dtype is None:
+        return None
+    dtype = DTYPES[args.dtype]
+    if dtype == torch.bfloat16 and outputs.onnx is not None:
+        raise UsageError("ONNX has no bfloat16 convolution, so ONNX Runtime cannot run a bfloat16 model. "
+                         "Use --dtype float16 for --onnx, or leave out --onnx")
+    if outputs.pte is not None or outputs.coreml is not None:
+        from reparam import mobile
+
+        try:
+            if outputs.pte is not None:
+                mobile.check_pte_dtype(dtype)
+            if outputs.coreml is not None:
+                mobile.check_coreml_dtype(dtype)
+        except mobile.UnsupportedDtypeError as exc:
+            raise UsageError(str(exc)) from exc
+    return dtype
+
+
+def _require_mobile_packages(outputs: Outputs) -> None:
+    """Import ExecuTorch / coremltools now when their outputs are asked for, so a missing one fails before any work."""
+    if outputs.pte is None and outputs.coreml is None:
+        return
+    from reparam import mobile
+
+    if outputs.pte is not None:
+        mobile.require_executorch()
+    if outputs.coreml is not None:
+        mobile.require_coremltools()
 
 
 def cmd_convert(args: argparse.Namespace, ui: Ui) -> int:
@@ -296,31 +378,67 @@ def cmd_convert(args: argparse.Namespace, ui: Ui) -> int:
         raise UsageError(f"ONNX opset {args.opset} is too old. Use --opset {export.MIN_OPSET} or later "
                          f"(default {export.DEFAULT_OPSET})")
     io.check_checkpoint_path(args.checkpoint)
-    pt2_path, onnx_path = _outputs(args)
+    outputs = _outputs(args)
+    dtype = _check_dtype(args, outputs)
+    _require_mobile_packages(outputs)
     loaded = _load_model(args, ui)
     model, example = loaded.model, loaded.example
     check = not args.no_check
 
-    with ui.step("Fusing"):
-        fused = _fuse(model, example, check=check, remove_residuals=args.remove_residuals)
+    options: dict[str, Any] = {"check": check, "remove_residuals": args.remove_residuals}
+    if dtype is not None:
+        options["dtype"] = dtype
+    with ui.step("Fusing" if dtype is None else f"Fusing (deploy precision {args.dtype})"):
+        fused = _fuse(model, example, **options)
+    deploy_dtype = _floating_dtype(fused) or example.dtype
+    deploy_example = example.to(deploy_dtype)
+    # the original keeps its own dtype: give it the deploy inputs cast back, and compare in float64
+    original = model if deploy_dtype == example.dtype else _cast_inputs(model, example.dtype)
+    runnable = fused if deploy_dtype == example.dtype else _cast_inputs(fused, deploy_dtype)
     with ui.step("Measuring"):
-        before, after = _measure(model, fused, example)
+        before, after = _measure(model, runnable, example)
         with torch.no_grad():
-            fused_error = stats.relative_error(fused(example), model(example))
+            fused_error = stats.relative_error(fused(deploy_example), model(example))
 
     results = []
-    with ui.step("Tracing with torch.export"):
-        program = export.export_program(fused, example)
-    if pt2_path is not None:
-        with ui.step(f"Writing and verifying {pt2_path.name}"):
-            results.append(export.export_pt2(fused, example, pt2_path, original=model, program=program, check=check))
-    if onnx_path is not None:
-        with ui.step(f"Writing and verifying {onnx_path.name} in ONNX Runtime"):
-            results.append(export.export_onnx(fused, example, onnx_path, args.opset or export.DEFAULT_OPSET,
-                                              original=model, program=program, check=check))
+    if outputs.pt2 is not None or outputs.onnx is not None:
+        with ui.step("Tracing with torch.export"):
+            program = export.export_program(fused, deploy_example)
+    if outputs.pt2 is not None:
+        with ui.step(f"Writing and verifying {outputs.pt2.name}"):
+            results.append(export.export_pt2(fused, deploy_example, outputs.pt2, original=original, program=program,
+                                             check=check))
+    if outputs.onnx is not None:
+        with ui.step(f"Writing and verifying {outputs.onnx.name} in ONNX Runtime"):
+            results.append(export.export_onnx(fused, deploy_example, outputs.onnx, args.opset or export.DEFAULT_OPSET,
+                                              original=original, program=program, check=check))
+    if outputs.pte is not None:
+        from reparam import mobile
+
+        with ui.step(f"Lowering to ExecuTorch (XNNPACK), writing and verifying {outputs.pte.name}"):
+            results.append(mobile.export_pte(fused, deploy_example, outputs.pte, original=original, check=check))
+    if outputs.coreml is not None:
+        from reparam import mobile
+
+        with ui.step(f"Converting to Core ML, writing {outputs.coreml.name}"):
+            results.append(mobile.export_coreml(fused, example, outputs.coreml, precision=deploy_dtype))
 
     _print_convert_report(ui, args, loaded, before, after, fused_error, results, getattr(fused, "reparam_report", None))
     return EXIT_OK
+
+
+def _floating_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating parameter or buffer."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+def _cast_inputs(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    from reparam.mobile import CastInputs
+
+    return CastInputs(model, dtype)
 
 
 def _print_convert_report(ui, args, loaded, before: Measures, after: Measures, fused_error: float, results, report) -> None:
@@ -336,15 +454,17 @@ def _print_convert_report(ui, args, loaded, before: Measures, after: Measures, f
         table.add_row(f"{label}s run", str(b), str(a), _change(b, a))
     ckpt_size = args.checkpoint.stat().st_size
     for result in results:
-        label = "file size (.pt2)" if result.format == "pt2" else "file size (.onnx)"
-        table.add_row(label, _fmt_bytes(ckpt_size), _fmt_bytes(result.size), _change(ckpt_size, result.size))
+        table.add_row(f"file size (.{result.format})", _fmt_bytes(ckpt_size), _fmt_bytes(result.size),
+                      _change(ckpt_size, result.size))
     batch = tuple(loaded.example.shape)
     table.add_row(f"latency, input {','.join(map(str, batch))}", f"{before.latency:.2f} ms", f"{after.latency:.2f} ms",
                   _speedup(before.latency, after.latency))
     table.add_section()  # errors: relative L2 vs the original model on the example input (and another batch size)
     table.add_row("rel. error, fused model", "", f"{fused_error:.1e}", "")
     for result in results:
-        where = ".pt2 reloaded" if result.format == "pt2" else ".onnx in ORT"
+        if not result.errors:  # not run (Core ML off macOS)
+            continue
+        where = _RUN_LABELS.get(result.format, f".{result.format}")
         table.add_row(f"rel. error, {where}", "", f"{result.errors.get('original', 0.0):.1e}", "")
     ui.out.print(table)
     ui.out.print(f"weights: {loaded.source}; classes: {loaded.num_classes or 'architecture default'}", highlight=False)
@@ -353,12 +473,25 @@ def _print_convert_report(ui, args, loaded, before: Measures, after: Measures, f
         detail = ", ".join(f"{k} ×{v}" for k, v in sorted(counts.items()))
         ui.out.print(f"rewrites: {len(report.rewrites)} regions ({detail or 'none'}); "
                      f"refused: {len(report.refusals)} (see `reparam inspect`)", highlight=False)
+    if getattr(args, "dtype", None) is not None:
+        ui.out.print(f"precision: {args.dtype} (folded in float64, rounded once; errors are against the "
+                     f"{str(loaded.example.dtype).replace('torch.', '')} original)", highlight=False)
     if args.no_check:
         ui.out.print("[yellow]--no-check: differences were reported, not enforced[/]")
     for result in results:
         details = [_fmt_bytes(result.size), "dynamic batch" if result.dynamic_batch else "static batch"]
         if result.opset is not None:
             details.append(f"opset {result.opset}")
+        precision = getattr(result, "precision", None)
+        if result.format in ("pte", "mlpackage") and precision:
+            details.append(precision)
+        if result.format == "pte":
+            delegated, total = getattr(result, "delegated", None), getattr(result, "total_ops", None)
+            if delegated is not None and total:
+                details.append(f"XNNPACK runs {delegated} of {total} ops")
+            details.append(f"verified in {getattr(result, 'verified_in', None) or 'ExecuTorch'}")
+        if result.format == "mlpackage":
+            details.append("converted, not run: Core ML needs macOS")
         ui.out.print(f"wrote {result.path} ({', '.join(details)})", highlight=False, soft_wrap=True)
 
 
@@ -383,6 +516,13 @@ def cmd_inspect(args: argparse.Namespace, ui: Ui) -> int:
         kernels = stats.count_kernels(loaded.model, loaded.example)
         report = reparam.explain(loaded.model, (loaded.example,))
     _print_inspect_report(ui, args, loaded, kernels, report)
+    if getattr(args, "quant", False):
+        from reparam import quant
+
+        with ui.step("Fusing and analysing weight quantization"):
+            fused = reparam.fuse(loaded.model, (loaded.example,))
+            analysis = quant.analyze_model(fused)
+        _print_quant_report(ui, analysis)
     if args.graph is not None:
         with ui.step(f"Drawing {args.graph.name}"):
             block, renderer = _draw_block(loaded, args.block, args.graph)
@@ -417,6 +557,47 @@ def _print_inspect_report(ui: Ui, args, loaded: LoadedModel, kernels: dict, repo
         ui.out.print(refused)
     for note in getattr(report, "notes", []):
         ui.out.print(f"note: {note}", highlight=False)
+
+
+def _fmt_db(value: float) -> str:
+    return "exact" if value == float("inf") else f"{value:.1f}"
+
+
+def _print_quant_report(ui: Ui, analysis: Any) -> None:
+    """The per-layer table of :func:`reparam.quant.analyze_model` and a summary of the flagged layers."""
+    from reparam import quant
+
+    table = Table(title=f"int{analysis.bits} weight quantization of the fused model "
+                  f"({_plural(len(analysis.layers), 'conv/linear layer')})", title_justify="left")
+    for column, justify in (("layer", "left"), ("kind", "left"), ("min", "right"), ("max", "right"),
+                            ("max|w|/std", "right"), ("ch. spread", "right"), ("SNR per-tensor dB", "right"),
+                            ("worst channel dB", "right"), ("SNR per-channel dB", "right"), ("flag", "left")):
+        table.add_column(column, justify=justify)
+    for layer in analysis.layers:
+        style = "red" if layer.advice == "keep in higher precision" else ("yellow" if layer.flagged else None)
+        table.add_row(layer.name, layer.kind, f"{layer.w_min:.3g}", f"{layer.w_max:.3g}", f"{layer.outlier_ratio:.1f}",
+                      f"{layer.channel_spread:.1f}", _fmt_db(layer.per_tensor_snr_db),
+                      _fmt_db(layer.per_tensor_worst_channel_snr_db), _fmt_db(layer.per_channel_snr_db),
+                      layer.advice and f"⚠ {layer.advice}", style=style)
+    ui.out.print(table)
+    flagged = analysis.flagged
+    rule = (f"flagged: per-tensor SNR < {analysis.snr_threshold_db:g} dB, a channel's SNR < "
+            f"{analysis.channel_snr_threshold_db:g} dB or max|w|/std > {analysis.outlier_threshold:g}")
+    if not flagged:
+        ui.out.print(f"quantization: no layer flagged ({rule}); symmetric int{analysis.bits} weights should be fine",
+                     highlight=False)
+        return
+    ui.out.print(f"quantization: {len(flagged)} of {_plural(len(analysis.layers), 'layer')} flagged ({rule})",
+                 highlight=False)
+    for layer in flagged:
+        fix = ("quantize it per channel" if layer.advice == "per-channel"
+               else "keep it in float16/float32 or clip its outliers: per-channel quantization is not enough")
+        ui.out.print(f"  {layer.name}: {'; '.join(layer.flags)}; with per-channel scales: SNR "
+                     f"{_fmt_db(layer.per_channel_snr_db)} dB, worst channel "
+                     f"{_fmt_db(layer.per_channel_worst_channel_snr_db)} dB → {fix}", highlight=False, soft_wrap=True)
+    ui.out.print("see docs/quantization.md for remedies (per-channel scales, QARepVGG-style training, clipping, "
+                 f"mixed precision); thresholds: reparam.quant (SNR_THRESHOLD_DB = {quant.SNR_THRESHOLD_DB:g})",
+                 highlight=False)
 
 
 def _rewrite_cells(rewrite: Any) -> tuple[str, str, str, str]:

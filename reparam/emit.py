@@ -20,13 +20,15 @@ def _param(t: torch.Tensor, dtype, device) -> nn.Parameter:
 def to_module(a: A.Affine, dtype: torch.dtype, device) -> Optional[nn.Module]:
     """One module computing ``a``; None when no single plain module can (asymmetric non-zero padding).
 
-    channelwise -> ChannelAffine; channels-last -> Linear; otherwise ConvNd (asymmetric zero padding
+    channelwise -> ChannelAffine; zero pad -> ConstantPadNd; channels-last -> Linear; otherwise ConvNd (asymmetric zero padding
     becomes ``Sequential(ConstantPadNd, ConvNd)``).  Parameters are cast to ``dtype`` after folding.
     """
     if a.kind in ("identity", "diagonal") and not a.pads:
         scale = a.weight.reshape(-1)
         shift = a.bias if a.bias is not None else torch.zeros_like(scale)
         return ChannelAffine(scale.to(dtype=dtype, device=device), shift.to(dtype=dtype, device=device), a.nd)
+    if a.kind == "pad":
+        return _PADS[a.nd](_torch_pads(a), 0.0)
     if a.layout.channels_last:
         dense = A.regroup(a, 1)
         with torch.device("meta"):
@@ -47,7 +49,12 @@ def to_module(a: A.Affine, dtype: torch.dtype, device) -> Optional[nn.Module]:
         m.bias = _param(a.bias, dtype, device)
     if symmetric:
         return m
+    return nn.Sequential(_PADS[a.nd](_torch_pads(a), 0.0), m)
+
+
+def _torch_pads(a: A.Affine) -> tuple:
+    """F.pad's order: last axis first, (lo, hi) per axis."""
     pads = []
     for lo, hi in zip(reversed(a.pad_lo), reversed(a.pad_hi)):
         pads += [lo, hi]
-    return nn.Sequential(_PADS[a.nd](tuple(pads), 0.0), m)
+    return tuple(pads)

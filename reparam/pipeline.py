@@ -40,9 +40,14 @@ def _dtype_map(model: nn.Module) -> dict:
     return {name: t.dtype for name, t in named}
 
 
-def _main_dtype(dtypes: dict) -> torch.dtype:
+def _main_dtype(dtypes: dict, inputs: Optional[tuple] = None) -> torch.dtype:
+    """The model's most common floating dtype; for a model without floating tensors, its inputs'."""
     floats = [d for d in dtypes.values() if d.is_floating_point]
-    return max(set(floats), key=floats.count) if floats else torch.float32
+    if floats:
+        return max(set(floats), key=floats.count)
+    leaves = torch.utils._pytree.tree_leaves(inputs) if inputs is not None else []
+    return next((t.dtype for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()),
+                torch.get_default_dtype())
 
 
 def _normalise_inputs(example_inputs) -> Optional[tuple]:
@@ -154,7 +159,7 @@ def fuse_with_report(model: nn.Module, example_inputs=None, *, check: bool = Tru
     dtypes = _dtype_map(model)
     if dtype is not None:  # deploy in another precision: fold in float64, cast once at the end
         dtypes = {k: (dtype if v.is_floating_point else v) for k, v in dtypes.items()}
-    main = _main_dtype(dtypes)
+    main = _main_dtype(dtypes, _normalise_inputs(example_inputs))
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
 
     # all folding and checking happens on a float64 CPU copy; the result goes back to ``device``

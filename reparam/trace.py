@@ -68,7 +68,28 @@ def symbolic_trace(model: torch.nn.Module) -> fx.GraphModule:
     tracer = Tracer(model)
     graph = tracer.trace(model)
     name = model.__class__.__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    gm = fx.GraphModule(tracer.root, graph, name)
+    _keep_plain_attributes(model, gm)
+    return gm
+
+
+def _keep_plain_attributes(model: torch.nn.Module, gm: fx.GraphModule) -> None:
+    """Copy ``model``'s plain instance attributes (``self.resolution = 7``, configs, ...) onto ``gm``.
+
+    When only part of a model traces, the traced child replaces the original one inside a parent
+    whose Python ``forward`` still runs, and that forward may read the child's attributes
+    (timm's ``LocalWindowAttention`` reads ``self.attn.resolution``).  Submodules, parameters and
+    buffers are not in ``__dict__``; names the GraphModule already has are left alone.
+    """
+    for key, value in vars(model).items():
+        if key.startswith("_") or key in vars(gm) or hasattr(type(gm), key):
+            continue
+        if isinstance(value, (torch.nn.Module, torch.Tensor)):
+            continue
+        try:
+            setattr(gm, key, value)
+        except Exception:  # a property or slot that refuses: the attribute stays behind
+            pass
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> bool:

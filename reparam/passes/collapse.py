@@ -24,6 +24,7 @@ Algorithm (linear in graph size per round):
 from __future__ import annotations
 
 import math
+import operator
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
@@ -46,6 +47,32 @@ def is_metadata_user(user: fx.Node) -> bool:
     if user.op == "call_function" and user.target is getattr and len(user.args) > 1:
         return user.args[1] in METADATA_ATTRS
     return user.op == "call_method" and user.target in METADATA_METHODS
+
+
+_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.ipow, operator.iand, operator.ior, operator.ixor}
+
+
+def _updates_in_place(node: fx.Node, modules: dict) -> bool:
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op == "call_function":
+        return node.target in _INPLACE_FUNCTIONS or node.kwargs.get("inplace") is True
+    if node.op == "call_module":
+        return getattr(modules.get(node.target), "inplace", False) is True
+    return False
+
+
+def mutated_tensors(gm: fx.GraphModule) -> set:
+    """Tensors updated in place while something else also reads them (fx does not order such reads)."""
+    modules = dict(gm.named_modules())
+    out = set()
+    for node in gm.graph.nodes:
+        if node.args and isinstance(node.args[0], fx.Node) and _updates_in_place(node, modules):
+            target = node.args[0]
+            if len([u for u in target.users if not is_metadata_user(u)]) > 1:
+                out.add(target)
+    return out
 
 
 def real_users(node: fx.Node) -> list:
@@ -79,7 +106,10 @@ class Collapse:
         self.lifter = Lifter(gm, self.constants)
         self.ops: dict = {}
         self.memo: dict = {}
+        mutated = mutated_tensors(gm)
         for node in gm.graph.nodes:
+            if any(arg in mutated for arg in node.all_input_nodes):
+                continue  # reads a tensor that is updated in place: its position in time matters
             if node.op in ("call_module", "call_function", "call_method"):
                 try:
                     self.ops[node] = self.lifter.lift(node)
@@ -363,8 +393,10 @@ _EVENT = {"batchnorm": "fold_bn", "scale": "scale", "shift": "scale", "pad": "pa
 
 
 def _op_cost(aff: A.Affine, stride_in: tuple) -> float:
+    """MACs per root position; identities and pads cost nothing (a region of pads alone is never
+    worth a conv), channel-wise ops one per channel."""
     per = max(1, math.prod(stride_in)) if stride_in else 1
-    if aff.kind == "identity" and not aff.pads:
+    if aff.kind == "pad" or (aff.kind == "identity" and not aff.pads):
         return 0.0
     if aff.kind in ("identity", "diagonal") or (aff.kind == "dense" and aff.groups == aff.out_channels == aff.in_channels and all(k == 1 for k in aff.kernel)):
         return aff.out_channels / per

@@ -1,0 +1,146 @@
+"""Shared helpers for the core tests (test_affine, test_passes, test_fuzz, test_api).
+
+Import them as ``from conftest import ...`` (pytest puts ``tests/`` on ``sys.path``).
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import settings
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+def core_settings(max_examples: int, **kw) -> settings:
+    """Hypothesis settings of the core property tests: no deadline (float64 convolutions on a shared
+    machine are slow and noisy), failing examples printed as a reproducible blob."""
+    return settings(max_examples=max_examples, deadline=None, print_blob=True, **kw)
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """``||got - want|| / ||want||`` in float64 (absolute when ``want`` is zero)."""
+    assert got.shape == want.shape, (tuple(got.shape), tuple(want.shape))
+    diff = (got.double() - want.double()).norm().item()
+    scale = want.double().norm().item()
+    return diff / scale if scale > 0 else diff
+
+
+def random_bn(bn: nn.modules.batchnorm._BatchNorm, generator: torch.Generator | None = None):
+    """Non-trivial BN statistics: mean ~ N(0,1), var ~ U(0.5, 2), affine weight/bias ~ N(0,1)."""
+    with torch.no_grad():
+        if bn.running_mean is not None:
+            bn.running_mean.copy_(torch.randn(bn.running_mean.shape, generator=generator))
+            bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=generator) * 1.5 + 0.5)
+        if bn.affine:
+            bn.weight.copy_(torch.randn(bn.weight.shape, generator=generator))
+            bn.bias.copy_(torch.randn(bn.bias.shape, generator=generator))
+    return bn
+
+
+def bn2d(c: int) -> nn.BatchNorm2d:
+    return random_bn(nn.BatchNorm2d(c))
+
+
+_BN_OPS = ("batch_norm",)
+_POINTWISE = {f"{op}{suffix}" for op in ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "neg", "neg_",
+                                          "addcmul", "addcmul_") for suffix in ("", ".Tensor", ".Scalar", ".default")}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts what actually runs: convolutions, batch norms, additions of equal-size tensors, ...
+
+    ``conv``: aten.convolution; ``bn``: any aten op whose name contains ``batch_norm``;
+    ``add``: aten.add/sub of two tensors with the same number of elements (a branch sum, not a
+    bias broadcast); ``pointwise``: every add/sub/mul/div/neg/addcmul; ``mul``: multiplies; ``cat``: aten.cat; ``addcmul``: a fused channel affine; ``pad``: an explicit
+    constant pad; ``pool``: an average pool; ``maxpool``; ``mul``; ``dropout``.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.name()  # e.g. "aten::convolution" / "aten::add.Tensor"
+        base = name.split("::")[-1]
+        if base in ("convolution", "_convolution", "mkldnn_convolution", "cudnn_convolution"):
+            self.counts["conv"] += 1
+        elif any(k in base for k in _BN_OPS):
+            self.counts["bn"] += 1
+        elif base in _POINTWISE:
+            self.counts["pointwise"] += 1
+            if base in ("add.Tensor", "add_.Tensor", "sub.Tensor", "sub_.Tensor"):
+                a, b = args[0], args[1]
+                if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.numel() == b.numel():
+                    self.counts["add"] += 1
+            if base == "addcmul":
+                self.counts["addcmul"] += 1
+            if base.startswith("mul"):
+                self.counts["mul"] += 1
+        elif func is torch.ops.aten.cat.default:
+            self.counts["cat"] += 1
+        elif func is torch.ops.aten.constant_pad_nd.default:
+            self.counts["pad"] += 1
+        elif "avg_pool" in base:
+            self.counts["pool"] += 1
+        elif "max_pool" in base:
+            self.counts["maxpool"] += 1
+        elif "dropout" in base or "bernoulli" in base:
+            self.counts["dropout"] += 1
+        return func(*args, **kwargs)
+
+
+def count_ops(model: nn.Module, *inputs) -> Counter:
+    """Run ``model(*inputs)`` without grad under :class:`OpCounter` and return the counts."""
+    counter = OpCounter()
+    with torch.no_grad(), counter:
+        model(*inputs)
+    return counter.counts
+
+
+def graph_counts(gm) -> Counter:
+    """Static counts over an fx GraphModule: conv / bn / linear modules and add / cat calls."""
+    import operator
+
+    import torch.nn.functional as F
+
+    modules = dict(gm.named_modules())
+    out: Counter = Counter()
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            m = modules[node.target]
+            for sub in m.modules():  # Sequential(pad, conv) counts its conv
+                if isinstance(sub, nn.modules.conv._ConvNd):
+                    out["conv"] += 1
+                elif isinstance(sub, nn.modules.batchnorm._BatchNorm):
+                    out["bn"] += 1
+                elif isinstance(sub, nn.Linear):
+                    out["linear"] += 1
+        elif node.op == "call_function":
+            if node.target in (F.conv1d, F.conv2d, F.conv3d, torch.conv2d):
+                out["conv"] += 1
+            elif node.target in (F.batch_norm, torch.batch_norm):
+                out["bn"] += 1
+            elif node.target in (operator.add, torch.add, operator.iadd):
+                out["add"] += 1
+            elif node.target in (torch.cat, torch.concat):
+                out["cat"] += 1
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Run a module's tests with one intra-op thread (restored after).
+
+    The tensors in the core tests are tiny; on a busy 2-core machine, intra-op threading makes
+    small float64 (grouped / dilated) convolutions 10-30x slower than running them on one thread.
+    Use with ``pytestmark = pytest.mark.usefixtures("single_thread")``.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

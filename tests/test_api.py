@@ -1,0 +1,258 @@
+"""The public surface of reparam: fuse / fuse_with_report / explain, Report, errors and warnings.
+
+(``remove_residuals`` is deliberately not tested here: its behaviour is still being decided.)
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import reparam
+from conftest import count_ops, random_bn, rel_err
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def conv_bn(cin, cout, k, stride=1, padding=0, **kw):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding, bias=False, **kw), random_bn(nn.BatchNorm2d(cout)))
+
+
+class Block(nn.Module):
+    """A RepVGG block plus a refused DBB-style branch (1x1 with BN, then a zero-padded 3x3)."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.dense = conv_bn(c, c, 3, 1, 1)
+        self.one = conv_bn(c, c, 1)
+        self.identity = random_bn(nn.BatchNorm2d(c))
+        self.seq = nn.Sequential(conv_bn(c, c, 1), conv_bn(c, c, 3, 1, 1))
+
+    def forward(self, x):
+        y = F.relu(self.dense(x) + self.one(x) + self.identity(x))
+        return self.seq(y)
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return Block().eval()
+
+
+@pytest.fixture
+def x():
+    return torch.randn(2, 4, 7, 6)
+
+
+# ============================================================================================
+# exports
+
+
+def test_public_names():
+    for name in ("fuse", "fuse_with_report", "explain", "Report", "ReparamError", "EquivalenceError",
+                 "TrainingModeWarning", "VerificationSkippedWarning"):
+        assert hasattr(reparam, name), name
+        assert name in reparam.__all__
+    assert issubclass(reparam.EquivalenceError, reparam.ReparamError)
+    assert issubclass(reparam.ReparamError, Exception)
+    assert issubclass(reparam.TrainingModeWarning, UserWarning)
+    assert issubclass(reparam.VerificationSkippedWarning, UserWarning)
+    assert isinstance(reparam.__version__, str)
+
+
+# ============================================================================================
+# errors on bad arguments
+
+
+@pytest.mark.parametrize("bad", [lambda t: t * 2, "resnet18", 3, None, [nn.Conv2d(1, 1, 1)]])
+@pytest.mark.parametrize("entry", ["fuse", "fuse_with_report", "explain"])
+def test_non_module_argument_raises_reparam_error(bad, entry):
+    with pytest.raises(reparam.ReparamError, match="nn.Module"):
+        getattr(reparam, entry)(bad)
+
+
+def test_bad_example_inputs_raise_reparam_error(model):
+    with pytest.raises(reparam.ReparamError, match="example_inputs"):
+        reparam.fuse(model, {"x": torch.randn(1, 4, 5, 5)})
+
+
+@pytest.mark.parametrize("form", ["tensor", "tuple", "list"])
+def test_example_inputs_forms(model, x, form):
+    inputs = {"tensor": x, "tuple": (x,), "list": [x]}[form]
+    fused = reparam.fuse(model, inputs)
+    with torch.no_grad():
+        assert rel_err(fused(x), model(x)) <= 1e-5
+
+
+# ============================================================================================
+# fuse / fuse_with_report
+
+
+def test_fuse_attaches_the_report(model, x):
+    fused, report = reparam.fuse_with_report(model, (x,))
+    assert fused.reparam_report is report
+    assert isinstance(report, reparam.Report)
+    assert reparam.fuse(model, (x,)).reparam_report.counts() == report.counts()
+
+
+def test_fuse_returns_a_new_module(model, x):
+    fused = reparam.fuse(model, (x,))
+    assert fused is not model
+    assert not any(p is q for p in fused.parameters() for q in model.parameters())
+    with torch.no_grad():
+        for p in fused.parameters():
+            p.add_(1.0)  # mutating the fused model leaves the original alone
+    fresh = reparam.fuse(model, (x,))
+    with torch.no_grad():
+        assert rel_err(fresh(x), model(x)) <= 1e-5
+
+
+def test_check_false_skips_verification(model, x):
+    fused, report = reparam.fuse_with_report(model, (x,), check=False)
+    assert report.max_rel_error is None
+    with torch.no_grad():
+        assert rel_err(fused(x), model(x)) <= 1e-5
+
+
+def test_check_true_records_the_error(model, x):
+    _, report = reparam.fuse_with_report(model, (x,))
+    assert report.max_rel_error is not None and 0 <= report.max_rel_error <= 1e-8
+
+
+def test_nothing_to_fuse():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    fused, report = reparam.fuse_with_report(model, (x,))
+    assert report.rewrites == [] and report.counts() == collections.Counter()
+    assert str(report).startswith("reparam: 0 regions rewritten")
+    with torch.no_grad():
+        assert torch.equal(fused(x), model(x))
+
+
+class DataDependent(nn.Module):
+    """Does not trace as a whole (Python control flow on tensor values); its children do."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(conv_bn(3, 4, 3, 1, 1))
+        self.b = nn.Sequential(conv_bn(4, 4, 3, 1, 1))
+
+    def forward(self, x):
+        y = self.a(x)
+        if y.sum() > 0:
+            y = -y
+        return self.b(y)
+
+
+def test_untraceable_model_fuses_its_traceable_parts():
+    torch.manual_seed(0)
+    model = DataDependent().eval()
+    x = torch.randn(2, 3, 6, 6)
+    fused, report = reparam.fuse_with_report(model, (x,))
+    assert report.counts()["fold_bn"] == 2
+    assert any("trace" in note for note in report.notes), report.notes
+    with torch.no_grad():
+        assert rel_err(fused(x), model(x)) <= 1e-5
+    assert count_ops(fused, x)["bn"] == 0
+
+
+# ============================================================================================
+# explain and the Report
+
+
+def test_explain_lists_rewrites_and_refusals_with_readable_reasons(model, x):
+    snap = copy.deepcopy(model.state_dict())
+    report = reparam.explain(model, (x,))
+    assert isinstance(report, reparam.Report)
+    assert report.max_rel_error is None  # explain does not verify
+    counts = report.counts()
+    assert counts["fold_bn"] >= 3 and counts["merge_parallel"] == 2
+    for r in report.rewrites:
+        assert r.where and r.before and r.after and isinstance(r.events, tuple)
+        assert set(r.events) <= {"fold_bn", "merge_parallel", "merge_concat", "compose", "skip", "scale", "pad", "pool"}
+    assert report.refusals, "the 1x1(+BN) -> zero-padded 3x3 composition must be refused"
+    for r in report.refusals:
+        assert isinstance(r.where, str) and r.where
+        assert isinstance(r.reason, str) and 10 < len(r.reason) < 300
+        assert "\n" not in r.reason and "Traceback" not in r.reason
+    assert any("seq" in r.where and "bias" in r.reason and "pads with zeros" in r.reason for r in report.refusals), \
+        report.refusals
+    # the model is untouched
+    assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+
+
+def test_explain_matches_fuse(model, x):
+    report = reparam.explain(model, (x,))
+    _, fused_report = reparam.fuse_with_report(model, (x,))
+    assert report.counts() == fused_report.counts()
+    assert [(r.where, r.reason) for r in report.refusals] == [(r.where, r.reason) for r in fused_report.refusals]
+
+
+def test_explain_without_inputs(model):
+    report = reparam.explain(model)
+    assert report.counts()["merge_parallel"] == 2
+
+
+def test_report_str(model, x):
+    _, report = reparam.fuse_with_report(model, (x,))
+    text = str(report)
+    lines = text.splitlines()
+    assert lines[0] == f"reparam: {len(report.rewrites)} regions rewritten"
+    for kind, n in report.counts().items():
+        assert f"{kind} x{n}" in lines[1]
+    for r in report.rewrites:
+        assert f"{r.where}: {r.before} -> {r.after}" in text
+    assert f"refused ({len(report.refusals)}):" in text
+    for r in report.refusals:
+        assert f"{r.where}: {r.reason}" in text
+    assert lines[-1].startswith("verified: max relative error")
+
+
+def test_report_refusals_are_deduplicated():
+    report = reparam.Report()
+    report.refuse("a", "why")
+    report.refuse("a", "why")
+    report.refuse("b", "why")
+    assert [(r.where, r.reason) for r in report.refusals] == [("a", "why"), ("b", "why")]
+
+
+def test_report_counts_is_a_counter(model, x):
+    report = reparam.explain(model, (x,))
+    counts = report.counts()
+    assert isinstance(counts, collections.Counter)
+    assert sum(counts.values()) == sum(len(r.events) for r in report.rewrites)
+
+
+# ============================================================================================
+# warnings
+
+
+def test_training_mode_warning_is_raised_once(model, x):
+    model.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reparam.fuse(model, (x,))
+    assert sum(issubclass(w.category, reparam.TrainingModeWarning) for w in caught) == 1
+    assert model.training
+
+
+class NoShapes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = random_bn(nn.BatchNorm2d(3))
+
+    def forward(self, x):
+        return self.bn(x) + 1.0
+
+
+def test_verification_skipped_warning():
+    with pytest.warns(reparam.VerificationSkippedWarning, match="example_inputs"):
+        reparam.fuse(NoShapes().eval())
+    with warnings.catch_warnings():  # no warning with check=False: nothing was promised
+        warnings.simplefilter("error", reparam.VerificationSkippedWarning)
+        reparam.fuse(NoShapes().eval(), check=False)
