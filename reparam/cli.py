@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                          f"(conversion only: not run off macOS; needs coremltools, e.g. {_MOBILE_HINT})")
     convert.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="precision of the deploy model and "
                          "files (folded in float64, rounded once; default: the model's own). Exported files then take "
-                         "inputs of this dtype (Core ML packages take float32 inputs and compute in float16)")
+                         "inputs of this dtype (a Core ML package still takes float32 inputs and computes in float16)")
     convert.add_argument("--no-check", action="store_true",
                          help="report but do not fail on differences between the original, fused and exported models")
     convert.add_argument("--remove-residuals", action="store_true",

@@ -215,7 +215,9 @@ def _refusal(path: Path, exc: BaseException) -> CheckpointError:
     if zipfile.is_zipfile(path):
         with contextlib.suppress(Exception):
             found = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    found = list(dict.fromkeys(found or _GLOBAL_NAME.findall(str(exc))))
+    # deterministic order: the model's own classes (outside torch) first, then torch's, each sorted
+    found = sorted(dict.fromkeys(found or _GLOBAL_NAME.findall(str(exc))),
+                   key=lambda name: (name.startswith(("torch.", "collections.", "builtins.")), name))
     if found:
         shown = ", ".join(found[:8]) + (f" and {len(found) - 8} more" if len(found) > 8 else "")
         return UnsafeCheckpointError(f"refusing to load {path}: its pickle needs code from {shown}. {_TRUST_HINT}", found)
