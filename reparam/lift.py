@@ -320,6 +320,26 @@ class Lifter:
             raise NotAffine("not a tensor")
         return Unary(node.args[0], "identity")
 
+    def contiguous(self, node: fx.Node) -> Op:
+        """``x.contiguous()`` is the identity on values, but not on memory layout: a ``view`` after it may
+        need the copy (``transpose(x).contiguous().view(...)``, or any channels-last input).  Lifted only
+        when no ``view`` is reachable from it, since a fused region hands on its root's (or its new
+        module's) layout instead."""
+        if not self.tensor(node.args[0]):
+            raise NotAffine("not a tensor")
+        seen, frontier = {node}, [node]
+        while frontier:
+            cur = frontier.pop()
+            for user in cur.users:
+                if user.op == "call_method" and user.target in ("view", "view_as"):
+                    raise NotAffine(".contiguous() before a view")
+                if user not in seen and len(seen) < 200:
+                    seen.add(user)
+                    frontier.append(user)
+        if len(seen) >= 200:
+            raise NotAffine(".contiguous(): too much graph after it to rule out a view")
+        return Unary(node.args[0], "identity")
+
     def reshape(self, node: fx.Node) -> Op:
         """A row-major reshape that keeps the last axis and is undone later: the identity on channels-last data.
 
@@ -512,10 +532,9 @@ _METHODS = {
     "sub": Lifter.sub, "sub_": _method(Lifter.sub, inplace=True),
     "mul": Lifter.mul, "mul_": _method(Lifter.mul, inplace=True),
     "div": _method(Lifter.mul, divide=True), "div_": _method(Lifter.mul, inplace=True, divide=True),
-    "neg": Lifter.neg, "contiguous": Lifter.identity, "clone": Lifter.identity,
+    "neg": Lifter.neg, "contiguous": Lifter.contiguous,
 }
 for _name in _RESHAPE_METHODS:
     _METHODS[_name] = Lifter.reshape
 for _f in _RESHAPE_FUNCTIONS:
     _FUNCTIONS[_f] = Lifter.reshape
-_FUNCTIONS[torch.clone] = Lifter.identity

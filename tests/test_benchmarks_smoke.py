@@ -1,0 +1,81 @@
+"""Smoke tests of the benchmark scripts: each runs in a tiny mode so it cannot rot.
+
+Nothing here asserts on a timing: only that the scripts run, print their tables and write their JSON/PNG.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve the module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def test_compile_time_tiny(tmp_path, capsys):
+    compile_time = _load("compile_time")
+    out = tmp_path / "ct.json"
+    argv = ["--no-timm", "--chains", "2", "4", "--channels", "4", "--hw", "4", "--reps", "2", "--quiet",
+            "--json", str(out)]
+    if _has("matplotlib"):
+        argv += ["--plot", str(tmp_path / "ct.png")]
+    assert compile_time.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "| blocks | fuse (s)" in text and "| 4 |" in text
+    data = json.loads(out.read_text())
+    assert [r["blocks"] for r in data["chains"]] == [2, 4]
+    assert set(data["chains"][0]["phases"]) == set(compile_time.PHASES)
+    assert all(len(r["runs"]) == 2 for r in data["chains"])
+    if _has("matplotlib"):
+        assert (tmp_path / "ct.png").stat().st_size > 0
+
+
+def test_compile_time_phase_timer_restores_reparam():
+    """The phase timer wraps reparam's functions only inside its ``with`` block."""
+    compile_time = _load("compile_time")
+    import reparam.pipeline as pipeline
+    import reparam.trace as trace
+
+    before = (trace.symbolic_trace, trace.propagate_shapes, pipeline.compare)
+    with compile_time.PhaseTimer().installed():
+        assert trace.symbolic_trace is not before[0]
+    assert (trace.symbolic_trace, trace.propagate_shapes, pipeline.compare) == before
+
+
+@pytest.mark.skipif(not _has("timm"), reason="needs timm")
+def test_latency_tiny(tmp_path, capsys):
+    latency = _load("latency")
+    out = tmp_path / "lat.json"
+    variants = "train,fused,fused_flat,deploy,fx_fuse" + (",ort_fused" if _has("onnxruntime") else "")
+    argv = ["--models", "repghostnet_050", "--size", "32", "--reps", "2", "--warmup", "1", "--quiet",
+            "--variants", variants, "--explain", "--json", str(out)]
+    if _has("matplotlib"):
+        argv += ["--plot", str(tmp_path / "lat.png")]
+    assert latency.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "#### Batch 1: median latency (ms)" in text and "repghostnet_050" in text
+    assert "fused/deploy" in text and "What runs" in text and "what differs" in text
+    data = json.loads(out.read_text())
+    (result,) = data["results"]
+    for v in variants.split(","):
+        assert len(result["times_ms"][v]) == 2, (v, result["skipped"])
+        assert result["errors"].get(v, 0.0) < 1e-3, v
+    assert result["kernels"]["fused"]["batch_norm"] == 0
+    # re-rendering from the JSON measures nothing and prints the same table
+    assert latency.main(["--from-json", str(out), "--quiet"]) == 0
+    assert "repghostnet_050" in capsys.readouterr().out
