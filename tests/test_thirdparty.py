@@ -56,10 +56,6 @@ TV_SLICE = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf
 KNOWN_ISSUES = {
     "ghostnetv3_*": "parallel branches of x1 = A(x) where some compose through A and others are refused "
                     "(biased 1x1 then zero-padded 3x3) have different roots, so their sum is never merged",
-    "nextvit_*": "a region with no conv (AvgPool -> BatchNorm) is emitted as a conv: one conv more than "
-                 "the original per E_MHSA block",
-    "resnet*_clip*": "an AvgPool between activations becomes a depthwise conv (a region without a conv "
-                     "emitted as one)",
 }
 
 

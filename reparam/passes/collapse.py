@@ -338,6 +338,8 @@ class Collapse:
         else:
             if len(value.ops) < 2:
                 return False
+            if aff.kind not in ("diagonal", "pad") and not self._has_weights(value):
+                return False  # pools/pads/BNs alone: emitting a conv would add a conv
             expected = _expected_shape(value)
             if expected is not None and node_shape(f) is not None and expected != node_shape(f):
                 return False
@@ -360,6 +362,10 @@ class Collapse:
                     user.replace_input_with(node, replacement)
         self._report(state, f, value, aff)
         return True
+
+    def _has_weights(self, value: Value) -> bool:
+        """The region holds a conv or linear (so its one conv replaces at least one)."""
+        return any(isinstance(self.ops[n], Unary) and self.ops[n].kind in ("conv", "linear") for n in value.ops)
 
     def _report(self, state: _State, f: fx.Node, value: Value, aff: A.Affine) -> None:
         events = tuple(e for n in _ordered(value.ops) for e in state.events.get(n, ()))
