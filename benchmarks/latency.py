@@ -21,7 +21,8 @@ Method: every variant runs on the same input tensor.  Repetitions are interleave
 forward pass of every variant, in an order rotated by one each repetition, so that load changes on a shared
 machine hit all variants alike.  Reported numbers are medians; ``fused/deploy`` is the ratio of the medians and
 ``paired`` the median of the per-repetition ratios (the two passes of one repetition run back to back).
-Every variant's output is compared with the training-time model's (relative L2 error) before timing.
+Every variant's output is compared with the training-time model's (the deploy model's when ``train`` is not among the
+variants) before timing, as a relative L2 error; larger than ``--tolerance`` gives a warning.
 
 Examples::
 
@@ -88,7 +89,8 @@ class Result:
     input_size: list
     times_ms: dict = field(default_factory=dict)   # variant -> list of per-repetition ms
     skipped: dict = field(default_factory=dict)    # variant -> reason
-    errors: dict = field(default_factory=dict)     # variant -> relative L2 error vs train
+    errors: dict = field(default_factory=dict)     # variant -> relative L2 error vs ``reference``
+    reference: Optional[str] = None                # variant the errors are measured against (train if measured)
     kernels: dict = field(default_factory=dict)    # variant -> count_kernels dict
     explain: dict = field(default_factory=dict)    # fused vs deploy evidence (--explain)
     macs: dict = field(default_factory=dict)       # variant -> MACs
@@ -352,29 +354,31 @@ def measure(name: str, args, log) -> list[Result]:
             if args.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             live = {}
+            outputs = {}
             with torch.no_grad():
-                ref = None
                 for v, fn in fns.items():
                     if isinstance(fn, OrtRunner):
                         fn.bind(x)
                     try:
-                        y = fn(x)
+                        outputs[v] = fn(x)
                     except Exception as exc:
                         res.skipped[v] = f"run failed ({_first_line(exc)})"
                         continue
-                    if v == "train":
-                        ref = y
                     live[v] = fn
-                    if ref is not None:
-                        res.errors[v] = _rel_err(y, ref)
                     if not args.no_structure and isinstance(fn, nn.Module) and v in ("train", "fused", "deploy", "fx_fuse") and b == args.batch[0]:
                         res.kernels[v] = count_kernels(fn, x)
                         res.macs[v] = count_macs(fn, x)
+            # every output against the training-time model's (the deploy model's when train is not measured)
+            res.reference = next((v for v in ("train", "deploy", "fused") if v in outputs), None)
+            for v, y in outputs.items():
+                if res.reference is not None and v != res.reference:
+                    res.errors[v] = _rel_err(y, outputs[res.reference])
+            del outputs
             if args.explain and b == args.batch[0] and "fused" in live and "deploy" in live:
                 res.explain = explain(live["fused"], live["deploy"], x)
             for v, e in res.errors.items():
                 if not e <= args.tolerance:
-                    log(f"  WARNING {name} {v}: relative error {e:.2e} vs train exceeds {args.tolerance:g}")
+                    log(f"  WARNING {name} {v}: relative error {e:.2e} vs {res.reference} exceeds {args.tolerance:g}")
             log(f"  timing batch {b}: {', '.join(live)} ({args.warmup} warm-up + {args.reps} interleaved reps)")
             res.times_ms = time_interleaved(live, x, args.reps, args.warmup, args.device)
             results.append(res)
@@ -433,13 +437,14 @@ def markdown_tables(results: list[Result], variants: list, tol: float = 1e-3) ->
         out.append("\nSkipped: " + "; ".join(f"{m} {LABELS[v]}: {why}" for (m, v), why in sorted(skips.items())))
     bad = [(r.model, r.batch, v, e) for r in results for v, e in r.errors.items() if not e <= tol]
     if bad:
-        out.append(f"\nOutput mismatches vs train (rel. L2 > {tol:g}): "
+        out.append(f"\nOutput mismatches (rel. L2 > {tol:g} vs train, or vs deploy when train is not measured): "
                    + "; ".join(f"{m} b{b} {v}: {e:.1e}" for m, b, v, e in bad))
     struct = [r for r in results if r.kernels]
     if struct:
         out.append("\n#### What runs (ATen ops per forward pass, from `reparam.stats.count_kernels`)\n")
-        out.append("| model | convs train / fused / deploy | BNs train / fused / deploy | adds fused / deploy "
-                   "| ops fused / deploy | GMACs fused / deploy | reparam.fuse (s) | max rel. err fused |")
+        out.append("| model | convs train / fused / deploy / fx.fuse | BNs train / fused / deploy / fx.fuse "
+                   "| adds fused / deploy | ops fused / deploy | GMACs fused / deploy | reparam.fuse (s) "
+                   "| max rel. err fused |")
         out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
         seen = set()
         for r in struct:
@@ -448,7 +453,7 @@ def markdown_tables(results: list[Result], variants: list, tol: float = 1e-3) ->
             seen.add(r.model)
             k = r.kernels
 
-            def trio(key, vs=("train", "fused", "deploy")):
+            def trio(key, vs=("train", "fused", "deploy", "fx_fuse")):
                 return " / ".join(str(k[v][key]) if v in k else "–" for v in vs)
 
             macs = " / ".join(f"{r.macs[v] / 1e9:.3f}" if v in r.macs else "–" for v in ("fused", "deploy"))
@@ -632,13 +637,13 @@ def main(argv=None) -> int:
             results.extend(measure(name, args, log))
         variants = args.variants
         env["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if args.json and not args.from_json:
+        Path(args.json).write_text(json.dumps({"environment": env, "variants": variants,
+                                               "results": [asdict(r) for r in results]}, indent=1))
     if args.format == "rich":
         print_rich(results, variants)
     tol = args.tolerance if not args.from_json else (1e-3 if env.get("dtype", "fp32") == "fp32" else 3e-2)
     print(markdown_tables(results, variants, tol))
-    if args.json and not args.from_json:
-        Path(args.json).write_text(json.dumps({"environment": env, "variants": variants,
-                                               "results": [asdict(r) for r in results]}, indent=1))
     if args.plot:
         title = args.title or (f"{env.get('device', 'cpu')} {env.get('dtype', 'fp32')}, {env.get('threads')} thread(s)"
                                f"{', channels_last' if env.get('channels_last') else ''}")

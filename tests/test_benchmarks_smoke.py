@@ -27,6 +27,16 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    """The scripts set torch's thread count (``--threads``, default 1); give the rest of the session its own back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_compile_time_tiny(tmp_path, capsys):
     compile_time = _load("compile_time")
     out = tmp_path / "ct.json"
