@@ -50,3 +50,10 @@ def drop_unused_tensors(gm: fx.GraphModule) -> None:
     for table in (gm._parameters, gm._buffers):
         for name in [n for n in table if n not in read]:
             del table[name]
+
+
+def finish(gm: fx.GraphModule) -> None:
+    """After a pass rewired ``gm``: drop dead nodes and modules, regenerate the code."""
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()

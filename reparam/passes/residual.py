@@ -28,6 +28,7 @@ from .. import affine as A
 from ..emit import to_module
 from ..report import Report, Rewrite
 from ..trace import node_shape
+from .cleanup import finish
 from .collapse import real_users
 from .ranges import ANY, activation_bounds, value_ranges
 
@@ -155,9 +156,7 @@ def remove_residuals(gm: fx.GraphModule, report: Report) -> int:
                                        ("remove_residual",)))
         removed += 1
     if removed:
-        gm.graph.eliminate_dead_code()
-        gm.delete_all_unused_submodules()
-        gm.recompile()
+        finish(gm)
     return removed
 
 

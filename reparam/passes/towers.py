@@ -23,6 +23,7 @@ from .. import affine as A
 from ..emit import to_module
 from ..report import Report, Rewrite
 from ..trace import node_shape
+from .cleanup import finish
 from .collapse import real_users
 from .residual import _affine, _conv
 
@@ -158,9 +159,7 @@ def merge_towers(gm: fx.GraphModule, report: Report) -> int:
                                            f"one path ({towers.join} join)", ("merge_towers",)))
             merged += 1
     if merged:
-        gm.graph.eliminate_dead_code()
-        gm.delete_all_unused_submodules()
-        gm.recompile()
+        finish(gm)
     return merged
 
 
