@@ -408,6 +408,8 @@ def markdown_tables(results: list[Result], variants: list, tol: float = 1e-3) ->
         flat = "fused_flat" in cols
         head = ["model"] + [LABELS[v] for v in cols] + ["fused/deploy", "paired"]
         head += ["flat/fused paired"] if flat else []
+        compiled = "compile_fused" in cols and "compile_deploy" in cols
+        head += ["compiled fused/deploy (paired)"] if compiled else []
         head += ["train/fused"] if "train" in cols else []
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
@@ -416,6 +418,9 @@ def markdown_tables(results: list[Result], variants: list, tol: float = 1e-3) ->
             cells += [_fmt(r.ratio("fused", "deploy"), ".3f"), _fmt(r.paired("fused", "deploy"), ".3f")]
             if flat:
                 cells.append(_fmt(r.paired("fused_flat", "fused"), ".3f"))
+            if compiled:
+                cells.append(f"{_fmt(r.ratio('compile_fused', 'compile_deploy'), '.3f')} "
+                             f"({_fmt(r.paired('compile_fused', 'compile_deploy'), '.3f')})")
             if "train" in cols:
                 speedup = r.ratio("train", "fused")
                 cells.append(_fmt(speedup, ".2f") + ("×" if speedup else ""))

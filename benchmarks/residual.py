@@ -27,7 +27,7 @@ def main(argv=None) -> None:
     import torchvision
 
     x = torch.randn(1, 3, args.size, args.size)
-    print(f"| model | variant | params (M) | GMACs | convs | adds | latency (ms) |")
+    print("| model | variant | params (M) | GMACs | convs | adds | latency (ms) |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for name in args.models.split(","):
         model = getattr(torchvision.models, name)().eval()

@@ -408,7 +408,8 @@ def add(branches: Sequence[Affine]) -> Affine:
     groups = grid.geometry["groups"]
 
     def summed() -> torch.Tensor:
-        order = sorted(range(len(branches)), key=lambda i: branches[i].kind != "dense")  # dense first
+        # channelwise branches last: they are scattered onto the diagonal of the others' sum
+        order = sorted(range(len(branches)), key=lambda i: branches[i].kind in ("identity", "diagonal"))
         weight = None
         for i in order:
             a = branches[i]
@@ -575,7 +576,7 @@ def compose(a: Affine, b: Affine) -> Affine:
             spatial = tuple(range(2, b.weight.dim()))
             summed = b.weight.sum(spatial) if spatial else b.weight
             bias = _add_bias(_grouped_matvec(summed, a.bias, b.groups), b.bias)
-        return replace(b, w=weight, bias=bias, padding_mode=mode)
+        return replace(b, w=weight, bias=bias, padding_mode=mode, kind="dense" if b.kind == "pad" else b.kind)
     return _compose_general(a, b, mode)
 
 

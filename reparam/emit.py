@@ -24,9 +24,9 @@ def to_module(a: A.Affine, dtype: torch.dtype, device) -> Optional[nn.Module]:
     becomes ``Sequential(ConstantPadNd, ConvNd)``).  Parameters are cast to ``dtype`` after folding.
     """
     if a.kind in ("identity", "diagonal") and not a.pads:
-        scale = a.weight.reshape(-1)
-        shift = a.bias if a.bias is not None else torch.zeros_like(scale)
-        return ChannelAffine(scale.to(dtype=dtype, device=device), shift.to(dtype=dtype, device=device), a.nd)
+        scale = a.weight.reshape(-1).to(dtype=dtype, device=device)
+        shift = None if a.bias_is_zero() else a.bias.to(dtype=dtype, device=device)
+        return ChannelAffine(scale, shift, a.nd)
     if a.kind == "pad":
         return _PADS[a.nd](_torch_pads(a), 0.0)
     if a.layout.channels_last:

@@ -6,6 +6,7 @@ model size (fx's stock tracer scans every parameter for each functional access).
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any, Optional, Sequence
 
@@ -15,6 +16,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 
 def _timm_leaves() -> tuple[set, set]:
+    if "timm" not in sys.modules:  # a model that is not timm's: no need to import it (seconds cold)
+        return set(), set()
     try:  # timm's own registry of modules / functions fx cannot trace through
         from timm.models import _features_fx as tfx
 

@@ -50,6 +50,25 @@ def close(got: torch.Tensor, want: torch.Tensor, tol: float = TOL) -> None:
     assert err <= tol, f"relative error {err:.3e} > {tol:.0e}"
 
 
+def assert_kind_consistent(a: A.Affine) -> None:
+    """The symbolic ``kind`` must describe the weights: emitters trust it without looking at them
+    (a "pad" is emitted as a bare ConstantPad, "identity" / "diagonal" as a channel affine)."""
+    unit = all(k == 1 for k in a.kernel) and all(s == 1 for s in a.stride) \
+        and a.groups == a.in_channels == a.out_channels
+    if a.kind in ("identity", "pad"):
+        assert unit and a.bias_is_zero() and bool(torch.all(a.weight == 1)), f"{a.kind} that is not one"
+    if a.kind == "identity":
+        assert not a.pads
+    if a.kind == "diagonal":
+        assert unit and not a.pads
+
+
+def pad_kind_bug(a: A.Affine, b: A.Affine) -> bool:
+    """KNOWN BUG (test_compose_channelwise_then_zero_pad_is_not_a_bare_pad): compose(channelwise, zero_pad)
+    keeps kind "pad" with the scale in its weight.  Remove once fixed."""
+    return a.kind == "diagonal" and b.kind == "pad"
+
+
 def apply_pad(a: A.Affine, lo: tuple, hi: tuple) -> A.Affine:
     """``a`` with its padding replaced by an asymmetric ``lo``/``hi`` (zeros)."""
     return replace(a, pad_lo=tuple(lo), pad_hi=tuple(hi))
@@ -218,7 +237,7 @@ def branch(draw, g, nd: int, cin: int, cout: int, stride: tuple, right: tuple, a
     """One Affine branch on ``cin`` channels whose output grid is (stride, right)."""
     kinds = ["conv", "conv", "conv"]
     if allow_unit and cin == cout:
-        kinds += ["identity", "channelwise", "bn"]
+        kinds += ["identity", "channelwise", "bn", "pad0"]
     if cin == cout and all(r <= 0 for r in right) and len(set(stride)) == 1:
         kinds += ["avgpool"]
     kind = draw(st.sampled_from(kinds))
@@ -229,6 +248,8 @@ def branch(draw, g, nd: int, cin: int, cout: int, stride: tuple, right: tuple, a
         return A.channelwise(randn(g, cin), randn(g, cin) if draw(st.booleans()) else None, layout), kind
     if kind == "bn":
         return random_bn_affine(g, cin, layout)[0], kind
+    if kind == "pad0":  # F.pad(x, [0, 0, ...]): an identity that went through the pad constructor
+        return A.zero_pad(cin, (0,) * nd, (0,) * nd, layout), kind
     if kind == "avgpool":
         # symmetric padding p with 2p - k + 1 == right per axis
         pads = tuple(draw(st.integers(max(0, -r), 2)) for r in right)
@@ -287,7 +308,14 @@ def test_add_of_branches_equals_sum_of_applies(nd, data):
     assume(len({a.out_channels for a in branches}) == 1)
     merged = A.add(branches)
     want = sum(A.apply(a, x) for a in branches)
-    close(A.apply(merged, x), want)
+    try:
+        got = A.apply(merged, x)
+    except AttributeError as err:  # KNOWN BUG: see test_add_channelwise_and_zero_pad. Remove once fixed.
+        if "NoneType" in str(err) and any(a.kind == "pad" for a in branches):
+            assume(False)
+        raise
+    close(got, want)
+    assert_kind_consistent(merged)
     # the merged conv keeps the coarsest grouping every branch allows
     if merged.kind == "dense" and len(branches) > 1:
         assert merged.groups == reduce(math.gcd, [a.groups for a in branches])
@@ -301,6 +329,7 @@ def test_concat_of_branches_equals_cat_of_applies(nd, data):
     merged = A.concat(branches)
     want = torch.cat([A.apply(a, x) for a in branches], 1)
     close(A.apply(merged, x), want)
+    assert_kind_consistent(merged)
     assert merged.out_channels == sum(a.out_channels for a in branches)
 
 
@@ -331,12 +360,42 @@ def test_dilated_conv_plus_1x1_branch(op):
     close(A.apply(merged, x), want)
 
 
+@pytest.mark.parametrize("shift,pads", [(False, (1, 2)), (False, (0, 0)), (True, (0, 0))])
+def test_compose_channelwise_then_zero_pad_is_not_a_bare_pad(shift, pads):
+    g = gen(17)
+    layout = A.Layout(1)
+    scale = A.channelwise(randn(g, 3), randn(g, 3) if shift else None, layout)
+    pad = A.zero_pad(3, (pads[0],), (pads[1],), layout)
+    c = A.compose(scale, pad)
+    x = randn(g, 2, 3, 5)
+    close(A.apply(c, x), A.apply(pad, A.apply(scale, x)))
+    assert_kind_consistent(c)
+
+
+def test_shift_then_zero_pad_refuses():
+    layout = A.Layout(1)
+    bn = random_bn_affine(gen(19), 3, layout)[0]
+    with pytest.raises(A.Refusal, match="bias"):
+        A.compose(bn, A.zero_pad(3, (1,), (0,), layout))
+
+
+def test_add_channelwise_and_zero_pad():
+    g = gen(18)
+    layout = A.Layout(2)
+    parts = [A.channelwise(randn(g, 3), randn(g, 3), layout), A.zero_pad(3, (0, 0), (0, 0), layout)]
+    merged = A.add(parts)
+    x = randn(g, 2, 3, 4, 5)
+    close(A.apply(merged, x), sum(A.apply(a, x) for a in parts))
+    assert_kind_consistent(merged)
+
+
 def test_add_of_units_only_stays_channelwise():
     g = gen(1)
     layout = A.Layout(2)
     parts = [A.identity(4, layout), random_bn_affine(g, 4, layout)[0], A.channelwise(randn(g, 4), None, layout)]
     merged = A.add(parts)
     assert merged.kind == "diagonal"
+    assert_kind_consistent(merged)
     x = randn(g, 2, 4, 5, 3)
     close(A.apply(merged, x), sum(A.apply(a, x) for a in parts))
 
@@ -363,7 +422,8 @@ def test_identity_on_grouped_conv_sits_at_i_mod_cg(groups):
 
 @st.composite
 def compose_case(draw, nd: int):
-    """Two random convs A then B (strided, dilated, grouped, asymmetric pads) and a valid input size."""
+    """Two random convs A then B (strided, dilated, grouped, asymmetric pads) and a valid input size;
+    sometimes A or B is a unit instead (identity, channelwise scale, BN, zero pad incl. a 0-pad)."""
     seed = draw(st.integers(0, 2**31))
     g = gen(seed)
     kmax = 3 if nd == 3 else 4
@@ -384,8 +444,26 @@ def compose_case(draw, nd: int):
         a = A.from_conv(randn(g, cout, cin // groups, *kernel), bias, stride, 0, dilation, groups)
         return apply_pad(a, lo, hi)
 
-    a = conv(None)
-    b = conv(a.out_channels)
+    def unit(c):
+        layout = A.Layout(nd)
+        kind = draw(st.sampled_from(["identity", "scale", "bn", "pad", "pad0"]))
+        if kind == "identity":
+            return A.identity(c, layout)
+        if kind == "scale":
+            return A.channelwise(randn(g, c), None, layout)
+        if kind == "bn":
+            return random_bn_affine(g, c, layout)[0]
+        if kind == "pad0":
+            return A.zero_pad(c, (0,) * nd, (0,) * nd, layout)
+        return A.zero_pad(c, tuple(draw(st.integers(0, 2)) for _ in range(nd)),
+                          tuple(draw(st.integers(0, 2)) for _ in range(nd)), layout)
+
+    shape = draw(st.sampled_from(["conv-conv"] * 4 + ["unit-conv", "conv-unit", "unit-unit"]))
+    if shape.startswith("unit"):
+        a = unit(draw(st.sampled_from([1, 2, 3, 6])))
+    else:
+        a = conv(None)
+    b = unit(a.out_channels) if shape.endswith("unit") else conv(a.out_channels)
     need = tuple(max(1, e - l - h) for e, l, h in zip(b.extent, b.pad_lo, b.pad_hi))  # A's output size
     base = tuple((m - 1) * s + e - l - h for m, s, e, l, h in zip(need, a.stride, a.extent, a.pad_lo, a.pad_hi))
     size = tuple(max(1, n) + draw(st.integers(0, 4)) for n in base)
@@ -421,6 +499,8 @@ def test_compose_random_convs(nd, case):
         return
     close(A.apply(c, x), want)
     assert c.stride == tuple(sa * sb for sa, sb in zip(a.stride, b.stride))
+    if not pad_kind_bug(a, b):
+        assert_kind_consistent(c)
 
 
 @pytest.mark.parametrize("nd", [1, 2])

@@ -4,12 +4,15 @@ Hypothesis draws a random DAG of affine ops (convs with random kernel / stride /
 padding incl. 1xk and kx1 and reflect padding, BatchNorms, linear skip adds, sums of parallel
 branches RepVGG/ACNet/DBB style incl. identity / BN / avg-pool branches, channel concats, avg pools,
 scalar and per-channel multiplies, explicit F.pad, dropout) and nonlinearities (relu, gelu, max pool),
-wired shape-consistently in 1-D, 2-D or 3-D; and MLP graphs on ``(N, C)`` tensors (Linear, BatchNorm1d,
-skips, parallel Linear branches with identity / BN branches, concats, scales).  The model is an ``nn.Module`` whose forward replays a
-list of ops; every value nobody reads is an output.  It is fused with ``check=False`` and compared
-here, in float64, on the example input and on a fresh one (relative L2 error <= 1e-9 per output).
+wired shape-consistently in 1-D, 2-D or 3-D; and MLP graphs on ``(N, C)`` tensors (Linear,
+BatchNorm1d, skips, parallel Linear branches with identity / BN branches, concats, scales).
 In-place ops (``add_``, ``+=``, ``mul_``, ``relu_``, ``F.relu(inplace=True)``) mutate earlier values
-that other ops may already have read, as in eager PyTorch.
+that other ops may already have read, as in eager PyTorch (after ``y += z`` the old ``y`` is not read
+again: torch.fx itself traces ``+=`` as an out-of-place add).
+
+The model is an ``nn.Module`` whose forward replays a list of ops; every value nobody reads is an
+output.  It is fused with ``check=False`` and compared here, in float64, on the example input and on
+a fresh one (relative L2 error <= 1e-9 per output).
 
 Default (CI) run: ``REPARAM_FUZZ_EXAMPLES`` examples (400 unless set), under a minute on 2 cores:
 
@@ -24,15 +27,18 @@ roughly 30-60 minutes on 2 cores):
 Invariants checked besides exactness: the fused model runs no more convolutions than the original
 had convolutions + average pools + explicit pads (a region of pools / pads / BNs may become one
 depthwise conv), and no more affine kernels (conv, BN, pool, pad, pointwise, cat) in total.
-Known, reported compiler bugs are discarded (``KNOWN_BUGS``); ``REPARAM_FUZZ_STRICT=1`` keeps them.
+Known, reported compiler bugs are discarded (``KNOWN_BUGS`` messages, ``KNOWN_FIXES`` candidate
+patches that make the example pass); ``REPARAM_FUZZ_STRICT=1`` keeps them.
 
 A failure prints the drawn program (``FuzzNet.describe()``) and a ``@reproduce_failure`` blob.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -56,6 +62,38 @@ F64 = torch.float64
 # crash found so far is fixed (e.g. "slice step cannot be zero", a 1x1 branch on a dilated grid).
 KNOWN_BUGS: tuple = ()
 STRICT = os.environ.get("REPARAM_FUZZ_STRICT") == "1"
+
+
+@contextlib.contextmanager
+def _pad_kind_fix():
+    """Candidate fix of a reported bug: ``compose(channelwise, zero_pad)`` (and compositions ending in a
+    pad) keep kind "pad" with a non-unit weight or a bias, which emit.py turns into a bare ConstantPad
+    (the scale / BN is dropped); and ``add`` with a "pad"-kind branch after a diagonal one scatters into
+    a weight that does not exist yet.  Demote such results to "dense"."""
+    import reparam.affine as A
+
+    real_compose, real_add = A.compose, A.add
+
+    def pure(a):
+        return a.kind != "pad" or (a.bias is None and bool(torch.all(a.weight == 1)))
+
+    def compose(a, b):
+        c = real_compose(a, b)
+        return c if pure(c) else replace(c, kind="dense")
+
+    def add(branches):
+        return real_add([replace(b, kind="dense") if b.kind == "pad" else b for b in branches])
+
+    A.compose, A.add = compose, add
+    try:
+        yield
+    finally:
+        A.compose, A.add = real_compose, real_add
+
+
+# Known, reported bugs as candidate fixes: an example that fails, but passes with one of these applied,
+# is discarded.  Remove an entry once the compiler is fixed (REPARAM_FUZZ_STRICT=1 ignores them).
+KNOWN_FIXES = {"pad-kind keeps a scale (compose/add)": _pad_kind_fix}
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -446,16 +484,11 @@ def fuzz_case(draw):
 # ============================================================================================
 
 
-def run_case(net: FuzzNet, x: torch.Tensor) -> None:
-    note(net.describe())
+def check_case(net: FuzzNet, x: torch.Tensor) -> None:
+    """Fuse ``net`` (check=False) and assert exactness and the kernel-count invariants."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            fused = reparam.fuse(net, (x,), check=False)
-        except Exception as err:  # noqa: BLE001 - a crash is a finding; known ones are discarded
-            if not STRICT and any(k in str(err) for k in KNOWN_BUGS):
-                assume(False)
-            raise
+        fused = reparam.fuse(net, (x,), check=False)
     before, after = OpCounter(), OpCounter()
     with torch.no_grad():
         for inp in (x, torch.randn_like(x)):
@@ -476,6 +509,25 @@ def run_case(net: FuzzNet, x: torch.Tensor) -> None:
     affine = ("conv", "bn", "pool", "pad", "pointwise", "cat")
     more = sum(after[k] for k in affine) - sum(before[k] for k in affine)
     assert more <= 0, f"{dict(before)} became {dict(after)}\n{net.describe()}\n{fused}"
+
+
+def run_case(net: FuzzNet, x: torch.Tensor) -> None:
+    note(net.describe())
+    try:
+        check_case(net, x)
+    except Exception as err:  # noqa: BLE001 - a failure is a finding; known ones are discarded
+        if not STRICT:
+            if any(k in str(err) for k in KNOWN_BUGS):
+                assume(False)
+            for name, fix in KNOWN_FIXES.items():
+                try:
+                    with fix():
+                        check_case(net, x)
+                except Exception:  # noqa: BLE001
+                    continue
+                note(f"discarded: known bug {name!r}")
+                assume(False)  # the candidate fix of a known, reported bug makes it pass
+        raise
 
 
 FUZZ_SETTINGS = dict(deadline=None, print_blob=True,

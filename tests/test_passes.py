@@ -905,3 +905,47 @@ class InPlaceAfterAffineReader(nn.Module):
 @pytest.mark.parametrize("kind", ["mul_", "relu_", "add_"])
 def test_in_place_mutation_is_respected(kind):
     check_fuse(InPlaceAfterAffineReader(kind), torch.randn(2, 4, 5, 6), ops={"conv": None, "add": None, "bn": None})
+
+
+class ScaleThenPad(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.bn1, self.bn2 = bn(3, 1), bn(3, 1)
+
+    def forward(self, x):
+        if self.kind == "scale":
+            return F.pad(x * 2, [1, 1])
+        if self.kind == "neg":
+            return F.pad(-x, [0, 0])
+        return F.pad(self.bn2(self.bn1(x)), [0, 0])
+
+
+@pytest.mark.parametrize("kind", ["scale", "neg", "bn"])
+def test_channelwise_then_pad(kind):
+    check_fuse(ScaleThenPad(kind), torch.randn(2, 3, 5), ops={"bn": None, "pad": None})
+
+
+class AliasedIAdd(nn.Module):
+    """``z = y; z += x`` also changes ``y`` in eager PyTorch; torch.fx traces ``+=`` as ``z = z + x``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, 1, 1)
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        z = y
+        z += x
+        return y + z
+
+
+def test_aliased_in_place_add_is_never_silently_wrong():
+    model = AliasedIAdd().double().eval()
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    try:
+        fused = reparam.fuse(model, (x,))
+    except reparam.EquivalenceError:
+        return  # the traced graph itself differs from eager: refusing to return it is right
+    with torch.no_grad():
+        assert rel_err(fused(x), model(x)) <= F64_TOL
