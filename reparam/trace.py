@@ -82,12 +82,13 @@ def _keep_plain_attributes(model: torch.nn.Module, gm: fx.GraphModule) -> None:
     When only part of a model traces, the traced child replaces the original one inside a parent
     whose Python ``forward`` still runs, and that forward may read the child's attributes
     (timm's ``LocalWindowAttention`` reads ``self.attn.resolution``).  Submodules, parameters and
-    buffers are not in ``__dict__``; names the GraphModule already has are left alone.
+    buffers are not in ``__dict__``; callables (a patched ``forward``, bound methods) and names the
+    GraphModule already has are left alone.
     """
     for key, value in vars(model).items():
         if key.startswith("_") or key in vars(gm) or hasattr(type(gm), key):
             continue
-        if isinstance(value, (torch.nn.Module, torch.Tensor)):
+        if isinstance(value, (torch.nn.Module, torch.Tensor)) or callable(value):  # e.g. a patched forward
             continue
         try:
             setattr(gm, key, value)

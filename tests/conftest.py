@@ -53,8 +53,9 @@ class OpCounter(TorchDispatchMode):
 
     ``conv``: aten.convolution; ``bn``: any aten op whose name contains ``batch_norm``;
     ``add``: aten.add/sub of two tensors with the same number of elements (a branch sum, not a
-    bias broadcast); ``pointwise``: every add/sub/mul/div/neg/addcmul; ``mul``: multiplies; ``cat``: aten.cat; ``addcmul``: a fused channel affine; ``pad``: an explicit
-    constant pad; ``pool``: an average pool; ``maxpool``; ``mul``; ``dropout``.
+    bias broadcast); ``pointwise``: every add/sub/mul/div/neg/addcmul; ``mul``: multiplies;
+    ``cat``: aten.cat; ``addcmul``: a fused channel affine; ``pad``: an explicit constant pad;
+    ``pool``: an average pool; ``maxpool``; ``dropout``.
     """
 
     def __init__(self):

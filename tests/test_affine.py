@@ -63,12 +63,6 @@ def assert_kind_consistent(a: A.Affine) -> None:
         assert unit and not a.pads
 
 
-def pad_kind_bug(a: A.Affine, b: A.Affine) -> bool:
-    """KNOWN BUG (test_compose_channelwise_then_zero_pad_is_not_a_bare_pad): compose(channelwise, zero_pad)
-    keeps kind "pad" with the scale in its weight.  Remove once fixed."""
-    return a.kind == "diagonal" and b.kind == "pad"
-
-
 def apply_pad(a: A.Affine, lo: tuple, hi: tuple) -> A.Affine:
     """``a`` with its padding replaced by an asymmetric ``lo``/``hi`` (zeros)."""
     return replace(a, pad_lo=tuple(lo), pad_hi=tuple(hi))
@@ -308,13 +302,7 @@ def test_add_of_branches_equals_sum_of_applies(nd, data):
     assume(len({a.out_channels for a in branches}) == 1)
     merged = A.add(branches)
     want = sum(A.apply(a, x) for a in branches)
-    try:
-        got = A.apply(merged, x)
-    except AttributeError as err:  # KNOWN BUG: see test_add_channelwise_and_zero_pad. Remove once fixed.
-        if "NoneType" in str(err) and any(a.kind == "pad" for a in branches):
-            assume(False)
-        raise
-    close(got, want)
+    close(A.apply(merged, x), want)
     assert_kind_consistent(merged)
     # the merged conv keeps the coarsest grouping every branch allows
     if merged.kind == "dense" and len(branches) > 1:
@@ -499,8 +487,7 @@ def test_compose_random_convs(nd, case):
         return
     close(A.apply(c, x), want)
     assert c.stride == tuple(sa * sb for sa, sb in zip(a.stride, b.stride))
-    if not pad_kind_bug(a, b):
-        assert_kind_consistent(c)
+    assert_kind_consistent(c)
 
 
 @pytest.mark.parametrize("nd", [1, 2])

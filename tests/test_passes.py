@@ -949,3 +949,51 @@ def test_aliased_in_place_add_is_never_silently_wrong():
         return  # the traced graph itself differs from eager: refusing to return it is right
     with torch.no_grad():
         assert rel_err(fused(x), model(x)) <= F64_TOL
+
+
+class MutationThroughAlias(nn.Module):
+    """``z = y.add_(1)`` returns ``y`` itself, so ``y.mul_(2)`` afterwards changes ``z`` too."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = bn(3)
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(x)
+        z = y.add_(1)
+        y.mul_(2)
+        return self.conv(self.bn(z))
+
+
+@pytest.mark.xfail(strict=True, raises=reparam.EquivalenceError,
+                   reason="BUG: the result of an in-place op is not tracked as an alias of its input: the region "
+                          "bn(conv(z)) absorbs z = y.add_(1) and the later y.mul_(2) is dropped (silently wrong "
+                          "with check=False)")
+def test_mutation_through_an_alias():
+    check_fuse(MutationThroughAlias(), torch.randn(2, 3, 5, 4), ops={"conv": None})
+
+
+class UnusedInPlaceResult(nn.Module):
+    """``y.relu_(); y.mul_(2)`` with their results unused, after an affine region that reads ``y`` first."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = bn(3)
+        self.c1 = nn.Conv2d(3, 3, 1, bias=False)
+        self.c2 = nn.Conv2d(3, 3, 1, bias=False)
+
+    def forward(self, x):
+        y = torch.relu(x)
+        z = self.c2(self.c1(self.bn(y)))
+        y.relu_()
+        y.mul_(2)
+        return z, y
+
+
+@pytest.mark.xfail(strict=True, raises=reparam.EquivalenceError,
+                   reason="BUG: Graph.eliminate_dead_code() after a rewrite deletes in-place method calls whose "
+                          "result is unused (y.mul_(2)); the next round then also merges across the former barrier "
+                          "(silently wrong with check=False)")
+def test_in_place_op_with_unused_result_survives_rewrites():
+    check_fuse(UnusedInPlaceResult(), torch.randn(2, 3, 5, 4), ops={"conv": None})
