@@ -71,11 +71,7 @@ ALL_TV = SLICE_TV + [
 
 # compiler limitations the sweep finds (reported to passes/collapse.py): fnmatch pattern -> reason.
 # tests/test_thirdparty.py marks these models xfail (not strict, so a fix shows up as XPASS).
-KNOWN_ISSUES = {
-    "ghostnetv3_*": "parallel branches of x1 = A(x) where some compose through A and others are refused "
-                    "(biased 1x1 then zero-padded 3x3) have different roots, so their sum is never merged "
-                    "(the cheap branch stays 4 convs + a BN where timm has 1 conv)",
-}
+KNOWN_ISSUES: dict = {}  # none open (fixed: ghostnetv3's cheap branches, see collapse._common_root)
 
 
 def known_issue(name: str) -> Optional[str]:

@@ -6,12 +6,16 @@ model size (fx's stock tracer scans every parameter for each functional access).
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
 import warnings
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
 import torch.fx as fx
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.fx.passes.shape_prop import ShapeProp
 
 
@@ -96,15 +100,35 @@ def _keep_plain_attributes(model: torch.nn.Module, gm: fx.GraphModule) -> None:
             pass
 
 
-def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> bool:
-    """Record ``meta['tensor_meta']`` on every node by running ``example_inputs``; False if it fails."""
+@dataclass
+class Run:
+    """What a shape-propagation run returned (the traced graph's output on the inputs)."""
+
+    output: Any
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Optional[Run]:
+    """Record ``meta['tensor_meta']`` on every node by running ``example_inputs``; None if it fails.
+
+    """
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ShapeProp(gm).propagate(*example_inputs)
-        return True
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")  # ShapeProp prints a traceback for a candidate that fails
+            fresh = [t.clone() if isinstance(t, torch.Tensor) else t for t in example_inputs]  # inputs stay as given
+            return Run(_plain(ShapeProp(gm).propagate(*fresh)))
     except Exception:
-        return False
+        return None
+
+
+def _plain(value: Any) -> Any:
+    """fx's interpreter returns the output node's immutable containers; the compiled module returns plain ones."""
+    if isinstance(value, immutable_dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, immutable_list):
+        return [_plain(v) for v in value]
+    if type(value) is tuple:
+        return tuple(_plain(v) for v in value)
+    return value
 
 
 def node_shape(node: fx.Node) -> Optional[tuple]:
@@ -169,21 +193,34 @@ def _configured_size(model: torch.nn.Module) -> Optional[int]:
     return None
 
 
-def infer_example_inputs(model: torch.nn.Module, gm: fx.GraphModule, dtype, device, runs=None) -> Optional[tuple]:
-    """Random inputs a forward pass accepts, from the first conv/linear the inputs reach.
+def _first_layer_channels(model: torch.nn.Module) -> Optional[tuple[int, int]]:
+    """(channels, spatial rank) of the model's first conv/linear in registration order (for a model
+    that does not trace, so its inputs cannot be followed)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.conv._ConvNd) and not isinstance(m, torch.nn.modules.conv._ConvTransposeNd):
+            return m.in_channels, m.weight.dim() - 2
+        if isinstance(m, torch.nn.Linear):
+            return m.in_features, 0
+    return None
+
+
+def infer_example_inputs(model: torch.nn.Module, gm: Optional[fx.GraphModule], dtype, device,
+                         runs=None) -> Optional[tuple]:
+    """Random inputs a forward pass accepts, from the first conv/linear the inputs reach (``gm``:
+    the traced model; None for a model that does not trace: one input, for its first layer).
 
     Tries small sizes first, then the model's configured input size (timm ``pretrained_cfg``) and a
     few common sizes; None if no candidate runs.  ``runs(inputs) -> bool`` tries one candidate
     (default: a forward pass of ``model``).
     """
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    required = [n for n in placeholders if not n.args]  # args hold the default value
-    specs = []
-    for node in required:
-        found = _first_consumer_channels(gm, node)
-        if found is None:
-            return None
-        specs.append(found)
+    if gm is None:
+        specs = [_first_layer_channels(model)]
+    else:
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        required = [n for n in placeholders if not n.args]  # args hold the default value
+        specs = [_first_consumer_channels(gm, node) for node in required]
+    if any(spec is None for spec in specs):
+        return None
     # small first: verification runs in float64 and cost grows with the area
     sizes = [s for s in (64, 32, _configured_size(model), 224, 96, 128, 256, 16) if s]
     generator = torch.Generator().manual_seed(0)

@@ -11,11 +11,27 @@ from .errors import EquivalenceError
 TOLERANCE = 1e-8  # float64 folding error is ~1e-15 per op; deep random nets amplify it
 
 
+NOT_COMPUTED = object()  # compare(): the reference output is not known yet, run the reference
+
+
 def to_float64(inputs: Any) -> Any:
-    """Floating tensors in ``inputs`` (any pytree) cast to float64; the rest untouched."""
+    """Copies of the floating tensors in ``inputs`` (any pytree) in float64; the rest untouched."""
     return torch.utils._pytree.tree_map(
-        lambda t: t.to(torch.float64) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, inputs
-    )
+        lambda t: t.to(torch.float64, copy=True) if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
+        inputs)
+
+
+def fresh(inputs: Any) -> Any:
+    """Clones of the tensors in ``inputs``, so a model that updates its input in place cannot change
+    what the other model sees."""
+    return torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, inputs)
+
+
+def is_degenerate(inputs: Any) -> bool:
+    """Some floating input is constant (``torch.zeros(1, 3, 224, 224)``): it cannot expose wrong weights."""
+    leaves = torch.utils._pytree.tree_leaves(inputs)
+    return any(isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() > 0
+               and bool((t == t.reshape(-1)[0]).all()) for t in leaves)
 
 
 def random_like(inputs: Sequence[Any], seed: int = 1) -> tuple:
@@ -33,10 +49,13 @@ def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     return diff / scale if scale > 0 else diff
 
 
-def compare(fused, reference, inputs: Sequence[Any], tolerance: float = TOLERANCE) -> float:
-    """Run both on ``inputs``; return the worst relative error or raise :class:`EquivalenceError`."""
+def compare(fused, reference, inputs: Sequence[Any], want: Any = NOT_COMPUTED, tolerance: float = TOLERANCE) -> float:
+    """Run both on ``inputs`` (``want``: the reference's output when an eager run of it already
+    produced it); return the worst relative error or raise :class:`EquivalenceError`."""
     with torch.no_grad():
-        got, want = fused(*inputs), reference(*inputs)
+        got = fused(*fresh(inputs))
+        if want is NOT_COMPUTED:
+            want = reference(*fresh(inputs))
     got_leaves, got_spec = tree_flatten_with_path(got)
     want_leaves, want_spec = tree_flatten_with_path(want)
     if got_spec != want_spec:

@@ -28,8 +28,9 @@ Invariants checked besides exactness: the fused model runs no more convolutions 
 had convolutions + average pools + explicit pads (a region of pools / pads / BNs may become one
 depthwise conv), and no more affine kernels (conv, BN, pool, pad, pointwise, cat) in total.
 Known, reported compiler bugs are discarded when an example fails (``KNOWN_BUGS`` messages,
-``KNOWN_FIXES`` candidate patches that make it pass, ``KNOWN_PATTERNS`` of the drawn program);
-``REPARAM_FUZZ_STRICT=1`` keeps them.
+``KNOWN_FIXES`` candidate patches that make it pass); ``REPARAM_FUZZ_STRICT=1`` keeps them.
+(Fixed and removed: in-place mutation through another alias; in-place ops with unused results
+deleted by dead-code elimination.)
 
 A failure prints the drawn program (``FuzzNet.describe()``) and a ``@reproduce_failure`` blob.
 """
@@ -71,37 +72,6 @@ STRICT = os.environ.get("REPARAM_FUZZ_STRICT") == "1"
 KNOWN_FIXES: dict = {}
 
 
-def _mutation_through_another_alias(net: "FuzzNet") -> bool:
-    """An in-place op mutates value ``i`` and later something reads (or returns) a different value ``j``
-    that shares ``i``'s storage (``z = y.add_(1); y.mul_(2); bn(z)``).
-    test_passes::test_mutation_through_an_alias."""
-    alias = net.alias
-    for t, (op, ins, _) in enumerate(net.program):
-        if op not in INPLACE:
-            continue
-        i = ins[0]
-        later = [j for op2, ins2, _ in net.program[t + 1:] for j in ins2] + list(net.outputs)
-        if any(j != i and j != t + 1 and alias[j] == alias[i] for j in later):
-            return True
-    return False
-
-
-def _unused_in_place_result(net: "FuzzNet") -> bool:
-    """An in-place op whose result nobody reads: the rewrite's dead-code elimination deletes it.
-    test_passes::test_in_place_op_with_unused_result_survives_rewrites."""
-    for t, (op, _, _) in enumerate(net.program):
-        if op in INPLACE:
-            later = [j for _, ins2, _ in net.program[t + 1:] for j in ins2] + list(net.outputs)
-            if t + 1 not in later:
-                return True
-    return False
-
-
-# Known, reported bugs as patterns of the drawn program: an example that fails and matches one is
-# discarded.  Remove an entry once the compiler is fixed (REPARAM_FUZZ_STRICT=1 ignores them).
-KNOWN_PATTERNS = {"in-place mutation through another alias": _mutation_through_another_alias,
-                  "in-place op with an unused result is dead-code eliminated": _unused_in_place_result}
-
 INPLACE = ("add_", "iadd", "mul_", "relu_", "relu_inplace")
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -129,7 +99,6 @@ class FuzzNet(nn.Module):
         self.params = nn.ParameterDict()
         self.program: list = []
         self.outputs: list = []
-        self.alias: list = []  # per value: index of the value whose storage it is (set by the Builder)
 
     def step(self, values, op, ins, arg):
         a = [values[i] for i in ins]
@@ -475,7 +444,6 @@ class Builder:
             getattr(self, self.draw(st.sampled_from(ops)))()
         sinks = [j for j in range(1, len(self.values)) if j not in self.used]
         self.net.outputs = sinks or [len(self.values) - 1]
-        self.net.alias = list(self.alias)
         return self.net.eval()
 
 
@@ -537,10 +505,6 @@ def run_case(net: FuzzNet, x: torch.Tensor) -> None:
                     continue
                 note(f"discarded: known bug {name!r}")
                 assume(False)  # the candidate fix of a known, reported bug makes it pass
-            for name, matches in KNOWN_PATTERNS.items():
-                if matches(net):
-                    note(f"discarded: known bug {name!r}")
-                    assume(False)
         raise
 
 

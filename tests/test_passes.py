@@ -966,12 +966,9 @@ class MutationThroughAlias(nn.Module):
         return self.conv(self.bn(z))
 
 
-@pytest.mark.xfail(strict=True, raises=reparam.EquivalenceError,
-                   reason="BUG: the result of an in-place op is not tracked as an alias of its input: the region "
-                          "bn(conv(z)) absorbs z = y.add_(1) and the later y.mul_(2) is dropped (silently wrong "
-                          "with check=False)")
 def test_mutation_through_an_alias():
-    check_fuse(MutationThroughAlias(), torch.randn(2, 3, 5, 4), ops={"conv": None})
+    """z shares y's storage, so bn(z) must not move above y.mul_(2): the whole storage is a barrier."""
+    check_fuse(MutationThroughAlias(), torch.randn(2, 3, 5, 4), ops={"conv": None, "bn": None})
 
 
 class UnusedInPlaceResult(nn.Module):
@@ -991,9 +988,50 @@ class UnusedInPlaceResult(nn.Module):
         return z, y
 
 
-@pytest.mark.xfail(strict=True, raises=reparam.EquivalenceError,
-                   reason="BUG: Graph.eliminate_dead_code() after a rewrite deletes in-place method calls whose "
-                          "result is unused (y.mul_(2)); the next round then also merges across the former barrier "
-                          "(silently wrong with check=False)")
 def test_in_place_op_with_unused_result_survives_rewrites():
+    """Dead-code elimination keeps y.relu_() and y.mul_(2) although nobody reads their results."""
     check_fuse(UnusedInPlaceResult(), torch.randn(2, 3, 5, 4), ops={"conv": None})
+
+
+class GhostCheapBranches(nn.Module):
+    """GhostNetV3's module: ``x1 = sum of conv-BN branches(x)`` (a biased 1×1 once merged), then
+    ``x2 = BN-1×1dw(x1) + BN(x1) + sum of 3×3dw-BN(x1)`` and ``cat([x1, x2])``.  The 1×1 and BN
+    branches compose through x1's conv, the zero-padded 3×3 ones cannot (the bias would leak into the
+    border), so the sum's terms have different roots."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.primary = nn.ModuleList([conv_bn(3, c, 1) for _ in range(2)])
+        self.scale = conv_bn(c, c, 1, groups=c)
+        self.skip = bn(c)
+        self.cheap = nn.ModuleList([conv_bn(c, c, 3, padding=1, groups=c) for _ in range(3)])
+
+    def forward(self, x):
+        x1 = self.primary[0](x) + self.primary[1](x)
+        x2 = self.scale(x1) + self.skip(x1)
+        for conv in self.cheap:
+            x2 += conv(x1)
+        return torch.cat([x1, x2], dim=1)
+
+
+def test_join_with_terms_from_different_roots_merges_from_the_common_one():
+    """before: 7 convs, 6 BNs, 5 adds -> after: the 1×1 from x and one 3×3 depthwise from x1."""
+    check_fuse(GhostCheapBranches(), torch.randn(2, 3, 7, 6), ops=no_bn_no_add(2, cat=1))
+
+
+class BranchAfterStrided(nn.Module):
+    """Unprofitable region (a concat of an identity and a conv): cut at the nearest join's inputs only,
+    so the inner sum still merges."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.a = conv_bn(c, c, 3, padding=1)
+        self.b = conv_bn(c, c, 1)
+
+    def forward(self, x):
+        y = torch.relu(x)
+        return torch.cat([y, self.a(y) + self.b(y) + y], dim=1)
+
+
+def test_unprofitable_concat_cuts_at_its_own_inputs():
+    check_fuse(BranchAfterStrided(), torch.randn(2, 4, 6, 5), ops=no_bn_no_add(1, cat=1))

@@ -263,6 +263,33 @@ def test_untraceable_model_falls_back_and_names_the_parts():
     assert counts["batch_norm"] == 0 and counts["conv"] == 22 + 1
 
 
+def test_untraceable_model_without_example_inputs_is_fused_and_verified():
+    """No example inputs and no trace: inputs are inferred from the first layer, one eager run records
+    every child's inputs, and the result is still checked."""
+    model = DataDependent().eval()
+    fused = reparam.fuse(model)
+    assert fused.reparam_report.max_rel_error is not None and fused.reparam_report.max_rel_error <= 1e-8
+    x = torch.randn(1, 3, 48, 40)
+    with torch.no_grad():
+        assert relative_error(fused(x), model(x)) <= FP32_TOL
+    counts = count_kernels(fused, x)
+    assert counts["batch_norm"] == 0 and counts["conv"] == 22 + 1
+
+
+def test_untraceable_model_with_constant_inputs_checks_a_random_twin(monkeypatch):
+    import reparam.pipeline as pipeline
+
+    calls = []
+    real = pipeline.compare
+    monkeypatch.setattr(pipeline, "compare", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    model = DataDependent().eval()
+    fused = reparam.fuse(model, (torch.zeros(1, 3, 32, 32),))
+    assert len(calls) == 2 and not bool((calls[1][0] == 0).all())  # the user's zeros, then a random twin
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert relative_error(fused(x), model(x)) <= FP32_TOL
+
+
 class ConvBNWithConfig(nn.Module):
     def __init__(self):
         super().__init__()

@@ -11,7 +11,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from .collapse import is_metadata_user
+from .mutation import eliminate_dead_code, is_metadata_user
 
 _ASSERTS = {torch._assert}
 _LOGIC = {operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
@@ -39,7 +39,7 @@ def drop_static_asserts(gm: fx.GraphModule) -> int:
             gm.graph.erase_node(node)
             removed += 1
     if removed:
-        gm.graph.eliminate_dead_code()
+        eliminate_dead_code(gm)
     return removed
 
 
@@ -54,6 +54,6 @@ def drop_unused_tensors(gm: fx.GraphModule) -> None:
 
 def finish(gm: fx.GraphModule) -> None:
     """After a pass rewired ``gm``: drop dead nodes and modules, regenerate the code."""
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm)
     gm.delete_all_unused_submodules()
     gm.recompile()

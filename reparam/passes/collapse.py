@@ -24,7 +24,6 @@ Algorithm (linear in graph size per round):
 from __future__ import annotations
 
 import math
-import operator
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
@@ -37,47 +36,7 @@ from ..emit import to_module
 from ..lift import Concat, Constants, Lifter, NotAffine, Sum, Unary
 from ..report import Report, Rewrite
 from ..trace import node_shape
-
-METADATA_ATTRS = {"ndim", "dtype", "device", "is_cuda", "layout"}
-METADATA_METHODS = {"dim", "ndimension", "get_device"}
-
-
-def is_metadata_user(user: fx.Node) -> bool:
-    """Reads only a tensor's rank/dtype/device (e.g. timm's ``_assert(x.ndim == 4)``)."""
-    if user.op == "call_function" and user.target is getattr and len(user.args) > 1:
-        return user.args[1] in METADATA_ATTRS
-    return user.op == "call_method" and user.target in METADATA_METHODS
-
-
-_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
-                      operator.ipow, operator.iand, operator.ior, operator.ixor}
-
-
-def _updates_in_place(node: fx.Node, modules: dict) -> bool:
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.endswith("__")
-    if node.op == "call_function":
-        return node.target in _INPLACE_FUNCTIONS or node.kwargs.get("inplace") is True
-    if node.op == "call_module":
-        return getattr(modules.get(node.target), "inplace", False) is True
-    return False
-
-
-def mutated_tensors(gm: fx.GraphModule) -> set:
-    """Tensors updated in place while something else also reads them (fx does not order such reads)."""
-    modules = dict(gm.named_modules())
-    out = set()
-    for node in gm.graph.nodes:
-        if node.args and isinstance(node.args[0], fx.Node) and _updates_in_place(node, modules):
-            target = node.args[0]
-            if len([u for u in target.users if not is_metadata_user(u)]) > 1:
-                out.add(target)
-    return out
-
-
-def real_users(node: fx.Node) -> list:
-    return [u for u in node.users if not is_metadata_user(u)]
-
+from .mutation import eliminate_dead_code, is_metadata_user, mutation_barriers, real_users
 
 @dataclass
 class Value:
@@ -88,6 +47,7 @@ class Value:
     ops: frozenset
     expanding: tuple = ()  # inputs where composing made the work larger
     joins: tuple = ()  # inputs of adds / concats inside the region
+    last_join: tuple = ()  # inputs of the join nearest to this node (cut first when unprofitable)
 
 
 @dataclass
@@ -106,10 +66,11 @@ class Collapse:
         self.lifter = Lifter(gm, self.constants)
         self.ops: dict = {}
         self.memo: dict = {}
-        mutated = mutated_tensors(gm)
+        self.order = {node: i for i, node in enumerate(gm.graph.nodes)}
+        self.mutations = mutation_barriers(gm)
         for node in gm.graph.nodes:
-            if any(arg in mutated for arg in node.all_input_nodes):
-                continue  # reads a tensor that is updated in place: its position in time matters
+            if node in self.mutations.barriers:
+                continue  # an in-place update could be reordered with it: its position in time matters
             if node.op in ("call_module", "call_function", "call_method"):
                 try:
                     self.ops[node] = self.lifter.lift(node)
@@ -162,7 +123,7 @@ class Collapse:
                 if heavy and composed.macs() > base.affine.macs() + aff.macs() / max(1, math.prod(stride_in)):
                     expanding += (op.source,)
                 state.events[node] = events
-                return Value(base.root, composed, base.ops | {node}, expanding, base.joins)
+                return Value(base.root, composed, base.ops | {node}, expanding, base.joins, base.last_join)
             except A.Refusal as r:
                 state.refusals.append((node, str(r)))
         start = self._root_identity(op.source, aff.layout, aff.in_channels)
@@ -177,7 +138,9 @@ class Collapse:
         bases = [self._input(state, s, cut) for s in sources]
         roots = {b.root if b else s for b, s in zip(bases, sources)}
         if len(roots) != 1:
-            return None
+            bases = self._common_root(state, bases, sources, roots, cut)
+            if bases is None:
+                return None
         layout = next((b.affine.layout for b in bases if b), None)
         terms, skips = [], 0
         for b, s in zip(bases, sources):
@@ -190,6 +153,38 @@ class Collapse:
             terms.append(Value(s, ident, frozenset()))
             skips += 1
         return terms, skips
+
+    def _common_root(self, state: _State, bases: list, sources: list, roots: set, cut: set) -> Optional[list]:
+        """Join inputs with different roots, re-expressed from the one root every path goes through.
+
+        before: ``A(x) -> x1``, terms ``B(A(x))`` (B composed through A) and ``C(x1)`` (C refused to
+        compose, e.g. a zero-padded k×k after a biased 1×1): roots x and x1, nothing merges.
+        after:  terms ``B(x1)`` and ``C(x1)``: the join merges from x1, and x1 = A(x) stays one kernel.
+        Precondition: every term rooted elsewhere absorbed the chosen root (it lies on the term's
+        path); a term that *is* that root becomes the identity.  None if no root qualifies.
+        """
+        for root in roots:
+            if not all(s == root or (b is not None and (b.root == root or root in b.ops))
+                       for b, s in zip(bases, sources)):
+                continue
+            rebased = [None if s == root else b if b.root == root else self._rebase(b, s, root, cut)
+                       for b, s in zip(bases, sources)]
+            if all(r is not None or s == root for r, s in zip(rebased, sources)):
+                return rebased
+        return None
+
+    def _rebase(self, value: Value, source: fx.Node, root: fx.Node, cut: set) -> Optional[Value]:
+        """``source``'s value re-derived with ``root`` cut (so it starts at ``root``); None if it does not."""
+        scratch = _State()  # refusals, costs and events of this re-derivation were recorded already
+        cut = cut | {root}
+        for node in sorted(value.ops, key=self.order.__getitem__):
+            op = self.ops[node]
+            derive = self._unary if isinstance(op, Unary) else self._sum if isinstance(op, Sum) else self._concat
+            found = derive(scratch, node, op, cut)
+            if found is not None:
+                scratch.values[node] = found
+        found = scratch.values.get(source)
+        return found if found is not None and found.root == root else None
 
     def _join(self, state: _State, node: fx.Node, sources: list, build, kind: str, cut: set) -> Optional[Value]:
         found = self._terms(state, sources, cut)
@@ -207,7 +202,7 @@ class Collapse:
         state.events[node] = (kind,) + ("skip",) * (skips if kind == "merge_parallel" else 0)
         expanding = tuple(x for t in terms for x in t.expanding)
         joins = tuple(x for t in terms for x in t.joins) + tuple(sources)
-        return Value(terms[0].root, aff, ops, expanding, joins)
+        return Value(terms[0].root, aff, ops, expanding, joins, tuple(sources))
 
     def _sum(self, state: _State, node: fx.Node, op: Sum, cut: set) -> Optional[Value]:
         coeffs = [c for _, c in op.terms]
@@ -294,8 +289,12 @@ class Collapse:
                 value = state.values[f]
                 if len(value.ops) < 2 or f in declined or self._profitable(state, value):
                     continue
-                points = set(value.expanding) or set(value.joins)
-                points = {p for p in points if p in state.values} - cut
+                # cut where composing grew the work, else at the nearest join, else at every join
+                points = set()
+                for candidates in (value.expanding, value.last_join, value.joins):
+                    points = {p for p in candidates if p in state.values} - cut
+                    if points:
+                        break
                 if points:
                     new_cuts |= points
                     for p in points:
@@ -321,9 +320,8 @@ class Collapse:
             if self._materialize(state, f, replaced):
                 done += 1
         if done:
-            self.gm.graph.eliminate_dead_code()
+            eliminate_dead_code(self.gm)
             self.gm.delete_all_unused_submodules()
-            self.gm.recompile()
         return done
 
     def _materialize(self, state: _State, f: fx.Node, replaced: dict) -> bool:
@@ -334,6 +332,8 @@ class Collapse:
         if aff.kind == "identity" and not aff.pads:
             replacement = root
             if node_shape(replacement) != node_shape(f) and node_shape(f) is not None:
+                return False
+            if root in self.mutations.shared:  # f would become an alias of a storage updated in place
                 return False
         else:
             if len(value.ops) < 2:

@@ -29,7 +29,7 @@ from ..emit import to_module
 from ..report import Report, Rewrite
 from ..trace import node_shape
 from .cleanup import finish
-from .collapse import real_users
+from .mutation import real_users
 from .ranges import ANY, activation_bounds, value_ranges
 
 _ADDS = {operator.add, operator.iadd, torch.add}

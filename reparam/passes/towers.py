@@ -24,7 +24,7 @@ from ..emit import to_module
 from ..report import Report, Rewrite
 from ..trace import node_shape
 from .cleanup import finish
-from .collapse import real_users
+from .mutation import real_users
 from .residual import _affine, _conv
 
 _ADDS = {operator.add, torch.add, operator.iadd}

@@ -1,0 +1,154 @@
+"""Graph facts every pass needs before it moves work around: who really reads a tensor, which
+tensors share storage, and which are updated in place while something else also reads them.
+
+fx orders nodes, but a rewrite that inserts a merged kernel right after its root moves reads
+earlier.  That is only safe for tensors nobody mutates in place behind the reader's back, so the
+passes leave the readers an update could be reordered with alone (:func:`mutation_barriers`), and
+dead-code elimination keeps in-place updates whose result nobody uses (:func:`eliminate_dead_code`).
+"""
+from __future__ import annotations
+
+import operator
+from typing import NamedTuple
+
+import torch.fx as fx
+import torch.nn as nn
+
+METADATA_ATTRS = {"ndim", "dtype", "device", "is_cuda", "layout"}
+METADATA_METHODS = {"dim", "ndimension", "get_device"}
+
+_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.ipow, operator.iand, operator.ior, operator.ixor, operator.setitem}
+
+# ops whose result may share storage with their first argument
+_VIEW_NAMES = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute", "transpose", "t",
+               "squeeze", "unsqueeze", "expand", "expand_as", "narrow", "unfold", "chunk", "split",
+               "tensor_split", "unbind", "detach", "contiguous", "as_strided", "movedim", "moveaxis",
+               "swapaxes", "swapdims", "diagonal", "select", "real", "imag", "view_as_real", "view_as_complex",
+               "to", "type_as", "float", "double", "half", "bfloat16", "clone_if_needed", "getitem", "__getitem__"}
+_ALIAS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                  nn.Flatten, nn.Unflatten)
+
+
+def is_metadata_user(user: fx.Node) -> bool:
+    """Reads only a tensor's rank/dtype/device (e.g. timm's ``_assert(x.ndim == 4)``)."""
+    if user.op == "call_function" and user.target is getattr and len(user.args) > 1:
+        return user.args[1] in METADATA_ATTRS
+    return user.op == "call_method" and user.target in METADATA_METHODS
+
+
+def real_users(node: fx.Node) -> list:
+    return [u for u in node.users if not is_metadata_user(u)]
+
+
+def updates_in_place(node: fx.Node, modules: dict) -> bool:
+    """``node`` writes into its first argument (``x.add_(y)``, ``x += y``, ``ReLU(inplace=True)``, ``x[i] = v``)."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op == "call_function":
+        return node.target in _INPLACE_FUNCTIONS or node.kwargs.get("inplace") is True
+    if node.op == "call_module":
+        return getattr(modules.get(node.target), "inplace", False) is True
+    return False
+
+
+def _may_alias(node: fx.Node, modules: dict) -> bool:
+    """``node``'s result may share storage with its first argument."""
+    if updates_in_place(node, modules):
+        return True
+    if node.op in ("call_method", "call_function"):
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        return name in _VIEW_NAMES
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), _ALIAS_MODULES)
+    return False
+
+
+def _storage_classes(gm: fx.GraphModule, modules: dict) -> dict:
+    """node -> representative of the set of nodes that may share its storage (union-find)."""
+    parent: dict = {}
+
+    def find(n):
+        while parent.get(n, n) is not n:
+            parent[n] = parent.get(parent[n], parent[n])
+            n = parent[n]
+        return n
+
+    for node in gm.graph.nodes:
+        if node.args and isinstance(node.args[0], fx.Node) and _may_alias(node, modules):
+            parent[find(node)] = find(node.args[0])
+    return {node: find(node) for node in gm.graph.nodes}
+
+
+class Mutations(NamedTuple):
+    barriers: set  # nodes a pass must neither absorb into a region nor move
+    shared: set  # tensors whose storage such an update writes: never alias a new name to them
+
+
+def mutation_barriers(gm: fx.GraphModule) -> Mutations:
+    """The readers an in-place update could be reordered with, and the storages it writes.
+
+    before: ``z = y.add_(1); y.mul_(2); bn(z)``: ``bn`` reads the storage ``y.mul_`` wrote after it, so
+    absorbing ``bn`` into a region inserted next to ``z`` would read it too early.  Barriers: the
+    updates and views of such a storage, and its readers that run after an update without depending
+    on it.  Readers that run before every update stay free (a region only ever moves work earlier,
+    to just after its root), and so does the common ``relu_(conv(x))`` whose result alone is read on.
+    ``shared``: the storage's tensors; replacing ``z = y * 1`` by ``y`` itself would let the update
+    change ``z`` too.
+    """
+    modules = dict(gm.named_modules())
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    klass = _storage_classes(gm, modules)
+    members: dict = {}
+    for node, rep in klass.items():
+        members.setdefault(rep, []).append(node)
+    out, shared = set(), set()
+    for u in gm.graph.nodes:
+        if not (u.args and isinstance(u.args[0], fx.Node) and updates_in_place(u, modules)):
+            continue
+        group = members[klass[u]]
+        after = _downstream_within(u, set(group))  # members computed from the update's result
+        producers = {n for n in group if n.args and n.args[0] in group}  # views / updates of the storage
+        exposed = {r for m in group if m not in after for r in real_users(m) if r is not u and r not in producers}
+        if exposed:
+            out |= producers | {r for r in exposed if order[r] > order[u]}
+            shared.update(group)
+    return Mutations(out, shared)
+
+
+def _downstream_within(start: fx.Node, group: set) -> set:
+    seen, stack = {start}, [start]
+    while stack:
+        n = stack.pop()
+        for user in n.users:
+            if user in group and user not in seen and user.args and user.args[0] is n:
+                seen.add(user)
+                stack.append(user)
+    return seen
+
+
+def eliminate_dead_code(gm: fx.GraphModule) -> bool:
+    """fx's dead-code elimination, except that an in-place update whose result is unused is kept
+    while something else reads the storage it writes (fx deletes ``y.mul_(2)`` otherwise, silently
+    changing whoever reads ``y`` later), or the storage is a model input or a buffer (the caller
+    sees the update).  Returns whether anything was removed."""
+    removed_any = False
+    while True:
+        modules = dict(gm.named_modules())
+        klass = _storage_classes(gm, modules)
+        members: dict = {}
+        for node, rep in klass.items():
+            members.setdefault(rep, []).append(node)
+        removed = False
+        for node in reversed(list(gm.graph.nodes)):
+            if node.users or node.is_impure():
+                continue
+            if updates_in_place(node, modules):
+                group = members[klass[node]]
+                if any(m.op in ("placeholder", "get_attr") for m in group) or any(
+                        u is not node for m in group for u in m.users):
+                    continue
+            gm.graph.erase_node(node)
+            removed = removed_any = True
+        if not removed:
+            return removed_any
