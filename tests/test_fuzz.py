@@ -36,11 +36,9 @@ A failure prints the drawn program (``FuzzNet.describe()``) and a ``@reproduce_f
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import warnings
-from dataclasses import replace
 
 import pytest
 import torch
