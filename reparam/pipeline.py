@@ -170,43 +170,21 @@ def fuse_with_report(model: nn.Module, example_inputs=None, *, check: bool = Tru
 
     # all folding and checking happens on a private float64 CPU copy; the result goes back to ``device``
     work = copy.deepcopy(model).eval()
-    given_inputs = _normalise_inputs(example_inputs)
-    given = given_inputs is not None
+    given = _normalise_inputs(example_inputs)
     try:
         gm, trace_error = T.symbolic_trace(work), None
     except Exception as err:  # not traceable as a whole: fuse the traceable parts of the private copy
         gm, trace_error = None, err
     want = NOT_COMPUTED  # the original's output on ``inputs``, when an eager run already produced it
     if gm is not None:
-        # shapes come from a run in the model's own precision and on its device (float32 convolutions
-        # are 2-5x faster than float64 ones); float64 only if that fails (e.g. float16 on a CPU)
-        native = _main_dtype(_dtype_map(model), given_inputs)
-        if given:
-            shapes_known = T.propagate_shapes(gm, _move(given_inputs, device)) is not None
-        else:
-            given_inputs = T.infer_example_inputs(work, gm, native, device,
-                                                  runs=lambda x: T.propagate_shapes(gm, x) is not None)
-            shapes_known = given_inputs is not None
-        _to_float64(work, gm)
-        inputs = to_float64(_move(given_inputs, "cpu")) if given_inputs is not None else None
-        if inputs is None:
-            inputs = T.infer_example_inputs(work, gm, torch.float64, "cpu",
-                                            runs=lambda x: T.propagate_shapes(gm, x) is not None)
-            shapes_known = inputs is not None
-        _fuse_graph(gm, inputs, report, dtypes, main, shapes_known, remove_residuals)
+        inputs = _shapes_then_float64(gm, work, given, _main_dtype(_dtype_map(model), given), device)
+        _fuse_graph(gm, inputs, report, dtypes, main, True, remove_residuals)
         fused, reference = gm, work  # gm shares work's leaf modules but leaves work itself intact
     else:
         _to_float64(work)
-        inputs = to_float64(_move(given_inputs, "cpu")) if given else None
-        runs: list = []  # one eager run records every submodule's inputs and the reference output
-        if inputs is None:
-            inputs = T.infer_example_inputs(work, None, torch.float64, "cpu",
-                                            runs=lambda x: runs.append(_try_record(work, x)) or runs[-1])
-        else:  # the user's inputs: a model that fails on them fails here, with its own error
-            runs.append(_record_inputs(work, inputs))
-        recorded, want = runs[-1] if runs and runs[-1] else ({}, NOT_COMPUTED)
-        # the random twin below needs the original model itself
-        reference = copy.deepcopy(work) if check and given and inputs is not None and is_degenerate(inputs) else None
+        inputs, recorded, want = _record_float64(work, given)
+        # a random twin (below) needs the original model itself
+        reference = copy.deepcopy(work) if check and given is not None and is_degenerate(inputs) else None
         fused = _fuse_tree(work, recorded, report, dtypes, main, remove_residuals=remove_residuals,
                            trace_error=trace_error)
 
@@ -219,11 +197,50 @@ def fuse_with_report(model: nn.Module, example_inputs=None, *, check: bool = Tru
             # checked against the eager model, not the traced graph: fx can trace a model unfaithfully
             # (``z = y; z += x`` becomes out of place).  Constant inputs hide wrong weights: add a random twin.
             report.max_rel_error = compare(fused, reference, inputs, want)
-            if given and is_degenerate(inputs):
+            if given is not None and is_degenerate(inputs):
                 report.max_rel_error = max(report.max_rel_error, compare(fused, reference, random_like(inputs)))
     _cast_back(fused, dtypes, main, device)
     fused.reparam_report = report
     return fused, report
+
+
+def _shapes_then_float64(gm: fx.GraphModule, work: nn.Module, given: Optional[tuple], native: torch.dtype,
+                         device) -> Optional[tuple]:
+    """Record shapes on ``gm`` (the trace of ``work``), then move both to float64 on the CPU; returns
+    the float64 inputs (``given`` or inferred ones; None if none run).
+
+    Shapes come from a run in the model's own precision and on its device (float32 convolutions are
+    2-5x faster than float64 ones on a CPU); in float64 only if that fails (float16 on a CPU, say).
+    """
+    runs = lambda x: T.propagate_shapes(gm, x) is not None  # noqa: E731
+    if given is not None:
+        shaped = runs(_move(given, device))
+    else:
+        given = T.infer_example_inputs(work, gm, native, device, runs=runs)
+        shaped = given is not None
+    _to_float64(work, gm)
+    if given is None:
+        return T.infer_example_inputs(work, gm, torch.float64, "cpu", runs=runs)
+    inputs = to_float64(_move(given, "cpu"))
+    if not shaped:  # if float64 fails too, the model fails on these inputs: verification says so
+        runs(inputs)
+    return inputs
+
+
+def _record_float64(work: nn.Module, given: Optional[tuple]) -> tuple[Optional[tuple], dict, Any]:
+    """(float64 inputs, every submodule's inputs, the output) from one eager run of ``work``.
+
+    ``given`` inputs are used as they are (a model that fails on them fails here, with its own
+    error); otherwise inputs are inferred from the first layer.  No inputs: (None, {}, NOT_COMPUTED).
+    """
+    if given is not None:
+        inputs = to_float64(_move(given, "cpu"))
+        recorded, output = _record_inputs(work, inputs)
+        return inputs, recorded, output
+    runs: list = []
+    inputs = T.infer_example_inputs(work, None, torch.float64, "cpu",
+                                    runs=lambda x: runs.append(_try_record(work, x)) or runs[-1])
+    return (inputs, *runs[-1]) if inputs is not None else (None, {}, NOT_COMPUTED)
 
 
 def _try_record(module: nn.Module, inputs: tuple) -> Optional[tuple[dict, Any]]:
