@@ -19,11 +19,14 @@ def core_settings(max_examples: int, **kw) -> settings:
     return settings(max_examples=max_examples, deadline=None, print_blob=True, **kw)
 
 
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    """``||got - want|| / ||want||`` in float64 (absolute when ``want`` is zero)."""
+def rel_err(got: torch.Tensor, want: torch.Tensor, floor: float = 0.0) -> float:
+    """``||got - want|| / max(||want||, floor)`` in float64 (absolute when both are zero).
+
+    ``floor``: the norm below which ``want`` counts as cancellation noise (``x - (x - y + y)`` is
+    rounding error only, and two different roundings of it differ by 100 %)."""
     assert got.shape == want.shape, (tuple(got.shape), tuple(want.shape))
     diff = (got.double() - want.double()).norm().item()
-    scale = want.double().norm().item()
+    scale = max(want.double().norm().item(), floor)
     return diff / scale if scale > 0 else diff
 
 
