@@ -38,6 +38,7 @@ from ..report import Report, Rewrite
 from ..trace import node_shape
 from .mutation import eliminate_dead_code, is_metadata_user, mutation_barriers, real_users
 
+
 @dataclass
 class Value:
     """``node == affine(root)``, replacing the original nodes in ``ops``."""
@@ -138,7 +139,7 @@ class Collapse:
         bases = [self._input(state, s, cut) for s in sources]
         roots = {b.root if b else s for b, s in zip(bases, sources)}
         if len(roots) != 1:
-            bases = self._common_root(state, bases, sources, roots, cut)
+            bases = self._common_root(bases, sources, roots, cut)
             if bases is None:
                 return None
         layout = next((b.affine.layout for b in bases if b), None)
@@ -154,7 +155,7 @@ class Collapse:
             skips += 1
         return terms, skips
 
-    def _common_root(self, state: _State, bases: list, sources: list, roots: set, cut: set) -> Optional[list]:
+    def _common_root(self, bases: list, sources: list, roots: set, cut: set) -> Optional[list]:
         """Join inputs with different roots, re-expressed from the one root every path goes through.
 
         before: ``A(x) -> x1``, terms ``B(A(x))`` (B composed through A) and ``C(x1)`` (C refused to
@@ -163,7 +164,7 @@ class Collapse:
         Precondition: every term rooted elsewhere absorbed the chosen root (it lies on the term's
         path); a term that *is* that root becomes the identity.  None if no root qualifies.
         """
-        for root in roots:
+        for root in sorted(roots, key=self.order.__getitem__, reverse=True):  # latest first: deterministic
             if not all(s == root or (b is not None and (b.root == root or root in b.ops))
                        for b, s in zip(bases, sources)):
                 continue
