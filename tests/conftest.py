@@ -19,6 +19,17 @@ def core_settings(max_examples: int, **kw) -> settings:
     return settings(max_examples=max_examples, deadline=None, print_blob=True, **kw)
 
 
+def kernel_of_shape(shape: str, k: int, nd: int) -> tuple:
+    """Kernel size for a drawn shape: "kxk" (k in every axis), "1xk" / "kx1" (k in the last / first axis)."""
+    if shape == "kxk":
+        return (k,) * nd
+    if shape == "1xk":
+        return (1,) * (nd - 1) + (k,)
+    if shape == "kx1":
+        return (k,) + (1,) * (nd - 1)
+    raise ValueError(f"unknown kernel shape {shape!r}")
+
+
 def rel_err(got: torch.Tensor, want: torch.Tensor, floor: float = 0.0) -> float:
     """``||got - want|| / max(||want||, floor)`` in float64 (absolute when both are zero).
 

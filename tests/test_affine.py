@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from conftest import core_settings, rel_err
+from conftest import core_settings, kernel_of_shape, rel_err
 from reparam import affine as A
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -253,14 +253,8 @@ def branch(draw, g, nd: int, cin: int, cout: int, stride: tuple, right: tuple, a
     groups = draw(st.sampled_from(divisors(common)))
     shape = draw(st.sampled_from(["kxk", "1xk", "kx1", "free"])) if nd >= 2 else "free"
     k = draw(st.integers(1, 5))
-    if shape == "kxk":
-        kernel = (k,) * nd
-    elif shape == "1xk":
-        kernel = (1,) * (nd - 1) + (k,)
-    elif shape == "kx1":
-        kernel = (k,) + (1,) * (nd - 1)
-    else:
-        kernel = tuple(draw(st.integers(1, 4)) for _ in range(nd))
+    kernel = (tuple(draw(st.integers(1, 4)) for _ in range(nd)) if shape == "free"
+              else kernel_of_shape(shape, k, nd))
     dilation = tuple(draw(st.integers(1, 3)) for _ in range(nd))
     extent = tuple(d * (kk - 1) + 1 for kk, d in zip(kernel, dilation))
     # lo anywhere that keeps hi = right + extent - 1 - lo >= 0

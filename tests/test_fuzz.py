@@ -48,7 +48,7 @@ from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 
 import reparam
-from conftest import OpCounter, random_bn, rel_err
+from conftest import OpCounter, kernel_of_shape, random_bn, rel_err
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -238,14 +238,8 @@ class Builder:
         shape = d(st.sampled_from(["kxk", "1xk", "kx1", "free"])) if nd >= 2 else "kxk"
         ks = [1, 3, 5] if aligned else [1, 2, 3, 4, 5]
         k = d(st.sampled_from(ks))
-        if shape == "kxk":
-            kernel = (k,) * nd
-        elif shape == "1xk":
-            kernel = (1,) * (nd - 1) + (k,)
-        elif shape == "kx1":
-            kernel = (k,) + (1,) * (nd - 1)
-        else:
-            kernel = tuple(d(st.sampled_from(ks)) for _ in range(nd))
+        kernel = (tuple(d(st.sampled_from(ks)) for _ in range(nd)) if shape == "free"
+                  else kernel_of_shape(shape, k, nd))
         if forced is not None:
             kernel = forced
         if nd == 3:

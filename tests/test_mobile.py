@@ -35,14 +35,6 @@ ARCH = "repvgg_digits"
 MOBILE_HINT = "pip install 'reparam[mobile]'"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run(*argv) -> tuple[int, str, str]:
     """``reparam *argv`` in-process: (exit code, stdout, stderr)."""
     out, err = StringIO(), StringIO()
