@@ -12,7 +12,7 @@ into phases by wrapping reparam's functions from the outside (no change to repar
 (``reparam.trace.symbolic_trace``), ``shapes`` (``reparam.trace.propagate_shapes``), ``passes``
 (``Collapse.run`` without what follows), ``emit`` (building the output modules, ``to_module``), ``recompile``
 (``fx.GraphModule.recompile``: Python code generation), ``copy`` (the pipeline's ``copy.deepcopy`` of the model),
-``verify`` (``reparam.verify.compare`` via the pipeline) and ``other`` (the rest: float64 cast, cleanup, cast back).
+``verify`` (``reparam.proofs.check_fused`` and the end-to-end check) and ``other`` (the rest: float64 cast, cleanup, cast back).
 Phase times are exclusive (a phase nested in another is not counted twice).  ``--check off`` times ``reparam.fuse(..., check=False)``.
 
 Examples::
@@ -112,13 +112,15 @@ class PhaseTimer:
 
     @contextlib.contextmanager
     def installed(self):
+        import reparam.parts as parts
         import reparam.pipeline as pipeline
         import reparam.trace as trace
 
         import torch.fx as fx
 
         patches = [(trace, "symbolic_trace", "trace"), (trace, "propagate_shapes", "shapes"),
-                   (pipeline, "compare", "verify"), (fx.GraphModule, "recompile", "recompile")]
+                   (pipeline, "check_fused", "verify"), (parts, "check_fused", "verify"),
+                   (pipeline, "_check_end_to_end", "verify"), (fx.GraphModule, "recompile", "recompile")]
         collapse = getattr(pipeline, "Collapse", None)
         if collapse is not None and hasattr(collapse, "run"):
             patches.append((collapse, "run", "passes"))

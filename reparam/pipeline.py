@@ -8,21 +8,26 @@ report names the parts left alone.
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from typing import Any, Optional
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.utils._pytree import tree_structure
 
 from . import trace as T
-from .errors import ReparamError
+from .errors import EquivalenceError, ReparamError
 from .passes.cleanup import drop_static_asserts, drop_unused_tensors
 from .passes.collapse import Collapse
 from .passes.residual import remove_residuals as remove_residual_adds
 from .passes.towers import merge_towers
+from .interface import restore_state, snapshot_state
+from .parts import PartFuser, record_calls
+from .proofs import UnfaithfulTrace, check_fused, pristine_copy, tag_origins
 from .report import Report
-from .verify import NOT_COMPUTED, compare, fresh, is_degenerate, random_like, to_float64
+from .verify import NOT_COMPUTED, TOLERANCE, compare_outputs, fresh, is_degenerate, random_like, to_float64
 
 MAX_ROUNDS = 8
 
@@ -77,10 +82,12 @@ def _region_dtype(gm: fx.GraphModule, dtypes: dict, fallback: torch.dtype):
 
 
 def _fuse_graph(gm: fx.GraphModule, inputs: Optional[tuple], report: Report, dtypes: dict, main: torch.dtype,
-                shapes_known: bool = False, remove_residuals: bool = False) -> None:
-    """Run the passes on ``gm`` (in place) to a fixed point."""
+                shapes_known: bool = False, remove_residuals: bool = False) -> fx.GraphModule:
+    """Run the passes on ``gm`` (in place) to a fixed point; returns its unfused twin (for the proofs)."""
     if inputs is not None and not shapes_known:
         T.propagate_shapes(gm, inputs)
+    tag_origins(gm)
+    pristine = pristine_copy(gm)
     _collapse(gm, report, dtypes, main)
     if merge_towers(gm, report):  # sums of convs merged first, so towers see their final form
         if inputs is not None:
@@ -93,62 +100,13 @@ def _fuse_graph(gm: fx.GraphModule, inputs: Optional[tuple], report: Report, dty
     drop_unused_tensors(gm)
     gm.graph.lint()
     gm.recompile()
+    return pristine
 
 
 def _collapse(gm: fx.GraphModule, report: Report, dtypes: dict, main: torch.dtype) -> None:
     for _ in range(MAX_ROUNDS):  # new nodes carry their replaced node's shape, so no re-propagation
         if Collapse(gm, report, _region_dtype(gm, dtypes, main), dtypes).run() == 0:
             break
-
-
-def _record_inputs(module: nn.Module, inputs: tuple) -> tuple[dict, Any]:
-    """(first positional inputs each submodule sees, output) when ``module`` runs ``inputs``."""
-    seen: dict = {}
-
-    def hook(mod, args):
-        seen.setdefault(mod, args)
-
-    handles = [m.register_forward_pre_hook(hook) for m in module.modules()]
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            output = module(*fresh(inputs))
-    finally:
-        for h in handles:
-            h.remove()
-    return seen, output
-
-
-def _fuse_tree(module: nn.Module, recorded: dict, report: Report, dtypes, main, path="",
-               remove_residuals: bool = False, trace_error: Optional[Exception] = None) -> nn.Module:
-    """Fuse ``module`` whole if it traces, else each child that was called (depth first).
-
-    ``recorded``: each submodule's inputs in one eager run (:func:`_record_inputs`); ``trace_error``:
-    why ``module`` did not trace, when the caller knows already.  Children are replaced in
-    ``module`` itself: the caller passes a module it owns.
-    """
-    gm = None
-    if trace_error is None:
-        try:
-            gm = T.symbolic_trace(module)
-        except Exception as err:  # data-dependent control flow and the like
-            trace_error = err
-    if gm is None:
-        err = trace_error
-        if path or not list(module.children()):
-            report.notes.append(f"{path or type(module).__name__} left unfused: not traceable ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
-        if not path:
-            report.notes.append(f"{type(module).__name__} does not trace as a whole; fused its traceable parts")
-        for name, child in list(module.named_children()):
-            if child in recorded:
-                setattr(module, name, _fuse_tree(child, recorded, report, dtypes, main,
-                                                 f"{path}.{name}".strip("."), remove_residuals))
-        return module
-    prefix = f"{path}." if path else ""
-    local = {k[len(prefix):]: v for k, v in dtypes.items() if k.startswith(prefix)}
-    _fuse_graph(gm, recorded.get(module), report, local, main, remove_residuals=remove_residuals)
-    dtypes.update({prefix + k: v for k, v in local.items()})  # dtypes of the modules it created
-    return gm
 
 
 def fuse_with_report(model: nn.Module, example_inputs=None, *, check: bool = True,
@@ -170,38 +128,109 @@ def fuse_with_report(model: nn.Module, example_inputs=None, *, check: bool = Tru
 
     # all folding and checking happens on a private float64 CPU copy; the result goes back to ``device``
     work = copy.deepcopy(model).eval()
+    state = snapshot_state(work)  # caches that the float64 runs below leave are undone at the end
     given = _normalise_inputs(example_inputs)
     try:
         gm, trace_error = T.symbolic_trace(work), None
     except Exception as err:  # not traceable as a whole: fuse the traceable parts of the private copy
         gm, trace_error = None, err
-    want = NOT_COMPUTED  # the original's output on ``inputs``, when an eager run already produced it
+    fuse_graph = _graph_fuser(report, dtypes, main, remove_residuals)
+    fused = None
     if gm is not None:
         inputs = _shapes_then_float64(gm, work, given, _main_dtype(_dtype_map(model), given), device)
-        _fuse_graph(gm, inputs, report, dtypes, main, True, remove_residuals)
-        fused, reference = gm, work  # gm shares work's leaf modules but leaves work itself intact
-    else:
-        _to_float64(work)
-        inputs, recorded, want = _record_float64(work, given)
-        # a random twin (below) needs the original model itself
-        reference = copy.deepcopy(work) if check and given is not None and is_degenerate(inputs) else None
-        fused = _fuse_tree(work, recorded, report, dtypes, main, remove_residuals=remove_residuals,
-                           trace_error=trace_error)
-
-    if check:
-        if inputs is None:
-            warnings.warn("could not infer example inputs, so the fused model was NOT verified; pass "
-                          "example_inputs=(x,) to reparam.fuse", VerificationSkippedWarning, stacklevel=3)
-            report.notes.append("verification skipped: no example inputs")
-        else:
-            # checked against the eager model, not the traced graph: fx can trace a model unfaithfully
-            # (``z = y; z += x`` becomes out of place).  Constant inputs hide wrong weights: add a random twin.
-            report.max_rel_error = compare(fused, reference, inputs, want)
-            if given is not None and is_degenerate(inputs):
-                report.max_rel_error = max(report.max_rel_error, compare(fused, reference, random_like(inputs)))
+        pristine = _fuse_graph(gm, inputs, report, dtypes, main, True, remove_residuals)
+        if not check or inputs is None:
+            fused = gm
+        else:  # against the eager model, not the traced graph: fx can trace a model unfaithfully
+            try:
+                report.max_rel_error = _check_whole(gm, pristine, work, inputs, report)
+                fused = gm
+            except UnfaithfulTrace as err:
+                trace_error = err
+                report = Report(notes=[f"{type(model).__name__}: torch.fx traces it unfaithfully "
+                                       "(e.g. an aliased in-place update); fused part by part instead"])
+                fuse_graph = _graph_fuser(report, dtypes, main, remove_residuals)
+    if fused is None:
+        if gm is None:
+            _to_float64(work)
+        fused, inputs = _fuse_parts(work, given, report, fuse_graph, trace_error, check)
+    if check and inputs is None:
+        warnings.warn("could not infer example inputs, so the fused model was NOT verified; pass "
+                      "example_inputs=(x,) to reparam.fuse", VerificationSkippedWarning, stacklevel=3)
+        report.notes.append("verification skipped: no example inputs")
     _cast_back(fused, dtypes, main, device)
+    restore_state(fused, state)
     fused.reparam_report = report
     return fused, report
+
+
+def _graph_fuser(report: Report, dtypes: dict, main: torch.dtype, remove_residuals: bool):
+    """``fuse_graph(gm, inputs, path)``: the passes on the traced part at ``path`` of the model."""
+
+    def fuse_graph(gm: fx.GraphModule, inputs: Optional[tuple], path: str) -> fx.GraphModule:
+        prefix = f"{path}." if path else ""
+        local = {k[len(prefix):]: v for k, v in dtypes.items() if k.startswith(prefix)}
+        pristine = _fuse_graph(gm, inputs, report, local, main, remove_residuals=remove_residuals)
+        dtypes.update({prefix + k: v for k, v in local.items()})  # dtypes of the modules it created
+        return pristine
+
+    return fuse_graph
+
+
+def _eager(module, inputs: tuple) -> Any:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return module(*fresh(inputs))
+
+
+def _check_whole(gm: fx.GraphModule, pristine: fx.GraphModule, reference: nn.Module, inputs: tuple,
+                 report: Report) -> float:
+    """Worst relative error of the fused whole-model graph against the eager original on ``inputs``
+    (and on a random twin of constant inputs, which cannot expose wrong weights): :func:`check_fused`."""
+    worst = 0.0
+    for x in [inputs] + ([random_like(inputs)] if is_degenerate(inputs) else []):
+        err = check_fused(gm, pristine, reference, x, {}, _eager(reference, x), "output", report.notes, x)
+        worst = max(worst, err)
+    return worst
+
+
+def _fuse_parts(work: nn.Module, given: Optional[tuple], report: Report, fuse_graph, trace_error,
+                check: bool) -> tuple[nn.Module, Optional[tuple]]:
+    """(``work`` (float64) with its traceable parts fused, each proven on the inputs it sees
+    (:mod:`reparam.parts`); the float64 inputs of the recording run, None if none run)."""
+    inputs, calls, want = _record_float64(work, given)
+    if inputs is None:
+        report.notes.append(f"{type(work).__name__} left unfused: it does not trace and no example inputs run it")
+        return work, None
+    parts = PartFuser(calls, report, fuse_graph)
+    fused = parts.fuse(work, trace_error=trace_error)
+    report.max_rel_error = parts.worst
+    if check:
+        _check_end_to_end(fused, inputs, want, report, parts.worst)
+    return fused, inputs
+
+
+def _check_end_to_end(fused: nn.Module, inputs: tuple, want: Any, report: Report, local_worst: float) -> None:
+    """The part-by-part fused model against the original's recorded output.
+
+    The structure must match exactly (else :class:`EquivalenceError`).  Values are informative only:
+    every fused part was proven on the inputs it saw, so a difference here comes from data-dependent
+    steps after them (top-k, NMS, sorting of near-ties), which the report says.
+    """
+    got = _eager(fused, inputs)
+    got_spec, want_spec = tree_structure(got), tree_structure(want)
+    if got_spec != want_spec:
+        raise EquivalenceError(f"output: the fused model returns a different output structure ({got_spec} vs "
+                               f"{want_spec}); this is a reparam bug, please report the model")
+    try:
+        err = compare_outputs(got, want, tolerance=math.inf)
+        detail = f"relative error {err:.1e}"
+    except EquivalenceError as disagreement:  # e.g. another number of detections after NMS
+        err, detail = math.inf, str(disagreement).split(";")[0]
+    if err > TOLERANCE:
+        report.notes.append(f"end-to-end outputs differ ({detail}) although every fused part matches its "
+                            f"original on the inputs it sees (largest error {local_worst:.1e}): the model "
+                            "post-processes them data-dependently (top-k, NMS, sorting of near-ties)")
 
 
 def _shapes_then_float64(gm: fx.GraphModule, work: nn.Module, given: Optional[tuple], native: torch.dtype,
@@ -228,15 +257,16 @@ def _shapes_then_float64(gm: fx.GraphModule, work: nn.Module, given: Optional[tu
 
 
 def _record_float64(work: nn.Module, given: Optional[tuple]) -> tuple[Optional[tuple], dict, Any]:
-    """(float64 inputs, every submodule's inputs, the output) from one eager run of ``work``.
+    """(float64 inputs, every submodule's recorded calls, the output) from one eager run of ``work``.
 
     ``given`` inputs are used as they are (a model that fails on them fails here, with its own
-    error); otherwise inputs are inferred from the first layer.  No inputs: (None, {}, NOT_COMPUTED).
+    error), or a random twin of them if they are constant (they could not expose wrong weights);
+    otherwise inputs are inferred from the first layer.  No inputs: (None, {}, NOT_COMPUTED).
     """
     if given is not None:
         inputs = to_float64(_move(given, "cpu"))
-        recorded, output = _record_inputs(work, inputs)
-        return inputs, recorded, output
+        inputs = random_like(inputs) if is_degenerate(inputs) else inputs
+        return (inputs, *record_calls(work, inputs))
     runs: list = []
     inputs = T.infer_example_inputs(work, None, torch.float64, "cpu",
                                     runs=lambda x: runs.append(_try_record(work, x)) or runs[-1])
@@ -245,7 +275,7 @@ def _record_float64(work: nn.Module, given: Optional[tuple]) -> tuple[Optional[t
 
 def _try_record(module: nn.Module, inputs: tuple) -> Optional[tuple[dict, Any]]:
     try:
-        return _record_inputs(module, inputs)
+        return record_calls(module, inputs)
     except Exception:
         return None
 

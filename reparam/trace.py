@@ -18,6 +18,8 @@ import torch.fx as fx
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .interface import keep_attributes
+
 
 def _timm_leaves() -> tuple[set, set]:
     if "timm" not in sys.modules:  # a model that is not timm's: no need to import it (seconds cold)
@@ -76,28 +78,8 @@ def symbolic_trace(model: torch.nn.Module) -> fx.GraphModule:
     graph = tracer.trace(model)
     name = model.__class__.__name__
     gm = fx.GraphModule(tracer.root, graph, name)
-    _keep_plain_attributes(model, gm)
+    keep_attributes(model, gm)  # a parent's forward may read them off the replacement
     return gm
-
-
-def _keep_plain_attributes(model: torch.nn.Module, gm: fx.GraphModule) -> None:
-    """Copy ``model``'s plain instance attributes (``self.resolution = 7``, configs, ...) onto ``gm``.
-
-    When only part of a model traces, the traced child replaces the original one inside a parent
-    whose Python ``forward`` still runs, and that forward may read the child's attributes
-    (timm's ``LocalWindowAttention`` reads ``self.attn.resolution``).  Submodules, parameters and
-    buffers are not in ``__dict__``; callables (a patched ``forward``, bound methods) and names the
-    GraphModule already has are left alone.
-    """
-    for key, value in vars(model).items():
-        if key.startswith("_") or key in vars(gm) or hasattr(type(gm), key):
-            continue
-        if isinstance(value, (torch.nn.Module, torch.Tensor)) or callable(value):  # e.g. a patched forward
-            continue
-        try:
-            setattr(gm, key, value)
-        except Exception:  # a property or slot that refuses: the attribute stays behind
-            pass
 
 
 @dataclass

@@ -61,10 +61,10 @@ def test_compile_time_phase_timer_restores_reparam():
     import reparam.pipeline as pipeline
     import reparam.trace as trace
 
-    before = (trace.symbolic_trace, trace.propagate_shapes, pipeline.compare)
+    before = (trace.symbolic_trace, trace.propagate_shapes, pipeline.check_fused)
     with compile_time.PhaseTimer().installed():
         assert trace.symbolic_trace is not before[0]
-    assert (trace.symbolic_trace, trace.propagate_shapes, pipeline.compare) == before
+    assert (trace.symbolic_trace, trace.propagate_shapes, pipeline.check_fused) == before
 
 
 @pytest.mark.skipif(not _has("timm"), reason="needs timm")

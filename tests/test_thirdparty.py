@@ -280,11 +280,12 @@ def test_untraceable_model_with_constant_inputs_checks_a_random_twin(monkeypatch
     import reparam.pipeline as pipeline
 
     calls = []
-    real = pipeline.compare
-    monkeypatch.setattr(pipeline, "compare", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    real = pipeline.record_calls
+    monkeypatch.setattr(pipeline, "record_calls", lambda m, x: calls.append(x) or real(m, x))
     model = DataDependent().eval()
     fused = reparam.fuse(model, (torch.zeros(1, 3, 32, 32),))
-    assert len(calls) == 2 and not bool((calls[1][0] == 0).all())  # the user's zeros, then a random twin
+    # the parts are proven on what a random twin of the user's zeros makes them see
+    assert len(calls) == 1 and calls[0][0].shape == (1, 3, 32, 32) and float(calls[0][0].std()) > 0.5
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert relative_error(fused(x), model(x)) <= FP32_TOL

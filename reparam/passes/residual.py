@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from .. import affine as A
 from ..emit import to_module
+from ..proofs import no_origin, same_origin
 from ..report import Report, Rewrite
 from ..trace import node_shape
 from .cleanup import finish
@@ -166,5 +167,7 @@ def _rewire(gm: fx.GraphModule, block: _Block, affs: list) -> None:
         name = f"{conv.target}_carry"
         gm.add_submodule(name, to_module(aff, torch.float64, device))
         conv.target = name
+        no_origin(conv)  # it computes the carried, wider tensor now
+    same_origin(block.convs[-1], block.add)
     block.add.replace_all_uses_with(block.convs[-1])
     gm.graph.erase_node(block.add)

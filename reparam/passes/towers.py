@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from .. import affine as A
 from ..emit import to_module
+from ..proofs import same_origin
 from ..report import Report, Rewrite
 from ..trace import node_shape
 from .cleanup import finish
@@ -194,4 +195,5 @@ def _rewrite(gm: fx.GraphModule, towers: _Towers, modules: dict) -> None:
     with graph.inserting_before(towers.join_node):
         for extra in towers.extras:
             current = graph.call_function(operator.add, (current, extra))
+    same_origin(current, towers.join_node)
     towers.join_node.replace_all_uses_with(current)

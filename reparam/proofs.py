@@ -1,0 +1,200 @@
+"""Local proofs: every rewritten region of a fused graph checked against the subgraph it replaced, in
+float64, on the activations that subgraph really receives.
+
+Every node of a traced graph is tagged with its *origin* (its own name) before the passes run; a node a
+pass creates takes the origin of the node whose value it now computes (the collapse pass copies the
+replaced node's ``meta``; the tower and residual passes tag their last node).  One run of the unfused
+graph records the value of every origin.  The fused graph is then run *teacher-forced*: each node whose
+origin is known is compared with the original value there and replaced by it before its users run,
+so a rounding difference never travels and every disagreement points at the region that made it.
+
+Tolerance per region: relative L2 error ``LOCAL_TOLERANCE``, or, where the original subgraph itself is
+that sensitive to rounding (it cancels: ``|W x|`` much smaller than ``|W| |x|``), ``NOISE_FACTOR`` times
+its own float64 noise there, measured by the same run of a differently rounded twin.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from . import trace as T
+from .errors import EquivalenceError
+from .interface import match_containers
+from .verify import NOISE_FACTOR, compare_outputs, fresh, perturbed, relative_error, worst_leaf
+
+ORIGIN = "reparam_origin"
+PROOF_TRIGGER = 1e-11  # an end-to-end error above this is examined region by region
+LOCAL_TOLERANCE = 1e-9
+
+
+def tag_origins(gm: fx.GraphModule) -> None:
+    """before -> after: nodes without origins -> every node's ``meta[ORIGIN]`` is its own name."""
+    for node in gm.graph.nodes:
+        node.meta[ORIGIN] = node.name
+
+
+def same_origin(new: fx.Node, old: fx.Node) -> None:
+    """``new`` now computes the value ``old`` computed (a pass replaced ``old`` by ``new``)."""
+    if ORIGIN in old.meta:
+        new.meta[ORIGIN] = old.meta[ORIGIN]
+
+
+def no_origin(node: fx.Node) -> None:
+    """``node``'s value is no longer the one its origin had (e.g. a conv widened to carry channels)."""
+    node.meta.pop(ORIGIN, None)
+
+
+def pristine_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """An unfused twin of ``gm`` (same submodules, its own graph) to prove the rewrites against."""
+    return fx.GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__)
+
+
+@dataclass
+class Disproof:
+    """A region whose fused form disagrees with what it replaced."""
+
+    where: str  # module path of the fused kernel (or the node name)
+    error: float  # relative L2 error
+    allowed: float
+
+    def __str__(self) -> str:
+        why = ", from the original's own float64 noise there" if self.allowed > LOCAL_TOLERANCE else ""
+        return (f"region {self.where}: the fused kernel disagrees with the subgraph it replaces, relative error "
+                f"{self.error:.3e} on the activations it receives (allowed {self.allowed:.1e}{why})")
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, wanted: set):
+        super().__init__(gm)
+        self.wanted = wanted
+        self.values: dict = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        if n.name in self.wanted and isinstance(value, torch.Tensor):
+            self.values[n.name] = value.detach().clone()
+        return value
+
+
+class _TeacherForced(fx.Interpreter):
+    """Runs a graph with each node whose origin was recorded reset to the recorded value after it ran;
+    ``errors``: origin -> (where, relative error of the node's own value there)."""
+
+    def __init__(self, gm: fx.GraphModule, original: dict):
+        super().__init__(gm)
+        self.original = original
+        self.errors: dict = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        origin = n.meta.get(ORIGIN)
+        want = self.original.get(origin) if origin is not None else None
+        if want is None or not isinstance(value, torch.Tensor) or value.shape != want.shape:
+            return value
+        if value.dtype != want.dtype or not value.is_floating_point():
+            return want.clone() if torch.equal(value, want) else value
+        self.errors[origin] = (_where(n), relative_error(value, want))
+        return want.clone()  # what the original computed there: each region is proven on its own
+
+
+def _where(n: fx.Node) -> str:
+    return str(n.target) if n.op == "call_module" else n.name
+
+
+def prove(fused: fx.GraphModule, pristine: fx.GraphModule, inputs: tuple) -> tuple[float, list]:
+    """(worst relative error of a region, the regions that disagree) for ``fused`` against ``pristine``
+    (its unfused twin from :func:`pristine_copy`) on the float64 ``inputs``.
+
+    A region over ``LOCAL_TOLERANCE`` is measured against the original subgraph's own float64 noise
+    there (the same teacher-forced run of a differently rounded twin, :func:`reparam.verify.perturbed`)
+    and disproven only beyond ``NOISE_FACTOR`` times that noise.
+    """
+    wanted = {n.meta[ORIGIN] for n in fused.graph.nodes if ORIGIN in n.meta}
+    recorder = _Recorder(pristine, wanted)
+    with torch.no_grad():
+        recorder.run(*fresh(inputs))
+    errors = _forced_errors(fused, recorder.values, inputs)
+    suspects = {o: e for o, e in errors.items() if not e[1] <= LOCAL_TOLERANCE}
+    noise = _forced_errors(perturbed(pristine), recorder.values, inputs) if suspects else {}
+    disproofs = []
+    for origin, (where, err) in suspects.items():
+        allowed = max(LOCAL_TOLERANCE, NOISE_FACTOR * noise.get(origin, ("", 0.0))[1])
+        if not err <= allowed:
+            disproofs.append(Disproof(where, err, allowed))
+    return max((e for _, e in errors.values()), default=0.0), disproofs
+
+
+def _forced_errors(gm: fx.GraphModule, original: dict, inputs: tuple) -> dict:
+    forced = _TeacherForced(gm, original)
+    with torch.no_grad():
+        forced.run(*fresh(inputs))
+    return forced.errors
+
+
+class UnfaithfulTrace(Exception):
+    """The traced graph itself computes something else than the module's eager forward."""
+
+
+def _run(module, args: tuple, kwargs: dict) -> Any:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return module(*fresh(args), **fresh(kwargs))
+
+
+def check_fused(fused: fx.GraphModule, pristine: Optional[fx.GraphModule], original: nn.Module, args: tuple,
+                kwargs: dict, want: Any, where: str, notes: list, positional: Optional[tuple] = None) -> float:
+    """Worst relative error of ``fused`` (the rewritten trace of ``original``) against ``want``, the
+    eager original's output on ``args`` / ``kwargs`` (float64).
+
+    Exact enough end to end (``PROOF_TRIGGER``): done.  Otherwise each region is proven on its own
+    (:func:`prove`, on ``positional``, the inputs as ``pristine``'s placeholders take them) and a
+    disproven one raises :class:`EquivalenceError` naming it; then the end-to-end error is accepted if it
+    is within the original's own float64 noise (:func:`reparam.verify.perturbed`, reported in ``notes``).
+    Raises :class:`UnfaithfulTrace` when the unfused trace already disagrees with ``original``.
+    ``fused`` is made to return ``want``'s container types (``OrderedDict`` ...).
+    """
+    got = _run(fused, args, kwargs)
+    try:
+        if match_containers(fused, got, want):
+            got = _run(fused, args, kwargs)
+    except ValueError as err:
+        raise UnfaithfulTrace(f"{where}: its trace returns {err}") from err
+    try:
+        worst = compare_outputs(got, want, where, tolerance=math.inf)
+    except EquivalenceError as err:
+        worst, mismatch = math.inf, err
+    else:
+        mismatch = None
+    if worst <= PROOF_TRIGGER:
+        return worst
+    if pristine is not None and positional is not None:
+        disproofs = prove(fused, pristine, positional)[1]
+        if disproofs:
+            prefix = f"{where}: " if where != "output" else ""
+            leaf, err = worst_leaf(got, want, where) if mismatch is None else (where, math.inf)
+            raise EquivalenceError(f"{prefix}{disproofs[0]}; {leaf} is off by {err:.1e} (relative); this is a "
+                                   "reparam bug, please report the model")
+    try:
+        if mismatch is not None:
+            raise mismatch
+        return compare_outputs(got, want, where, noise=lambda: _run(perturbed(original), args, kwargs), notes=notes)
+    except EquivalenceError as err:
+        if not _faithful(original, args, kwargs, want):
+            raise UnfaithfulTrace(f"{where}: torch.fx traces it unfaithfully") from err
+        raise
+
+
+def _faithful(module: nn.Module, args: tuple, kwargs: dict, want: Any) -> bool:
+    """Does a fresh, unfused trace of ``module`` compute ``want`` (its eager output) on these inputs?"""
+    try:
+        compare_outputs(_run(T.symbolic_trace(module), args, kwargs), want)
+        return True
+    except Exception:  # a structure mismatch or a different value: either way, not faithful
+        return False
