@@ -1,11 +1,12 @@
 """Fuse a model that does not trace as a whole, part by part, each part proven on the inputs it sees.
 
-One eager float64 run records every call of every submodule (inputs and output, cloned, since parents
-often update them in place afterwards).  Then, depth first from the root: a module that was called and
-traces is fused as one graph and checked against itself on each recorded call; a module that does not
-trace, or whose trace is not faithful to its eager self, keeps its Python ``forward`` and its children
-are fused instead.  Containers that are iterated rather than called (``nn.Sequential`` / ``nn.ModuleList``
-/ ``nn.ModuleDict`` walked by a parent's loop, as in ultralytics' YOLO) are descended into too.
+Top down from the root, the largest submodules that torch.fx traces are the *parts*; a module that does
+not trace keeps its Python ``forward`` and its children are tried instead, so containers that are
+iterated rather than called (``nn.Sequential`` / ``nn.ModuleList`` / ``nn.ModuleDict`` walked by a
+parent's loop, as in ultralytics' YOLO) are reached too.  One eager float64 run records every call of
+every part (inputs and output, cloned, since parents often update them in place afterwards); each part
+is fused as one graph and checked against itself on each recorded call.  A part whose trace is not
+faithful to its eager self is replaced by its own parts.
 
 Because each part is checked where it is used, a detector whose outputs pass top-k / NMS is never
 refused for reordered ties: the proof is local, before any data-dependent post-processing.
@@ -47,14 +48,20 @@ def _signature(args: tuple, kwargs: dict) -> tuple:
                  for t in tree_leaves((args, kwargs)))
 
 
-def record_calls(model: nn.Module, inputs: tuple) -> tuple[dict, Any]:
-    """(module -> its recorded :class:`Call` s, the model's output) from one eager run of ``inputs``.
+def record_calls(model: nn.Module, inputs: tuple, only: Optional[set] = None) -> tuple[dict, Any, set]:
+    """(module -> its recorded :class:`Call` s, the model's output, every module called) from one eager
+    run of ``inputs``.
 
-    Up to :data:`MAX_CALLS` calls with distinct input shapes are kept per module.
+    ``only``: the modules to record (default: every submodule); every module is still seen to be called
+    or not.  Up to :data:`MAX_CALLS` calls with distinct input shapes are kept per module.
     """
     calls: dict = {}
     pending: dict = {}
     seen: dict = {}
+    called: set = set()
+
+    def mark(module, args):
+        called.add(module)
 
     def before(module, args, kwargs):
         pending.setdefault(module, []).append((_clone(args), _clone(kwargs)))
@@ -67,8 +74,8 @@ def record_calls(model: nn.Module, inputs: tuple) -> tuple[dict, Any]:
             known.add(signature)
             calls.setdefault(module, []).append(Call(args0, kwargs0, _clone(output)))
 
-    handles = []
-    for m in model.modules():
+    handles = [m.register_forward_pre_hook(mark) for m in model.modules()]
+    for m in (model.modules() if only is None else only):
         handles.append(m.register_forward_pre_hook(before, with_kwargs=True))
         handles.append(m.register_forward_hook(after, with_kwargs=True))
     try:
@@ -78,7 +85,7 @@ def record_calls(model: nn.Module, inputs: tuple) -> tuple[dict, Any]:
     finally:
         for h in handles:
             h.remove()
-    return calls, output
+    return calls, output, called
 
 
 def _positional(gm: fx.GraphModule, call: Call) -> Optional[tuple]:
@@ -97,39 +104,75 @@ def _positional(gm: fx.GraphModule, call: Call) -> Optional[tuple]:
     return tuple(values)
 
 
-class PartFuser:
-    """Fuse the parts of one model that trace; ``fuse_graph(gm, inputs, path) -> pristine`` rewrites a
-    traced part in place (the pipeline's passes) and returns its unfused twin for the proofs."""
+@dataclass
+class _Slot:
+    """A traceable part of the model: ``parent.<name>`` (``parent`` None for the root) and its trace."""
 
-    def __init__(self, calls: dict, report: Report, fuse_graph: Callable):
-        self.calls = calls
+    parent: Optional[nn.Module]
+    name: str
+    module: nn.Module
+    path: str
+    gm: fx.GraphModule
+
+
+class PartFuser:
+    """Fuse the parts of one model that does not trace as a whole.
+
+    ``fuse_graph(gm, inputs, path) -> pristine`` rewrites a traced part in place (the pipeline's passes)
+    and returns its unfused twin for the proofs; ``record(model, modules) -> (calls, output, called)``
+    runs the model once, recording the calls of ``modules`` (:func:`record_calls` on the example inputs).
+    """
+
+    def __init__(self, report: Report, fuse_graph: Callable, record: Callable):
         self.report = report
         self.fuse_graph = fuse_graph
+        self.record = record
         self.done: dict = {}  # id(module) -> its replacement (a module registered twice is fused once)
         self.worst = 0.0  # largest relative error of a fused part against its original
-        self.reached: dict = {}  # id(module) -> whether it or a descendant was called
+        self.output: Any = None  # the original model's output in the first recording run
 
-    def _reaches_a_call(self, module: nn.Module) -> bool:
-        """Was ``module`` or one of its descendants called in the recording run?"""
-        key = id(module)
-        if key not in self.reached:
-            self.reached[key] = module in self.calls or any(self._reaches_a_call(c) for c in module.children())
-        return self.reached[key]
+    def fuse(self, root: nn.Module, trace_error: Exception) -> nn.Module:
+        """``root`` (which does not trace, or traces unfaithfully: ``trace_error``) with its parts fused
+        in place.  Parts are the largest submodules that trace; only they are recorded, so memory stays
+        that of their inputs and outputs.  A part that is never called while some of its descendants
+        are (a Sequential its parent iterates), or whose trace turns out unfaithful, is replaced by
+        its own parts, recorded in a further run."""
+        self._note_untraced(root, "", trace_error)
+        pending = self._plan(root, "")
+        first = True
+        while pending:
+            calls, output, called = self.record(root, {slot.module for slot in pending})
+            if first:
+                self.output, first = output, False
+            after = []
+            for slot in pending:
+                if slot.module not in calls:  # iterated rather than called, or not used on these inputs
+                    if any(m in called for m in slot.module.modules()):
+                        after += self._plan(slot.module, slot.path)
+                    continue
+                new, why = self._fuse_part(slot, calls[slot.module])
+                if new is not None:
+                    setattr(slot.parent, slot.name, new)
+                elif why is not None:
+                    self._note_untraced(slot.module, slot.path, why)
+                    after += self._plan(slot.module, slot.path)
+            pending = after
+        return root
 
-    def fuse(self, module: nn.Module, path: str = "", trace_error: Optional[Exception] = None) -> nn.Module:
-        """``module`` or its fused replacement; children are replaced inside ``module`` itself."""
-        if id(module) in self.done:
-            return self.done[id(module)]
-        replacement = None
-        if module in self.calls and trace_error is None:
-            replacement, trace_error = self._fuse_traced(module, path)
-        if replacement is None:
-            if trace_error is not None:
-                self._note_untraced(module, path, trace_error)
-            self._fuse_children(module, path)
-            replacement = module
-        self.done[id(module)] = replacement
-        return replacement
+    def _plan(self, module: nn.Module, path: str) -> list:
+        """The largest traceable descendants of ``module`` (top down), as slots."""
+        slots = []
+        for name, child in module.named_children():
+            child_path = f"{path}.{name}".lstrip(".")
+            try:
+                gm = T.symbolic_trace(child)
+            except Exception as err:  # data-dependent control flow and the like
+                if any(True for _ in child.parameters()):
+                    self._note_untraced(child, child_path, err)
+                slots += self._plan(child, child_path)
+                continue
+            slots.append(_Slot(module, name, child, child_path, gm))
+        return slots
 
     def _note_untraced(self, module: nn.Module, path: str, err: Exception) -> None:
         if not path:
@@ -140,34 +183,24 @@ class PartFuser:
         else:
             self.report.notes.append(f"{path} left unfused: {_why(err)}")
 
-    def _fuse_children(self, module: nn.Module, path: str) -> None:
-        for name, child in list(module.named_children()):
-            if not self._reaches_a_call(child):
-                continue
-            new = self.fuse(child, f"{path}.{name}".lstrip("."))
-            if new is not child:
-                setattr(module, name, new)
-
-    def _fuse_traced(self, module: nn.Module, path: str) -> tuple[Optional[nn.Module], Optional[Exception]]:
-        """(the fused part, None), (None, why it cannot be used), or (None, None) when fusing changed nothing."""
-        try:
-            gm = T.symbolic_trace(module)
-        except Exception as err:  # data-dependent control flow and the like
-            return None, err
-        calls = self.calls[module]
-        before = len(self.report.rewrites)
-        pristine = self.fuse_graph(gm, _positional(gm, calls[0]), path)
+    def _fuse_part(self, slot: _Slot, calls: list) -> tuple[Optional[nn.Module], Optional[Exception]]:
+        """(the fused part, None), (None, why its trace cannot be used), or (None, None) when fusing
+        changed nothing (the original stays, with its own interface)."""
+        if id(slot.module) in self.done:
+            return self.done[id(slot.module)], None
+        gm, before = slot.gm, len(self.report.rewrites)
+        pristine = self.fuse_graph(gm, _positional(gm, calls[0]), slot.path)
         if len(self.report.rewrites) == before:
-            return None, None  # nothing to gain: the original stays, with its own interface
-        where = path or type(module).__name__
+            return None, None
         try:
             for call in calls:
-                err = check_fused(gm, pristine, module, call.args, call.kwargs, call.output, where,
+                err = check_fused(gm, pristine, slot.module, call.args, call.kwargs, call.output, slot.path,
                                   self.report.notes, _positional(pristine, call))
                 self.worst = max(self.worst, err)
         except UnfaithfulTrace as err:
             del self.report.rewrites[before:]
             return None, err
+        self.done[id(slot.module)] = gm
         return gm, None
 
 

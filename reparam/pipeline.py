@@ -27,7 +27,7 @@ from .interface import restore_state, snapshot_state
 from .parts import PartFuser, record_calls
 from .proofs import UnfaithfulTrace, check_fused, pristine_copy, tag_origins
 from .report import Report
-from .verify import NOT_COMPUTED, TOLERANCE, compare_outputs, fresh, is_degenerate, random_like, to_float64
+from .verify import TOLERANCE, compare_outputs, fresh, is_degenerate, random_like, to_float64
 
 MAX_ROUNDS = 8
 
@@ -197,17 +197,29 @@ def _check_whole(gm: fx.GraphModule, pristine: fx.GraphModule, reference: nn.Mod
 def _fuse_parts(work: nn.Module, given: Optional[tuple], report: Report, fuse_graph, trace_error,
                 check: bool) -> tuple[nn.Module, Optional[tuple]]:
     """(``work`` (float64) with its traceable parts fused, each proven on the inputs it sees
-    (:mod:`reparam.parts`); the float64 inputs of the recording run, None if none run)."""
-    inputs, calls, want = _record_float64(work, given)
+    (:mod:`reparam.parts`); the float64 inputs of the recording runs, None if none run)."""
+    if given is not None:
+        inputs = to_float64(_move(given, "cpu"))
+        inputs = random_like(inputs) if is_degenerate(inputs) else inputs  # zeros cannot expose wrong weights
+    else:  # inferred from the first layer: the first candidate the model runs
+        inputs = T.infer_example_inputs(work, None, torch.float64, "cpu", runs=lambda x: _eager_ok(work, x))
     if inputs is None:
         report.notes.append(f"{type(work).__name__} left unfused: it does not trace and no example inputs run it")
         return work, None
-    parts = PartFuser(calls, report, fuse_graph)
-    fused = parts.fuse(work, trace_error=trace_error)
+    parts = PartFuser(report, fuse_graph, lambda model, modules: record_calls(model, inputs, modules))
+    fused = parts.fuse(work, trace_error)
     report.max_rel_error = parts.worst
     if check:
-        _check_end_to_end(fused, inputs, want, report, parts.worst)
+        _check_end_to_end(fused, inputs, parts.output, report, parts.worst)
     return fused, inputs
+
+
+def _eager_ok(module: nn.Module, inputs: tuple) -> bool:
+    try:
+        _eager(module, inputs)
+        return True
+    except Exception:
+        return False
 
 
 def _check_end_to_end(fused: nn.Module, inputs: tuple, want: Any, report: Report, local_worst: float) -> None:
@@ -254,30 +266,6 @@ def _shapes_then_float64(gm: fx.GraphModule, work: nn.Module, given: Optional[tu
     if not shaped:  # if float64 fails too, the model fails on these inputs: verification says so
         runs(inputs)
     return inputs
-
-
-def _record_float64(work: nn.Module, given: Optional[tuple]) -> tuple[Optional[tuple], dict, Any]:
-    """(float64 inputs, every submodule's recorded calls, the output) from one eager run of ``work``.
-
-    ``given`` inputs are used as they are (a model that fails on them fails here, with its own
-    error), or a random twin of them if they are constant (they could not expose wrong weights);
-    otherwise inputs are inferred from the first layer.  No inputs: (None, {}, NOT_COMPUTED).
-    """
-    if given is not None:
-        inputs = to_float64(_move(given, "cpu"))
-        inputs = random_like(inputs) if is_degenerate(inputs) else inputs
-        return (inputs, *record_calls(work, inputs))
-    runs: list = []
-    inputs = T.infer_example_inputs(work, None, torch.float64, "cpu",
-                                    runs=lambda x: runs.append(_try_record(work, x)) or runs[-1])
-    return (inputs, *runs[-1]) if inputs is not None else (None, {}, NOT_COMPUTED)
-
-
-def _try_record(module: nn.Module, inputs: tuple) -> Optional[tuple[dict, Any]]:
-    try:
-        return record_calls(module, inputs)
-    except Exception:
-        return None
 
 
 def _to_float64(*modules: nn.Module) -> None:

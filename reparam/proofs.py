@@ -23,10 +23,11 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.utils._pytree import tree_structure
 
 from . import trace as T
 from .errors import EquivalenceError
-from .interface import match_containers
+from .interface import match_containers, restore_containers
 from .verify import NOISE_FACTOR, compare_outputs, fresh, perturbed, relative_error, worst_leaf
 
 ORIGIN = "reparam_origin"
@@ -162,8 +163,8 @@ def check_fused(fused: fx.GraphModule, pristine: Optional[fx.GraphModule], origi
     """
     got = _run(fused, args, kwargs)
     try:
-        if match_containers(fused, got, want):
-            got = _run(fused, args, kwargs)
+        if match_containers(fused, got, want):  # what the patched graph now returns, without a rerun
+            got = restore_containers(got, tree_structure(want))
     except ValueError as err:
         raise UnfaithfulTrace(f"{where}: its trace returns {err}") from err
     try:
@@ -177,9 +178,11 @@ def check_fused(fused: fx.GraphModule, pristine: Optional[fx.GraphModule], origi
     if pristine is not None and positional is not None:
         disproofs = prove(fused, pristine, positional)[1]
         if disproofs:
-            prefix = f"{where}: " if where != "output" else ""
+            first = disproofs[0]
+            if where != "output":  # a part of a model: the region's path in the whole model
+                first = Disproof(f"{where}.{first.where}", first.error, first.allowed)
             leaf, err = worst_leaf(got, want, where) if mismatch is None else (where, math.inf)
-            raise EquivalenceError(f"{prefix}{disproofs[0]}; {leaf} is off by {err:.1e} (relative); this is a "
+            raise EquivalenceError(f"{first}; {leaf} is off by {err:.1e} (relative); this is a "
                                    "reparam bug, please report the model")
     try:
         if mismatch is not None:
