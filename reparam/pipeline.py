@@ -22,6 +22,7 @@ from .passes.collapse import Collapse
 from .passes.residual import remove_residuals as remove_residual_adds
 from .passes.towers import merge_towers
 from .report import Report
+from .shapes import check_example_inputs
 from .verify import NOT_COMPUTED, compare, fresh, is_degenerate, random_like, to_float64
 
 MAX_ROUNDS = 8
@@ -171,6 +172,7 @@ def fuse_with_report(model: nn.Module, example_inputs=None, *, check: bool = Tru
     # all folding and checking happens on a private float64 CPU copy; the result goes back to ``device``
     work = copy.deepcopy(model).eval()
     given = _normalise_inputs(example_inputs)
+    check_example_inputs(work, given)  # wrong rank / channels: an error naming the expected shape
     try:
         gm, trace_error = T.symbolic_trace(work), None
     except Exception as err:  # not traceable as a whole: fuse the traceable parts of the private copy
