@@ -1,4 +1,5 @@
-"""Shared helpers for the core tests (test_affine, test_passes, test_fuzz, test_api).
+"""Shared helpers for the core tests (test_affine, test_passes, test_fuzz, test_api), and file-system failure
+fixtures for the CLI / output tests (``full_dir``: a full disk; ``read_only_dir``; ``tmpfs``).
 
 Import them as ``from conftest import ...`` (pytest puts ``tests/`` on ``sys.path``).
 """
