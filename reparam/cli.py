@@ -768,6 +768,10 @@ def _error_line(exc: BaseException) -> tuple[str, int]:
         return message, EXIT_USAGE
     if isinstance(exc, EquivalenceError):
         return message, EXIT_FAILURE
+    if isinstance(exc, OSError):  # an I/O failure nothing above turned into an InputError: still not a verification one
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        return (f"I/O error{where}: {exc.strerror or message}. Check the path, the free space and the permissions, "
+                "or re-run with --debug"), EXIT_USAGE
     if isinstance(exc, ReparamError):
         return f"{message.rstrip('.')}. Re-run with --debug for details", EXIT_FAILURE
     return (f"unexpected {type(exc).__name__}: {message.rstrip('.')}. Re-run with --debug for the traceback "

@@ -221,8 +221,11 @@ _MAGIC = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"\x1f\x8b
 
 def _sniff(path: Path) -> str | None:
     """A description of a file's content that tells why it is no checkpoint, or None when it might be one."""
-    with open(path, "rb") as f:
-        head = f.read(512)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None
     if not head:
         return "the file is empty"
     for magic, kind in _MAGIC.items():

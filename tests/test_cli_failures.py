@@ -380,3 +380,16 @@ def test_ema_without_ema_weights_says_so(ckpt, tmp_path, copy_fuse):
     assert "no EMA weights in it: used the plain weights" in result.out
     result = run("convert", ckpt, "--arch", ARCH, "-o", tmp_path / "y.pt2")
     assert "EMA" not in result.err + result.out  # only when --ema was asked for
+
+
+def test_any_io_error_exits_2(ckpt, tmp_path, monkeypatch):
+    """An OSError from a step that does not expect one is still an I/O error (2), never a verification failure (1)."""
+    def unreadable(*args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(ckpt))
+
+    monkeypatch.setattr(reparam, "fuse", unreadable)
+    result = run("convert", ckpt, "--arch", ARCH, "-o", tmp_path / "x.pt2")
+    assert result.code == 2
+    assert result.error_line == (f"error: I/O error ({ckpt}): Permission denied. Check the path, the free space and "
+                                 "the permissions, or re-run with --debug")
+    assert listing(tmp_path) == []

@@ -207,7 +207,7 @@ def need(result: dict, package: str) -> None:
         return
     if result[package + "_installed"]:
         pytest.fail(f"{package} is installed but unusable: {result[package + '_reason']}")
-    pytest.skip(f"{package} unavailable: {result[package + '_reason']}")
+    pytest.skip(f"{package} not installed (`pip install -e '.[test]'` installs it): {result[package + '_reason']}")
 
 
 def test_pte_round_trip(mobile_run):
