@@ -9,6 +9,10 @@ reports the errors).
 
 Both formats get a dynamic batch axis (dimension 0 of every input) when the model allows it.
 
+The same program gives the same bytes: a ``.pt2`` is serialised in memory (the archive gets torch's fixed root
+name, not the temporary file's) without the pass-provenance metadata that records ``id()``s of graphs, and is then
+written by Python, so that a full disk is an ``OSError`` (:class:`reparam.io.OutputPathError`), not a C++ abort.
+
 Public API: :func:`export_program`, :func:`export_pt2`, :func:`export_onnx` (returning an :class:`ExportResult`),
 and for drawings :func:`find_branch_block`, :func:`graph_to_dot`, :func:`graph_renderer`, :func:`draw_graphs`.
 """

@@ -9,7 +9,8 @@
 - :func:`load_strict` loads a state dict strictly and, on mismatch, names the missing / unexpected / wrongly
   shaped keys (``strict=False`` hides exactly the mistakes that break a conversion).
 - :func:`atomic_write` writes a file through a temporary file in the same directory and ``os.replace``: a failed
-  write leaves no partial file behind.
+  write leaves no partial file behind.  :func:`write_error` is the one-line error for a failed write (full disk,
+  read-only file system ...).
 
 Every failure a user can cause raises an :class:`InputError` (a ``reparam.ReparamError``) whose message reads
 ``<problem>. <what to do>``.
