@@ -5,16 +5,24 @@
 ``inspect --quant`` adds a per-layer int8 weight-quantization report of the fused model (:mod:`reparam.quant`).
 
 ``main(argv) -> int`` runs in-process and returns the exit code: 0 on success, 2 for bad input or usage
-(missing/corrupt/unsafe checkpoint, unknown architecture, keys that do not match, unwritable output...), 1 when
-verification fails (the fused model or an exported file disagrees with the original) or another step fails.
+(missing/corrupt/unsafe checkpoint, unknown architecture, keys that do not match, example inputs of the wrong
+shape, a model that overflows the requested --dtype, an output that exists without --force or cannot be written:
+missing or read-only directory, full disk...), 1 when verification fails (the fused model or an exported file
+disagrees with the original) or another step fails, 128 + N on signal N (SIGINT 130, SIGTERM 143, SIGHUP 129).
 Errors are one line, ``error: <problem>. <fix>``; ``--debug`` adds the traceback.  Progress goes to stderr, the
 report to stdout.
+
+Outputs are all or nothing (:mod:`reparam.staging`): every file is written and verified beside its target under
+a hidden staging directory, and only when all of them pass are they moved into place; a failure or a signal
+leaves the output directories as they were.  The same checkpoint and flags give byte-identical files.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterator, Sequence
@@ -27,7 +35,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from reparam import io, stats
+from reparam import io, staging, stats
 from reparam.errors import EquivalenceError, ReparamError
 
 __all__ = ["main", "build_parser"]
@@ -118,11 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
                          f"(conversion only: not run off macOS; needs coremltools, e.g. {_MOBILE_HINT})")
     convert.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="precision of the deploy model and "
                          "files (folded in float64, rounded once; default: the model's own). Exported files then take "
-                         "inputs of this dtype (a Core ML package still takes float32 inputs and computes in float16)")
+                         "inputs of this dtype (a Core ML package still takes float32 inputs and computes in float16). "
+                         "Checked first: a model whose activations overflow the dtype, or that loses too much accuracy "
+                         "in it, is refused with the module where it happens (see reparam.precision)")
     convert.add_argument("--no-check", action="store_true",
                          help="report but do not fail on differences between the original, fused and exported models")
     convert.add_argument("--remove-residuals", action="store_true",
                          help="also merge identity residuals into convolutions where exact (passed to reparam.fuse)")
+    convert.add_argument("--force", action="store_true", help="replace output files that exist already (they are "
+                         "replaced only once every output is written and verified)")
     convert.set_defaults(func=cmd_convert)
 
     inspect = commands.add_parser("inspect", help="show what will merge, what will not and why",
@@ -131,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(inspect, checkpoint_required=False)
     inspect.add_argument("--graph", type=Path, metavar="FILE", help="draw one block before and after fusion "
                          "(.svg/.png/.pdf with Graphviz or matplotlib; .dot writes Graphviz source)")
+    inspect.add_argument("--force", action="store_true", help="replace the --graph file if it exists")
     inspect.add_argument("--block", metavar="NAME", help="the submodule to draw (default: the first multi-branch block)")
     inspect.add_argument("--quant", action="store_true", help="report how each fused conv/linear layer's weights "
                          "survive int8 quantization (range, outliers, per-tensor / per-channel SNR) and flag the "
@@ -205,6 +218,10 @@ def _load_model(args: argparse.Namespace, ui: Ui) -> LoadedModel:
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(shape, generator=generator)
     _check_runs(model, example, args.arch)
+    if checkpoint is not None and args.ema and not _has_ema(checkpoint):
+        checkpoint.notes.append("no EMA weights in it: used the plain weights")
+        ui.err.print(f"note: --ema: {args.checkpoint.name} has no EMA weights (none of "
+                     f"{', '.join(io.EMA_KEYS)}); using the plain weights", highlight=False, soft_wrap=True)
     if checkpoint is None:
         source = "random weights (no checkpoint)"
     else:
@@ -212,15 +229,34 @@ def _load_model(args: argparse.Namespace, ui: Ui) -> LoadedModel:
     return LoadedModel(model, example, source, num_classes)
 
 
+def _has_ema(checkpoint: io.Checkpoint) -> bool:
+    """Whether the weights were read from one of the checkpoint's EMA entries."""
+    return any(f"[{key!r}]" in checkpoint.source for key in io.EMA_KEYS)
+
+
 def _check_runs(model: torch.nn.Module, example: torch.Tensor, arch: str) -> None:
     """Run the model once so that an input it cannot take is reported as bad input, not as a fusion failure."""
+    from reparam import shapes
+
+    shape = ",".join(map(str, example.shape))
     try:
-        with torch.no_grad():
-            model(example)
+        shapes.run_checked(model, example)
+    except shapes.InputShapeError as exc:
+        raise shapes.InputShapeError(f"{arch} cannot run on an input of shape {shape}: {exc.reason}. Pass "
+                                     f"--input-shape {','.join(exc.layout)} with numbers, e.g. "
+                                     f"{_example_shape(exc.layout, example.shape)}", exc.shape, exc.reason,
+                                     exc.layout) from exc
     except Exception as exc:
-        shape = ",".join(map(str, example.shape))
         raise UsageError(f"{arch} cannot run on an input of shape {shape} ({type(exc).__name__}: "
                          f"{_one_line(exc)}). Pass the right --input-shape") from exc
+
+
+def _example_shape(layout: tuple[str, ...], given: Sequence[int]) -> str:
+    """``layout`` (``N, 1, H, W``) filled in: the given batch (when the rank fits) and trailing sizes, else 1 and 224."""
+    spatial = len(layout) - 2
+    sizes = list(given[len(given) - spatial:]) if 0 < spatial <= len(given) else [224] * spatial
+    batch = given[0] if len(given) == len(layout) else 1
+    return ",".join(map(str, [batch, layout[1], *sizes]))
 
 
 def _fuse(model: torch.nn.Module, example: torch.Tensor, **kwargs: Any) -> torch.nn.Module:
@@ -334,7 +370,16 @@ def _outputs(args: argparse.Namespace) -> Outputs:
             io.check_output_path(path.parent / f"{path.name}.new", inputs=[args.checkpoint])  # replaced when done
             continue
         io.check_output_path(path, inputs=[args.checkpoint])
+    _refuse_existing(named, args.force)
     return Outputs(pt2, onnx_path, pte, coreml)
+
+
+def _refuse_existing(named: Sequence[tuple[str, Path]], force: bool) -> None:
+    """Without ``--force``, an output that exists already is a usage error (nothing is replaced by surprise)."""
+    for flag, path in named:
+        if not force and (path.exists() or path.is_symlink()):
+            raise UsageError(f"{flag} {path} exists already. Pass --force to replace it (replaced only once every "
+                             "output is written and verified), or choose another path")
 
 
 def _check_dtype(args: argparse.Namespace, outputs: Outputs) -> torch.dtype | None:
@@ -388,6 +433,11 @@ def cmd_convert(args: argparse.Namespace, ui: Ui) -> int:
     options: dict[str, Any] = {"check": check, "remove_residuals": args.remove_residuals}
     if dtype is not None:
         options["dtype"] = dtype
+    if dtype is not None and dtype != example.dtype:
+        from reparam import precision
+
+        with ui.step(f"Checking that the model's activations fit {args.dtype}"):
+            precision.check_precision(model, example, dtype)
     with ui.step("Fusing" if dtype is None else f"Fusing (deploy precision {args.dtype})"):
         fused = _fuse(model, example, **options)
     deploy_dtype = _floating_dtype(fused) or example.dtype
@@ -401,27 +451,37 @@ def cmd_convert(args: argparse.Namespace, ui: Ui) -> int:
             fused_error = stats.relative_error(fused(deploy_example), model(example))
 
     results = []
-    if outputs.pt2 is not None or outputs.onnx is not None:
-        with ui.step("Tracing with torch.export"):
-            program = export.export_program(fused, deploy_example)
-    if outputs.pt2 is not None:
-        with ui.step(f"Writing and verifying {outputs.pt2.name}"):
-            results.append(export.export_pt2(fused, deploy_example, outputs.pt2, original=original, program=program,
-                                             check=check))
-    if outputs.onnx is not None:
-        with ui.step(f"Writing and verifying {outputs.onnx.name} in ONNX Runtime"):
-            results.append(export.export_onnx(fused, deploy_example, outputs.onnx, args.opset or export.DEFAULT_OPSET,
-                                              original=original, program=program, check=check))
-    if outputs.pte is not None:
-        from reparam import mobile
+    with staging.Staging() as stage:  # every file is written and verified beside its target, then all move in
+        if outputs.pt2 is not None or outputs.onnx is not None:
+            with ui.step("Tracing with torch.export"):
+                program = export.export_program(fused, deploy_example)
+        if outputs.pt2 is not None:
+            with ui.step(f"Writing and verifying {outputs.pt2.name}"):
+                results.append(export.export_pt2(fused, deploy_example, stage.path(outputs.pt2), original=original,
+                                                 program=program, check=check))
+        if outputs.onnx is not None:
+            with ui.step(f"Writing and verifying {outputs.onnx.name} in ONNX Runtime"):
+                results.append(export.export_onnx(fused, deploy_example, stage.path(outputs.onnx),
+                                                  args.opset or export.DEFAULT_OPSET, original=original,
+                                                  program=program, check=check))
+        if outputs.pte is not None:
+            from reparam import mobile
 
-        with ui.step(f"Lowering to ExecuTorch (XNNPACK), writing and verifying {outputs.pte.name}"):
-            results.append(mobile.export_pte(fused, deploy_example, outputs.pte, original=original, check=check))
-    if outputs.coreml is not None:
-        from reparam import mobile
+            with ui.step(f"Lowering to ExecuTorch (XNNPACK), writing and verifying {outputs.pte.name}"):
+                results.append(mobile.export_pte(fused, deploy_example, stage.path(outputs.pte), original=original,
+                                                 check=check))
+        if outputs.coreml is not None:
+            from reparam import mobile
 
-        with ui.step(f"Converting to Core ML, writing {outputs.coreml.name}"):
-            results.append(mobile.export_coreml(fused, example, outputs.coreml, precision=deploy_dtype))
+            with ui.step(f"Converting to Core ML, writing {outputs.coreml.name}"):
+                results.append(mobile.export_coreml(fused, example, stage.path(outputs.coreml),
+                                                    precision=deploy_dtype))
+        targets = [path for path in (outputs.pt2, outputs.onnx, outputs.pte, outputs.coreml) if path is not None]
+        replaced = stage.commit()
+    for result, target in zip(results, targets):
+        result.path = target
+    for path in replaced:
+        ui.err.print(f"note: --force: replaced the existing {path}", highlight=False, soft_wrap=True)
 
     _print_convert_report(ui, args, loaded, before, after, fused_error, results, getattr(fused, "reparam_report", None))
     return EXIT_OK
@@ -506,6 +566,7 @@ def cmd_inspect(args: argparse.Namespace, ui: Ui) -> int:
 
     if args.graph is not None:
         io.check_output_path(args.graph, inputs=[args.checkpoint] if args.checkpoint else [])
+        _refuse_existing([("--graph", args.graph)], args.force)
         export.graph_renderer(args.graph)
     elif args.block is not None:
         raise UsageError("--block chooses the block to draw. Add --graph FILE.svg")
@@ -707,30 +768,78 @@ def _error_line(exc: BaseException) -> tuple[str, int]:
         return message, EXIT_USAGE
     if isinstance(exc, EquivalenceError):
         return message, EXIT_FAILURE
+    if isinstance(exc, OSError):  # an I/O failure nothing above turned into an InputError: still not a verification one
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        return (f"I/O error{where}: {exc.strerror or message}. Check the path, the free space and the permissions, "
+                "or re-run with --debug"), EXIT_USAGE
     if isinstance(exc, ReparamError):
         return f"{message.rstrip('.')}. Re-run with --debug for details", EXIT_FAILURE
     return (f"unexpected {type(exc).__name__}: {message.rstrip('.')}. Re-run with --debug for the traceback "
             "and please report it"), EXIT_FAILURE
 
 
+class Interrupted(KeyboardInterrupt):
+    """A termination signal (SIGINT, SIGTERM, SIGHUP) received while a command runs; ``signum`` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+#: Signals that stop a command the way Ctrl-C does: every temporary file is removed, nothing half-written stays.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+@contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """Turn :data:`STOP_SIGNALS` into :class:`Interrupted` while the block runs (in the main thread only).
+
+    The first signal raises; later ones are ignored so that the clean-up it triggers runs to its end.  The
+    previous handlers are restored afterwards.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def handler(signum: int, _frame: Any) -> None:
+        if not received:
+            received.append(signum)
+            raise Interrupted(signum)
+
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``reparam`` command with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    """Run the ``reparam`` command with ``argv`` (default ``sys.argv[1:]``); returns the exit code.
+
+    SIGINT, SIGTERM and SIGHUP stop the command cleanly (temporaries removed, no output half-written) with exit
+    code 128 + the signal number (130, 143, 129).
+    """
     ui = _make_ui()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        parser = build_parser()
-        try:
-            args = parser.parse_args(argv)
-        except SystemExit as exit_:  # --help / --version
-            return int(exit_.code or 0)
-        if getattr(args, "func", None) is None:
-            parser.print_help(sys.stderr)
-            return EXIT_USAGE
-        return args.func(args, ui)
-    except KeyboardInterrupt:
-        ui.err.print("error: interrupted", highlight=False)
-        return 130
+        with _signals_interrupt():
+            parser = build_parser()
+            try:
+                args = parser.parse_args(argv)
+            except SystemExit as exit_:  # --help / --version
+                return int(exit_.code or 0)
+            if getattr(args, "func", None) is None:
+                parser.print_help(sys.stderr)
+                return EXIT_USAGE
+            return args.func(args, ui)
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        ui.err.print(f"error: interrupted by {signal.Signals(signum).name}. Temporary files were removed; outputs are "
+                     "only ever written whole", highlight=False)
+        return 128 + signum
     except Exception as exc:  # every failure ends as one line (and a traceback with --debug)
         if debug:
             traceback.print_exc(file=sys.stderr)

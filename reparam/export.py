@@ -9,6 +9,10 @@ reports the errors).
 
 Both formats get a dynamic batch axis (dimension 0 of every input) when the model allows it.
 
+The same program gives the same bytes: a ``.pt2`` is serialised in memory (the archive gets torch's fixed root
+name, not the temporary file's) without the pass-provenance metadata that records ``id()``s of graphs, and is then
+written by Python, so that a full disk is an ``OSError`` (:class:`reparam.io.OutputPathError`), not a C++ abort.
+
 Public API: :func:`export_program`, :func:`export_pt2`, :func:`export_onnx` (returning an :class:`ExportResult`),
 and for drawings :func:`find_branch_block`, :func:`graph_to_dot`, :func:`graph_renderer`, :func:`draw_graphs`.
 """
@@ -205,6 +209,28 @@ def _output_dtype(model: torch.nn.Module, args: tuple) -> torch.dtype:
     return leaves[0].dtype if leaves else torch.float32
 
 
+#: Node metadata that records which pass created a node, with the ``id()`` of the graph it ran on: it would make
+#: two saves of the same program differ, and a deploy file does not need it.
+_PROVENANCE_KEYS = ("from_node",)
+
+
+@contextlib.contextmanager
+def _without_provenance(program: torch.export.ExportedProgram):
+    """``program`` with its nodes' :data:`_PROVENANCE_KEYS` metadata set aside for the block (restored after)."""
+    saved = []
+    for module in program.graph_module.modules():
+        if isinstance(module, fx.GraphModule):
+            for node in module.graph.nodes:
+                for key in _PROVENANCE_KEYS:
+                    if key in node.meta:
+                        saved.append((node, key, node.meta.pop(key)))
+    try:
+        yield program
+    finally:
+        for node, key, value in saved:
+            node.meta[key] = value
+
+
 def export_pt2(
     model: torch.nn.Module,
     example_inputs: Any,
@@ -231,8 +257,14 @@ def export_pt2(
     dynamic = _is_dynamic(program)
     tol = tolerance if tolerance is not None else default_tolerance(_output_dtype(model, args))
 
+    # serialised in memory: the archive gets torch's fixed root name instead of the temporary file's random one
+    # (the same program gives the same bytes), and a full disk fails in Python's write, not in C++ (an abort)
+    archive = _io.BytesIO()
+    with _without_provenance(program):
+        torch.export.save(program, archive)
+
     def write(tmp: Path) -> tuple[dict, dict]:
-        torch.export.save(program, tmp)
+        tmp.write_bytes(archive.getvalue())
         loaded = torch.export.load(tmp).module()
         inputs = _verification_inputs(args, dynamic)
         return _verify(lambda a: loaded(*a), _references(model, original), inputs, tol, check, ".pt2 file")
@@ -275,16 +307,19 @@ def export_onnx(
         n_outputs = len(tree_leaves(model(*args)))
     output_names = ["output"] if n_outputs == 1 else [f"output_{i}" for i in range(n_outputs)]
 
+    try:
+        with contextlib.redirect_stdout(_io.StringIO()):
+            onnx_program = torch.onnx.export(program, opset_version=opset, input_names=input_names,
+                                             output_names=output_names, verbose=False)
+    except Exception as exc:
+        raise _onnx_failure(exc) from exc
+
     def write(tmp: Path) -> tuple[dict, dict, int]:
+        onnx_program.save(str(tmp))  # an OSError (full disk ...) is an output error, raised by atomic_write
         try:
-            with contextlib.redirect_stdout(_io.StringIO()):
-                onnx_program = torch.onnx.export(program, opset_version=opset, input_names=input_names,
-                                                 output_names=output_names, verbose=False)
-            onnx_program.save(str(tmp))
             onnx.checker.check_model(str(tmp), full_check=True)
         except Exception as exc:
-            raise ExportError(f"ONNX export failed ({type(exc).__name__}: {_first_line(exc)}). "
-                              "Re-run with --debug for the full error, or export only the .pt2 file") from exc
+            raise _onnx_failure(exc) from exc
         written_opset = max((o.version for o in onnx.load(str(tmp), load_external_data=False).opset_import
                              if o.domain in ("", "ai.onnx")), default=opset)
         session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
@@ -301,6 +336,11 @@ def export_onnx(
     errors, abs_errors, written_opset = atomic_write(path, write)
     path = Path(path)
     return ExportResult(path, "onnx", path.stat().st_size, dynamic, errors, abs_errors, written_opset)
+
+
+def _onnx_failure(exc: BaseException) -> ExportError:
+    return ExportError(f"ONNX export failed ({type(exc).__name__}: {_first_line(exc)}). "
+                       "Re-run with --debug for the full error, or export only the .pt2 file")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -9,7 +9,8 @@
 - :func:`load_strict` loads a state dict strictly and, on mismatch, names the missing / unexpected / wrongly
   shaped keys (``strict=False`` hides exactly the mistakes that break a conversion).
 - :func:`atomic_write` writes a file through a temporary file in the same directory and ``os.replace``: a failed
-  write leaves no partial file behind.
+  write leaves no partial file behind.  :func:`write_error` is the one-line error for a failed write (full disk,
+  read-only file system ...).
 
 Every failure a user can cause raises an :class:`InputError` (a ``reparam.ReparamError``) whose message reads
 ``<problem>. <what to do>``.
@@ -19,10 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
 import os
 import pickle
 import pickletools
 import re
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
@@ -54,6 +57,7 @@ __all__ = [
     "check_output_path",
     "same_file",
     "atomic_write",
+    "write_error",
 ]
 
 # --------------------------------------------------------------------------------------------------- errors
@@ -196,11 +200,50 @@ def _load_pickle(path: Path, trust: bool) -> Any:
 
 
 def _corrupt_error(path: Path, exc: BaseException) -> CheckpointError:
-    reason = _first_line(exc) or type(exc).__name__
+    """What is wrong with a file torch cannot load: its content when recognisable, else torch's reason.
+
+    torch's own advice for a failed safe load (re-run with ``weights_only=False``) is never passed on: it would
+    run whatever the file holds, and a file that is no checkpoint at all gains nothing from it.
+    """
+    what = _sniff(path)
+    if what is None:
+        reason = _first_line(exc) or type(exc).__name__
+        what = ("it is not a pickle torch can read" if "weights_only" in reason or "weights only" in reason.lower()
+                else f"{type(exc).__name__}: {reason}")
     return CheckpointError(
-        f"cannot read {path} as a PyTorch checkpoint ({type(exc).__name__}: {reason}). "
+        f"cannot read {path} as a PyTorch checkpoint ({what}). "
         "The file may be corrupt, truncated or in another format (.safetensors, .pt, .pth are supported)"
     )
+
+
+_MAGIC = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"\x1f\x8b": "a gzip file",
+          b"\x89HDF": "an HDF5 file (Keras .h5?)", b"\x93NUMPY": "a NumPy .npy file", b"%PDF": "a PDF document"}
+
+
+def _sniff(path: Path) -> str | None:
+    """A description of a file's content that tells why it is no checkpoint, or None when it might be one."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None
+    if not head:
+        return "the file is empty"
+    for magic, kind in _MAGIC.items():
+        if head.startswith(magic):
+            return f"it is {kind}"
+    if zipfile.is_zipfile(path):
+        return None  # a torch.save archive, possibly damaged: torch's reason says how
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c in "\r\n\t" for c in text):
+        start = " ".join(text.split())[:40]
+        return f"it is a text file, starting {start!r}"
+    if head[:1] != b"\x80" and not _parses_as_pickle(path):  # pickles of protocol 2+ start with PROTO (0x80)
+        return f"it is neither a pickle, a zip archive nor safetensors: it starts with bytes {head[:8].hex(' ')}"
+    return None
 
 
 _GLOBAL_NAME = re.compile(r"GLOBAL ([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)(?:\s|$)")
@@ -525,12 +568,28 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[Path], Any]) -> Any:
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise OutputPathError(f"cannot write {path} ({exc.strerror or exc}). Choose another output path") from exc
+        raise write_error(path, exc) from exc
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
     return result
+
+
+def write_error(path: str | os.PathLike, exc: OSError) -> OutputPathError:
+    """The one-line :class:`OutputPathError` for ``exc`` met while writing ``path`` (full disk, read-only ...).
+
+    A ``shutil.Error`` (a failed directory copy) is reported by its first failure.
+    """
+    failures = exc.args[0] if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list) else []
+    if failures and isinstance(failures[0], tuple):
+        why = str(failures[0][-1])
+        match = re.match(r"\[Errno (\d+)\] ([^:]*)", why)
+        code, reason = (int(match.group(1)), match.group(2)) if match else (None, why)
+    else:
+        code, reason = exc.errno, exc.strerror or str(exc)
+    fix = "Free some space or choose" if code in (errno.ENOSPC, errno.EDQUOT) else "Choose"
+    return OutputPathError(f"cannot write {path} ({reason}). {fix} another output path")
 
 
 def _umask() -> int:

@@ -50,7 +50,7 @@ from reparam.export import (
     _verify,
     default_tolerance,
 )
-from reparam.io import InputError, OutputPathError, atomic_write
+from reparam.io import InputError, OutputPathError, atomic_write, write_error
 from reparam.stats import as_args
 
 __all__ = [
@@ -448,7 +448,7 @@ def _atomic_write_dir(path: Path, writer: Any) -> Any:
         else:
             os.replace(staged, path)
     except OSError as exc:
-        raise OutputPathError(f"cannot write {path} ({exc.strerror or exc}). Choose another output path") from exc
+        raise write_error(path, exc) from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return result

@@ -27,6 +27,8 @@ from .interface import restore_state, snapshot_state
 from .parts import PartFuser, record_calls
 from .proofs import UnfaithfulTrace, check_fused, pristine_copy, tag_origins
 from .report import Report
+from .precision import check_precision
+from .shapes import check_example_inputs
 from .verify import TOLERANCE, compare_outputs, fresh, is_degenerate, random_like, to_float64
 
 MAX_ROUNDS = 8
@@ -130,6 +132,9 @@ def fuse_with_report(model: nn.Module, example_inputs=None, *, check: bool = Tru
     work = copy.deepcopy(model).eval()
     state = snapshot_state(work)  # caches that the float64 runs below leave are undone at the end
     given = _normalise_inputs(example_inputs)
+    check_example_inputs(work, given)  # wrong rank / channels: an error naming the expected shape
+    if dtype is not None and given is not None and dtype != _main_dtype(_dtype_map(model), given):
+        check_precision(model, given, dtype)  # overflow in the deploy precision: named before any folding
     try:
         gm, trace_error = T.symbolic_trace(work), None
     except Exception as err:  # not traceable as a whole: fuse the traceable parts of the private copy

@@ -175,15 +175,26 @@ def _configured_size(model: torch.nn.Module) -> Optional[int]:
     return None
 
 
+def input_spec(module: torch.nn.Module) -> Optional[tuple[int, int]]:
+    """(input channels or features, spatial rank: 0 for a Linear) of a conv (not transposed) or linear
+    module; None for any other module."""
+    if isinstance(module, torch.nn.modules.conv._ConvNd) and not isinstance(module, torch.nn.modules.conv._ConvTransposeNd):
+        return module.in_channels, module.weight.dim() - 2
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, 0
+    return None
+
+
+def first_layer(model: torch.nn.Module) -> Optional[tuple[str, torch.nn.Module]]:
+    """(qualified name, module) of the model's first conv/linear in registration order; None when it has none."""
+    return next(((name, m) for name, m in model.named_modules() if input_spec(m) is not None), None)
+
+
 def _first_layer_channels(model: torch.nn.Module) -> Optional[tuple[int, int]]:
     """(channels, spatial rank) of the model's first conv/linear in registration order (for a model
     that does not trace, so its inputs cannot be followed)."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.conv._ConvNd) and not isinstance(m, torch.nn.modules.conv._ConvTransposeNd):
-            return m.in_channels, m.weight.dim() - 2
-        if isinstance(m, torch.nn.Linear):
-            return m.in_features, 0
-    return None
+    found = first_layer(model)
+    return None if found is None else input_spec(found[1])
 
 
 def infer_example_inputs(model: torch.nn.Module, gm: Optional[fx.GraphModule], dtype, device,

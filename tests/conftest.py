@@ -1,9 +1,13 @@
-"""Shared helpers for the core tests (test_affine, test_passes, test_fuzz, test_api).
+"""Shared helpers for the core tests (test_affine, test_passes, test_fuzz, test_api), and file-system failure
+fixtures for the CLI / output tests (``full_dir``: a full disk; ``read_only_dir``; ``tmpfs``).
 
 Import them as ``from conftest import ...`` (pytest puts ``tests/`` on ``sys.path``).
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
 from collections import Counter
 
 import pytest
@@ -168,3 +172,48 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------ file-system failure fixtures
+
+
+@contextlib.contextmanager
+def tmpfs(path, options: str):
+    """Mount a tmpfs with ``options`` (e.g. ``"size=64k"``, ``"ro"``) on ``path`` for the block; skip if we cannot.
+
+    Only root with CAP_SYS_ADMIN can mount (CI runs as root); elsewhere the test is skipped with the reason.
+    """
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs on {path} ({done.stderr.strip() or 'mount failed'}): needs root with "
+                    "CAP_SYS_ADMIN")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@pytest.fixture
+def full_dir(tmp_path):
+    """A directory on a 64 kB file system: writing any model file there fails with ENOSPC (a full disk)."""
+    path = tmp_path / "full"
+    path.mkdir()
+    with tmpfs(path, "size=64k"):
+        yield path
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory no file can be created in: mode 0o500 for a normal user; a read-only tmpfs for root, whom
+    permission bits do not stop."""
+    path = tmp_path / "locked"
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o500)
+        try:
+            yield path
+        finally:
+            path.chmod(0o700)
+        return
+    with tmpfs(path, "ro,size=64k"):
+        yield path

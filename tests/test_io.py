@@ -294,16 +294,12 @@ def test_check_output_path(tmp_path):
         io.check_output_path(source / "out.pt2")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write to read-only directories")
-def test_check_output_path_read_only(tmp_path):
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    try:
-        with pytest.raises(io.OutputPathError, match="not writable"):
-            io.check_output_path(locked / "out.pt2")
-    finally:
-        locked.chmod(0o700)
+def test_check_output_path_read_only(read_only_dir):
+    with pytest.raises(io.OutputPathError, match="not writable"):
+        io.check_output_path(read_only_dir / "out.pt2")
+    with pytest.raises(io.OutputPathError, match="cannot write"):  # and a writer that gets there anyway
+        io.atomic_write(read_only_dir / "out.pt2", lambda tmp: tmp.write_bytes(b"x"))
+    assert list(read_only_dir.iterdir()) == []
 
 
 def test_atomic_write_success_keeps_suffix_and_default_mode(tmp_path):

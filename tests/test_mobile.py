@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -29,6 +30,7 @@ from torch import nn
 
 import reparam
 import reparam.models as zoo
+from conftest import tmpfs
 from reparam import cli, mobile, quant
 
 ARCH = "repvgg_digits"
@@ -83,8 +85,9 @@ _CHILD = textwrap.dedent(r"""
     import reparam, reparam.models as zoo
     from reparam import cli, export, mobile
 
-    out, ckpt = Path(sys.argv[1]), sys.argv[2]
-    result = {}
+    out, ckpt, full = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    result = {"executorch_installed": mobile._package_version("executorch") is not None,
+              "coreml_installed": mobile._package_version("coremltools") is not None}
     ok, why = mobile.executorch_status()
     result["executorch"] = why if ok else None
     result["executorch_reason"] = None if ok else why
@@ -134,6 +137,27 @@ _CHILD = textwrap.dedent(r"""
             result["mismatch"] = str(exc)
         result["bad_exists"] = (out / "bad.pte").exists()
         result["leftovers"] = sorted(p.name for p in out.iterdir() if p.name.startswith("."))
+
+        # write errors: a failing write call, and (when the parent could mount one) a full 64 kB tmpfs
+        import contextlib, errno, io, os
+        from unittest import mock
+
+        def no_space(*args, **kwargs):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def convert_pte(target):
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                code = cli.main(["convert", ckpt, "--arch", "repvgg_digits", "--pte", str(target)])
+            return [code] + [line for line in err.getvalue().splitlines() if line.startswith("error:")]
+
+        before = sorted(p.name for p in out.iterdir())
+        with mock.patch("pathlib.Path.write_bytes", no_space):
+            result["write_error"] = convert_pte(out / "full.pte")
+        result["write_error_files"] = sorted(p.name for p in out.iterdir() if p.name not in before)
+        if full:
+            result["full_disk"] = convert_pte(Path(full) / "d.pte")
+            result["full_disk_files"] = sorted(os.listdir(full))
     if result["coreml"]:
         x = torch.randn(1, 1, 8, 8)
         fused = reparam.fuse(model, (x,))
@@ -150,11 +174,25 @@ _CHILD = textwrap.dedent(r"""
 
 @pytest.fixture(scope="module")
 def mobile_run(tmp_path_factory, ckpt):
-    """Run the ExecuTorch / Core ML checks in a child process; returns its results (and the CLI's output)."""
-    out = tmp_path_factory.mktemp("mobile")
+    """Run the ExecuTorch / Core ML checks in a child process; returns its results (and the CLI's output).
+
+    A 64 kB tmpfs (a full disk) is mounted for the child's write-error check when this process may mount one.
+    """
+    out, full = tmp_path_factory.mktemp("mobile"), tmp_path_factory.mktemp("full")
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(tmpfs(full, "size=64k"))
+            result = {"full_disk_reason": None}
+        except pytest.skip.Exception as skipped:
+            full, result = "", {"full_disk_reason": str(skipped)}
+        result.update(_run_child(out, ckpt, full))
+    return result
+
+
+def _run_child(out, ckpt, full) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "220"}
-    done = subprocess.run([sys.executable, "-c", _CHILD, str(out), str(ckpt)], capture_output=True, text=True,
-                          timeout=900, env=env)
+    done = subprocess.run([sys.executable, "-c", _CHILD, str(out), str(ckpt), str(full)], capture_output=True,
+                          text=True, timeout=900, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(lines[-1][len("RESULT "):])
@@ -163,8 +201,13 @@ def mobile_run(tmp_path_factory, ckpt):
 
 
 def need(result: dict, package: str) -> None:
-    if not result[package]:
-        pytest.skip(f"{package} unavailable: {result[package + '_reason']}")
+    """Skip when ``package`` is not installed (``pip install -e '.[test]'`` installs it); fail when it is installed
+    but unusable: a broken install must not pass as a skip."""
+    if result[package]:
+        return
+    if result[package + "_installed"]:
+        pytest.fail(f"{package} is installed but unusable: {result[package + '_reason']}")
+    pytest.skip(f"{package} not installed (`pip install -e '.[test]'` installs it): {result[package + '_reason']}")
 
 
 def test_pte_round_trip(mobile_run):
@@ -192,6 +235,20 @@ def test_pte_mismatch_writes_nothing(mobile_run):
     need(mobile_run, "executorch")
     assert "disagrees" in mobile_run["mismatch"] and "original" in mobile_run["mismatch"]
     assert not mobile_run["bad_exists"] and mobile_run["leftovers"] == []
+
+
+def test_pte_write_errors_exit_2_and_leave_nothing(mobile_run):
+    need(mobile_run, "executorch")
+    code, *lines = mobile_run["write_error"]
+    assert code == 2 and len(lines) == 1, mobile_run["write_error"]
+    assert re.fullmatch(r"error: cannot write \S+full\.pte \(No space left on device\)\. Free some space or choose "
+                        r"another output path", lines[0]), lines
+    assert mobile_run["write_error_files"] == []
+    if mobile_run["full_disk_reason"]:
+        pytest.skip(f"full-disk half: {mobile_run['full_disk_reason']}")
+    code, *lines = mobile_run["full_disk"]
+    assert code == 2 and len(lines) == 1 and "(No space left on device)" in lines[0], mobile_run["full_disk"]
+    assert mobile_run["full_disk_files"] == []
 
 
 def test_coreml_conversion(mobile_run):

@@ -804,9 +804,13 @@ def test_check_raises_equivalence_error_on_a_wrong_fold(monkeypatch):
     model = nn.Sequential(conv_bn(3, 4, 3, padding=1), nn.ReLU()).double().eval()
     with pytest.raises(reparam.EquivalenceError, match=r"region 0\.\S+: .*relative error.*output is off by"):
         reparam.fuse(model, (torch.randn(2, 3, 6, 5, dtype=torch.float64),))
-    # check=False returns the (wrong) model without complaint
-    fused = reparam.fuse(model, (torch.randn(2, 3, 6, 5, dtype=torch.float64),), check=False)
-    assert fused is not None
+    # check=False returns the (wrong) model without complaint: the BN shift is off by 0.5 after the ReLU's input
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64)
+    fused = reparam.fuse(model, (x,), check=False)
+    assert fused.reparam_report.max_rel_error is None  # nothing was compared
+    assert count_ops(fused, x)["bn"] == 0
+    with torch.no_grad():
+        assert rel_err(fused(x), model(x)) > 1e-3
 
 
 def test_equivalence_error_names_the_region_and_the_output(monkeypatch):
