@@ -14,7 +14,9 @@ its own float64 noise there, measured by the same run of a differently rounded t
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import math
 import warnings
 from dataclasses import dataclass
@@ -144,7 +146,8 @@ class UnfaithfulTrace(Exception):
 
 
 def _run(module, args: tuple, kwargs: dict) -> Any:
-    with torch.no_grad(), warnings.catch_warnings():
+    # fx prints the generated code of a GraphModule that raises: a failing candidate is not the user's error
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         return module(*fresh(args), **fresh(kwargs))
 
@@ -161,7 +164,11 @@ def check_fused(fused: fx.GraphModule, pristine: Optional[fx.GraphModule], origi
     Raises :class:`UnfaithfulTrace` when the unfused trace already disagrees with ``original``.
     ``fused`` is made to return ``want``'s container types (``OrderedDict`` ...).
     """
-    got = _run(fused, args, kwargs)
+    try:
+        got = _run(fused, args, kwargs)
+    except Exception as err:  # Python control flow on an argument was traced for another call's value
+        raise UnfaithfulTrace(f"{where}: its trace does not run this call ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:100] if str(err) else ''})") from err
     try:
         if match_containers(fused, got, want):  # what the patched graph now returns, without a rerun
             got = restore_containers(got, tree_structure(want))
