@@ -19,6 +19,7 @@ from . import trace as T
 from .errors import ReparamError
 from .passes.cleanup import drop_static_asserts, drop_unused_tensors
 from .passes.collapse import Collapse
+from .passes.inplace import follow_inplace_writes
 from .passes.residual import remove_residuals as remove_residual_adds
 from .passes.towers import merge_towers
 from .report import Report
@@ -81,6 +82,7 @@ def _fuse_graph(gm: fx.GraphModule, inputs: Optional[tuple], report: Report, dty
     """Run the passes on ``gm`` (in place) to a fixed point."""
     if inputs is not None and not shapes_known:
         T.propagate_shapes(gm, inputs)
+    follow_inplace_writes(gm, report)  # before collapse: functional pads instead of in-place barriers
     _collapse(gm, report, dtypes, main)
     if merge_towers(gm, report):  # sums of convs merged first, so towers see their final form
         if inputs is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import operator
 import sys
 import warnings
 from dataclasses import dataclass
@@ -32,8 +33,18 @@ def _timm_leaves() -> tuple[set, set]:
         return set(), set()
 
 
+class _Proxy(fx.Proxy):
+    """fx's Proxy, plus item assignment: ``t[index] = value`` is recorded as an ``operator.setitem``
+    node (fx's own Proxy raises ``TypeError``, so a model that writes a slice did not trace at all).
+    The node is an in-place update of ``t``: :mod:`reparam.passes.mutation` treats it as one, and
+    :mod:`reparam.passes.inplace` reads it functionally where ``t`` is private."""
+
+    def __setitem__(self, index, value) -> None:
+        self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
+
+
 class Tracer(fx.Tracer):
-    """fx tracer with O(1) parameter/buffer look-up and timm's leaf modules."""
+    """fx tracer with O(1) parameter/buffer look-up, timm's leaf modules and item assignment."""
 
     def __init__(self, root: Optional[torch.nn.Module] = None, **kwargs):
         # root is optional: GraphModule re-creates its tracer class with no arguments when unpickled
@@ -46,6 +57,9 @@ class Tracer(fx.Tracer):
                 self._names.setdefault(id(p), name)
             for name, b in root.named_buffers(remove_duplicate=False):
                 self._names.setdefault(id(b), name)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         if self._extra_leaves and isinstance(m, self._extra_leaves):

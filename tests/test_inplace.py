@@ -1,0 +1,290 @@
+"""In-place writes into private tensors (passes/inplace.py) on official training-time layouts.
+
+The official DBB writes its BNAndPadLayer border in place; before the pass (and the tracer's item
+assignment) such a block did not trace and stayed at 5 convs + 4 BNs.  Counts are executed ops
+(:class:`conftest.OpCounter`), errors relative L2 against the float64 original.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from conftest import count_ops, random_bn, rel_err
+from official_layouts import BNAndPadLayer, DiverseBranchBlock, ResNet, bn_at_zero, deployed, switch_to_deploy
+
+import reparam
+from reparam.pipeline import fuse_with_report
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random conv weights and non-trivial BN statistics (random mean/var/weight/bias); eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                random_bn(m, g)
+            elif isinstance(m, nn.modules.conv._ConvNd):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / m.weight[0].numel()) ** 0.5)
+    return model.eval()
+
+
+def _snapshot(model: nn.Module) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _refusals(report, text: str) -> list:
+    return [r for r in report.refusals if text in r.reason]
+
+
+# --------------------------------------------------------------------------------------------
+# the official DBB block
+
+# (in, out, groups): groups 1 / 2 with in == out and not, and depthwise
+_WIDTHS = [(4, 4, 1), (4, 8, 1), (4, 4, 2), (4, 8, 2), (4, 4, 4)]
+_CASES = [(k, s, *w) for k, s, w in itertools.product((3, 5, 7), (1, 2), _WIDTHS)]
+
+
+@pytest.mark.parametrize("k,stride,cin,cout,groups", _CASES)
+def test_official_dbb_block_fuses_to_one_conv(k, stride, cin, cout, groups):
+    block = randomize(DiverseBranchBlock(cin, cout, k, stride, k // 2, groups=groups), seed=k * 10 + stride)
+    before = _snapshot(block)
+    x = torch.randn(2, cin, 9, 11, dtype=torch.float64)  # odd, non-square
+    want = copy.deepcopy(block).double()(x)
+
+    fused64, report = fuse_with_report(copy.deepcopy(block).double(), (x,))
+    assert rel_err(fused64(x), want) <= 1e-9
+    assert count_ops(fused64, x) == {"conv": 1}, report  # one conv, no BN, no pad, no add
+    assert len([r for r in report.rewrites if "inplace_pad" in r.events]) == (1 if groups >= cout else 2)
+
+    fused32 = reparam.fuse(block, (x.float(),))
+    assert rel_err(fused32(x.float()), want) <= 1e-5
+    assert count_ops(fused32, x.float())["conv"] == 1 and count_ops(fused32, x.float())["bn"] == 0
+
+    # the official switch_to_deploy (re-derived) runs one conv and agrees with the fused model
+    deploy = deployed(copy.deepcopy(block).double(), torch.float64)
+    assert count_ops(deploy, x) == {"conv": 1}
+    assert rel_err(deploy(x), want) <= 1e-9
+
+    assert not block.training and all(torch.equal(v, before[name]) for name, v in block.state_dict().items())
+
+
+def test_official_dbb_state_dict_keys():
+    stats = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+    bn = lambda prefix: [f"{prefix}.{s}" for s in stats]  # noqa: E731
+    want = (["dbb_origin.conv.weight", *bn("dbb_origin.bn"), "dbb_avg.conv.weight", *bn("dbb_avg.bn.bn"),
+             *bn("dbb_avg.avgbn"), "dbb_1x1.conv.weight", *bn("dbb_1x1.bn"), "dbb_1x1_kxk.idconv1.weight",
+             *bn("dbb_1x1_kxk.bn1.bn"), "dbb_1x1_kxk.conv2.weight", *bn("dbb_1x1_kxk.bn2")])
+    assert list(DiverseBranchBlock(4, 4, 3, 1, 1).state_dict()) == want
+    wide = DiverseBranchBlock(4, 8, 3, 1, 1, internal_channels_1x1_3x3=6).state_dict()
+    assert "dbb_1x1_kxk.conv1.weight" in wide and "dbb_1x1_kxk.idconv1.weight" not in wide
+    depthwise = list(DiverseBranchBlock(4, 4, 3, 1, 1, groups=4).state_dict())
+    assert "dbb_1x1.conv.weight" not in depthwise and "dbb_avg.conv.weight" not in depthwise
+    assert "dbb_1x1_kxk.conv1.weight" in depthwise  # 2x internal width
+
+
+def test_official_dbb_resnet18_fuses_like_its_deploy_form():
+    model = randomize(ResNet(width_multiplier=0.25, num_classes=10), seed=1)
+    assert "stage1.0.conv1.dbb_avg.bn.bn.running_mean" in model.state_dict()
+    x = torch.randn(1, 3, 32, 32)
+    fused, report = fuse_with_report(model, (x,))
+    assert report.max_rel_error <= 1e-9
+    assert rel_err(fused(x), model(x)) <= 1e-5
+    deploy = switch_to_deploy(copy.deepcopy(model))
+    ours, theirs, train = count_ops(fused, x), count_ops(deploy, x), count_ops(model, x)
+    assert ours["conv"] == theirs["conv"] == 1 + 16 + 3  # stem, 16 block convs, 3 shortcuts
+    assert ours["bn"] == theirs["bn"] == 0 and train["conv"] == 1 + 16 * 5 + 3
+    assert rel_err(deploy(x), model(x)) <= 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# borders not written with BN(0), or written where someone sees it: exact, refused with a reason
+
+
+def _block_with(border="bn0", sides="tblr"):
+    return randomize(DiverseBranchBlock(4, 8, 3, 1, 1, border=border, sides=sides), seed=3).double()
+
+
+@pytest.mark.parametrize("border,sides,reason", [
+    ("bias", "tblr", "border value differs"),  # c != BN(0)
+    ("bn0", "tbl", "cover only part of the border"),
+    ("bn0", "lr", "cover only part of the border"),
+])
+def test_border_that_is_not_bn_at_zero_is_refused(border, sides, reason):
+    block = _block_with(border, sides)
+    x = torch.randn(2, 4, 7, 10, dtype=torch.float64)
+    fused, report = fuse_with_report(block, (x,))
+    assert rel_err(fused(x), block(x)) <= 1e-9
+    assert len(_refusals(report, reason)) == 2, report
+    assert count_ops(fused, x)["conv"] > 1  # no single conv computes a border of c != BN(0)
+
+
+def test_zero_border_is_a_plain_zero_pad():
+    block = _block_with("zeros")
+    x = torch.randn(2, 4, 7, 10, dtype=torch.float64)
+    fused, report = fuse_with_report(block, (x,))
+    assert rel_err(fused(x), block(x)) <= 1e-9
+    assert [r.after for r in report.rewrites if "inplace_pad" in r.events] == ["redundant writes of the pad value"] * 2
+    assert count_ops(fused, x)["conv"] > 1  # BN's shift then a zero border: not one conv
+
+
+class _BNPadThenConv(nn.Module):
+    """``conv(pad_c(bn(x)))`` on 1-d or 2-d data: pad widths ``lo``/``hi`` per spatial axis, the
+    border written per side as ``spell`` ("setitem" or "copy_") with BN(0) unless ``value`` says."""
+
+    def __init__(self, nd, channels, lo, hi, kernel, spell="setitem", value="bn0", interior=False):
+        super().__init__()
+        self.bn = (nn.BatchNorm1d, nn.BatchNorm2d)[nd - 1](channels)
+        self.conv = (nn.Conv1d, nn.Conv2d)[nd - 1](channels, channels, kernel, bias=False)
+        self.nd, self.lo, self.hi, self.spell, self.value, self.interior = nd, lo, hi, spell, value, interior
+
+    def forward(self, x):
+        pads = [p for lo, hi in zip(reversed(self.lo), reversed(self.hi)) for p in (lo, hi)]
+        out = F.pad(self.bn(x), pads)
+        c = bn_at_zero(self.bn) if self.value == "bn0" else self.bn.bias.detach()
+        c = c.view(1, -1, *([1] * self.nd))
+        for axis, (lo, hi) in enumerate(zip(self.lo, self.hi)):
+            sides = [slice(0, lo + self.interior)] if lo else []
+            sides += [slice(-hi, None)] if hi else []
+            for side in sides:
+                index = (slice(None), slice(None)) + (slice(None),) * axis + (side,)
+                if self.spell == "setitem":
+                    out[index] = c
+                else:
+                    out[index].copy_(c)  # broadcasts
+        return self.conv(out)
+
+
+@pytest.mark.parametrize("nd,lo,hi,kernel,spell", [
+    (1, (2,), (2,), 5, "setitem"),
+    (1, (1,), (3,), 3, "copy_"),
+    (2, (1, 2), (1, 2), (3, 5), "setitem"),  # non-square
+    (2, (0, 2), (2, 1), (3, 3), "copy_"),  # asymmetric, a side without padding
+    (2, (3, 3), (3, 3), (3, 3), "setitem"),  # wider than the kernel's reach
+])
+def test_any_width_and_rank_fuses_to_one_conv(nd, lo, hi, kernel, spell):
+    model = randomize(_BNPadThenConv(nd, 3, lo, hi, kernel, spell)).double()
+    x = torch.randn(2, 3, *((6, 7)[:nd]), dtype=torch.float64)
+    fused, report = fuse_with_report(model, (x,))
+    assert rel_err(fused(x), model(x)) <= 1e-9
+    assert [r for r in report.rewrites if "inplace_pad" in r.events], report
+    counts = count_ops(fused, x)
+    assert counts["conv"] == 1 and counts["bn"] == 0, report
+
+
+def test_write_into_the_data_is_refused():
+    model = randomize(_BNPadThenConv(2, 3, (1, 1), (1, 1), 3, interior=True)).double()
+    x = torch.randn(2, 3, 6, 7, dtype=torch.float64)
+    fused, report = fuse_with_report(model, (x,))
+    assert rel_err(fused(x), model(x)) <= 1e-9
+    assert _refusals(report, "reaches into the padded data")
+
+
+class _ReadBeforeWrite(nn.Module):
+    """The padded tensor is read (``early``) before its border is overwritten."""
+
+    def __init__(self, alias: bool):
+        super().__init__()
+        self.pad = BNAndPadLayer(1, 3)
+        self.conv = nn.Conv2d(3, 3, 3, bias=False)
+        self.alias = alias
+
+    def forward(self, x):
+        out = F.pad(self.pad.bn(x), [1] * 4)
+        early = out[:, :, :2] if self.alias else out * 2.0  # a view, or a read
+        c = bn_at_zero(self.pad.bn).view(1, -1, 1, 1)
+        out[:, :, 0:1, :] = c
+        out[:, :, -1:, :] = c
+        out[:, :, :, 0:1] = c
+        out[:, :, :, -1:] = c
+        return self.conv(out), early.sum()
+
+
+@pytest.mark.parametrize("alias", [False, True])
+def test_tensor_read_before_the_write_is_left_in_place(alias):
+    model = randomize(_ReadBeforeWrite(alias)).double()
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64)
+    fused, report = fuse_with_report(model, (x,))
+    for got, want in zip(fused(x), model(x)):
+        assert rel_err(got, want) <= 1e-9
+    assert _refusals(report, "before it is written in place"), report
+    assert not [r for r in report.rewrites if "inplace_pad" in r.events]
+
+
+class _CloneThenWrite(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        t = self.bn(x).clone()
+        t[:, 0:1] = 0.5
+        return self.conv(t)
+
+
+def test_write_without_a_rule_is_reported_and_exact():
+    model = randomize(_CloneThenWrite()).double()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    fused, report = fuse_with_report(model, (x,))
+    assert rel_err(fused(x), model(x)) <= 1e-9
+    assert _refusals(report, "no rule reads such writes"), report
+
+
+class _MutatedAroundThePad(nn.Module):
+    """``h = conv(x); y = bn(h)``, then ``y`` (case "source") or ``h`` (case "input") is updated in
+    place before ``y`` is padded and its border written with BN(0)."""
+
+    def __init__(self, case: str):
+        super().__init__()
+        self.conv1, self.bn = nn.Conv2d(3, 3, 1, bias=False), nn.BatchNorm2d(3)
+        self.conv2 = nn.Conv2d(3, 3, 3, bias=False)
+        self.case = case
+
+    def forward(self, x):
+        h = self.conv1(x)
+        y = self.bn(h)
+        (y if self.case == "source" else h).mul_(2.0)
+        out = F.pad(y, [1] * 4)
+        c = bn_at_zero(self.bn).view(1, -1, 1, 1)
+        out[:, :, :1] = c
+        out[:, :, -1:] = c
+        out[..., :1] = c
+        out[..., -1:] = c
+        return self.conv2(out) + h
+
+
+@pytest.mark.parametrize("case", ["source", "input"])
+def test_updates_around_the_pad_keep_it_exact(case):
+    model = randomize(_MutatedAroundThePad(case)).double()
+    x = torch.randn(2, 3, 6, 7, dtype=torch.float64)
+    fused, report = fuse_with_report(model, (x,))
+    assert rel_err(fused(x), model(x)) <= 1e-9
+    rewritten = [r for r in report.rewrites if "inplace_pad" in r.events]
+    if case == "source":  # the interior is 2 * bn(h), not bn(h): the rule must not fire
+        assert not rewritten and _refusals(report, "is updated in place"), report
+    else:  # bn(F.pad(h)) is inserted where bn(h) ran, before h is doubled
+        assert rewritten, report
+
+
+class _WriteThroughAViewOfAView(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn, self.conv = nn.BatchNorm2d(3), nn.Conv2d(3, 3, 3, bias=False)
+
+    def forward(self, x):
+        out = F.pad(self.bn(x), [1] * 4)
+        c = bn_at_zero(self.bn).view(1, -1, 1, 1)
+        out[:, :, :1][:, :, :, 1:] = c  # a setitem into a view: not read functionally
+        return self.conv(out)
+
+
+def test_write_through_a_view_of_a_view_is_exact():
+    model = randomize(_WriteThroughAViewOfAView()).double()
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64)
+    fused, report = fuse_with_report(model, (x,))
+    assert rel_err(fused(x), model(x)) <= 1e-9
+    assert not [r for r in report.rewrites if "inplace_pad" in r.events]
