@@ -278,3 +278,162 @@ def switch_to_deploy(model: nn.Module, dtype=torch.float32) -> nn.Module:
         else:
             switch_to_deploy(child, dtype)
     return model
+
+
+# --------------------------------------------------------------------------------------------
+# RepMLPNet (official layout)
+
+
+def conv_bn_relu(cin: int, cout: int, k, stride, padding, groups=1) -> nn.Sequential:
+    seq = conv_bn(cin, cout, k, stride, padding, groups=groups)
+    seq.add_module("relu", nn.ReLU())
+    return seq
+
+
+class GlobalPerceptron(nn.Module):
+    """``sigmoid(fc2(relu(fc1(mean_hw(x)))))`` as a ``(N, C, 1, 1)`` gate (fc1/fc2: biased 1x1 convs)."""
+
+    def __init__(self, input_channels: int, internal_neurons: int):
+        super().__init__()
+        self.fc1 = nn.Conv2d(input_channels, internal_neurons, 1, 1, bias=True)
+        self.fc2 = nn.Conv2d(internal_neurons, input_channels, 1, 1, bias=True)
+        self.input_channels = input_channels
+
+    def forward(self, inputs):
+        x = F.adaptive_avg_pool2d(inputs, output_size=(1, 1))
+        x = F.relu(self.fc1(x), inplace=True)
+        x = torch.sigmoid(self.fc2(x))
+        return x.view(-1, self.input_channels, 1, 1)
+
+
+class RepMLPBlock(nn.Module):
+    """Official-layout RepMLP block: the map is cut into ``h x w`` partitions; ``fc3`` (a grouped 1x1
+    conv over the ``S * h * w`` values of a partition, ``S`` share-sets) -> ``fc3_bn`` (BN over S)
+    plus the local branches ``repconv{k}`` (conv-BN over each ``(S, h, w)`` partition, groups S),
+    summed in place, re-assembled and gated by the global perceptron ``gp``."""
+
+    def __init__(self, in_channels, out_channels, h, w, reparam_conv_k=None, globalperceptron_reduce=4,
+                 num_sharesets=1):
+        super().__init__()
+        assert in_channels == out_channels
+        self.C, self.O, self.S, self.h, self.w = in_channels, out_channels, num_sharesets, h, w
+        self.gp = GlobalPerceptron(in_channels, in_channels // globalperceptron_reduce)
+        self.fc3 = nn.Conv2d(h * w * num_sharesets, h * w * num_sharesets, 1, 1, 0, bias=False, groups=num_sharesets)
+        self.fc3_bn = nn.BatchNorm2d(num_sharesets)
+        self.reparam_conv_k = reparam_conv_k
+        for k in reparam_conv_k or ():
+            setattr(self, f"repconv{k}", conv_bn(num_sharesets, num_sharesets, k, 1, k // 2, groups=num_sharesets))
+
+    def partition(self, x, h_parts, w_parts):
+        x = x.reshape(-1, self.C, h_parts, self.h, w_parts, self.w)
+        return x.permute(0, 2, 4, 1, 3, 5)
+
+    def partition_affine(self, x, h_parts, w_parts):
+        out = self.fc3(x.reshape(-1, self.S * self.h * self.w, 1, 1))
+        out = self.fc3_bn(out.reshape(-1, self.S, self.h, self.w))
+        return out.reshape(-1, h_parts, w_parts, self.S, self.h, self.w)
+
+    def forward(self, inputs):
+        global_vec = self.gp(inputs)
+        origin_shape = inputs.size()
+        h_parts, w_parts = origin_shape[2] // self.h, origin_shape[3] // self.w
+        partitions = self.partition(inputs, h_parts, w_parts)
+        fc3_out = self.partition_affine(partitions, h_parts, w_parts)
+        if self.reparam_conv_k is not None:
+            conv_inputs = partitions.reshape(-1, self.S, self.h, self.w)
+            conv_out = 0
+            for k in self.reparam_conv_k:
+                conv_out += getattr(self, f"repconv{k}")(conv_inputs)
+            fc3_out += conv_out.reshape(-1, h_parts, w_parts, self.S, self.h, self.w)
+        fc3_out = fc3_out.permute(0, 3, 1, 4, 2, 5)
+        return fc3_out.reshape(*origin_shape) * global_vec
+
+
+class FFNBlock(nn.Module):
+    def __init__(self, in_channels, hidden_channels=None, out_channels=None, act_layer=nn.GELU):
+        super().__init__()
+        hidden, out = hidden_channels or in_channels, out_channels or in_channels
+        self.ffn_fc1 = conv_bn(in_channels, hidden, 1, 1, 0)
+        self.ffn_fc2 = conv_bn(hidden, out, 1, 1, 0)
+        self.act = act_layer()
+
+    def forward(self, x):
+        return self.ffn_fc2(self.act(self.ffn_fc1(x)))
+
+
+class RepMLPNetUnit(nn.Module):
+    def __init__(self, channels, h, w, reparam_conv_k, globalperceptron_reduce, ffn_expand=4, num_sharesets=1):
+        super().__init__()
+        self.repmlp_block = RepMLPBlock(channels, channels, h, w, reparam_conv_k, globalperceptron_reduce, num_sharesets)
+        self.ffn_block = FFNBlock(channels, channels * ffn_expand)
+        self.prebn1 = nn.BatchNorm2d(channels)
+        self.prebn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        y = x + self.repmlp_block(self.prebn1(x))
+        return y + self.ffn_block(self.prebn2(y))
+
+
+class RepMLPNet(nn.Module):
+    """``conv_embedding`` -> stages of RepMLPNetUnits with ``embeds`` (2x2 stride-2 conv-BN-ReLU)
+    between them -> ``head_norm`` -> global mean -> ``head``."""
+
+    def __init__(self, in_channels=3, num_class=1000, patch_size=(4, 4), num_blocks=(2, 2, 6, 2),
+                 channels=(192, 384, 768, 1536), hs=(64, 32, 16, 8), ws=(64, 32, 16, 8),
+                 sharesets_nums=(4, 8, 16, 32), reparam_conv_k=(3,), globalperceptron_reduce=4):
+        super().__init__()
+        self.conv_embedding = conv_bn_relu(in_channels, channels[0], patch_size, patch_size, 0)
+        self.stages = nn.ModuleList(
+            nn.ModuleList(RepMLPNetUnit(c, h, w, reparam_conv_k, globalperceptron_reduce, 4, s) for _ in range(n))
+            for n, c, h, w, s in zip(num_blocks, channels, hs, ws, sharesets_nums))
+        self.embeds = nn.ModuleList(conv_bn_relu(a, b, 2, 2, 0) for a, b in zip(channels[:-1], channels[1:]))
+        self.head_norm = nn.BatchNorm2d(channels[-1])
+        self.head = nn.Linear(channels[-1], num_class)
+
+    def forward(self, x):
+        x = self.conv_embedding(x)
+        for i, stage in enumerate(self.stages):
+            for block in stage:
+                x = block(x)
+            if i < len(self.stages) - 1:
+                x = self.embeds[i](x)
+        x = F.adaptive_avg_pool2d(self.head_norm(x), 1)
+        return self.head(x.view(x.size(0), -1))
+
+
+def local_injected_fc3(block: RepMLPBlock) -> tuple[torch.Tensor, torch.Tensor]:
+    """``locality_injection`` re-derived: the weight and bias of the one grouped 1x1 conv (``fc3``
+    with bias, ``fc3_bn`` gone) that computes fc3 -> fc3_bn plus every ``repconv{k}`` branch.
+
+    A conv over an ``h x w`` partition is a linear map of its ``h * w`` values: its matrix is the conv
+    applied to the unit basis (one partition per basis vector)."""
+    S, hw = block.S, block.h * block.w
+    bn = _bn(block.fc3_bn)
+    per_set = lambda t: t.reshape(-1).repeat_interleave(hw)  # noqa: E731  (BN over S -> over S*h*w)
+    scale, shift = per_set(bn.weight), per_set(bn.bias)
+    weight = block.fc3.weight.detach().double() * scale.reshape(-1, 1, 1, 1)
+    bias = shift
+    if block.reparam_conv_k:
+        local = A.add([_chain(_conv(getattr(block, f"repconv{k}").conv), _bn(getattr(block, f"repconv{k}").bn))
+                       for k in block.reparam_conv_k])
+        basis = torch.eye(hw, dtype=torch.float64).repeat(1, S).reshape(hw, S, block.h, block.w)
+        zero = A.apply(local, torch.zeros_like(basis[:1]))  # the bias, per output value
+        matrix = (A.apply(local, basis) - zero).reshape(hw, S * hw).t()  # (S*h*w out, h*w in per set)
+        weight = weight + matrix.reshape(weight.shape)
+        bias = bias + zero.reshape(-1)
+    return weight, bias
+
+
+def locality_injection(model: nn.Module) -> nn.Module:
+    """Every RepMLPBlock of ``model`` (in place) with its fc3 / fc3_bn / repconv branches replaced by
+    one biased ``fc3`` (what upstream's ``locality_injection`` leaves); returns ``model``."""
+    for block in [m for m in model.modules() if isinstance(m, RepMLPBlock)]:
+        weight, bias = local_injected_fc3(block)
+        dtype = block.fc3.weight.dtype
+        fc3 = nn.Conv2d(block.fc3.in_channels, block.fc3.out_channels, 1, groups=block.S, bias=True, dtype=dtype)
+        fc3.weight.data, fc3.bias.data = weight.to(dtype), bias.to(dtype)
+        for k in block.reparam_conv_k or ():
+            delattr(block, f"repconv{k}")
+        block.reparam_conv_k = None
+        block.fc3, block.fc3_bn = fc3, nn.Identity()
+    return model

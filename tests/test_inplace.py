@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import count_ops, random_bn, rel_err
-from official_layouts import BNAndPadLayer, DiverseBranchBlock, ResNet, bn_at_zero, deployed, switch_to_deploy
+from official_layouts import (BNAndPadLayer, DiverseBranchBlock, RepMLPBlock, RepMLPNet, RepMLPNetUnit, ResNet,
+                              bn_at_zero, deployed, locality_injection, switch_to_deploy)
 
 import reparam
 from reparam.pipeline import fuse_with_report
@@ -288,3 +289,79 @@ def test_write_through_a_view_of_a_view_is_exact():
     fused, report = fuse_with_report(model, (x,))
     assert rel_err(fused(x), model(x)) <= 1e-9
     assert not [r for r in report.rewrites if "inplace_pad" in r.events]
+
+
+# --------------------------------------------------------------------------------------------
+# tracing what the official layouts spell: item assignment, sizes spread into reshape
+
+
+class _Spread(nn.Module):
+    def __init__(self, how: str):
+        super().__init__()
+        self.bn, self.how = nn.BatchNorm2d(3), how
+
+    def forward(self, x):
+        size = x.size()
+        y = self.bn(x).flatten(1)
+        if self.how == "size":
+            return y.reshape(*size)
+        if self.how == "shape":
+            return y.view(*x.shape)
+        return y.reshape(*size[1:])  # not a whole size: fx's TraceError, the model does not trace
+
+
+@pytest.mark.parametrize("how", ["size", "shape", "slice"])
+def test_a_size_spread_into_reshape_traces(how):
+    from reparam import trace as T
+
+    model = randomize(_Spread(how)).double()
+    if how == "slice":
+        with pytest.raises(Exception):
+            T.symbolic_trace(model)
+        return
+    gm = T.symbolic_trace(model)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    assert torch.equal(gm(x), model(x))
+
+
+# --------------------------------------------------------------------------------------------
+# RepMLPNet (official layout): fc3 + fc3_bn + repconv{k} branches over h x w partitions
+
+
+def _repmlp_net():
+    return RepMLPNet(num_class=10, num_blocks=(1, 1, 1, 1), channels=(8, 16, 32, 64), hs=(4, 2, 2, 1),
+                     ws=(4, 2, 2, 1), sharesets_nums=(1, 2, 4, 8), reparam_conv_k=(1, 3))
+
+
+def test_official_repmlpnet_state_dict_keys():
+    keys = set(_repmlp_net().state_dict())
+    for key in ("conv_embedding.conv.weight", "conv_embedding.bn.running_var", "stages.0.0.prebn1.weight",
+                "stages.0.0.repmlp_block.gp.fc1.bias", "stages.0.0.repmlp_block.fc3.weight",
+                "stages.0.0.repmlp_block.fc3_bn.running_mean", "stages.0.0.repmlp_block.repconv1.conv.weight",
+                "stages.3.0.repmlp_block.repconv3.bn.bias", "stages.1.0.ffn_block.ffn_fc2.bn.weight",
+                "embeds.2.conv.weight", "head_norm.running_var", "head.weight"):
+        assert key in keys, key
+
+
+_REPMLP_CASES = {
+    "unit": (lambda: RepMLPNetUnit(8, 4, 4, (1, 3), 4, 4, 2), (2, 8, 8, 8)),
+    "net": (_repmlp_net, (1, 3, 32, 32)),
+}
+
+
+@pytest.mark.parametrize("name", list(_REPMLP_CASES))
+def test_official_repmlp_fuses_exactly_and_traces_whole(name):
+    build, shape = _REPMLP_CASES[name]
+    model = randomize(build(), seed=5).double()
+    before = _snapshot(model)
+    x = torch.randn(shape, dtype=torch.float64)
+    fused, report = fuse_with_report(model, (x,))
+    assert rel_err(fused(x), model(x)) <= 1e-9
+    assert not [n for n in report.notes if "trace" in n], report.notes  # reshape(*origin_shape) traces
+    deploy = locality_injection(copy.deepcopy(model))
+    assert rel_err(deploy(x), model(x)) <= 1e-9  # the re-derived locality_injection is exact
+    ours, theirs = count_ops(fused, x), count_ops(deploy, x)
+    assert ours["bn"] <= theirs["bn"]
+    blocks = len([m for m in model.modules() if isinstance(m, RepMLPBlock)])
+    assert ours["conv"] <= theirs["conv"] + blocks  # the local convs stay: no rule unrolls them into fc3 yet
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
