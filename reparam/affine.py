@@ -631,6 +631,77 @@ def _composite_weight(a: Affine, b: Affine, groups: int, step: tuple, dil: tuple
 
 
 # --------------------------------------------------------------------------------------------
+# fixed-size samples: an affine op as a matrix over each sample's flattened values
+
+
+@dataclass(frozen=True)
+class RowMap:
+    """``y.flatten() = M @ x.flatten() + bias`` per sample (row-major): ``M`` a matrix ``(out, in)``, or
+    a vector (its diagonal) when the map is channelwise; block-diagonal in ``groups`` equal blocks."""
+
+    m: torch.Tensor
+    bias: torch.Tensor
+    groups: int
+
+    @property
+    def diagonal(self) -> bool:
+        return self.m.dim() == 1
+
+    @property
+    def shape(self) -> tuple:
+        return (self.m.numel(),) * 2 if self.diagonal else tuple(self.m.shape)
+
+
+def unroll(a: Affine, sample: tuple) -> RowMap:
+    """``a`` on samples of the fixed shape ``sample`` (``(c, *spatial)``, or ``(c,)`` channels-last)
+    -> its :class:`RowMap`: ``bias = a(0)``, column ``j`` of ``M`` is ``a(e_j) - a(0)`` (what RepMLP's
+    ``locality_injection`` computes for a conv over an h x w partition).  A channelwise ``a`` stays
+    diagonal: its scale and shift repeated over the spatial positions."""
+    per = math.prod(sample[1:])
+    if a.kind in ("identity", "diagonal") and not a.pads:
+        bias = torch.zeros(a.out_channels, dtype=torch.float64) if a.bias is None else a.bias.reshape(-1)
+        return RowMap(a.weight.reshape(-1).repeat_interleave(per), bias.repeat_interleave(per), a.out_channels)
+    k = math.prod(sample)
+    basis = torch.eye(k, dtype=torch.float64).reshape(k, *sample)
+    zero = apply(a, basis.new_zeros((1, *sample)))
+    columns = apply(a, basis) - zero
+    return RowMap(columns.reshape(k, -1).t().contiguous(), zero.reshape(-1), a.groups)
+
+
+def compose_rows(first: RowMap, then: RowMap) -> RowMap:
+    """``then(first(x))`` per sample.  Precondition: ``then`` reads as many values as ``first`` writes."""
+    if then.shape[1] != first.shape[0]:
+        raise Refusal("per-sample maps do not chain (value counts differ)")
+    bias = (then.m * first.bias if then.diagonal else then.m @ first.bias) + then.bias
+    if then.diagonal:
+        m = then.m * first.m if first.diagonal else then.m[:, None] * first.m
+    else:
+        m = then.m * first.m[None, :] if first.diagonal else then.m @ first.m
+    return RowMap(m, bias, math.gcd(first.groups, then.groups))
+
+
+def add_rows(maps: Sequence[RowMap]) -> RowMap:
+    """``M1(x) + ... + Mn(x)`` per sample.  Precondition: the same shape."""
+    if len({r.shape for r in maps}) != 1:
+        raise Refusal("summed per-sample maps have different shapes")
+    if all(r.diagonal for r in maps):
+        m = sum(r.m for r in maps)
+    else:
+        m = sum(torch.diag(r.m) if r.diagonal else r.m for r in maps)
+    return RowMap(m, sum(r.bias for r in maps), reduce(math.gcd, [r.groups for r in maps]))
+
+
+def from_rows(r: RowMap) -> Affine:
+    """A :class:`RowMap` as a grouped 1x1 conv over ``(N, values, 1, 1)``: the diagonal blocks of ``M``."""
+    m = torch.diag(r.m) if r.diagonal else r.m
+    out, inp = m.shape
+    g = r.groups if out % r.groups == 0 and inp % r.groups == 0 else 1
+    blocks = m.reshape(g, out // g, g, inp // g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    weight = blocks.reshape(out, inp // g, 1, 1).contiguous()
+    return from_conv(weight, r.bias, groups=g)
+
+
+# --------------------------------------------------------------------------------------------
 # evaluation (tests and verification)
 
 

@@ -217,6 +217,14 @@ def node_shape(node: fx.Node) -> Optional[tuple]:
     return tuple(shape) if shape is not None else None
 
 
+def shape_meta(like: fx.Node, shape: tuple):
+    """``meta['tensor_meta']`` for a new node of ``shape`` with ``like``'s dtype (no run needed)."""
+    from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+    dtype = getattr(like.meta.get("tensor_meta"), "dtype", torch.float64)
+    return _extract_tensor_metadata(torch.empty(shape, dtype=dtype, device="meta"))
+
+
 # --------------------------------------------------------------------------------------------
 # example inputs
 

@@ -344,6 +344,8 @@ def test_official_repmlpnet_state_dict_keys():
 
 
 _REPMLP_CASES = {
+    "block": (lambda: RepMLPBlock(8, 8, 4, 3, (1, 3), 4, 2), (2, 8, 8, 9)),  # non-square partitions
+    "block_no_local": (lambda: RepMLPBlock(8, 8, 4, 4, None, 4, 4), (2, 8, 8, 8)),  # fc3 + fc3_bn only
     "unit": (lambda: RepMLPNetUnit(8, 4, 4, (1, 3), 4, 4, 2), (2, 8, 8, 8)),
     "net": (_repmlp_net, (1, 3, 32, 32)),
 }
@@ -361,7 +363,65 @@ def test_official_repmlp_fuses_exactly_and_traces_whole(name):
     deploy = locality_injection(copy.deepcopy(model))
     assert rel_err(deploy(x), model(x)) <= 1e-9  # the re-derived locality_injection is exact
     ours, theirs = count_ops(fused, x), count_ops(deploy, x)
-    assert ours["bn"] <= theirs["bn"]
+    assert ours["conv"] <= theirs["conv"] and ours["bn"] <= theirs["bn"], (ours, theirs)
     blocks = len([m for m in model.modules() if isinstance(m, RepMLPBlock)])
-    assert ours["conv"] <= theirs["conv"] + blocks  # the local convs stay: no rule unrolls them into fc3 yet
+    assert report.counts()["merge_rows"] == blocks
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_fused_repmlp_block_runs_on_other_input_sizes():
+    """The merged fc3 reads partitions of a fixed size; the number of partitions follows the input."""
+    model = randomize(RepMLPBlock(8, 8, 4, 3, (1, 3), 4, 2), seed=6).double()
+    fused = reparam.fuse(model, (torch.randn(1, 8, 4, 3, dtype=torch.float64),))
+    for shape in [(1, 8, 4, 3), (3, 8, 12, 6), (2, 8, 8, 9)]:
+        x = torch.randn(shape, dtype=torch.float64)
+        assert rel_err(fused(x), model(x)) <= 1e-9
+
+
+class _Partitions(nn.Module):
+    """``bn(conv(x.reshape(-1, C, h, w)).reshape(N, -1, h, w) ...)``: partitions as samples, with
+    ``literal`` sizes or sizes read from the input; ``wide``: a large partition (unrolling the conv
+    into a dense matrix would cost more than the conv)."""
+
+    def __init__(self, literal: bool, size: int):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(2, 2, 3, padding=1, bias=False), nn.BatchNorm1d(2 * size * size)
+        self.literal, self.size = literal, size
+
+    def forward(self, x):
+        n = self.size
+        parts = x.reshape(-1, 2, n, n) if self.literal else x.reshape(-1, 2, x.size(2), x.size(3))
+        y = self.conv(parts).reshape(-1, 2 * n * n)  # flattened partitions
+        return self.bn(y).reshape(x.shape)
+
+
+@pytest.mark.parametrize("literal,size,merged", [(True, 3, True), (False, 3, False), (True, 12, False)])
+def test_per_row_merge_needs_fixed_partitions_and_must_pay(literal, size, merged):
+    model = randomize(_Partitions(literal, size)).double()
+    x = torch.randn(2, 4, size, size, dtype=torch.float64)
+    fused, report = fuse_with_report(model, (x,))
+    assert rel_err(fused(x), model(x)) <= 1e-9
+    assert (report.counts()["merge_rows"] == 1) == merged, report
+    if size == 12:
+        assert _refusals(report, "would cost more multiply-adds"), report
+    counts = count_ops(fused, x)
+    assert counts["conv"] == 1 and counts["bn"] == (0 if merged else 1)
+
+
+def test_row_maps_match_the_ops_on_fixed_samples():
+    """affine.unroll / compose_rows / add_rows / from_rows against running the ops themselves."""
+    from reparam import affine as A
+
+    g = torch.Generator().manual_seed(7)
+    conv = A.from_conv(torch.randn(4, 2, 3, 1, generator=g, dtype=torch.float64),
+                       torch.randn(4, generator=g, dtype=torch.float64), 1, (1, 0), 1, 2)
+    bn = A.channelwise(torch.randn(4, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64), A.Layout(2))
+    other = A.from_conv(torch.randn(4, 2, 1, 1, generator=g, dtype=torch.float64), None, 1, 0, 1, 2)
+    sample = (4, 3, 2)
+    x = torch.randn(5, *sample, generator=g, dtype=torch.float64)
+    want = A.apply(bn, A.apply(conv, x)) + A.apply(other, x)
+    rows = A.add_rows([A.compose_rows(A.unroll(conv, sample), A.unroll(bn, sample)), A.unroll(other, sample)])
+    assert rows.groups == 2 and A.unroll(bn, sample).diagonal
+    merged = A.from_rows(rows)
+    got = A.apply(merged, x.reshape(5, -1, 1, 1)).reshape(want.shape)
+    assert merged.groups == 2 and rel_err(got, want) <= 1e-12

@@ -30,11 +30,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from ..lift import NOT_CONSTANT, Constants, Lifter, Unary, _pad_pairs
 from ..report import Report, Rewrite
-from ..trace import node_shape
+from ..trace import node_shape, shape_meta
 from .collapse import _where
 from .mutation import eliminate_dead_code, updated_storage
 
@@ -237,11 +236,6 @@ def _at_zero(op, channels: int, nd: int) -> torch.Tensor:
     return torch.zeros(channels, dtype=torch.float64) if a.bias is None else a.bias.reshape(-1)
 
 
-def _meta(node: fx.Node, shape: tuple) -> dict:
-    dtype = getattr(node.meta.get("tensor_meta"), "dtype", torch.float64)
-    return {"tensor_meta": _extract_tensor_metadata(torch.empty(shape, dtype=dtype, device="meta"))}
-
-
 def _pad_border(gm: fx.GraphModule, t: fx.Node, pad: _Pad, writes: list, lifter: Lifter, updated: set) -> str:
     """Apply pad_border or redundant to ``t = pad(y)`` and its writes; returns what it did.
 
@@ -275,7 +269,7 @@ def _pad_border(gm: fx.GraphModule, t: fx.Node, pad: _Pad, writes: list, lifter:
     with graph.inserting_before(y.next):  # in order, right after y
         padded = graph.call_function(F.pad, (x, pads), {"mode": "constant", "value": 0.0})
         moved = graph.node_copy(y, lambda n: padded if n is x else n)
-    padded.meta.update(_meta(x, x_shape[:2] + tuple(n + lo + hi for n, lo, hi in zip(x_shape[2:], pad.lo, pad.hi))))
+    padded.meta["tensor_meta"] = shape_meta(x, x_shape[:2] + tuple(n + lo + hi for n, lo, hi in zip(x_shape[2:], pad.lo, pad.hi)))
     padded.meta["nn_module_stack"] = y.meta.get("nn_module_stack", {})
     moved.meta["tensor_meta"] = t.meta["tensor_meta"]
     _erase(graph, writes)
