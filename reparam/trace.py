@@ -79,7 +79,7 @@ def _is_size(proxy: fx.Proxy) -> bool:
 
 def _spread_size(proxy: fx.Proxy, frame) -> bool:
     """``frame`` is at ``x.method(*proxy)`` with ``proxy`` a whole size and ``method`` size-taking."""
-    return frame is not None and _is_size(proxy) and _spread_into(frame) in _SIZE_METHODS
+    return frame is not None and _spread_into(frame) in _SIZE_METHODS and _is_size(proxy)
 
 
 def _spread_into(frame) -> Optional[str]:
