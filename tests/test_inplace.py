@@ -133,13 +133,13 @@ def test_zero_border_is_a_plain_zero_pad():
 
 
 class _BNPadThenConv(nn.Module):
-    """``conv(pad_c(bn(x)))`` on 1-d or 2-d data: pad widths ``lo``/``hi`` per spatial axis, the
+    """``conv(pad_c(bn(x)))`` on 1-d, 2-d or 3-d data: pad widths ``lo``/``hi`` per spatial axis, the
     border written per side as ``spell`` ("setitem" or "copy_") with BN(0) unless ``value`` says."""
 
     def __init__(self, nd, channels, lo, hi, kernel, spell="setitem", value="bn0", interior=False):
         super().__init__()
-        self.bn = (nn.BatchNorm1d, nn.BatchNorm2d)[nd - 1](channels)
-        self.conv = (nn.Conv1d, nn.Conv2d)[nd - 1](channels, channels, kernel, bias=False)
+        self.bn = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[nd - 1](channels)
+        self.conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[nd - 1](channels, channels, kernel, bias=False)
         self.nd, self.lo, self.hi, self.spell, self.value, self.interior = nd, lo, hi, spell, value, interior
 
     def forward(self, x):
@@ -165,10 +165,11 @@ class _BNPadThenConv(nn.Module):
     (2, (1, 2), (1, 2), (3, 5), "setitem"),  # non-square
     (2, (0, 2), (2, 1), (3, 3), "copy_"),  # asymmetric, a side without padding
     (2, (3, 3), (3, 3), (3, 3), "setitem"),  # wider than the kernel's reach
+    (3, (1, 0, 2), (1, 1, 0), (3, 2, 3), "setitem"),
 ])
 def test_any_width_and_rank_fuses_to_one_conv(nd, lo, hi, kernel, spell):
     model = randomize(_BNPadThenConv(nd, 3, lo, hi, kernel, spell)).double()
-    x = torch.randn(2, 3, *((6, 7)[:nd]), dtype=torch.float64)
+    x = torch.randn(2, 3, *((6, 7, 5)[:nd]), dtype=torch.float64)
     fused, report = fuse_with_report(model, (x,))
     assert rel_err(fused(x), model(x)) <= 1e-9
     assert [r for r in report.rewrites if "inplace_pad" in r.events], report
@@ -425,3 +426,24 @@ def test_row_maps_match_the_ops_on_fixed_samples():
     merged = A.from_rows(rows)
     got = A.apply(merged, x.reshape(5, -1, 1, 1)).reshape(want.shape)
     assert merged.groups == 2 and rel_err(got, want) <= 1e-12
+
+
+class _BNAndPadWithoutAffine(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 1, bias=False)
+        self.bn = BNAndPadLayer(2, 4, affine=False)  # border: -mean / sqrt(var + eps)
+        self.conv2 = nn.Conv2d(4, 4, 5, bias=False)
+
+    def forward(self, x):
+        return self.conv2(self.bn(self.conv1(x)))
+
+
+def test_bn_and_pad_without_affine_fuses_to_one_conv():
+    model = randomize(_BNAndPadWithoutAffine()).double()
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64)
+    fused, report = fuse_with_report(model, (x,))
+    assert rel_err(fused(x), model(x)) <= 1e-9
+    assert count_ops(fused, x) == {"conv": 1}, report
+    for r in report.refusals:
+        assert "\n" not in r.reason and len(r.reason) < 300
