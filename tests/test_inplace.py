@@ -380,25 +380,27 @@ def test_fused_repmlp_block_runs_on_other_input_sizes():
 
 
 class _Partitions(nn.Module):
-    """``bn(conv(x.reshape(-1, C, h, w)).reshape(N, -1, h, w) ...)``: partitions as samples, with
-    ``literal`` sizes or sizes read from the input; ``wide``: a large partition (unrolling the conv
-    into a dense matrix would cost more than the conv)."""
+    """``bn(conv(x.reshape(-1, 2, n, n)).reshape(-1, 2 * n * n))`` then back to ``x``'s shape:
+    partitions as samples, with ``literal`` sizes or sizes read from the input; a large ``size``
+    makes unrolling the conv into a dense matrix cost more than the conv; ``end`` "flatten" ends
+    with ``flatten(1)``, which cannot be replayed on another shape (the merge stops before it)."""
 
-    def __init__(self, literal: bool, size: int):
+    def __init__(self, literal: bool, size: int, end: str = "reshape"):
         super().__init__()
         self.conv, self.bn = nn.Conv2d(2, 2, 3, padding=1, bias=False), nn.BatchNorm1d(2 * size * size)
-        self.literal, self.size = literal, size
+        self.literal, self.size, self.end = literal, size, end
 
     def forward(self, x):
         n = self.size
         parts = x.reshape(-1, 2, n, n) if self.literal else x.reshape(-1, 2, x.size(2), x.size(3))
-        y = self.conv(parts).reshape(-1, 2 * n * n)  # flattened partitions
-        return self.bn(y).reshape(x.shape)
+        y = self.bn(self.conv(parts).reshape(-1, 2 * n * n))  # flattened partitions
+        return y.flatten(1) if self.end == "flatten" else y.reshape(x.shape)
 
 
-@pytest.mark.parametrize("literal,size,merged", [(True, 3, True), (False, 3, False), (True, 12, False)])
-def test_per_row_merge_needs_fixed_partitions_and_must_pay(literal, size, merged):
-    model = randomize(_Partitions(literal, size)).double()
+@pytest.mark.parametrize("literal,size,end,merged", [
+    (True, 3, "reshape", True), (True, 3, "flatten", True), (False, 3, "reshape", False), (True, 12, "reshape", False)])
+def test_per_row_merge_needs_fixed_partitions_and_must_pay(literal, size, end, merged):
+    model = randomize(_Partitions(literal, size, end)).double()
     x = torch.randn(2, 4, size, size, dtype=torch.float64)
     fused, report = fuse_with_report(model, (x,))
     assert rel_err(fused(x), model(x)) <= 1e-9
@@ -407,6 +409,8 @@ def test_per_row_merge_needs_fixed_partitions_and_must_pay(literal, size, merged
         assert _refusals(report, "would cost more multiply-adds"), report
     counts = count_ops(fused, x)
     assert counts["conv"] == 1 and counts["bn"] == (0 if merged else 1)
+    other = torch.randn(3, 6, size, size, dtype=torch.float64)  # another batch and channel count
+    assert rel_err(fused(other), model(other)) <= 1e-9
 
 
 def test_row_maps_match_the_ops_on_fixed_samples():

@@ -11,10 +11,13 @@ before: ``reshape(bn_S(reshape(fc3(reshape(q, (-1, K, 1, 1))), (-1, S, h, w)))) 
 after:  ``reshape(conv1x1_M(reshape(q, (-1, K, 1, 1))))`` with ``M`` the sum of the chains' maps,
         grouped as far as every op is (RepMLP: S groups, like its ``locality_injection``).
 
-Precondition (each refusal reported): every node of a chain but its end has one user and is not
-updated in place; each op's samples are the rows (same ``R``); the merged 1x1 conv costs no more
-multiply-adds than the ops it replaces (a lone conv is never unrolled into a dense matrix); at most
-``MAX_VALUES`` matrix entries.  Run after collapse, so each chain holds its merged kernels.
+Precondition: every node of a chain but its end has one user and is not updated in place; each
+op's samples are the rows (same ``R``); the chain starts with a literal reshape of the source and
+every reshape inside is literal (partitions fixed by the model, not by the input size), and it ends
+in an op or in a reshape that depends only on its size arguments (replayed on the merged output).
+Refused with a reason: the merged 1x1 conv would cost more multiply-adds than the ops it replaces
+(a lone conv is never unrolled into a dense matrix), or more than ``MAX_VALUES`` matrix entries.
+Run after collapse, so each chain holds its merged kernels.
 """
 from __future__ import annotations
 
@@ -114,11 +117,20 @@ def _static_reshape(node: fx.Node) -> bool:
     return len(sizes) > 0 and all(isinstance(v, int) and not isinstance(v, bool) for v in sizes)
 
 
+def _sized_reshape(node: fx.Node) -> bool:
+    """A reshape whose result depends only on the data and its size arguments (not on the input's
+    shape, as ``flatten`` / ``squeeze`` do): it can be replayed on a tensor of another shape."""
+    return node.op == "call_method" and node.target in ("reshape", "view", "reshape_as", "view_as")
+
+
 def _fixed_samples(chain: Chain) -> bool:
     """The chain starts with a literal reshape of its source and every reshape inside it is literal,
-    so each op's samples have the same shape whatever the input size (its end may be any reshape)."""
+    so each op's samples have the same shape whatever the input size; its end is an op or a reshape
+    that can be replayed on the merged conv's output."""
     inner = chain.nodes[1:]
-    return bool(inner) and _static_reshape(inner[-1]) and all(_static_reshape(n) for n in inner if _is_reshape(n))
+    end_ok = not _is_reshape(chain.end) or _sized_reshape(chain.end)
+    return end_ok and bool(inner) and _static_reshape(inner[-1]) and all(
+        _static_reshape(n) for n in inner if _is_reshape(n))
 
 
 def _candidates(gm: fx.GraphModule, lifter: Lifter, updated: set) -> list:
@@ -175,7 +187,7 @@ def _merge(gm: fx.GraphModule, node: fx.Node, chains: list, report: Report) -> b
         conv = graph.call_module(name, (flat,))
         if template is not None:  # the end's own reshape (its sizes may follow the input's)
             out = graph.node_copy(template, lambda n: conv if n is _reshape_source(template) else n)
-        else:
+        else:  # every end is an op: its samples have a fixed shape
             out = graph.call_method("reshape", (conv, (-1, *shape[1:])))
     flat.meta["tensor_meta"] = shape_meta(first.source, (first.rows, k_in, 1, 1))
     conv.meta["tensor_meta"] = shape_meta(first.source, (first.rows, k_out, 1, 1))
