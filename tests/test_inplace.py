@@ -418,18 +418,25 @@ def test_row_maps_match_the_ops_on_fixed_samples():
     from reparam import affine as A
 
     g = torch.Generator().manual_seed(7)
-    conv = A.from_conv(torch.randn(4, 2, 3, 1, generator=g, dtype=torch.float64),
-                       torch.randn(4, generator=g, dtype=torch.float64), 1, (1, 0), 1, 2)
-    bn = A.channelwise(torch.randn(4, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64), A.Layout(2))
-    other = A.from_conv(torch.randn(4, 2, 1, 1, generator=g, dtype=torch.float64), None, 1, 0, 1, 2)
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    conv = A.from_conv(r(4, 2, 3, 1), r(4), 1, (1, 0), 1, 2)  # groups 2, non-square, biased
+    bn = A.channelwise(r(4), r(4), A.Layout(2))
+    depthwise = A.from_conv(r(4, 1, 3, 3), None, 1, 1, 1, 4)
+    dense = A.from_conv(r(4, 4, 1, 1), None)
     sample = (4, 3, 2)
-    x = torch.randn(5, *sample, generator=g, dtype=torch.float64)
-    want = A.apply(bn, A.apply(conv, x)) + A.apply(other, x)
-    rows = A.add_rows([A.compose_rows(A.unroll(conv, sample), A.unroll(bn, sample)), A.unroll(other, sample)])
-    assert rows.groups == 2 and A.unroll(bn, sample).diagonal
-    merged = A.from_rows(rows)
-    got = A.apply(merged, x.reshape(5, -1, 1, 1)).reshape(want.shape)
-    assert merged.groups == 2 and rel_err(got, want) <= 1e-12
+    x = r(5, *sample)
+    rows = {name: A.unroll(a, sample) for name, a in [("conv", conv), ("bn", bn), ("dw", depthwise), ("dense", dense)]}
+    assert rows["bn"].diag is not None and rows["dw"].groups == 4 and rows["conv"].groups == 2
+
+    def check(merged: A.RowMap, want: torch.Tensor, groups: int) -> None:
+        conv1x1 = A.from_rows(merged)
+        assert conv1x1.groups == groups
+        assert rel_err(A.apply(conv1x1, x.reshape(5, -1, 1, 1)).reshape(want.shape), want) <= 1e-12
+
+    conv_bn = A.compose_rows(rows["conv"], rows["bn"])
+    check(A.add_rows([conv_bn, rows["dw"]]), A.apply(bn, A.apply(conv, x)) + A.apply(depthwise, x), 2)  # gcd(2, 4)
+    check(A.add_rows([conv_bn, A.compose_rows(rows["dw"], rows["dense"])]),
+          A.apply(bn, A.apply(conv, x)) + A.apply(dense, A.apply(depthwise, x)), 1)
 
 
 class _BNAndPadWithoutAffine(nn.Module):
