@@ -631,6 +631,106 @@ def _composite_weight(a: Affine, b: Affine, groups: int, step: tuple, dil: tuple
 
 
 # --------------------------------------------------------------------------------------------
+# fixed-size samples: an affine op as a matrix over each sample's flattened values
+
+
+@dataclass(frozen=True)
+class RowMap:
+    """``y.flatten() = M @ x.flatten() + bias`` per sample (row-major flattening), ``M`` block-diagonal:
+    ``blocks`` ``(g, out/g, in/g)`` (group ``k`` maps the ``k``-th chunk of the values), or ``diag``
+    ``(n,)`` when the map is channelwise; the other one is None."""
+
+    blocks: Optional[torch.Tensor]
+    diag: Optional[torch.Tensor]
+    bias: torch.Tensor
+
+    @property
+    def size(self) -> tuple:
+        """(values out, values in)."""
+        if self.diag is not None:
+            return (self.diag.numel(),) * 2
+        g, o, i = self.blocks.shape
+        return (g * o, g * i)
+
+    @property
+    def groups(self) -> int:
+        return self.diag.numel() if self.diag is not None else self.blocks.shape[0]
+
+    def in_groups(self, g: int) -> torch.Tensor:
+        """The blocks for ``g`` groups (``g`` divides :attr:`groups`): ``r`` blocks side by side on a diagonal."""
+        if self.diag is not None:
+            return torch.diag_embed(self.diag.reshape(g, -1))
+        r = self.groups // g
+        if r == 1:
+            return self.blocks
+        return torch.stack([torch.block_diag(*self.blocks[k * r:(k + 1) * r]) for k in range(g)])
+
+    def times(self, v: torch.Tensor) -> torch.Tensor:
+        """``M @ v``."""
+        if self.diag is not None:
+            return self.diag * v
+        g, _, i = self.blocks.shape
+        return (self.blocks @ v.reshape(g, i, 1)).reshape(-1)
+
+
+def unroll(a: Affine, sample: tuple) -> RowMap:
+    """``a`` on samples of the fixed shape ``sample`` (``(c, *spatial)``, or ``(c,)`` channels-last)
+    -> its :class:`RowMap`: ``bias = a(0)``, column ``j`` of ``M`` is ``a(e_j) - a(0)`` (what RepMLP's
+    ``locality_injection`` computes for a conv over an h x w partition).  Groups do not mix, so one
+    basis image per in-group position probes every group at once.  A channelwise ``a`` stays
+    diagonal (scale and shift repeated over the spatial positions); a pointwise ``a`` on samples of
+    one position is its own weight."""
+    per = math.prod(sample[1:])
+    bias = torch.zeros(a.out_channels, dtype=torch.float64) if a.bias is None else a.bias.reshape(-1)
+    g = a.groups
+    if a.kind in ("identity", "diagonal") and not a.pads:
+        return RowMap(None, a.weight.reshape(-1).repeat_interleave(per), bias.repeat_interleave(per))
+    if per == 1 and a.is_pointwise:  # a 1x1 conv / Linear on single positions: its weight is the matrix
+        return RowMap(a.weight.reshape(g, a.out_channels // g, -1), None, bias)
+    n = math.prod(sample) // g  # values per group
+    basis = torch.eye(n, dtype=torch.float64)[:, None, :].expand(n, g, n).reshape(n, *sample)
+    zero = apply(a, basis.new_zeros((1, *sample)))
+    columns = (apply(a, basis) - zero).reshape(n, g, -1)  # [j, group, out value in group]
+    return RowMap(columns.permute(1, 2, 0).contiguous(), None, zero.reshape(-1))
+
+
+def compose_rows(first: RowMap, then: RowMap) -> RowMap:
+    """``then(first(x))`` per sample, in the groups both share (their gcd).
+    Precondition: ``then`` reads as many values as ``first`` writes."""
+    if then.size[1] != first.size[0]:
+        raise Refusal("per-sample maps do not chain (value counts differ)")
+    bias = then.times(first.bias) + then.bias
+    if then.diag is not None and first.diag is not None:
+        return RowMap(None, then.diag * first.diag, bias)
+    if then.diag is not None:
+        g, o, _ = first.blocks.shape
+        return RowMap(first.blocks * then.diag.reshape(g, o, 1), None, bias)
+    if first.diag is not None:
+        g, _, i = then.blocks.shape
+        return RowMap(then.blocks * first.diag.reshape(g, 1, i), None, bias)
+    g = math.gcd(first.groups, then.groups)
+    return RowMap(then.in_groups(g) @ first.in_groups(g), None, bias)
+
+
+def add_rows(maps: Sequence[RowMap]) -> RowMap:
+    """``M1(x) + ... + Mn(x)`` per sample, in the groups all share.  Precondition: the same sizes."""
+    if len({r.size for r in maps}) != 1:
+        raise Refusal("summed per-sample maps have different sizes")
+    bias = sum(r.bias for r in maps)
+    if all(r.diag is not None for r in maps):
+        return RowMap(None, sum(r.diag for r in maps), bias)
+    g = reduce(math.gcd, [r.groups for r in maps])
+    return RowMap(sum(r.in_groups(g) for r in maps), None, bias)
+
+
+def from_rows(r: RowMap) -> Affine:
+    """A :class:`RowMap` as a grouped 1x1 conv over ``(N, values, 1, 1)``."""
+    blocks = r.in_groups(r.groups)
+    g, o, i = blocks.shape
+    return from_conv(blocks.reshape(g * o, i, 1, 1).contiguous(), r.bias, groups=g)
+
+
+# --------------------------------------------------------------------------------------------
 # evaluation (tests and verification)
 
 

@@ -21,6 +21,8 @@ from . import trace as T
 from .errors import EquivalenceError, ReparamError
 from .passes.cleanup import drop_static_asserts, drop_unused_tensors
 from .passes.collapse import Collapse
+from .passes.inplace import follow_inplace_writes
+from .passes.rows import merge_rows
 from .passes.residual import remove_residuals as remove_residual_adds
 from .passes.towers import merge_towers
 from .interface import restore_state, snapshot_state
@@ -90,7 +92,9 @@ def _fuse_graph(gm: fx.GraphModule, inputs: Optional[tuple], report: Report, dty
         T.propagate_shapes(gm, inputs)
     tag_origins(gm)
     pristine = pristine_copy(gm)
+    follow_inplace_writes(gm, report)  # before collapse: functional pads instead of in-place barriers
     _collapse(gm, report, dtypes, main)
+    merge_rows(gm, report)  # after collapse: each chain holds its merged kernels
     if merge_towers(gm, report):  # sums of convs merged first, so towers see their final form
         if inputs is not None:
             T.propagate_shapes(gm, inputs)

@@ -7,7 +7,10 @@ model size (fx's stock tracer scans every parameter for each functional access).
 from __future__ import annotations
 
 import contextlib
+import dis
+import inspect
 import io
+import operator
 import sys
 import warnings
 from dataclasses import dataclass
@@ -34,8 +37,74 @@ def _timm_leaves() -> tuple[set, set]:
         return set(), set()
 
 
+class _Extras:
+    """What reparam's Proxies add to fx's: item assignment, ``*size`` and attribute proxies of the same kind.
+
+    ``t[index] = value`` is recorded as an ``operator.setitem`` node (fx's own Proxy raises
+    ``TypeError``, so a model that writes a slice did not trace at all).  The node is an in-place
+    update of ``t``: :mod:`reparam.passes.mutation` treats it as one, and
+    :mod:`reparam.passes.inplace` reads it functionally where ``t`` is private."""
+
+    def __setitem__(self, index, value) -> None:
+        self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
+
+    def __len__(self) -> int:
+        # Python asks for a length hint while spreading ``*size`` into a call (see Tracer.iter)
+        if _spread_size(self, inspect.currentframe().f_back):
+            return 1
+        return fx.Proxy.__len__(self)
+
+    def __getattr__(self, name: str):
+        return _Attribute(self, name)
+
+
+class _Proxy(_Extras, fx.Proxy):
+    pass
+
+
+class _Attribute(_Extras, fx.proxy.Attribute):
+    pass
+
+
+# torch methods that take a size as ``*sizes`` or as one sequence alike
+_SIZE_METHODS = {"reshape", "view", "expand", "repeat", "new_zeros", "new_ones", "new_empty"}
+_LOADS = {"LOAD_FAST", "LOAD_DEREF", "LOAD_NAME", "LOAD_GLOBAL"}
+
+
+def _is_size(proxy: fx.Proxy) -> bool:
+    """``proxy`` is a whole ``x.size()`` / ``x.shape``."""
+    node = proxy.node
+    if node.op == "call_method" and node.target == "size":
+        return len(node.args) == 1 and not node.kwargs
+    return node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",)
+
+
+def _spread_size(proxy: fx.Proxy, frame) -> bool:
+    """``frame`` is at ``x.method(*proxy)`` with ``proxy`` a whole size and ``method`` size-taking."""
+    return frame is not None and _spread_into(frame) in _SIZE_METHODS and _is_size(proxy)
+
+
+def _spread_into(frame) -> Optional[str]:
+    """The method name when ``frame`` is at ``obj.method(*s)`` with ``s`` a name, ``y.shape`` or
+    ``y.size()`` (the only argument); None otherwise."""
+    code = list(dis.get_instructions(frame.f_code))
+    at = next((i for i, inst in enumerate(code) if inst.offset == frame.f_lasti), None)
+    if at is None or code[at].opname != "CALL_FUNCTION_EX" or code[at].argval:
+        return None
+    before = [inst for inst in code[:at] if inst.opname not in ("PRECALL", "CACHE")]
+    if before and before[-1].opname == "CALL" and before[-1].argval == 0:
+        before = before[:-1]  # y.size()
+    if before and before[-1].opname in ("LOAD_ATTR", "LOAD_METHOD") and before[-1].argval in ("shape", "size"):
+        before = before[:-1]
+    if len(before) < 2 or before[-1].opname not in _LOADS:
+        return None
+    callee = before[-2]
+    return callee.argval if callee.opname in ("LOAD_ATTR", "LOAD_METHOD") else None
+
+
 class Tracer(fx.Tracer):
-    """fx tracer with O(1) parameter/buffer look-up and timm's leaf modules."""
+    """fx tracer with O(1) parameter/buffer look-up, timm's leaf modules, item assignment and sizes
+    spread into reshapes."""
 
     def __init__(self, root: Optional[torch.nn.Module] = None, **kwargs):
         # root is optional: GraphModule re-creates its tracer class with no arguments when unpickled
@@ -48,6 +117,17 @@ class Tracer(fx.Tracer):
                 self._names.setdefault(id(p), name)
             for name, b in root.named_buffers(remove_duplicate=False):
                 self._names.setdefault(id(b), name)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
+
+    def iter(self, obj: fx.Proxy):
+        """``x.reshape(*y.size())`` (official RepMLP's ``out.reshape(*origin_shape)``): a whole size
+        spread into a size-taking torch method is passed as one sequence, ``x.reshape(y.size())``,
+        which those methods read alike.  Any other iteration of a Proxy fails as in fx."""
+        if _spread_size(obj, inspect.currentframe().f_back.f_back):  # the caller of Proxy.__iter__
+            return iter((obj,))
+        return super().iter(obj)
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         if self._extra_leaves and isinstance(m, self._extra_leaves):
@@ -117,6 +197,14 @@ def node_shape(node: fx.Node) -> Optional[tuple]:
     meta = node.meta.get("tensor_meta")
     shape = getattr(meta, "shape", None)
     return tuple(shape) if shape is not None else None
+
+
+def shape_meta(like: fx.Node, shape: tuple):
+    """``meta['tensor_meta']`` for a new node of ``shape`` with ``like``'s dtype (no run needed)."""
+    from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+    dtype = getattr(like.meta.get("tensor_meta"), "dtype", torch.float64)
+    return _extract_tensor_metadata(torch.empty(shape, dtype=dtype, device="meta"))
 
 
 # --------------------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ class OpCounter(TorchDispatchMode):
     ``add``: aten.add/sub of two tensors with the same number of elements (a branch sum, not a
     bias broadcast); ``pointwise``: every add/sub/mul/div/neg/addcmul; ``mul``: multiplies;
     ``cat``: aten.cat; ``addcmul``: a fused channel affine; ``pad``: an explicit constant pad;
-    ``pool``: an average pool; ``maxpool``; ``dropout``.
+    ``pool``: an average pool; ``maxpool``; ``dropout``; ``linear``: a matrix product (aten.addmm / mm).
     """
 
     def __init__(self):
@@ -98,6 +98,8 @@ class OpCounter(TorchDispatchMode):
                 self.counts["addcmul"] += 1
             if base.startswith("mul"):
                 self.counts["mul"] += 1
+        elif base in ("addmm", "mm", "linear"):
+            self.counts["linear"] += 1
         elif func is torch.ops.aten.cat.default:
             self.counts["cat"] += 1
         elif func is torch.ops.aten.constant_pad_nd.default:

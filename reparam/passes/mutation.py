@@ -80,6 +80,15 @@ def _storage_classes(gm: fx.GraphModule, modules: dict) -> dict:
     return {node: find(node) for node in gm.graph.nodes}
 
 
+def updated_storage(gm: fx.GraphModule) -> set:
+    """Nodes whose storage (or a view's) some node of ``gm`` updates in place."""
+    modules = dict(gm.named_modules())
+    klass = _storage_classes(gm, modules)
+    written = {klass[n] for n in gm.graph.nodes
+               if n.args and isinstance(n.args[0], fx.Node) and updates_in_place(n, modules)}
+    return {n for n, rep in klass.items() if rep in written}
+
+
 class Mutations(NamedTuple):
     barriers: set  # nodes a pass must neither absorb into a region nor move
     shared: set  # tensors whose storage such an update writes: never alias a new name to them
