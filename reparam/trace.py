@@ -21,7 +21,7 @@ import torch.fx as fx
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .interface import keep_attributes
+from .interface import keep_attributes, restore_state, snapshot_state
 
 
 def _timm_leaves() -> tuple[set, set]:
@@ -153,9 +153,17 @@ class Tracer(fx.Tracer):
 
 
 def symbolic_trace(model: torch.nn.Module) -> fx.GraphModule:
-    """Trace ``model`` (in its current mode) into a GraphModule sharing its submodules."""
+    """Trace ``model`` (in its current mode) into a GraphModule sharing its submodules.
+
+    Whatever the forward caches on its modules while tracing (torchvision's ``MultiScaleRoIAlign`` keeps
+    scales computed from the inputs: proxies, here) is undone, traced or not.
+    """
     tracer = Tracer(model)
-    graph = tracer.trace(model)
+    state = snapshot_state(model)
+    try:
+        graph = tracer.trace(model)
+    finally:
+        restore_state(model, state)
     name = model.__class__.__name__
     gm = fx.GraphModule(tracer.root, graph, name)
     keep_attributes(model, gm)  # a parent's forward may read them off the replacement
