@@ -464,17 +464,17 @@ def family_table(rows: list, details: str, command: str) -> str:
 README_START, README_END = "<!-- coverage:start -->", "<!-- coverage:end -->"
 
 
-def update_readme(path: str, table: str) -> None:
-    """Replace the text between the coverage markers of ``path`` with ``table`` (written atomically)."""
+def update_readme(path: str, table: str, start: str = README_START, end: str = README_END) -> None:
+    """Replace the text between the markers ``start`` and ``end`` of ``path`` with ``table`` (written atomically)."""
     with open(path) as f:
         text = f.read()
-    if README_START not in text or README_END not in text:
-        raise SystemExit(f"{path}: no {README_START} ... {README_END} markers to replace")
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
+    if start not in text or end not in text:
+        raise SystemExit(f"{path}: no {start} ... {end} markers to replace")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        f.write(f"{head}{README_START}\n{table}{README_END}{tail}")
+        f.write(f"{head}{start}\n{table}{end}{tail}")
     os.replace(tmp, path)
 
 
