@@ -1,10 +1,17 @@
-"""Shared helpers for the core tests (test_affine, test_passes, test_fuzz, test_api).
+"""Shared helpers for the core tests (test_affine, test_passes, test_fuzz, test_api) and the command-line tests
+(test_cli, test_cli_ultralytics).
 
 Import them as ``from conftest import ...`` (pytest puts ``tests/`` on ``sys.path``).
 """
 from __future__ import annotations
 
+import os
+import re
 from collections import Counter
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from io import StringIO
+from unittest import mock
 
 import pytest
 import torch
@@ -168,3 +175,43 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------- command line
+
+
+@dataclass
+class CliRun:
+    """Exit code, stdout and stderr of one ``reparam`` command (:func:`run_cli`)."""
+
+    code: int
+    out: str
+    err: str
+
+    @property
+    def error_line(self) -> str:
+        """The stderr line starting with `error:` (asserting there is exactly one, and no traceback)."""
+        lines = [line for line in self.err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1, self.err
+        assert "Traceback" not in self.err
+        return lines[0]
+
+
+def run_cli(*argv) -> CliRun:
+    """``reparam *argv`` in-process, with a wide console and a one-pass latency measurement."""
+    from reparam import cli
+
+    out, err = StringIO(), StringIO()
+    with mock.patch.dict(os.environ, {"COLUMNS": "200"}), redirect_stdout(out), redirect_stderr(err), \
+            mock.patch.multiple(cli, LATENCY_WARMUP=0, LATENCY_REPEATS=1):
+        code = cli.main([str(a) for a in argv])
+    return CliRun(code, out.getvalue(), err.getvalue())
+
+
+def report_row(text: str, label: str) -> list[str]:
+    """The cells of the report-table row starting with ``label``."""
+    for line in text.splitlines():
+        cells = [c.strip() for c in re.split(r"[│┃]", line) if c.strip()]
+        if cells and cells[0] == label:
+            return cells[1:]
+    raise AssertionError(f"no row {label!r} in:\n{text}")
