@@ -126,17 +126,24 @@ def test_arch_ultralytics_without_checkpoint(tmp_path):
     assert report_row(result.out, "batch norms run")[1] == "0"
 
 
-def test_arch_ultralytics_loads_a_checkpoint_strictly(tmp_path, checkpoint, monkeypatch):
-    """With --arch the checkpoint's weights go into that architecture, key for key."""
+@pytest.mark.parametrize("kind", ["ultralytics checkpoint", "state dict"])
+def test_arch_ultralytics_loads_weights_strictly(kind, tmp_path, checkpoint, trained, monkeypatch):
+    """With --arch the weights (of an ultralytics checkpoint, or a plain state dict) go into that architecture,
+    key for key."""
     import reparam
 
+    if kind == "state dict":
+        checkpoint = tmp_path / "weights.pth"
+        torch.save({"state_dict": trained.state_dict()}, checkpoint)
     monkeypatch.setattr(reparam, "fuse", lambda model, *a, **k: copy.deepcopy(model))  # loading is under test
     ok = run_cli("convert", checkpoint, "--arch", "ultralytics:yolov8n.yaml", "--input-shape", SHAPE,
                  "-o", tmp_path / "n.pt2", "--no-check")
     assert ok.code == 0, ok.err
     with torch.no_grad():
         x = torch.randn(1, 3, 64, 64)
-        assert _rel(torch.export.load(tmp_path / "n.pt2").module()(x), _reference(checkpoint)(x)) <= TOL
+        reference = yolo.prepare(copy.deepcopy(trained)) if kind == "state dict" else _reference(checkpoint)
+        want = reference(x)
+        assert _rel(torch.export.load(tmp_path / "n.pt2").module()(x), want) <= TOL
     wrong = run_cli("convert", checkpoint, "--arch", "ultralytics:yolov8s.yaml", "--input-shape", SHAPE,
                     "-o", tmp_path / "s.pt2")
     assert wrong.code == 2 and "does not match the model" in wrong.error_line
@@ -215,3 +222,11 @@ def test_ultralytics_not_installed(how, tmp_path, checkpoint, monkeypatch):
     assert result.code == 2
     assert "ultralytics is not installed" in result.error_line and "pip install ultralytics" in result.error_line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_checkpoint_to_pte(tmp_path, checkpoint):
+    """ExecuTorch (XNNPACK) like any other model; the CLI runs the .pte in ExecuTorch's runtime to verify it."""
+    pytest.importorskip("executorch", reason="executorch is not installed (pip install 'reparam[mobile]')")
+    result = run_cli("convert", checkpoint, "--input-shape", SHAPE, "--pte", tmp_path / "best.pte")
+    assert result.code == 0, result.err
+    assert (tmp_path / "best.pte").is_file() and "verified in" in result.out
