@@ -478,6 +478,18 @@ def update_readme(path: str, table: str, start: str = README_START, end: str = R
     os.replace(tmp, path)
 
 
+def marked_sections(path: str) -> list:
+    """The ``<!-- NAME:start --> ... <!-- NAME:end -->`` sections of ``path`` (none if it does not exist): other
+    scripts' tables (benchmarks/deploy_coverage.py's), kept when this script rewrites the file."""
+    import re
+
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        text = f.read()
+    return [m.group(0) for m in re.finditer(r"<!-- (\w+):start -->.*?<!-- \1:end -->", text, re.S)]
+
+
 def _versions() -> str:
     out = []
     for mod in ("timm", "torchvision"):
@@ -580,8 +592,9 @@ def main(argv=None) -> int:
     table = markdown(rows, "reparam.fuse on third-party models", command, families)
     print(table)
     if args.out:
+        kept = marked_sections(args.out)
         with open(args.out, "w") as f:
-            f.write(table)
+            f.write(table + "".join(f"\n{section}\n" for section in kept))
     if args.readme:
         update_readme(args.readme, family_table(rows, args.out or "docs/coverage.md", command))
     return 0 if all(r.skipped or (r.exact and r.vs_timm() != "LOSES") for r in rows) else 1

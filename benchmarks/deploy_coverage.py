@@ -378,12 +378,12 @@ def measure(case: Case) -> Row:
     try:
         model, inputs = build(case)
         row.before = kernel_counts(model, inputs)
+        row.peer, row.peer_label = peer_counts(case, model, inputs, row.before)
         start = time.perf_counter()
         fused = reparam.fuse(model, inputs)
         row.fuse_s = time.perf_counter() - start
         row.after = kernel_counts(fused, inputs)
         row.err32 = float32_error(case, model, fused, inputs)
-        row.peer, row.peer_label = peer_counts(case, model, inputs, row.before)
         row.err64 = float64_error(case, model, inputs)
     except Exception as err:  # keep going; the table says what broke
         text = str(err).strip().splitlines()
@@ -409,8 +409,8 @@ def markdown(rows: list, command: str) -> str:
     exact = sum(r.exact for r in rows)
     lines = [
         "## Detection and segmentation models", "",
-        f"**{exact}/{len(rows)} fused exactly** (every output tensor within {FP32_TOL:g} of the float32 original "
-        f"in float32, {FP64_TOL:g} in float64; after NMS / top-k, float32 is checked on the tensors entering "
+        f"**{exact}/{len(rows)} fused exactly** (every output tensor within {FP32_TOL:.0e} of the float32 original "
+        f"in float32, {FP64_TOL:.0e} of the float64 original in float64; after NMS / top-k, float32 is checked on the tensors entering "
         "post-processing). Kernels: executed convolutions / normalisations (batch norms and constant channel "
         "affines such as FrozenBatchNorm2d). Peer: ultralytics' own `model.fuse()` (its head-branch removal, which "
         "changes the outputs, switched off), else plain conv+BN folding (what `torch.fx.experimental.optimization."
