@@ -259,14 +259,16 @@ def structure(tree: Any) -> tuple:
     return spec, [t.dtype if isinstance(t, torch.Tensor) else type(t) for t in leaves]
 
 
-def check_structure(got: Any, want: Any) -> None:
-    """Raise a ValueError saying how the outputs' containers or dtypes differ (see :func:`structure`)."""
+def check_structure(got: Any, want: Any, what: str = "outputs") -> None:
+    """Raise a ValueError saying how ``what`` (the outputs, a probe) of the fused model differ from the original's
+    in containers or dtypes (see :func:`structure`)."""
     (got_spec, got_types), (want_spec, want_types) = structure(got), structure(want)
     if got_spec != want_spec:
-        raise ValueError(f"the fused model's outputs are structured differently: {got_spec} vs {want_spec}")
+        flat = lambda spec: " ".join(str(spec).split())  # noqa: E731
+        raise ValueError(f"the fused model's {what} are structured differently: {flat(got_spec)} vs {flat(want_spec)}")
     if got_types != want_types:
         diff = sorted({f"{a} instead of {b}" for a, b in zip(got_types, want_types) if a != b})
-        raise ValueError(f"the fused model's outputs have other dtypes: {', '.join(diff)}")
+        raise ValueError(f"the fused model's {what} have other dtypes: {', '.join(diff)}")
 
 
 def leaf_errors(got: Any, want: Any) -> dict:
@@ -357,6 +359,8 @@ def float32_error(case: Case, model: nn.Module, fused: nn.Module, inputs: tuple)
     want, want_probes = run(model, inputs, case.probes)
     got, got_probes = run(fused, inputs, case.probes)
     check_structure(got, want)
+    for name, what in case.probes:
+        check_structure(got_probes[name], want_probes[name], f"{name} {what}s")
     if case.post_nms:
         return max(worst_error(got_probes[name], want_probes[name]) for name, _ in case.probes)
     return worst_error(got, want)
@@ -369,6 +373,8 @@ def float64_error(case: Case, model: nn.Module, inputs: tuple) -> float:
     want, want_probes = run(m64, x64, case.probes)
     got, got_probes = run(fused64, x64, case.probes)
     check_structure(got, want)
+    for name, what in case.probes:
+        check_structure(got_probes[name], want_probes[name], f"{name} {what}s")
     return max([worst_error(got, want)] + [worst_error(got_probes[n], want_probes[n]) for n, _ in case.probes])
 
 

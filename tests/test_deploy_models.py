@@ -111,9 +111,9 @@ def fused(request):
 def _assert_same_structure(got, want, what: str = "outputs") -> None:
     """Same containers, keys and dtypes (:func:`deploy_coverage.check_structure`), as a test failure."""
     try:
-        D.check_structure(got, want)
+        D.check_structure(got, want, what)
     except ValueError as err:
-        pytest.fail(f"{what}: {err}")
+        pytest.fail(str(err))
 
 
 def _assert_close(errors: dict, tol: float, what: str) -> None:
@@ -128,8 +128,8 @@ def test_fuse_does_not_raise(fused):
 def test_structure_and_dtypes_float32(fused):
     got, got_probes = D.run(fused.get(), fused.inputs, fused.case.probes)
     _assert_same_structure(got, fused.want)
-    for name, _ in fused.case.probes:
-        _assert_same_structure(got_probes[name], fused.want_probes[name], name)
+    for name, what in fused.case.probes:
+        _assert_same_structure(got_probes[name], fused.want_probes[name], f"{name} {what}s")
 
 
 def test_exact_in_float32(fused):
@@ -149,8 +149,8 @@ def test_exact_in_float64(fused):
     got, got_probes = D.run(fused64, inputs64, fused.case.probes)
     _assert_same_structure(got, want)
     _assert_close(D.leaf_errors(got, want), D.FP64_TOL, "outputs")
-    for name, _ in fused.case.probes:
-        _assert_same_structure(got_probes[name], want_probes[name], name)
+    for name, what in fused.case.probes:
+        _assert_same_structure(got_probes[name], want_probes[name], f"{name} {what}s")
         _assert_close(D.leaf_errors(got_probes[name], want_probes[name]), D.FP64_TOL, name)
 
 
