@@ -276,8 +276,9 @@ def _load_ultralytics(args: argparse.Namespace, source: Source, ui: Ui):
                              f"{yolo.num_classes(model)} classes. Leave out --num-classes")
         where = loaded.source
     elif loaded is not None:  # --arch ultralytics:CFG and an ultralytics checkpoint: its weights, strictly
-        model = io.build_model(source.arch, args.num_classes or yolo.num_classes(loaded.model))
-        io.load_strict(model, loaded.model.state_dict())
+        with ui.step(f"Building {source.arch}"):
+            model = io.build_model(source.arch, args.num_classes or yolo.num_classes(loaded.model))
+            io.load_strict(model, loaded.model.state_dict())
         arch, where = source.arch, loaded.source
     else:
         model, where, _ = _load_weights(args, source, ui)

@@ -30,7 +30,7 @@ import torch.nn as nn
 from reparam import io
 
 __all__ = ["PREFIX", "DATA_TYPES", "is_config", "build", "is_checkpoint", "allowed_globals", "load_checkpoint",
-           "prepare", "input_size", "Loaded"]
+           "prepare", "input_size", "num_classes", "Loaded"]
 
 PREFIX = "ultralytics:"
 CONFIG_SUFFIXES = (".yaml", ".yml")
@@ -95,6 +95,9 @@ def _named_globals(path: Path) -> list[str]:
     a file that is not a ``torch.save`` zip."""
     if not zipfile.is_zipfile(path):
         return []
+    if not hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):  # torch < 2.6
+        raise io.CheckpointError(f"cannot read {path} safely with torch {torch.__version__}: scanning a checkpoint's "
+                                 "pickle needs torch 2.6 or later. Upgrade torch, or pass --arch and a state dict")
     try:
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except Exception:
