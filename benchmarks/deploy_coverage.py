@@ -73,7 +73,8 @@ class Case:
     ``build()`` returns the model in eval mode with random weights; ``inputs()`` its example inputs (a tuple of
     positional arguments).  ``peer``: ``"ultralytics"`` (compare with ``model.fuse()``) or ``"fx"`` (conv+BN folding).
     ``probes``: ``(submodule name, "input" | "output")`` pairs whose tensors enter post-processing (NMS, top-k);
-    ``post_nms``: the model's own outputs passed NMS / top-k.  ``slow``: left out of the CI slice.
+    ``detections``: for a model whose outputs passed NMS / top-k, a function from its output to one
+    ``(boxes, scores, labels)`` per image (compared by :func:`detection_error`).  ``slow``: left out of the CI slice.
     """
 
     name: str
@@ -83,7 +84,7 @@ class Case:
     inputs: Callable[[], tuple]
     peer: str = "fx"
     probes: tuple = ()
-    post_nms: bool = False
+    detections: Optional[Callable[[Any], list]] = None
     slow: bool = True
 
 
@@ -133,10 +134,22 @@ def _fcos_resnet18_frozen_bn() -> nn.Module:
 
     backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, norm_layer=FrozenBatchNorm2d,
                                    trainable_layers=3, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))
-    return FCOS(backbone, num_classes=3, min_size=128, max_size=128).eval()
+    return FCOS(backbone, num_classes=3, min_size=128, max_size=128, score_thresh=1e-3).eval()
+
+
+def _torchvision_detections(output: list) -> list:
+    return [(d["boxes"], d["scores"], d["labels"]) for d in output]
+
+
+def _rtdetr_detections(output: tuple) -> list:
+    """RT-DETR's ``(batch, k, 6)`` predictions, ``[cx, cy, w, h, score, class]`` for its top-k queries."""
+    y = output[0]
+    corners = lambda p: torch.cat([p[:, :2] - p[:, 2:4] / 2, p[:, :2] + p[:, 2:4] / 2], 1)  # noqa: E731
+    return [(corners(p), p[:, 4], p[:, 5]) for p in y]
 
 
 _HEAD = (("backbone", "output"), ("head", "output"))
+_TV_DET = {"probes": _HEAD, "detections": _torchvision_detections}
 
 CASES = [
     Case("ultralytics:yolov8n.yaml", "ultralytics", "ultralytics", _ultralytics("yolov8n.yaml"), _images(),
@@ -152,7 +165,7 @@ CASES = [
     Case("ultralytics:yolov10n.yaml", "ultralytics", "ultralytics", _ultralytics("yolov10n.yaml"), _images(),
          peer="ultralytics"),
     Case("ultralytics:rtdetr-l.yaml", "ultralytics", "ultralytics", _ultralytics("rtdetr-l.yaml", "RTDETRDetectionModel"),
-         _images(), peer="ultralytics", probes=(("model.28", "input"),), post_nms=True),
+         _images(), peer="ultralytics", probes=(("model.28", "input"),), detections=_rtdetr_detections),
     Case("smp:Unet", "segmentation_models_pytorch", "segmentation_models_pytorch", _smp("Unet"), _images(), slow=False),
     *(Case(f"smp:{arch}", "segmentation_models_pytorch", "segmentation_models_pytorch", _smp(arch), _images())
       for arch in ("FPN", "DeepLabV3Plus", "Linknet", "PSPNet", "UnetPlusPlus")),
@@ -164,14 +177,15 @@ CASES = [
          _torchvision("deeplabv3_mobilenet_v3_large"), _images()),
     Case("tv:fcn_resnet50", "torchvision segmentation", "torchvision", _torchvision("fcn_resnet50"), _images()),
     Case("tv:ssdlite320_mobilenet_v3_large", "torchvision detection", "torchvision",
-         _torchvision("ssdlite320_mobilenet_v3_large"), _image_list, probes=_HEAD, post_nms=True, slow=False),
+         _torchvision("ssdlite320_mobilenet_v3_large"), _image_list, **_TV_DET, slow=False),
     Case("tv:fasterrcnn_mobilenet_v3_large_320_fpn", "torchvision detection", "torchvision",
          _torchvision("fasterrcnn_mobilenet_v3_large_320_fpn"), _image_list,
-         probes=(("backbone", "output"), ("rpn.head", "output")), post_nms=True),
+         probes=(("backbone", "output"), ("rpn.head", "output")), detections=_torchvision_detections),
     Case("tv:retinanet_resnet50_fpn", "torchvision detection", "torchvision",
-         _torchvision("retinanet_resnet50_fpn", min_size=128, max_size=128), _image_list, probes=_HEAD, post_nms=True),
+         _torchvision("retinanet_resnet50_fpn", min_size=128, max_size=128, score_thresh=1e-3), _image_list,
+         **_TV_DET),  # a random head's scores sit near its prior 0.01: the default threshold 0.05 keeps none
     Case("tv:fcos_resnet18_fpn (FrozenBatchNorm2d)", "torchvision detection", "torchvision", _fcos_resnet18_frozen_bn,
-         _image_list, probes=_HEAD, post_nms=True),
+         _image_list, **_TV_DET),
 ]
 BY_NAME = {c.name: c for c in CASES}
 
@@ -282,6 +296,45 @@ def leaf_errors(got: Any, want: Any) -> dict:
     return errors
 
 
+TIE = 1e-12  # detection_error: scores this close (relative) are a tie that rounding may break either way
+
+
+def _ties(scores: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+    """For each score, how many of ``others`` lie within :data:`TIE` of it (relative)."""
+    return ((others[None, :] - scores[:, None]).abs() <= TIE * scores.abs()[:, None]).sum(1)
+
+
+def detection_error(got: list, want: list) -> float:
+    """Worst relative difference between two models' detections after NMS / top-k, per image.
+
+    ``got`` / ``want``: one ``(boxes, scores, labels)`` per image (``Case.detections``).  NMS and top-k break exact
+    score ties arbitrarily, and random nets have many (saturated activations): rounding noise of 1e-16 then
+    reorders tied detections, lets NMS keep the other of two overlapping tied boxes, and that may suppress or free a
+    third.  So the comparison is of what ties cannot change: the same number of detections, the same scores
+    (sorted, relative error), the same number per label, and for every detection whose score ties with no other
+    (:data:`TIE`, in either model), the same box (error relative to the largest coordinate) and label.  ``inf``
+    when counts or labels differ or an untied detection has no partner.  Box regressions themselves are compared
+    before post-processing (``Case.probes``).
+    """
+    worst = 0.0
+    for (gb, gs, gl), (wb, ws, wl) in zip(got, want):
+        if gs.shape != ws.shape or not torch.equal(torch.sort(gl).values, torch.sort(wl).values):
+            return float("inf")
+        if ws.numel() == 0:
+            continue
+        gb, gs, wb, ws = gb.double(), gs.double(), wb.double(), ws.double()
+        sorted_gap = (torch.sort(gs).values - torch.sort(ws).values).abs() / ws.abs().max()
+        worst = max(worst, float(sorted_gap.max()))
+        untied = torch.nonzero((_ties(ws, ws) == 1) & (_ties(ws, gs) == 1)).flatten()
+        partner = ((gs[None, :] - ws[untied, None]).abs() <= TIE * ws[untied].abs()[:, None]).float().argmax(1)
+        if len(untied) and not bool(torch.all(gl[partner] == wl[untied])):
+            return float("inf")
+        if len(untied):
+            scale = wb.abs().max().clamp_min(1.0)
+            worst = max(worst, float((gb[partner] - wb[untied]).abs().max() / scale))
+    return worst
+
+
 def worst_error(got: Any, want: Any) -> float:
     """The largest of :func:`leaf_errors` (0.0 without floating leaves)."""
     return max(leaf_errors(got, want).values(), default=0.0)
@@ -361,7 +414,7 @@ def float32_error(case: Case, model: nn.Module, fused: nn.Module, inputs: tuple)
     check_structure(got, want)
     for name, what in case.probes:
         check_structure(got_probes[name], want_probes[name], f"{name} {what}s")
-    if case.post_nms:
+    if case.detections is not None:  # after NMS / top-k: only what enters post-processing compares in float32
         return max(worst_error(got_probes[name], want_probes[name]) for name, _ in case.probes)
     return worst_error(got, want)
 
@@ -375,7 +428,15 @@ def float64_error(case: Case, model: nn.Module, inputs: tuple) -> float:
     check_structure(got, want)
     for name, what in case.probes:
         check_structure(got_probes[name], want_probes[name], f"{name} {what}s")
-    return max([worst_error(got, want)] + [worst_error(got_probes[n], want_probes[n]) for n, _ in case.probes])
+    return max([output_error(case, got, want)] + [worst_error(got_probes[n], want_probes[n]) for n, _ in case.probes])
+
+
+def output_error(case: Case, got: Any, want: Any) -> float:
+    """Worst relative error of the outputs: of the detections matched one to one (:func:`detection_error`) when
+    they passed NMS / top-k, else of every tensor."""
+    if case.detections is not None:
+        return detection_error(case.detections(got), case.detections(want))
+    return worst_error(got, want)
 
 
 def measure(case: Case) -> Row:
