@@ -6,10 +6,10 @@ The families: ultralytics YOLO (v8 detect / seg / pose, 11, v9t, v10n, RT-DETR),
 every BatchNorm (``torchvision.ops.FrozenBatchNorm2d`` included), small inputs.  For each model this measures
 
 * exactness: every output tensor of the fused float32 model against the float32 original and of the fused float64
-  model against the float64 original (relative L2 error per tensor).  Outputs that passed non-maximum suppression
-  or top-k (torchvision detections, RT-DETR's queries) are compared in float64 only, where a reordering needs a
-  score tie within rounding (~1e-15); in float32 the tensors entering post-processing are compared instead
-  (``Case.probes``, recorded with hooks), since a 1e-7 change in a score may legitimately reorder boxes;
+  model against the float64 original (relative L2 error per tensor), and the tensors entering post-processing
+  (``Case.probes``, recorded with hooks).  Outputs that passed non-maximum suppression or top-k (torchvision
+  detections, RT-DETR's queries) are not compared in float32, where a 1e-7 change in a score may legitimately
+  reorder or swap boxes, and in float64 by what exact score ties cannot change (:func:`detection_error`);
 * executed convolutions and normalisations (:func:`reparam.stats.count_kernels`, :func:`reparam.stats.count_norms`:
   batch norms plus constant channel affines such as FrozenBatchNorm2d) before and after, and after the peer's own
   deploy path: ultralytics' ``model.fuse()`` (:func:`ultralytics_deploy`), else plain conv+BN folding in the style of
@@ -477,8 +477,9 @@ def markdown(rows: list, command: str) -> str:
     lines = [
         "## Detection and segmentation models", "",
         f"**{exact}/{len(rows)} fused exactly** (every output tensor within {FP32_TOL:.0e} of the float32 original "
-        f"in float32, {FP64_TOL:.0e} of the float64 original in float64; after NMS / top-k, float32 is checked on the tensors entering "
-        "post-processing). Kernels: executed convolutions / normalisations (batch norms and constant channel "
+        f"in float32, {FP64_TOL:.0e} of the float64 original in float64, and so are the tensors entering NMS / top-k; "
+        "after NMS / top-k, float32 outputs are not compared, float64 detections by what exact score ties cannot "
+        "change: counts, sorted scores, labels, boxes of untied detections). Kernels: executed convolutions / normalisations (batch norms and constant channel "
         "affines such as FrozenBatchNorm2d). Peer: ultralytics' own `model.fuse()` (its head-branch removal, which "
         "changes the outputs, switched off), else plain conv+BN folding (what `torch.fx.experimental.optimization."
         "fuse` removes: every norm reading a single-use conv output). Fuse time: wall seconds of `reparam.fuse` with "
