@@ -224,6 +224,7 @@ def test_ultralytics_not_installed(how, tmp_path, checkpoint, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # lowering yolov8n to XNNPACK takes ~45 s on two cores
 def test_convert_checkpoint_to_pte(tmp_path, checkpoint):
     """ExecuTorch (XNNPACK) like any other model; the CLI runs the .pte in ExecuTorch's runtime to verify it."""
     pytest.importorskip("executorch", reason="executorch is not installed (pip install 'reparam[mobile]')")
