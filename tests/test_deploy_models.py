@@ -215,3 +215,19 @@ def test_detection_error_forgives_tie_order_only():
     assert D.detection_error([(boxes, scores * (1 + 1e-6), labels)], want) == pytest.approx(1e-6, rel=1e-3)
     assert D.detection_error([(boxes, scores, torch.tensor([1, 2, 2, 2]))], want) == float("inf")
     assert D.detection_error([(boxes[:3], scores[:3], labels[:3])], want) == float("inf")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ultralytics") is None,
+                    reason="ultralytics is not installed (pip install ultralytics)")
+def test_fused_yolo_runs_at_other_input_sizes():
+    """YOLO runs at any multiple of 32: so does the fused model (Detect recomputes its cached anchors and strides
+    for a new shape, in the model's dtype)."""
+    model, inputs = D.build(D.BY_NAME["ultralytics:yolov8n.yaml"])
+    fused = reparam.fuse(model, inputs)
+    g = torch.Generator().manual_seed(2)
+    for shape in ((1, 3, 96, 64), (3, 3, 64, 128), tuple(inputs[0].shape)):
+        x = (torch.randn(shape, generator=g),)
+        want, _ = D.run(model, x)
+        got, _ = D.run(fused, x)
+        _assert_same_structure(got, want, f"outputs at {shape}")
+        _assert_close(D.leaf_errors(got, want), D.FP32_TOL, f"outputs at {shape}")
