@@ -464,18 +464,30 @@ def family_table(rows: list, details: str, command: str) -> str:
 README_START, README_END = "<!-- coverage:start -->", "<!-- coverage:end -->"
 
 
-def update_readme(path: str, table: str) -> None:
-    """Replace the text between the coverage markers of ``path`` with ``table`` (written atomically)."""
+def update_readme(path: str, table: str, start: str = README_START, end: str = README_END) -> None:
+    """Replace the text between the markers ``start`` and ``end`` of ``path`` with ``table`` (written atomically)."""
     with open(path) as f:
         text = f.read()
-    if README_START not in text or README_END not in text:
-        raise SystemExit(f"{path}: no {README_START} ... {README_END} markers to replace")
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
+    if start not in text or end not in text:
+        raise SystemExit(f"{path}: no {start} ... {end} markers to replace")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        f.write(f"{head}{README_START}\n{table}{README_END}{tail}")
+        f.write(f"{head}{start}\n{table}{end}{tail}")
     os.replace(tmp, path)
+
+
+def marked_sections(path: str) -> list:
+    """The ``<!-- NAME:start --> ... <!-- NAME:end -->`` sections of ``path`` (none if it does not exist): other
+    scripts' tables (benchmarks/deploy_coverage.py's), kept when this script rewrites the file."""
+    import re
+
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        text = f.read()
+    return [m.group(0) for m in re.finditer(r"<!-- (\w+):start -->.*?<!-- \1:end -->", text, re.S)]
 
 
 def _versions() -> str:
@@ -580,8 +592,9 @@ def main(argv=None) -> int:
     table = markdown(rows, "reparam.fuse on third-party models", command, families)
     print(table)
     if args.out:
+        kept = marked_sections(args.out)
         with open(args.out, "w") as f:
-            f.write(table)
+            f.write(table + "".join(f"\n{section}\n" for section in kept))
     if args.readme:
         update_readme(args.readme, family_table(rows, args.out or "docs/coverage.md", command))
     return 0 if all(r.skipped or (r.exact and r.vs_timm() != "LOSES") for r in rows) else 1

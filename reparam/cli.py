@@ -35,7 +35,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from reparam import io, staging, stats
+from reparam import io, staging, stats, yolo
 from reparam.errors import EquivalenceError, ReparamError
 
 __all__ = ["main", "build_parser"]
@@ -88,11 +88,13 @@ def positive_int(text: str) -> int:
 
 def _model_options(parser: argparse.ArgumentParser, checkpoint_required: bool) -> None:
     """Options shared by ``convert`` and ``inspect``: where the model and its weights come from."""
-    parser.add_argument("checkpoint", nargs=None if checkpoint_required else "?", type=Path, metavar="CHECKPOINT",
-                        help="weights: a torch.save file (.pt/.pth, a plain or wrapped state dict) or .safetensors"
-                        + ("" if checkpoint_required else "; omitted: random weights"))
-    parser.add_argument("--arch", required=True, metavar="NAME",
-                        help="architecture: a reparam.models name (see `reparam list`), timm:NAME or torchvision:NAME")
+    parser.add_argument("checkpoint", nargs="?", type=Path, metavar="CHECKPOINT",
+                        help="weights: a torch.save file (.pt/.pth, a plain or wrapped state dict) or .safetensors; "
+                        "an ultralytics checkpoint (e.g. yolov8n.pt, no --arch needed) or model yaml (e.g. "
+                        "yolov8n.yaml: random weights)" + ("" if checkpoint_required else "; omitted: random weights"))
+    parser.add_argument("--arch", metavar="NAME",
+                        help="architecture: a reparam.models name (see `reparam list`), timm:NAME, torchvision:NAME "
+                        "or ultralytics:CFG.yaml (required unless CHECKPOINT is an ultralytics checkpoint or yaml)")
     parser.add_argument("--input-shape", type=input_shape, metavar="N,C,H,W",
                         help="example input shape, batch first (default: the architecture's, else 1,3,224,224)")
     parser.add_argument("--num-classes", type=positive_int, metavar="N",
@@ -199,34 +201,113 @@ class LoadedModel:
     example: torch.Tensor
     source: str
     num_classes: int | None
+    arch: str = ""
+    weights: Path | None = None  # the file the weights came from (None: random weights)
 
 
-def _load_model(args: argparse.Namespace, ui: Ui) -> LoadedModel:
-    """Read the checkpoint (if any), build ``--arch`` and load the weights strictly."""
-    checkpoint = None
-    if args.checkpoint is not None:
-        with ui.step(f"Reading {args.checkpoint.name}"):
-            checkpoint = io.read_checkpoint(args.checkpoint, trust=args.trust_checkpoint, prefer_ema=args.ema)
-    num_classes = args.num_classes
-    if num_classes is None and checkpoint is not None:
-        num_classes = io.infer_num_classes(checkpoint.state_dict)
-    with ui.step(f"Building {args.arch}"):
-        model = io.build_model(args.arch, num_classes)
-        if checkpoint is not None:
-            io.load_strict(model, checkpoint.state_dict)
-    shape = args.input_shape or io.default_input_shape(args.arch, model) or DEFAULT_INPUT_SHAPE
+@dataclass
+class Source:
+    """Where the model comes from: ``arch`` (``--arch``, ``ultralytics:CFG`` for a yaml given as CHECKPOINT, or
+    ``ultralytics`` for an ultralytics checkpoint that names its own), the ``weights`` file (None: random weights),
+    and whether ultralytics builds or loads it."""
+
+    arch: str
+    weights: Path | None
+    ultralytics: bool
+
+
+_RANDOM = "random weights (no checkpoint)"
+
+
+def _source(args: argparse.Namespace, weights_required: bool) -> Source:
+    """Resolve CHECKPOINT and ``--arch`` (see :class:`Source`); usage errors for what does not fit together."""
+    checkpoint, arch = args.checkpoint, args.arch
+    if yolo.is_config(checkpoint):  # reparam convert yolov8n.yaml
+        if arch is not None:
+            raise UsageError(f"{checkpoint} is a model config, which replaces --arch. Leave out --arch {arch}, or give "
+                             f"--arch {yolo.PREFIX}{checkpoint} and a weights file")
+        return Source(f"{yolo.PREFIX}{checkpoint}", None, True)
+    if arch is None:
+        if checkpoint is None:
+            raise UsageError("the following arguments are required: --arch (or an ultralytics CHECKPOINT / model "
+                             "yaml). Pass --arch NAME")
+        if not yolo.is_checkpoint(io.check_checkpoint_path(checkpoint)):
+            raise UsageError(f"the following arguments are required: --arch ({checkpoint.name} is not an ultralytics "
+                             "checkpoint, the one kind that names its own architecture). Pass --arch NAME")
+        return Source("ultralytics", checkpoint, True)
+    is_yolo = arch.startswith(yolo.PREFIX)
+    if checkpoint is None and weights_required and not is_yolo:
+        raise UsageError("the following arguments are required: CHECKPOINT. Give the weights file to convert")
+    return Source(arch, checkpoint, is_yolo)
+
+
+def _load_model(args: argparse.Namespace, ui: Ui, source: Source | None = None) -> LoadedModel:
+    """Read the checkpoint (if any), build the architecture and load the weights strictly."""
+    source = source or _source(args, weights_required=False)
+    if source.ultralytics:
+        model, where, num_classes, arch, imgsz = _load_ultralytics(args, source, ui)
+        shape = args.input_shape or yolo.input_size(model, imgsz)
+    else:
+        model, where, num_classes = _load_weights(args, source, ui)
+        arch = source.arch
+        shape = args.input_shape or io.default_input_shape(arch, model) or DEFAULT_INPUT_SHAPE
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(shape, generator=generator)
-    _check_runs(model, example, args.arch)
-    if checkpoint is not None and args.ema and not _has_ema(checkpoint):
-        checkpoint.notes.append("no EMA weights in it: used the plain weights")
-        ui.err.print(f"note: --ema: {args.checkpoint.name} has no EMA weights (none of "
-                     f"{', '.join(io.EMA_KEYS)}); using the plain weights", highlight=False, soft_wrap=True)
+    _check_runs(model, example, arch)
+    return LoadedModel(model, example, where, num_classes, arch, source.weights)
+
+
+def _load_weights(args: argparse.Namespace, source: Source, ui: Ui) -> tuple[torch.nn.Module, str, int | None]:
+    """(model, where its weights came from, classes): ``source.arch`` built, its weights file loaded strictly."""
+    checkpoint = None
+    if source.weights is not None:
+        with ui.step(f"Reading {source.weights.name}"):
+            checkpoint = io.read_checkpoint(source.weights, trust=args.trust_checkpoint, prefer_ema=args.ema)
+    num_classes = args.num_classes
+    if num_classes is None and checkpoint is not None and not source.ultralytics:
+        num_classes = io.infer_num_classes(checkpoint.state_dict)
+    with ui.step(f"Building {source.arch}"):
+        model = io.build_model(source.arch, num_classes)
+        if checkpoint is not None:
+            io.load_strict(model, checkpoint.state_dict)
     if checkpoint is None:
-        source = "random weights (no checkpoint)"
+        return model, _RANDOM, num_classes
+    if args.ema and not _has_ema(checkpoint):
+        checkpoint.notes.append("no EMA weights in it: used the plain weights")
+        ui.err.print(f"note: --ema: {source.weights.name} has no EMA weights (none of "
+                     f"{', '.join(io.EMA_KEYS)}); using the plain weights", highlight=False, soft_wrap=True)
+    return model, " ".join([checkpoint.source] + [f"({n})" for n in checkpoint.notes]), num_classes
+
+
+def _load_ultralytics(args: argparse.Namespace, source: Source, ui: Ui):
+    """(model prepared for export, where its weights came from, classes, arch, training image size) of an
+    ultralytics checkpoint, or of a yaml build with random weights or a weights file loaded strictly."""
+    loaded = None
+    if source.weights is not None and yolo.is_checkpoint(io.check_checkpoint_path(source.weights)):
+        with ui.step(f"Reading {source.weights.name}"):
+            loaded = yolo.load_checkpoint(source.weights, trust=args.trust_checkpoint)
+    if source.arch == "ultralytics":  # the checkpoint's own model
+        model, arch = loaded.model, _config_name(loaded.model)
+        if args.num_classes is not None and args.num_classes != yolo.num_classes(model):
+            raise UsageError(f"--num-classes {args.num_classes} does not match the checkpoint's model, which has "
+                             f"{yolo.num_classes(model)} classes. Leave out --num-classes")
+        where = loaded.source
+    elif loaded is not None:  # --arch ultralytics:CFG and an ultralytics checkpoint: its weights, strictly
+        with ui.step(f"Building {source.arch}"):
+            model = io.build_model(source.arch, args.num_classes or yolo.num_classes(loaded.model))
+            io.load_strict(model, loaded.model.state_dict())
+        arch, where = source.arch, loaded.source
     else:
-        source = " ".join([checkpoint.source] + [f"({n})" for n in checkpoint.notes])
-    return LoadedModel(model, example, source, num_classes)
+        model, where, _ = _load_weights(args, source, ui)
+        arch = source.arch
+    return yolo.prepare(model), where, yolo.num_classes(model), arch, loaded.imgsz if loaded else None
+
+
+def _config_name(model: torch.nn.Module) -> str:
+    """``ultralytics:<yaml>`` for a loaded ultralytics model (the yaml it was built from, when recorded)."""
+    spec = getattr(model, "yaml", None)
+    name = spec.get("yaml_file") if isinstance(spec, dict) else None
+    return f"{yolo.PREFIX}{Path(name).name}" if name else f"{yolo.PREFIX}{type(model).__name__}"
 
 
 def _has_ema(checkpoint: io.Checkpoint) -> bool:
@@ -339,7 +420,14 @@ class Outputs:
 _SUFFIX_OPTIONS = {".onnx": "--onnx", ".pte": "--pte", ".mlpackage": "--coreml"}
 
 
-def _outputs(args: argparse.Namespace) -> Outputs:
+def _default_output(source: Source) -> Path:
+    """``<weights stem>_deploy.pt2`` next to the weights, else ``<config stem>_deploy.pt2`` here."""
+    if source.weights is not None:
+        return source.weights.with_name(f"{source.weights.stem}_deploy.pt2")
+    return Path(f"{Path(source.arch.partition(':')[2] or source.arch).stem}_deploy.pt2")
+
+
+def _outputs(args: argparse.Namespace, source: Source) -> Outputs:
     """The paths to write, validated before any work is done."""
     pt2, onnx_path = args.output, args.onnx
     pte, coreml = getattr(args, "pte", None), getattr(args, "coreml", None)
@@ -354,7 +442,7 @@ def _outputs(args: argparse.Namespace) -> Outputs:
         raise UsageError(f"--coreml writes a Core ML package, a directory whose name ends in .mlpackage ({coreml}). "
                          f"Name it {coreml.with_suffix('.mlpackage').name}")
     if pt2 is None and onnx_path is None and pte is None and coreml is None:
-        pt2 = args.checkpoint.with_name(f"{args.checkpoint.stem}_deploy.pt2")
+        pt2 = _default_output(source)
     if args.opset is not None and onnx_path is None:
         raise UsageError("--opset only applies to ONNX output. Add --onnx OUT.onnx")
     named = [(flag, path) for flag, path in (("-o", pt2), ("--onnx", onnx_path), ("--pte", pte), ("--coreml", coreml))
@@ -363,13 +451,14 @@ def _outputs(args: argparse.Namespace) -> Outputs:
         for flag_b, b in named[i + 1:]:
             if io.same_file(a, b):
                 raise UsageError(f"{flag_a} and {flag_b} name the same file {a}. Give them different names")
+    inputs = [source.weights] if source.weights is not None else []
     for flag, path in named:
         if flag == "--coreml" and path.is_dir() and not path.is_symlink():
             if not (path / "Manifest.json").is_file():
                 raise UsageError(f"output {path} is a directory but not a Core ML package. Choose another name")
-            io.check_output_path(path.parent / f"{path.name}.new", inputs=[args.checkpoint])  # replaced when done
+            io.check_output_path(path.parent / f"{path.name}.new", inputs=inputs)  # replaced when done
             continue
-        io.check_output_path(path, inputs=[args.checkpoint])
+        io.check_output_path(path, inputs=inputs)
     _refuse_existing(named, args.force)
     return Outputs(pt2, onnx_path, pte, coreml)
 
@@ -422,11 +511,13 @@ def cmd_convert(args: argparse.Namespace, ui: Ui) -> int:
     if args.opset is not None and args.opset < export.MIN_OPSET:
         raise UsageError(f"ONNX opset {args.opset} is too old. Use --opset {export.MIN_OPSET} or later "
                          f"(default {export.DEFAULT_OPSET})")
-    io.check_checkpoint_path(args.checkpoint)
-    outputs = _outputs(args)
+    if args.checkpoint is not None and not yolo.is_config(args.checkpoint):
+        io.check_checkpoint_path(args.checkpoint)
+    source = _source(args, weights_required=True)
+    outputs = _outputs(args, source)
     dtype = _check_dtype(args, outputs)
     _require_mobile_packages(outputs)
-    loaded = _load_model(args, ui)
+    loaded = _load_model(args, ui, source)
     model, example = loaded.model, loaded.example
     check = not args.no_check
 
@@ -502,7 +593,8 @@ def _cast_inputs(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def _print_convert_report(ui, args, loaded, before: Measures, after: Measures, fused_error: float, results, report) -> None:
-    table = Table(title=f"{args.arch}: {args.checkpoint.name} → deploy", title_justify="left")
+    weights = loaded.weights.name if loaded.weights is not None else "random weights"
+    table = Table(title=f"{loaded.arch}: {weights} → deploy", title_justify="left")
     table.add_column("", style="bold")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
@@ -512,10 +604,13 @@ def _print_convert_report(ui, args, loaded, before: Measures, after: Measures, f
     for key, label in _KERNEL_LABELS:
         b, a = before.kernels[key], after.kernels[key]
         table.add_row(f"{label}s run", str(b), str(a), _change(b, a))
-    ckpt_size = args.checkpoint.stat().st_size
+    ckpt_size = loaded.weights.stat().st_size if loaded.weights is not None else None
     for result in results:
-        table.add_row(f"file size (.{result.format})", _fmt_bytes(ckpt_size), _fmt_bytes(result.size),
-                      _change(ckpt_size, result.size))
+        if ckpt_size is None:
+            table.add_row(f"file size (.{result.format})", "-", _fmt_bytes(result.size), "")
+        else:
+            table.add_row(f"file size (.{result.format})", _fmt_bytes(ckpt_size), _fmt_bytes(result.size),
+                          _change(ckpt_size, result.size))
     batch = tuple(loaded.example.shape)
     table.add_row(f"latency, input {','.join(map(str, batch))}", f"{before.latency:.2f} ms", f"{after.latency:.2f} ms",
                   _speedup(before.latency, after.latency))
@@ -592,7 +687,7 @@ def cmd_inspect(args: argparse.Namespace, ui: Ui) -> int:
 
 
 def _print_inspect_report(ui: Ui, args, loaded: LoadedModel, kernels: dict, report: Any) -> None:
-    ui.out.print(f"[bold]{args.arch}[/] — weights: {loaded.source}; input {','.join(map(str, loaded.example.shape))}",
+    ui.out.print(f"[bold]{loaded.arch}[/] — weights: {loaded.source}; input {','.join(map(str, loaded.example.shape))}",
                  highlight=False)
     counts = ", ".join(_plural(kernels[key], label) for key, label in _KERNEL_LABELS)
     ui.out.print(f"executes: {counts}", highlight=False)
@@ -735,7 +830,8 @@ def cmd_list(args: argparse.Namespace, ui: Ui) -> int:
         table.add_row(name, size, str(spec.num_classes) if spec else "", spec.description if spec else "")
     ui.out.print(table)
     for prefix, package, how in (("timm:", "timm", "timm.list_models()"),
-                                 ("torchvision:", "torchvision", "torchvision.models.list_models()")):
+                                 ("torchvision:", "torchvision", "torchvision.models.list_models()"),
+                                 ("ultralytics:", "ultralytics", "the yamls in ultralytics/cfg/models, e.g. yolov8n.yaml")):
         version = _package_version(package)
         state = f"{package} {version} installed" if version else f"{package} not installed: pip install {package}"
         ui.out.print(f"{prefix}NAME  any {package} model, random init, no download ({state}; names: {how})",

@@ -10,6 +10,7 @@ must not keep what reparam's private float64 runs left behind.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -92,7 +93,8 @@ def match_containers(gm: fx.GraphModule, got: Any, want: Any) -> bool:
     setattr(gm, _SPEC_ATTRIBUTE, want_spec)
     graph = gm.graph
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
-    with graph.inserting_before(output):
+    with graph.inserting_before(output), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fx warns of a get_attr that is no tensor or module: this one is data
         spec = graph.get_attr(_SPEC_ATTRIBUTE)
         rebuilt = graph.call_function(restore_containers, (output.args[0], spec))
     output.args = (rebuilt,)

@@ -366,21 +366,22 @@ def infer_num_classes(state_dict: Mapping[str, torch.Tensor]) -> int | None:
 
 # -------------------------------------------------------------------------------------------- architectures
 
-ARCH_PREFIXES = ("timm:", "torchvision:")
+ARCH_PREFIXES = ("timm:", "torchvision:", "ultralytics:")
 
 
 def build_model(arch: str, num_classes: int | None = None, **kwargs: Any) -> torch.nn.Module:
     """Build architecture ``arch`` with random weights, in eval mode.
 
-    ``arch`` is a ``reparam.models`` name, ``timm:NAME`` or ``torchvision:NAME`` (those need the package; models
-    are always created without pretrained weights, so nothing is downloaded).  ``num_classes=None`` keeps the
+    ``arch`` is a ``reparam.models`` name, ``timm:NAME``, ``torchvision:NAME`` or ``ultralytics:CFG.yaml`` (those
+    need the package; models are always created without pretrained weights, so nothing is downloaded).  ``num_classes=None`` keeps the
     architecture's default.  Raises :class:`UnknownArchError` with suggestions for an unknown name.
     """
     source, _, name = arch.partition(":") if ":" in arch else ("", "", arch)
-    builders = {"": _build_zoo, "timm": _build_timm, "torchvision": _build_torchvision}
+    builders = {"": _build_zoo, "timm": _build_timm, "torchvision": _build_torchvision,
+                "ultralytics": _build_ultralytics}
     if source not in builders:
         raise UnknownArchError(f"unknown architecture source {source!r} in {arch!r}. "
-                               "Use a reparam.models name, timm:NAME or torchvision:NAME")
+                               "Use a reparam.models name, timm:NAME, torchvision:NAME or ultralytics:CFG.yaml")
     if not name:
         raise UnknownArchError(f"missing model name in {arch!r}. Write it as {source}:NAME")
     extra = {} if num_classes is None else {"num_classes": num_classes}
@@ -435,6 +436,12 @@ def _build_torchvision(name: str, extra: dict, kwargs: dict) -> torch.nn.Module:
     if name not in known:
         raise _unknown(f"torchvision:{name}", known, "See torchvision.models.list_models() for the names torchvision knows")
     return torchvision.models.get_model(name, weights=None, **extra, **kwargs)
+
+
+def _build_ultralytics(name: str, extra: dict, kwargs: dict) -> torch.nn.Module:
+    from reparam import yolo
+
+    return yolo.build(name, extra.get("num_classes"), **kwargs)
 
 
 def default_input_shape(arch: str, model: torch.nn.Module | None = None) -> tuple[int, ...] | None:

@@ -19,6 +19,17 @@ Public API (stable; used by the CLI, the benchmarks and the tests):
     - ``"linear"``: ``aten.addmm``, ``aten.mm``, ``aten.linear``;
     - ``"total"``: every ATen op seen, including views and allocations.
 
+``count_norms(model, example_inputs) -> dict[str, int]``
+    the normalisations a forward pass executes and how many of them plain conv+BN folding would remove:
+
+    - ``"batch_norm"``: batch-norm ops (as in :func:`count_kernels`);
+    - ``"channel_affine"``: constant per-channel scalings of an activation, ``x * s`` or ``addcmul(b, x, s)``
+      with ``s`` computed from the model's own tensors only and broadcasting along the channel axis alone
+      (``torchvision.ops.FrozenBatchNorm2d``, a BN written out by hand, an unfolded layer scale); a scale that
+      depends on the input (squeeze-and-excitation) is not one;
+    - ``"foldable"``: how many of those read the output of a convolution that nothing else reads, i.e. what
+      conv+BN folding in the style of ``torch.fx.experimental.optimization.fuse`` removes.
+
 ``count_params(model) -> int``
     number of elements in the model's parameters (each shared tensor counted once; buffers are not counted).
 
@@ -53,6 +64,7 @@ from torch.utils.flop_counter import FlopCounterMode
 __all__ = [
     "KERNEL_KINDS",
     "count_kernels",
+    "count_norms",
     "count_params",
     "count_macs",
     "latency_ms",
@@ -143,6 +155,84 @@ def count_kernels(model: Callable, example_inputs: Any) -> dict[str, int]:
     with torch.no_grad(), counter:
         model(*as_args(example_inputs))
     return dict(counter.counts)
+
+
+class _NormCounter(TorchDispatchMode):
+    """Follows which tensors derive from the inputs and which are convolution outputs, and counts the
+    normalisations (see :func:`count_norms`).  Tensors are told apart by identity; every tensor seen is
+    kept alive for the run so that an identity is never reused."""
+
+    def __init__(self, inputs: Sequence[Any]) -> None:
+        super().__init__()
+        self.counts = {"batch_norm": 0, "channel_affine": 0, "foldable": 0}
+        self.alive: list = []
+        self.dependent = {id(t) for t in self._tensors(inputs)}  # derived from the inputs
+        self.alive += self._tensors(inputs)
+        self.conv_uses: dict = {}  # id of a conv output -> how many ops read it
+        self.normed: list = []  # ids of the conv outputs a normalisation reads
+
+    @staticmethod
+    def _tensors(tree: Any) -> list:
+        return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+    def _norm_input(self, func, args: Sequence[Any]) -> Any:
+        """The activation a batch norm or constant channel affine normalises, else None."""
+        name = func.overloadpacket.__name__
+        if "batch_norm" in name:
+            return args[0]
+        pairs = {"mul": (0, 1), "mul_": (0, 1), "addcmul": (1, 2)}.get(name)
+        if pairs is None or len(args) <= max(pairs):
+            return None
+        a, b = args[pairs[0]], args[pairs[1]]
+        for x, s in ((a, b), (b, a)):
+            if self._is_channel_scale(x, s):
+                return x
+        return None
+
+    def _is_channel_scale(self, x: Any, s: Any) -> bool:
+        if not (isinstance(x, torch.Tensor) and isinstance(s, torch.Tensor)) or x.dim() < 2 or s.dim() > x.dim():
+            return False
+        if id(x) not in self.dependent or id(s) in self.dependent:
+            return False
+        shape = (1,) * (x.dim() - s.dim()) + tuple(s.shape)
+        return shape[1] == x.shape[1] > 1 and all(n == 1 for i, n in enumerate(shape) if i != 1)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        read = self._tensors((args, kwargs))
+        for t in read:
+            if id(t) in self.conv_uses:
+                self.conv_uses[id(t)] += 1
+        x = self._norm_input(func, args)
+        if x is not None:
+            self.counts["batch_norm" if "batch_norm" in func.overloadpacket.__name__ else "channel_affine"] += 1
+            if id(x) in self.conv_uses:
+                self.normed.append(id(x))
+        written = self._tensors(out)
+        if any(id(t) in self.dependent for t in read):  # outputs, and inputs written in place (copy_, add_ ...)
+            mutated = [a for a, spec in zip(args, func._schema.arguments)
+                       if isinstance(a, torch.Tensor) and spec.alias_info is not None and spec.alias_info.is_write]
+            self.dependent.update(id(t) for t in written + mutated)
+        if func.overloadpacket.__name__ in _CONV_OPS:
+            self.conv_uses.update((id(t), 0) for t in written)
+        self.alive += read + written
+        return out
+
+    def result(self) -> dict[str, int]:
+        counts = dict(self.counts)
+        counts["foldable"] = sum(self.conv_uses[i] == 1 for i in self.normed)
+        return counts
+
+
+def count_norms(model: Callable, example_inputs: Any) -> dict[str, int]:
+    """Run ``model`` once and count its batch norms, constant channel affines and how many of them read a
+    convolution output nothing else reads (see the module docstring)."""
+    args = as_args(example_inputs)
+    counter = _NormCounter(args)
+    with torch.no_grad(), counter:
+        model(*args)
+    return counter.result()
 
 
 def count_params(model: torch.nn.Module) -> int:

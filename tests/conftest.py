@@ -1,5 +1,6 @@
-"""Shared helpers for the core tests (test_affine, test_passes, test_fuzz, test_api), and file-system failure
-fixtures for the CLI / output tests (``full_dir``: a full disk; ``read_only_dir``; ``tmpfs``).
+"""Shared helpers for the core tests (test_affine, test_passes, test_fuzz, test_api), the command-line tests
+(test_cli, test_cli_ultralytics), and file-system failure fixtures for the CLI / output tests (``full_dir``: a
+full disk; ``read_only_dir``; ``tmpfs``).
 
 Import them as ``from conftest import ...`` (pytest puts ``tests/`` on ``sys.path``).
 """
@@ -7,8 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 from collections import Counter
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from io import StringIO
+from unittest import mock
 
 import pytest
 import torch
@@ -219,3 +225,41 @@ def read_only_dir(tmp_path):
         return
     with tmpfs(path, "ro,size=64k"):
         yield path
+# ------------------------------------------------------------------------------------------- command line
+
+
+@dataclass
+class CliRun:
+    """Exit code, stdout and stderr of one ``reparam`` command (:func:`run_cli`)."""
+
+    code: int
+    out: str
+    err: str
+
+    @property
+    def error_line(self) -> str:
+        """The stderr line starting with `error:` (asserting there is exactly one, and no traceback)."""
+        lines = [line for line in self.err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1, self.err
+        assert "Traceback" not in self.err
+        return lines[0]
+
+
+def run_cli(*argv) -> CliRun:
+    """``reparam *argv`` in-process, with a wide console and a one-pass latency measurement."""
+    from reparam import cli
+
+    out, err = StringIO(), StringIO()
+    with mock.patch.dict(os.environ, {"COLUMNS": "200"}), redirect_stdout(out), redirect_stderr(err), \
+            mock.patch.multiple(cli, LATENCY_WARMUP=0, LATENCY_REPEATS=1):
+        code = cli.main([str(a) for a in argv])
+    return CliRun(code, out.getvalue(), err.getvalue())
+
+
+def report_row(text: str, label: str) -> list[str]:
+    """The cells of the report-table row starting with ``label``."""
+    for line in text.splitlines():
+        cells = [c.strip() for c in re.split(r"[│┃]", line) if c.strip()]
+        if cells and cells[0] == label:
+            return cells[1:]
+    raise AssertionError(f"no row {label!r} in:\n{text}")

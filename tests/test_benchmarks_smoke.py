@@ -87,3 +87,17 @@ def test_latency_tiny(tmp_path, capsys):
     # re-rendering from the JSON measures nothing and prints the same table
     assert latency.main(["--from-json", str(out), "--quiet"]) == 0
     assert "repghostnet_050" in capsys.readouterr().out
+
+
+def test_deploy_coverage_rewrites_its_section(tmp_path, capsys):
+    """One smp case into a file's deploy section; coverage.py keeps that section when it rewrites the file."""
+    pytest.importorskip("segmentation_models_pytorch")
+    deploy = _load("deploy_coverage")
+    doc = tmp_path / "coverage.md"
+    doc.write_text(f"# timm table\n\n{deploy.START}\nSTALE ROWS\n{deploy.END}\n")
+    deploy.main(["smp:Unet", "--out", str(doc)])
+    text = doc.read_text()
+    assert "STALE ROWS" not in text and "| smp:Unet | segmentation_models_pytorch |" in text
+    assert text.startswith("# timm table") and "## Detection and segmentation models" in text
+    assert _load("coverage").marked_sections(str(doc)) == [text[text.index(deploy.START):text.index(deploy.END)
+                                                                + len(deploy.END)]]

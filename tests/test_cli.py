@@ -11,10 +11,6 @@ import re
 import shutil
 import subprocess
 import sys
-from contextlib import redirect_stderr, redirect_stdout
-from dataclasses import dataclass
-from io import StringIO
-from unittest import mock
 
 import numpy as np
 import onnxruntime
@@ -28,42 +24,12 @@ from reparam import cli
 from reparam.errors import EquivalenceError
 from reparam.report import Refusal, Report
 
+from conftest import report_row as row
+from conftest import run_cli as run
+
 ARCH = "repvgg_digits"
 
 
-
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-    @property
-    def error_line(self) -> str:
-        """The stderr line starting with `error:` (asserting there is exactly one, and no traceback)."""
-        lines = [line for line in self.err.splitlines() if line.startswith("error:")]
-        assert len(lines) == 1, self.err
-        assert "Traceback" not in self.err
-        return lines[0]
-
-
-def run(*argv) -> Run:
-    """``reparam *argv`` in-process, with a wide console and a one-pass latency measurement."""
-    out, err = StringIO(), StringIO()
-    with mock.patch.dict(os.environ, {"COLUMNS": "200"}), redirect_stdout(out), redirect_stderr(err), \
-            mock.patch.multiple(cli, LATENCY_WARMUP=0, LATENCY_REPEATS=1):
-        code = cli.main([str(a) for a in argv])
-    return Run(code, out.getvalue(), err.getvalue())
-
-
-def row(text: str, label: str) -> list[str]:
-    """The cells of the report-table row starting with ``label``."""
-    for line in text.splitlines():
-        cells = [c.strip() for c in re.split(r"[│┃]", line) if c.strip()]
-        if cells and cells[0] == label:
-            return cells[1:]
-    raise AssertionError(f"no row {label!r} in:\n{text}")
 
 
 @pytest.fixture(scope="module")

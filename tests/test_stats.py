@@ -127,3 +127,38 @@ def test_as_args():
     assert stats.as_args(x) == (x,)
     assert stats.as_args([x, x]) == (x, x)
     assert stats.as_args(None) == ()
+
+
+class Norms(nn.Module):
+    """conv -> BN (foldable); conv -> FrozenBatchNorm2d (foldable); a conv read by a BN and a skip (not
+    foldable); a BN after a sum (not foldable); a squeeze-and-excitation scale (not a channel affine)."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.ops import FrozenBatchNorm2d
+
+        self.a, self.b, self.c = (nn.Conv2d(4, 4, 3, padding=1) for _ in range(3))
+        self.bn_a, self.bn_c, self.bn_sum = nn.BatchNorm2d(4), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        self.frozen = FrozenBatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn_a(self.a(x)) + self.frozen(self.b(x))
+        c = self.c(y)
+        y = self.bn_c(c) + c
+        y = self.bn_sum(y + x)
+        return y * torch.sigmoid(y.mean((2, 3), keepdim=True))
+
+
+def test_count_norms_tells_foldable_norms_apart():
+    pytest.importorskip("torchvision")
+    counts = stats.count_norms(Norms().eval(), torch.randn(2, 4, 6, 6))
+    assert counts == {"batch_norm": 3, "channel_affine": 1, "foldable": 2}
+
+
+def test_count_norms_sees_a_channel_affine_left_by_fusion():
+    from reparam.modules import ChannelAffine
+
+    model = ChannelAffine(torch.rand(4) + 0.5, torch.randn(4), 2)
+    assert stats.count_norms(model, torch.randn(1, 4, 3, 3)) == {"batch_norm": 0, "channel_affine": 1, "foldable": 0}
+    conv_then_affine = nn.Sequential(nn.Conv2d(3, 4, 1), model)
+    assert stats.count_norms(conv_then_affine, torch.randn(1, 3, 3, 3))["foldable"] == 1
