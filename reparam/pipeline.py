@@ -25,6 +25,7 @@ from .passes.inplace import follow_inplace_writes
 from .passes.rows import merge_rows
 from .passes.residual import remove_residuals as remove_residual_adds
 from .passes.towers import merge_towers
+from .passes.transposed import fold_bn_into_transposed_convs
 from .interface import restore_state, snapshot_state
 from .parts import PartFuser, record_calls
 from .proofs import UnfaithfulTrace, check_fused, pristine_copy, tag_origins
@@ -93,6 +94,7 @@ def _fuse_graph(gm: fx.GraphModule, inputs: Optional[tuple], report: Report, dty
     tag_origins(gm)
     pristine = pristine_copy(gm)
     follow_inplace_writes(gm, report)  # before collapse: functional pads instead of in-place barriers
+    fold_bn_into_transposed_convs(gm, report)  # outside the affine algebra: its own rule
     _collapse(gm, report, dtypes, main)
     merge_rows(gm, report)  # after collapse: each chain holds its merged kernels
     if merge_towers(gm, report):  # sums of convs merged first, so towers see their final form

@@ -1,0 +1,78 @@
+"""fold_bn into transposed convolutions: ``BN(ConvTranspose(x)) -> ConvTranspose'(x)``.
+
+A transposed convolution is linear with one output channel per column of its weight, so an inference
+BatchNorm after it (``y = s[c] * z + t[c]``) scales that column and shifts the bias: exact, like the fold
+into a convolution.  The affine algebra does not model transposed convolutions (their output grid is
+the input's, spread), so this is its own small rule; the BatchNorm formula is :func:`reparam.affine.batchnorm`.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .. import affine as A
+from ..lift import Constants, Lifter, NotAffine, Unary
+from ..proofs import same_origin
+from ..report import Report, Rewrite
+from .mutation import mutation_barriers, real_users
+
+_TRANSPOSED = nn.modules.conv._ConvTransposeNd
+
+
+def fold_bn_into_transposed_convs(gm: fx.GraphModule, report: Report) -> int:
+    """before -> after: ``bn(deconv(x))`` -> ``deconv'(x)``; returns how many were folded.
+
+    Precondition (else left as it is, with the reason): the BatchNorm uses running statistics, reads the
+    transposed conv's output and is its only reader, and neither is an in-place barrier.
+    """
+    modules = dict(gm.named_modules())
+    lifter = Lifter(gm, Constants(gm))
+    barriers = mutation_barriers(gm).barriers
+    folded = 0
+    for node in list(gm.graph.nodes):
+        source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        if source is None or source.op != "call_module" or not isinstance(modules.get(source.target), _TRANSPOSED):
+            continue
+        try:
+            op = lifter.lift(node)
+        except (NotAffine, A.Refusal):  # not an affine op of it (or not foldable): nothing to do here
+            continue
+        if not isinstance(op, Unary) or op.kind != "batchnorm" or op.source is not source:
+            continue
+        if real_users(source) != [node] or node in barriers or source in barriers:
+            report.refuse(str(source.target), "BatchNorm after a transposed conv kept: the conv output has other readers")
+            continue
+        where = str(source.target)
+        name = f"{source.target}_bn"
+        gm.add_submodule(name, _folded(modules[source.target], op))
+        source.target = name
+        same_origin(source, node)  # it computes what the BatchNorm computed
+        node.replace_all_uses_with(source)
+        gm.graph.erase_node(node)
+        report.rewrites.append(Rewrite(where, "transposed conv, batchnorm", "transposed conv", ("fold_bn",)))
+        folded += 1
+    if folded:
+        gm.graph.lint()
+        gm.recompile()
+        gm.delete_all_unused_submodules()
+    return folded
+
+
+def _folded(deconv: _TRANSPOSED, bn: Unary) -> _TRANSPOSED:
+    """``deconv`` with ``bn``'s per-channel scale in its weight columns and its shift in the bias."""
+    scale = bn.affine.weight.reshape(-1)
+    shift = bn.affine.bias if bn.affine.bias is not None else torch.zeros_like(scale)
+    weight = deconv.weight.detach().to(torch.float64)
+    cin, cout_per_group = weight.shape[0], weight.shape[1]
+    groups = deconv.groups
+    # column j of input row r feeds output channel (r // (cin / groups)) * (cout / groups) + j
+    channel = (torch.arange(cin)[:, None] // (cin // groups)) * cout_per_group + torch.arange(cout_per_group)
+    column_scale = scale[channel].reshape(cin, cout_per_group, *([1] * (weight.dim() - 2)))
+    bias = deconv.bias.detach().to(torch.float64) if deconv.bias is not None else torch.zeros_like(scale)
+    folded = copy.deepcopy(deconv)
+    folded.weight = nn.Parameter((weight * column_scale).to(deconv.weight.dtype), requires_grad=False)
+    folded.bias = nn.Parameter((bias * scale + shift).to(deconv.weight.dtype), requires_grad=False)
+    return folded
