@@ -25,7 +25,7 @@ def deconv_bn(draw):
     groups = draw(st.sampled_from([1, 2, 3]))
     cin, cout = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 3))
     stride, k = draw(st.integers(1, 3)), draw(st.integers(1, 4))
-    deconv = _DECONV[nd](cin, cout, k, stride=stride, padding=draw(st.integers(0, k - 1)),
+    deconv = _DECONV[nd](cin, cout, k, stride=stride, padding=draw(st.integers(0, (k - 1) // 2)),
                          output_padding=draw(st.integers(0, stride - 1)), groups=groups,
                          bias=draw(st.booleans()), dilation=1)
     model = nn.Sequential(deconv, random_bn(_BN[nd](cout))).double().eval()
