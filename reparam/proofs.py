@@ -32,6 +32,7 @@ from .interface import match_containers, restore_containers
 from .verify import NOISE_FACTOR, compare_outputs, fresh, perturbed, relative_error, worst_leaf
 
 ORIGIN = "reparam_origin"
+REWRITE = "reparam_rewrite"  # node meta: what the pass that made the node rewrote ("3x3 conv, batchnorm -> ...")
 PROOF_TRIGGER = 1e-11  # an end-to-end error above this is examined region by region
 LOCAL_FLOOR = 1e-14  # a region this close to what it replaced (relative L2) is proven without more ado
 
@@ -65,11 +66,13 @@ class Disproof:
     where: str  # module path of the fused kernel (or the node name)
     error: float  # relative L2 error
     allowed: float
+    rewrite: str = ""  # what was rewritten into it
 
     def __str__(self) -> str:
         why = ", from the original's own float64 noise there" if self.allowed > LOCAL_FLOOR else ""
-        return (f"region {self.where}: the fused kernel disagrees with the subgraph it replaces, relative error "
-                f"{self.error:.3e} on the activations it receives (allowed {self.allowed:.1e}{why})")
+        what = f" ({self.rewrite})" if self.rewrite else ""
+        return (f"region {self.where}{what}: the fused kernel disagrees with the subgraph it replaces, relative "
+                f"error {self.error:.3e} on the activations it receives (allowed {self.allowed:.1e}{why})")
 
 
 class _Recorder(fx.Interpreter):
@@ -87,7 +90,7 @@ class _Recorder(fx.Interpreter):
 
 class _TeacherForced(fx.Interpreter):
     """Runs a graph with each node whose origin was recorded reset to the recorded value after it ran;
-    ``errors``: origin -> (where, relative error of the node's own value there)."""
+    ``errors``: origin -> (where, relative error of the node's own value there, the rewrite that made it)."""
 
     def __init__(self, gm: fx.GraphModule, original: dict):
         super().__init__(gm)
@@ -102,7 +105,7 @@ class _TeacherForced(fx.Interpreter):
             return value
         if value.dtype != want.dtype or not value.is_floating_point():
             return want.clone() if torch.equal(value, want) else value
-        self.errors[origin] = (_where(n), relative_error(value, want))
+        self.errors[origin] = (_where(n), relative_error(value, want), n.meta.get(REWRITE, ""))
         return want.clone()  # what the original computed there: each region is proven on its own
 
 
@@ -127,11 +130,11 @@ def prove(fused: fx.GraphModule, pristine: fx.GraphModule, inputs: tuple) -> tup
     suspects = {o: e for o, e in errors.items() if not e[1] <= LOCAL_FLOOR}
     noise = _forced_errors(perturbed(pristine), recorder.values, inputs) if suspects else {}
     disproofs = []
-    for origin, (where, err) in suspects.items():
-        allowed = max(LOCAL_FLOOR, NOISE_FACTOR * noise.get(origin, ("", 0.0))[1])
+    for origin, (where, err, rewrite) in suspects.items():
+        allowed = max(LOCAL_FLOOR, NOISE_FACTOR * noise.get(origin, ("", 0.0, ""))[1])
         if not err <= allowed:
-            disproofs.append(Disproof(where, err, allowed))
-    return max((e for _, e in errors.values()), default=0.0), disproofs
+            disproofs.append(Disproof(where, err, allowed, rewrite))
+    return max((e[1] for e in errors.values()), default=0.0), disproofs
 
 
 def _forced_errors(gm: fx.GraphModule, original: dict, inputs: tuple) -> dict:
@@ -187,7 +190,7 @@ def check_fused(fused: fx.GraphModule, pristine: Optional[fx.GraphModule], origi
         if disproofs:
             first = disproofs[0]
             if where != "output":  # a part of a model: the region's path in the whole model
-                first = Disproof(f"{where}.{first.where}", first.error, first.allowed)
+                first = Disproof(f"{where}.{first.where}", first.error, first.allowed, first.rewrite)
             leaf, err = worst_leaf(got, want, where) if mismatch is None else (where, math.inf)
             raise EquivalenceError(f"{first}; {leaf} is off by {err:.1e} (relative); this is a "
                                    "reparam bug, please report the model")

@@ -34,6 +34,7 @@ import torch.fx as fx
 from .. import affine as A
 from ..emit import to_module
 from ..lift import Concat, Constants, Lifter, NotAffine, Sum, Unary
+from ..proofs import REWRITE
 from ..report import Report, Rewrite
 from ..trace import node_shape
 from .mutation import eliminate_dead_code, is_metadata_user, mutation_barriers, real_users
@@ -361,19 +362,23 @@ class Collapse:
             for user in list(node.users):
                 if is_metadata_user(user):
                     user.replace_input_with(node, replacement)
-        self._report(state, f, value, aff)
+        rewrite = self._report(state, f, value, aff)
+        if replacement is not root:
+            replacement.meta[REWRITE] = f"{rewrite.before} -> {rewrite.after}"  # named by the proofs on failure
         return True
 
     def _has_weights(self, value: Value) -> bool:
         """The region holds a conv or linear (so its one conv replaces at least one)."""
         return any(isinstance(self.ops[n], Unary) and self.ops[n].kind in ("conv", "linear") for n in value.ops)
 
-    def _report(self, state: _State, f: fx.Node, value: Value, aff: A.Affine) -> None:
+    def _report(self, state: _State, f: fx.Node, value: Value, aff: A.Affine) -> Rewrite:
         events = tuple(e for n in _ordered(value.ops) for e in state.events.get(n, ()))
         kinds = Counter(self._describe(n) for n in _ordered(value.ops))
         before = ", ".join(f"{k} x{v}" if v > 1 else k for k, v in kinds.items())
         after = "identity" if aff.kind == "identity" else aff.describe()
-        self.report.rewrites.append(Rewrite(_prefix(value.ops) or f.name, before, after, events))
+        rewrite = Rewrite(_prefix(value.ops) or f.name, before, after, events)
+        self.report.rewrites.append(rewrite)
+        return rewrite
 
     def _describe(self, node: fx.Node) -> str:
         op = self.ops[node]
