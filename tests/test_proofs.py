@@ -62,7 +62,7 @@ def _corrupt_every_fused_kernel(monkeypatch, delta: float):
 def test_a_corrupted_fused_weight_is_caught_and_its_region_named(monkeypatch, delta):
     _corrupt_every_fused_kernel(monkeypatch, delta)
     model = create("repvgg_a0").eval()
-    with pytest.raises(reparam.EquivalenceError, match=r"region stage0\.\S+: the fused kernel disagrees"):
+    with pytest.raises(reparam.EquivalenceError, match=r"region stage0\.\S+ \(.+ -> .+\): the fused kernel disagrees"):
         reparam.fuse(model, (torch.randn(1, 3, 32, 32),))
 
 
