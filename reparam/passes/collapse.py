@@ -370,9 +370,12 @@ class Collapse:
 
     def _report(self, state: _State, f: fx.Node, value: Value, aff: A.Affine) -> None:
         events = tuple(e for n in _ordered(value.ops) for e in state.events.get(n, ()))
-        kinds = Counter(self._describe(n) for n in _ordered(value.ops))
-        before = ", ".join(f"{k} x{v}" if v > 1 else k for k, v in kinds.items())
-        after = "identity" if aff.kind == "identity" else aff.describe()
+        # no-ops (nn.Identity placeholders, eval dropout, undone reshapes) are not branches: not listed
+        kinds = Counter(d for d in (self._describe(n) for n in _ordered(value.ops)) if d != "identity")
+        before = ", ".join(f"{k} x{v}" if v > 1 else k for k, v in kinds.items()) or "no-op"
+        after = "no-op" if aff.kind == "identity" else aff.describe()
+        if not events and before == after:
+            return  # nothing was merged or folded (identity -> identity, a lone linear): not a rewrite
         self.report.rewrites.append(Rewrite(_prefix(value.ops) or f.name, before, after, events))
 
     def _describe(self, node: fx.Node) -> str:
