@@ -56,9 +56,10 @@ def table(title: str | None, *columns: str | tuple[str, str]) -> Table:
 def wrap(text: str, columns: int, indent: str = "  ") -> list[str]:
     """``text`` broken between words into lines of at most ``columns``, continuation lines indented.
 
-    Words longer than a line (a long path) are kept whole on their own line rather than split.
+    A word (a path) is never split, unless it is longer than a whole line: then it continues on the next line,
+    every character kept.
     """
-    return textwrap.wrap(text, width=max(20, columns), subsequent_indent=indent, break_long_words=False,
+    return textwrap.wrap(text, width=max(20, columns), subsequent_indent=indent, break_long_words=True,
                          break_on_hyphens=False) or [""]
 
 
