@@ -212,10 +212,12 @@ def latencies_ms(models: list, example_inputs: Any, warmup: int = 3, repeats: in
 
 
 def interleaved_times_ms(models: list, example_inputs: Any, warmup: int = 3, rounds: int = 10, passes: int = 1,
-                         budget_s: float | None = None, alternate: bool = False) -> list[list[float]]:
+                         budget_s: float | None = None, alternate: bool = False,
+                         best: bool = False) -> list[list[float]]:
     """Per-round times (ms) of each model, the models timed in turn within every round.
 
-    Each round runs every model ``passes`` times in a row and records the median of those passes; with
+    Each round runs every model ``passes`` times in a row and records the median of those passes (with ``best``,
+    the fastest: other work on the machine only ever adds time, so the minimum is the least disturbed); with
     ``alternate`` the order of the models is reversed every other round (A B, B A, ...), so that a drift in the
     machine's speed favours no model.  ``warmup`` untimed rounds come first.  ``budget_s`` stops after the round in
     which the timed seconds reach it (at least one round runs).  Returns one list of round times per model.
@@ -242,7 +244,7 @@ def interleaved_times_ms(models: list, example_inputs: Any, warmup: int = 3, rou
                     _synchronize(args)
                     samples.append((time.perf_counter() - start) * 1e3)
                 spent += sum(samples) / 1e3
-                times[i].append(statistics.median(samples))
+                times[i].append(min(samples) if best else statistics.median(samples))
             if budget_s is not None and spent >= budget_s:
                 break
     return times

@@ -3,9 +3,10 @@
 Method (:func:`compare`): both models run on the same input, on one thread on the CPU (``torch.set_num_threads(1)``
 for the duration, restored after), after warm-up rounds; then ``rounds`` timed rounds, each running the original
 and the fused model ``passes`` times in a row, in alternating order (A B, B A, ...) so that a drift in the
-machine's speed favours neither.  Each round gives one ratio (original median / fused median); the figure is the
-median ratio, and the spread the lowest and highest round's.  ``passes`` is chosen from one untimed pass so that
-all rounds fit in about ``budget_s`` seconds.  A spread wider than :data:`TRUST_SPREAD` (highest / lowest ratio)
+machine's speed favours neither.  A round keeps each model's fastest pass (load from other processes only adds
+time) and gives one ratio, original / fused; the figure is the median ratio, and the spread the lowest and highest
+round's.  ``passes`` is chosen from one pass of each after the warm-up, so that all rounds fit in about
+``budget_s`` seconds.  A spread wider than :data:`TRUST_SPREAD` (highest / lowest ratio)
 is flagged: the machine was too busy for the figure to mean much.
 """
 
@@ -37,8 +38,8 @@ class SpeedFigure:
     passes: int  # passes of each model per round
     threads: int | None  # CPU threads used (None on CUDA)
     device: str
-    before_ms: float  # median round time of the original
-    after_ms: float  # ... of the fused model
+    before_ms: float  # median over the rounds of the original's fastest pass
+    after_ms: float  # ... of the fused model's
     load: float | None  # 1-minute load average when timing ended (None where unknown)
 
     @property
@@ -85,15 +86,19 @@ def compare(original: Any, fused: Any, example_inputs: Any, *, rounds: int = ROU
     if not on_cuda:
         torch.set_num_threads(threads)
     try:
-        with torch.no_grad():  # one untimed pass of each, to size the rounds
+        with torch.no_grad():  # warm-up, then one pass of each to size the rounds
+            for _ in range(warmup):
+                original(*args)
+                fused(*args)
+            stats._synchronize(args)
             start = time.perf_counter()
             original(*args)
             fused(*args)
             stats._synchronize(args)
             one = max(time.perf_counter() - start, 1e-6)
         passes = max(1, int(budget_s / max(rounds, 1) / one))
-        before, after = stats.interleaved_times_ms([original, fused], args, warmup=warmup, rounds=rounds,
-                                                   passes=passes, alternate=True)
+        before, after = stats.interleaved_times_ms([original, fused], args, warmup=0, rounds=rounds,
+                                                   passes=passes, alternate=True, best=True)
     finally:
         if not on_cuda:
             torch.set_num_threads(previous)
