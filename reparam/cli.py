@@ -838,16 +838,19 @@ def _print_quant_report(ui: Ui, analysis: Any) -> None:
     from reparam import quant
 
     table = terminal.table(f"int{analysis.bits} weight quantization of the fused model "
-                           f"({_plural(len(analysis.layers), 'conv/linear layer')})",
-                           "layer", "kind", ("min", "right"), ("max", "right"), ("max |w| / std", "right"),
-                           ("channel spread", "right"), ("SNR per tensor dB", "right"),
-                           ("worst channel dB", "right"), ("SNR per channel dB", "right"), "flag")
+                           f"({_plural(len(analysis.layers), 'conv/linear layer')}; SNR in dB, ⚠ flagged)",
+                           "layer", "kind", ("max\n|w|", "right"), ("max|w|\n/std", "right"),
+                           ("channel\nspread", "right"), ("SNR per\ntensor", "right"), ("worst\nchannel", "right"),
+                           ("SNR per\nchannel", "right"), "", compact=True)
+    for column in table.columns[2:]:  # numbers are never folded; the layer names give way first
+        column.no_wrap = True
     for layer in analysis.layers:
         style = "red" if layer.advice == "keep in higher precision" else ("yellow" if layer.flagged else None)
-        table.add_row(layer.name, layer.kind, f"{layer.w_min:.3g}", f"{layer.w_max:.3g}", f"{layer.outlier_ratio:.1f}",
+        table.add_row(layer.name, layer.kind, f"{max(abs(layer.w_min), abs(layer.w_max)):.3g}",
+                      f"{layer.outlier_ratio:.1f}",
                       f"{layer.channel_spread:.1f}", _fmt_db(layer.per_tensor_snr_db),
                       _fmt_db(layer.per_tensor_worst_channel_snr_db), _fmt_db(layer.per_channel_snr_db),
-                      layer.advice and f"⚠ {layer.advice}", style=style)
+                      "⚠" if layer.advice else "", style=style)  # the advice: in the lines below the table
     ui.out.print(table)
     flagged = analysis.flagged
     rule = (f"flagged: per-tensor SNR < {analysis.snr_threshold_db:g} dB, a channel's SNR < "

@@ -41,12 +41,16 @@ def make_console(file: IO, stderr: bool = False) -> Console:
     return Console(file=file, stderr=stderr, width=width(file))
 
 
-def table(title: str | None, *columns: str | tuple[str, str]) -> Table:
+def table(title: str | None, *columns: str | tuple[str, str], compact: bool = False) -> Table:
     """A table whose cells fold (wrap at words, then split a long word) rather than end in "…".
 
-    ``columns`` are names, or ``(name, justify)`` pairs.
+    ``columns`` are names, or ``(name, justify)`` pairs.  ``compact``: no vertical rules and one space between
+    columns, for tables of many narrow numeric columns (10 of them still fit 80 columns).
     """
-    result = Table(title=title, title_justify="left", expand=False)
+    from rich import box
+
+    options = {"box": box.SIMPLE_HEAD, "padding": (0, 1), "pad_edge": False, "collapse_padding": True} if compact else {}
+    result = Table(title=title, title_justify="left", expand=False, **options)
     for column in columns:
         name, justify = (column, "left") if isinstance(column, str) else column
         result.add_column(name, justify=justify, overflow="fold")
