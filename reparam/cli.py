@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(inspect, checkpoint_required=False)
     inspect.add_argument("--graph", type=Path, metavar="FILE", help="draw one block before and after fusion "
                          "(.svg/.png/.pdf with Graphviz or matplotlib; .dot writes Graphviz source)")
-    inspect.add_argument("--force", action="store_true", help="replace the --graph file if it exists")
+    inspect.add_argument("--force", action="store_true", help="replace the --graph or --json file if it exists")
     inspect.add_argument("--block", metavar="NAME", help="the submodule to draw (default: the first multi-branch block)")
     inspect.add_argument("--quant", action="store_true", help="report how each fused conv/linear layer's weights "
                          "survive int8 quantization (range, outliers, per-tensor / per-channel SNR) and flag the "
