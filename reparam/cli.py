@@ -509,7 +509,7 @@ def cmd_convert(args: argparse.Namespace, ui: Ui) -> int:
                          "Add --out-dir DIR")
     if args.out_dir is None and args.formats != ("pt2",):
         raise UsageError("--formats chooses what --out-dir writes. Add --out-dir DIR, or use -o/--onnx/--pte/--coreml")
-    _check_json_path(args)
+    _check_json_path(args, ui)
     _check_device(args.device)
     if args.out_dir is not None:
         from reparam import batch
@@ -521,8 +521,11 @@ def cmd_convert(args: argparse.Namespace, ui: Ui) -> int:
     return EXIT_OK
 
 
-def _check_json_path(args: argparse.Namespace) -> None:
-    """Refuse an unwritable or (without --force) existing --json file before any work."""
+def _check_json_path(args: argparse.Namespace, ui: Ui) -> None:
+    """Refuse an unwritable or (without --force) existing --json file before any work; with ``--json -`` the
+    human-readable report goes to stderr, so that stdout is the JSON document alone."""
+    if args.json is not None and str(args.json) == "-":
+        ui.out = ui.err
     if args.json is None or str(args.json) == "-":
         return
     inputs = [c for c in (getattr(args, "checkpoints", None) or [getattr(args, "checkpoint", None)]) if c is not None]
@@ -711,7 +714,8 @@ def _print_convert_report(ui, args, loaded, before: Measures, after: Measures, f
         counts = report.counts() if hasattr(report, "counts") else {}
         detail = ", ".join(f"{k} ×{v}" for k, v in sorted(counts.items()))
         say(f"rewrites: {len(report.rewrites)} regions ({detail or 'none'}); refused: {len(report.refusals)} "
-            "(see `reparam inspect`; `reparam explain KIND` says what a kind means)")
+            "(see `reparam inspect`)")
+        _print_legend(ui, report.rewrites, (), groups=("rewrite",))
     if getattr(args, "dtype", None) is not None:
         say(f"precision: {args.dtype} (folded in float64, rounded once; errors are against the "
             f"{str(loaded.example.dtype).replace('torch.', '')} original)")
@@ -752,7 +756,7 @@ def cmd_inspect(args: argparse.Namespace, ui: Ui) -> int:
         export.graph_renderer(args.graph)
     elif args.block is not None:
         raise UsageError("--block chooses the block to draw. Add --graph FILE.svg")
-    _check_json_path(args)
+    _check_json_path(args, ui)
     with _json_results(args, "inspect") as results:
         entry = jsonout.new_result("inspect", args.arch, args.checkpoint)
         results.append(entry)
@@ -817,11 +821,12 @@ def _print_inspect_report(ui: Ui, args, loaded: LoadedModel, kernels: dict, repo
     _print_legend(ui, rewrites, refusals)
 
 
-def _print_legend(ui: Ui, rewrites: Sequence, refusals: Sequence) -> None:
-    """Each kind of rewrite, op and refusal the tables above use, explained once."""
+def _print_legend(ui: Ui, rewrites: Sequence, refusals: Sequence,
+                  groups: Sequence[str] = ("rewrite", "op", "refusal")) -> None:
+    """Each kind of rewrite, op and refusal (of ``groups``) the report above uses, explained once."""
     from reparam import glossary
 
-    kinds = glossary.legend_kinds(rewrites, refusals)
+    kinds = [k for k in glossary.legend_kinds(rewrites, refusals) if glossary.GLOSSARY[k].group in groups]
     if not kinds:
         return
     ui.out.print("what the words mean (more: `reparam explain KIND`):", highlight=False)

@@ -146,6 +146,7 @@ def test_convert_report_at_80_columns(ckpt, tmp_path):
     assert result.code == 0, result.err
     assert_fits_80(result.out)
     assert SPEED.search(" ".join(result.out.split())), result.out
+    assert re.search(r"^  fold_bn: a BatchNorm", result.out, re.M) and "merge_parallel: " in result.out  # legend
     # sizes: the checkpoint before, each written file after, never a checkpoint size in an artifact's row
     size = re.compile(r"[\d.]+ k?B")
     checkpoint_row = next(line for line in result.out.splitlines() if "checkpoint file" in line)
@@ -321,8 +322,9 @@ def test_failed_convert_still_writes_json(tmp_path):
 def test_inspect_json_to_stdout(ckpt):
     result = run80("inspect", ckpt, "--arch", ARCH, "--json", "-")
     assert result.code == 0, result.err
-    doc = json.loads(result.out[result.out.index("{\n"):])
+    doc = json.loads(result.out)  # stdout is the document alone; the report went to stderr
     validate(doc)
+    assert "will merge" in result.err
     assert doc["command"] == "inspect" and doc["results"][0]["report"]["rewrites"]
 
 
