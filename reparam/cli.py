@@ -20,6 +20,7 @@ leaves the output directories as they were.  The same checkpoint and flags give 
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import sys
 import threading
@@ -27,28 +28,35 @@ import time
 import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.console import Console
-from rich.table import Table
 
-from reparam import io, staging, stats, yolo
-from reparam.errors import EquivalenceError, ReparamError
+from reparam import jsonout, terminal
+from reparam.errors import EquivalenceError, InputError, ReparamError
+from reparam.lazy import lazy_import
+
+# imported when a command first needs them: `reparam --help` and `reparam list` never load torch
+torch = lazy_import("torch")
+io = lazy_import("reparam.io")
+staging = lazy_import("reparam.staging")
+stats = lazy_import("reparam.stats")
+yolo = lazy_import("reparam.yolo")
 
 __all__ = ["main", "build_parser"]
 
 PROG = "reparam"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "float16", "bfloat16")  # --dtype choices, names of torch dtypes
+FORMATS = ("pt2", "onnx", "pte", "mlpackage")  # what --out-dir can write
 _MOBILE_HINT = "pip install 'reparam[mobile]'"
 DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
-LATENCY_WARMUP, LATENCY_REPEATS, LATENCY_BUDGET_S = 2, 10, 2.0  # the report's "quick latency"
+LATENCY_WARMUP, LATENCY_REPEATS, LATENCY_BUDGET_S = 2, 9, 4.0  # the speed figure's rounds (see reparam.timing)
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
-class UsageError(io.InputError):
+class UsageError(InputError):
     """The command line itself is wrong (exit code 2)."""
 
 
@@ -88,10 +96,16 @@ def positive_int(text: str) -> int:
 
 def _model_options(parser: argparse.ArgumentParser, checkpoint_required: bool) -> None:
     """Options shared by ``convert`` and ``inspect``: where the model and its weights come from."""
-    parser.add_argument("checkpoint", nargs="?", type=Path, metavar="CHECKPOINT",
-                        help="weights: a torch.save file (.pt/.pth, a plain or wrapped state dict) or .safetensors; "
-                        "an ultralytics checkpoint (e.g. yolov8n.pt, no --arch needed) or model yaml (e.g. "
-                        "yolov8n.yaml: random weights)" + ("" if checkpoint_required else "; omitted: random weights"))
+    weights_help = ("weights: a torch.save file (.pt/.pth, a plain or wrapped state dict) or .safetensors; an "
+                    "ultralytics checkpoint (e.g. yolov8n.pt, no --arch needed) or model yaml (e.g. yolov8n.yaml: "
+                    "random weights)")
+    if checkpoint_required:  # convert: one or more checkpoints (several: see --out-dir)
+        parser.add_argument("checkpoints", nargs="*", type=Path, metavar="CHECKPOINT",
+                            help=weights_help + "; several are converted one after the other (with --out-dir); "
+                            "none: random weights of --arch ultralytics:CFG.yaml")
+    else:
+        parser.add_argument("checkpoint", nargs="?", type=Path, metavar="CHECKPOINT",
+                            help=weights_help + "; omitted: random weights")
     parser.add_argument("--arch", metavar="NAME",
                         help="architecture: a reparam.models name (see `reparam list`), timm:NAME, torchvision:NAME "
                         "or ultralytics:CFG.yaml (required unless CHECKPOINT is an ultralytics checkpoint or yaml)")
@@ -102,7 +116,26 @@ def _model_options(parser: argparse.ArgumentParser, checkpoint_required: bool) -
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="allow a pickle checkpoint to run code while loading (only for files you trust)")
     parser.add_argument("--ema", action="store_true", help="use the EMA weights when the checkpoint has both")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write everything the command found (rewrites, "
+                        "refusals, notes, counts, errors, timings) as JSON to FILE, or to stdout with `-` "
+                        "(schema: docs/report-schema.json)")
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+
+def device_name(text: str) -> str:
+    """Parse ``cpu``, ``cuda`` or ``cuda:N`` (checked against the machine when the command runs)."""
+    if re.fullmatch(r"cpu|cuda(:\d+)?", text.strip().lower()) is None:
+        raise argparse.ArgumentTypeError(f"invalid device {text!r}: expected cpu, cuda or cuda:N")
+    return text.strip().lower()
+
+
+def format_list(text: str) -> tuple[str, ...]:
+    """Parse ``pt2,onnx`` (the formats --out-dir writes)."""
+    names = tuple(dict.fromkeys(n.strip().lower().lstrip(".") for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in FORMATS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"invalid format list {text!r}: expected some of {','.join(FORMATS)}")
+    return names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,6 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also merge identity residuals into convolutions where exact (passed to reparam.fuse)")
     convert.add_argument("--force", action="store_true", help="replace output files that exist already (they are "
                          "replaced only once every output is written and verified)")
+    convert.add_argument("--out-dir", type=Path, metavar="DIR", help="write each checkpoint's deploy files into DIR "
+                         "as <checkpoint stem>_deploy.<format> (needed for several checkpoints; one progress bar and "
+                         "a summary table; a bad file is reported and the others still converted)")
+    convert.add_argument("--formats", type=format_list, default=("pt2",), metavar="LIST",
+                         help=f"with --out-dir: the formats to write, some of {','.join(FORMATS)} (default pt2)")
+    convert.add_argument("--device", type=device_name, default="cpu", metavar="DEVICE", help="cpu, cuda or cuda:N: "
+                         "fold (still in float64), verify and time there; the deploy files hold weights for it "
+                         "(default cpu)")
+    convert.add_argument("--no-bench", action="store_true", help="skip the speed comparison of the original and the "
+                         "fused model (a few seconds)")
     convert.set_defaults(func=cmd_convert)
 
     inspect = commands.add_parser("inspect", help="show what will merge, what will not and why",
@@ -145,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(inspect, checkpoint_required=False)
     inspect.add_argument("--graph", type=Path, metavar="FILE", help="draw one block before and after fusion "
                          "(.svg/.png/.pdf with Graphviz or matplotlib; .dot writes Graphviz source)")
-    inspect.add_argument("--force", action="store_true", help="replace the --graph file if it exists")
+    inspect.add_argument("--force", action="store_true", help="replace the --graph or --json file if it exists")
     inspect.add_argument("--block", metavar="NAME", help="the submodule to draw (default: the first multi-branch block)")
     inspect.add_argument("--quant", action="store_true", help="report how each fused conv/linear layer's weights "
                          "survive int8 quantization (range, outliers, per-tensor / per-channel SNR) and flag the "
@@ -156,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
                                   description="List the reparam.models architectures and the timm:/torchvision: sources.")
     listing.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     listing.set_defaults(func=cmd_list)
+
+    explain = commands.add_parser("explain", help="say what a rewrite, op or refusal kind of the report means",
+                                  description="Print what KIND (a word of the report: fold_bn, merge_parallel, shift, "
+                                  "no-op, zero-padding ...) means; without KIND, every kind.")
+    explain.add_argument("kind", nargs="?", metavar="KIND", help="the word to explain")
+    explain.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    explain.set_defaults(func=cmd_explain)
     return parser
 
 
@@ -175,22 +225,36 @@ def _version() -> str:
 
 @dataclass
 class Ui:
-    """Where the command writes: the report (stdout) and progress / errors (stderr)."""
+    """Where the command writes: the report (stdout) and progress / errors (stderr).
+
+    Every step's name and duration is kept in ``steps`` (for ``--json``).  With ``progress`` set (a batch of
+    checkpoints under one progress bar), a step updates the bar's text instead of printing its own line.
+    """
 
     out: Console
     err: Console
+    steps: list = field(default_factory=list)
+    progress: Any = None  # (rich Progress, task id) while a batch runs
 
     @contextmanager
     def step(self, text: str) -> Iterator[None]:
         """Show a spinner while a step runs, then a tick and its duration."""
         start = time.perf_counter()
-        with self.err.status(f"{text}…"):
+        if self.progress is not None:
+            bar, task = self.progress
+            bar.update(task, step=text)
             yield
-        self.err.print(f"[green]✓[/] {text} [dim]({time.perf_counter() - start:.1f}s)[/]", highlight=False)
+        else:
+            with self.err.status(f"{text}…"):
+                yield
+        seconds = time.perf_counter() - start
+        self.steps.append({"name": text, "seconds": round(seconds, 3)})
+        if self.progress is None:
+            self.err.print(f"[green]✓[/] {text} [dim]({seconds:.1f}s)[/]", highlight=False)
 
 
 def _make_ui() -> Ui:
-    return Ui(out=Console(file=sys.stdout), err=Console(file=sys.stderr, stderr=True))
+    return Ui(out=terminal.make_console(sys.stdout), err=terminal.make_console(sys.stderr, stderr=True))
 
 
 @dataclass
@@ -380,10 +444,11 @@ def _change(before: float, after: float) -> str:
     return f"{change:+.1%}" if abs(change) < 0.095 else f"{change:+.0%}"
 
 
-def _speedup(before: float, after: float) -> str:
-    if before <= 0 or after <= 0:
+def _speedup(ratio: float) -> str:
+    """``2.10× faster`` for a ratio original / fused of 2.1 (``slower`` below 1)."""
+    if ratio <= 0:
         return ""
-    return f"{before / after:.2f}× faster" if before >= after else f"{after / before:.2f}× slower"
+    return f"{ratio:.2f}× faster" if ratio >= 1 else f"{1 / ratio:.2f}× slower"
 
 
 # ------------------------------------------------------------------------------------------------- convert
@@ -396,15 +461,34 @@ class Measures:
     params: int
     macs: int
     kernels: dict[str, int]
-    latency: float
 
 
-def _measure(model: torch.nn.Module, fused: torch.nn.Module, example: torch.Tensor) -> tuple[Measures, Measures]:
-    """Measures of the original and the fused model; latencies timed interleaved."""
-    latency = stats.latencies_ms([model, fused], example, warmup=LATENCY_WARMUP, repeats=LATENCY_REPEATS,
-                                 budget_s=LATENCY_BUDGET_S)
-    return tuple(Measures(params=stats.count_params(m), macs=stats.count_macs(m, example),
-                          kernels=stats.count_kernels(m, example), latency=t) for m, t in zip((model, fused), latency))
+def _measure(model: torch.nn.Module, example: torch.Tensor) -> Measures:
+    """Parameters, MACs and executed kernels of ``model`` on ``example``."""
+    return Measures(params=stats.count_params(model), macs=stats.count_macs(model, example),
+                    kernels=stats.count_kernels(model, example))
+
+
+def _bench(original: torch.nn.Module, fused: torch.nn.Module, example: torch.Tensor) -> Any:
+    """The speed figure (:mod:`reparam.timing`): interleaved rounds after warm-up, one CPU thread."""
+    from reparam import timing
+
+    return timing.compare(original, fused, example, rounds=LATENCY_REPEATS, warmup=LATENCY_WARMUP,
+                          budget_s=LATENCY_BUDGET_S)
+
+
+def _check_device(name: str) -> None:
+    """Refuse a CUDA device this machine does not have (exit 2)."""
+    if not name.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        built = "built without CUDA" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, but no GPU found"
+        raise UsageError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}, "
+                         f"{built}). Use --device cpu")
+    index = int(name.split(":")[1]) if ":" in name else 0
+    if index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {_plural(torch.cuda.device_count(), 'CUDA device')} "
+                         f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}). Choose one of them")
 
 
 @dataclass
@@ -475,7 +559,7 @@ def _check_dtype(args: argparse.Namespace, outputs: Outputs) -> torch.dtype | No
     """The ``--dtype`` asked for, after refusing the output formats that cannot hold it."""
     if args.dtype is None:
         return None
-    dtype = DTYPES[args.dtype]
+    dtype = getattr(torch, args.dtype)
     if dtype == torch.bfloat16 and outputs.onnx is not None:
         raise UsageError("ONNX has no bfloat16 convolution, so ONNX Runtime cannot run a bfloat16 model. "
                          "Use --dtype float16 for --onnx, or leave out --onnx")
@@ -505,20 +589,103 @@ def _require_mobile_packages(outputs: Outputs) -> None:
 
 
 def cmd_convert(args: argparse.Namespace, ui: Ui) -> int:
-    """``reparam convert``: load, fuse, verify, export, report."""
+    """``reparam convert``: load, fuse, verify, export, report; several checkpoints with ``--out-dir``."""
     from reparam import export
 
     if args.opset is not None and args.opset < export.MIN_OPSET:
         raise UsageError(f"ONNX opset {args.opset} is too old. Use --opset {export.MIN_OPSET} or later "
                          f"(default {export.DEFAULT_OPSET})")
+    if args.out_dir is None and len(args.checkpoints) > 1:
+        raise UsageError(f"{len(args.checkpoints)} checkpoints given: several are converted into a directory. "
+                         "Add --out-dir DIR")
+    if args.out_dir is None and args.formats != ("pt2",):
+        raise UsageError("--formats chooses what --out-dir writes. Add --out-dir DIR, or use -o/--onnx/--pte/--coreml")
+    _check_json_path(args, ui)
+    _check_device(args.device)
+    if args.out_dir is not None:
+        if not args.checkpoints:
+            raise UsageError("--out-dir converts the CHECKPOINT files given: name at least one")
+        from reparam import batch
+
+        return batch.convert_all(args, ui, _convert_one)
+    args.checkpoint = args.checkpoints[0] if args.checkpoints else None
+    with _json_results(args, "convert") as results:
+        results.append(_convert_one(args, ui))
+    return EXIT_OK
+
+
+def _check_json_path(args: argparse.Namespace, ui: Ui) -> None:
+    """Refuse an unwritable or (without --force) existing --json file before any work; with ``--json -`` the
+    human-readable report goes to stderr, so that stdout is the JSON document alone."""
+    if args.json is not None and str(args.json) == "-":
+        ui.out = ui.err
+    if args.json is None or str(args.json) == "-":
+        return
+    inputs = [c for c in (getattr(args, "checkpoints", None) or [getattr(args, "checkpoint", None)]) if c is not None]
+    io.check_output_path(args.json, inputs=inputs)
+    _refuse_existing([("--json", args.json)], args.force)
+
+
+@contextmanager
+def _json_results(args: argparse.Namespace, command: str) -> Iterator[list]:
+    """Collect the command's result entries; write the ``--json`` document at the end, a failure included."""
+    results: list[dict] = []
+    if args.json is None:
+        yield results
+        return
+    try:
+        yield results
+    except Exception as exc:
+        message, code = _error_line(exc)
+        entry = getattr(exc, "reparam_result", None) or (results[-1] if results else None)
+        if entry is None:
+            entry = jsonout.new_result(command, args.arch, getattr(args, "checkpoint", None))
+            results.append(entry)
+        elif entry not in results:
+            results.append(entry)
+        entry.update(status="failed", error=message, exit_code=code)
+        jsonout.write(args.json, jsonout.document(command, results, code))
+        raise
+    for entry in results:
+        entry.update(status="ok", exit_code=EXIT_OK)
+    jsonout.write(args.json, jsonout.document(command, results, EXIT_OK))
+
+
+def _convert_one(args: argparse.Namespace, ui: Ui, print_report: bool = True) -> dict:
+    """Convert ``args.checkpoint`` into the outputs ``args`` names; returns its ``--json`` result entry.
+
+    An exception leaves with the entry filled in so far as its ``reparam_result`` attribute.
+    """
+    entry = jsonout.new_result("convert", args.arch, args.checkpoint, args.device)
+    first_step = len(ui.steps)
+    try:
+        _convert_into(args, ui, entry, print_report)
+    except Exception as exc:
+        exc.reparam_result = entry
+        raise
+    finally:
+        entry["steps"] = ui.steps[first_step:]
+    entry["status"], entry["exit_code"] = "ok", EXIT_OK
+    return entry
+
+
+def _convert_into(args: argparse.Namespace, ui: Ui, entry: dict, print_report: bool) -> None:
+    from reparam import export
+
     if args.checkpoint is not None and not yolo.is_config(args.checkpoint):
         io.check_checkpoint_path(args.checkpoint)
     source = _source(args, weights_required=True)
+    entry["checkpoint_size"] = source.weights.stat().st_size if source.weights is not None else None
     outputs = _outputs(args, source)
     dtype = _check_dtype(args, outputs)
     _require_mobile_packages(outputs)
     loaded = _load_model(args, ui, source)
+    if args.device != "cpu":
+        with ui.step(f"Moving the model to {args.device}"):
+            loaded.model.to(args.device)
+            loaded.example = loaded.example.to(args.device)
     model, example = loaded.model, loaded.example
+    entry.update(weights=loaded.source, input_shape=list(example.shape))
     check = not args.no_check
 
     options: dict[str, Any] = {"check": check, "remove_residuals": args.remove_residuals}
@@ -531,15 +698,25 @@ def cmd_convert(args: argparse.Namespace, ui: Ui) -> int:
             precision.check_precision(model, example, dtype)
     with ui.step("Fusing" if dtype is None else f"Fusing (deploy precision {args.dtype})"):
         fused = _fuse(model, example, **options)
+    report = getattr(fused, "reparam_report", None)
+    if report is not None and hasattr(report, "to_dict"):
+        entry["report"] = report.to_dict()
     deploy_dtype = _floating_dtype(fused) or example.dtype
     deploy_example = example.to(deploy_dtype)
     # the original keeps its own dtype: give it the deploy inputs cast back, and compare in float64
     original = model if deploy_dtype == example.dtype else _cast_inputs(model, example.dtype)
     runnable = fused if deploy_dtype == example.dtype else _cast_inputs(fused, deploy_dtype)
-    with ui.step("Measuring"):
-        before, after = _measure(model, runnable, example)
+    with ui.step("Counting parameters, MACs and kernels"):
+        before, after = _measure(model, example), _measure(runnable, example)
         with torch.no_grad():
             fused_error = stats.relative_error(fused(deploy_example), model(example))
+    entry["measures"] = {"before": jsonout.measures_entry(before), "after": jsonout.measures_entry(after)}
+    entry["errors"] = {"fused": fused_error}
+    speed = None
+    if not args.no_bench:
+        with ui.step("Timing original vs fused (interleaved, 1 thread; skip with --no-bench)"):
+            speed = _bench(model, runnable, example)
+        entry["speed"] = speed.to_dict()
 
     results = []
     with staging.Staging() as stage:  # every file is written and verified beside its target, then all move in
@@ -571,11 +748,14 @@ def cmd_convert(args: argparse.Namespace, ui: Ui) -> int:
         replaced = stage.commit()
     for result, target in zip(results, targets):
         result.path = target
+    entry["outputs"] = [jsonout.export_entry(r) for r in results]
+    for result in results:
+        if result.errors:
+            entry["errors"][_RUN_LABELS.get(result.format, f".{result.format}")] = result.errors.get("original", 0.0)
     for path in replaced:
         ui.err.print(f"note: --force: replaced the existing {path}", highlight=False, soft_wrap=True)
-
-    _print_convert_report(ui, args, loaded, before, after, fused_error, results, getattr(fused, "reparam_report", None))
-    return EXIT_OK
+    if print_report:
+        _print_convert_report(ui, args, loaded, before, after, fused_error, results, report, speed)
 
 
 def _floating_dtype(model: torch.nn.Module) -> torch.dtype | None:
@@ -592,28 +772,26 @@ def _cast_inputs(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return CastInputs(model, dtype)
 
 
-def _print_convert_report(ui, args, loaded, before: Measures, after: Measures, fused_error: float, results, report) -> None:
+def _print_convert_report(ui, args, loaded, before: Measures, after: Measures, fused_error: float, results, report,
+                          speed: Any = None) -> None:
     weights = loaded.weights.name if loaded.weights is not None else "random weights"
-    table = Table(title=f"{loaded.arch}: {weights} → deploy", title_justify="left")
-    table.add_column("", style="bold")
-    table.add_column("before", justify="right")
-    table.add_column("after", justify="right")
-    table.add_column("change", justify="right")
+    table = terminal.table(f"{loaded.arch}: {weights} → deploy", "", ("before", "right"),
+                           ("after", "right"), ("change", "right"))
+    table.columns[0].style = "bold"
     table.add_row("parameters", _fmt_count(before.params), _fmt_count(after.params), _change(before.params, after.params))
     table.add_row("MACs", _fmt_count(before.macs), _fmt_count(after.macs), _change(before.macs, after.macs))
     for key, label in _KERNEL_LABELS:
         b, a = before.kernels[key], after.kernels[key]
         table.add_row(f"{label}s run", str(b), str(a), _change(b, a))
     ckpt_size = loaded.weights.stat().st_size if loaded.weights is not None else None
-    for result in results:
-        if ckpt_size is None:
-            table.add_row(f"file size (.{result.format})", "-", _fmt_bytes(result.size), "")
-        else:
-            table.add_row(f"file size (.{result.format})", _fmt_bytes(ckpt_size), _fmt_bytes(result.size),
-                          _change(ckpt_size, result.size))
-    batch = tuple(loaded.example.shape)
-    table.add_row(f"latency, input {','.join(map(str, batch))}", f"{before.latency:.2f} ms", f"{after.latency:.2f} ms",
-                  _speedup(before.latency, after.latency))
+    if ckpt_size is not None:
+        table.add_row("checkpoint file", _fmt_bytes(ckpt_size), "", "")
+    for result in results:  # each written file against the checkpoint it came from
+        change = _change(ckpt_size, result.size) if ckpt_size is not None else ""
+        table.add_row(f"file size (.{result.format})", "", _fmt_bytes(result.size), change)
+    if speed is not None:
+        table.add_row(f"latency, input {','.join(map(str, loaded.example.shape))}", f"{speed.before_ms:.2f} ms",
+                      f"{speed.after_ms:.2f} ms", _speedup(speed.ratio))
     table.add_section()  # errors: relative L2 vs the original model on the example input (and another batch size)
     table.add_row("rel. error, fused model", "", f"{fused_error:.1e}", "")
     for result in results:
@@ -622,32 +800,45 @@ def _print_convert_report(ui, args, loaded, before: Measures, after: Measures, f
         where = _RUN_LABELS.get(result.format, f".{result.format}")
         table.add_row(f"rel. error, {where}", "", f"{result.errors.get('original', 0.0):.1e}", "")
     ui.out.print(table)
-    ui.out.print(f"weights: {loaded.source}; classes: {loaded.num_classes or 'architecture default'}", highlight=False)
+    say = lambda text: terminal.paragraph(ui.out, text)  # noqa: E731
+    if speed is not None:
+        threads = f"{_plural(speed.threads, 'thread')}, " if speed.threads else ""
+        say(f"speed: {speed.text()} on {speed.device} ({threads}{speed.passes} passes per run, interleaved after "
+            "warm-up; --no-bench skips it)")
+        if speed.warning():
+            say(f"note: {speed.warning()}")
+    say(f"weights: {loaded.source}; classes: {loaded.num_classes or 'architecture default'}")
     if report is not None and getattr(report, "rewrites", None) is not None:
         counts = report.counts() if hasattr(report, "counts") else {}
         detail = ", ".join(f"{k} ×{v}" for k, v in sorted(counts.items()))
-        ui.out.print(f"rewrites: {len(report.rewrites)} regions ({detail or 'none'}); "
-                     f"refused: {len(report.refusals)} (see `reparam inspect`)", highlight=False)
+        say(f"rewrites: {len(report.rewrites)} regions ({detail or 'none'}); refused: {len(report.refusals)} "
+            "(see `reparam inspect`)")
+        _print_legend(ui, report.rewrites, (), groups=("rewrite",))
     if getattr(args, "dtype", None) is not None:
-        ui.out.print(f"precision: {args.dtype} (folded in float64, rounded once; errors are against the "
-                     f"{str(loaded.example.dtype).replace('torch.', '')} original)", highlight=False)
+        say(f"precision: {args.dtype} (folded in float64, rounded once; errors are against the "
+            f"{str(loaded.example.dtype).replace('torch.', '')} original)")
     if args.no_check:
         ui.out.print("[yellow]--no-check: differences were reported, not enforced[/]")
     for result in results:
-        details = [_fmt_bytes(result.size), "dynamic batch" if result.dynamic_batch else "static batch"]
-        if result.opset is not None:
-            details.append(f"opset {result.opset}")
-        precision = getattr(result, "precision", None)
-        if result.format in ("pte", "mlpackage") and precision:
-            details.append(precision)
-        if result.format == "pte":
-            delegated, total = getattr(result, "delegated", None), getattr(result, "total_ops", None)
-            if delegated is not None and total:
-                details.append(f"XNNPACK runs {delegated} of {total} ops")
-            details.append(f"verified in {getattr(result, 'verified_in', None) or 'ExecuTorch'}")
-        if result.format == "mlpackage":
-            details.append("converted, not run: Core ML needs macOS")
-        ui.out.print(f"wrote {result.path} ({', '.join(details)})", highlight=False, soft_wrap=True)
+        say(f"wrote {result.path} ({', '.join(_output_details(result))})")
+
+
+def _output_details(result: Any) -> list[str]:
+    """What the ``wrote FILE (...)`` line says about one written file."""
+    details = [_fmt_bytes(result.size), "dynamic batch" if result.dynamic_batch else "static batch"]
+    if result.opset is not None:
+        details.append(f"opset {result.opset}")
+    precision = getattr(result, "precision", None)
+    if result.format in ("pte", "mlpackage") and precision:
+        details.append(precision)
+    if result.format == "pte":
+        delegated, total = getattr(result, "delegated", None), getattr(result, "total_ops", None)
+        if delegated is not None and total:
+            details.append(f"XNNPACK runs {delegated} of {total} ops")
+        details.append(f"verified in {getattr(result, 'verified_in', None) or 'ExecuTorch'}")
+    if result.format == "mlpackage":
+        details.append("converted, not run: Core ML needs macOS")
+    return details
 
 
 # ------------------------------------------------------------------------------------------------- inspect
@@ -655,8 +846,6 @@ def _print_convert_report(ui, args, loaded, before: Measures, after: Measures, f
 
 def cmd_inspect(args: argparse.Namespace, ui: Ui) -> int:
     """``reparam inspect``: explain what will merge and what will not, optionally draw a block."""
-    import reparam
-
     from reparam import export
 
     if args.graph is not None:
@@ -665,12 +854,30 @@ def cmd_inspect(args: argparse.Namespace, ui: Ui) -> int:
         export.graph_renderer(args.graph)
     elif args.block is not None:
         raise UsageError("--block chooses the block to draw. Add --graph FILE.svg")
+    _check_json_path(args, ui)
+    with _json_results(args, "inspect") as results:
+        entry = jsonout.new_result("inspect", args.arch, args.checkpoint)
+        results.append(entry)
+        _inspect_into(args, ui, entry)
+        entry["steps"] = list(ui.steps)
+    return EXIT_OK
+
+
+def _inspect_into(args: argparse.Namespace, ui: Ui, entry: dict) -> None:
+    import reparam
+
+    if args.checkpoint is not None and not yolo.is_config(args.checkpoint):
+        entry["checkpoint_size"] = io.check_checkpoint_path(args.checkpoint).stat().st_size
     loaded = _load_model(args, ui)
+    entry.update(weights=loaded.source, input_shape=list(loaded.example.shape))
     if args.block is not None:
         _submodule(loaded.model, args.block)
     with ui.step("Analysing"):
         kernels = stats.count_kernels(loaded.model, loaded.example)
         report = reparam.explain(loaded.model, (loaded.example,))
+    if hasattr(report, "to_dict"):
+        entry["report"] = report.to_dict()
+    entry["measures"] = {"before": {"kernels": {k: int(v) for k, v in kernels.items()}}}
     _print_inspect_report(ui, args, loaded, kernels, report)
     if getattr(args, "quant", False):
         from reparam import quant
@@ -678,41 +885,51 @@ def cmd_inspect(args: argparse.Namespace, ui: Ui) -> int:
         with ui.step("Fusing and analysing weight quantization"):
             fused = reparam.fuse(loaded.model, (loaded.example,))
             analysis = quant.analyze_model(fused)
+        entry["quant"] = [{"layer": layer.name, "kind": layer.kind, "flags": list(layer.flags),
+                           "advice": layer.advice or None} for layer in analysis.layers]
         _print_quant_report(ui, analysis)
     if args.graph is not None:
         with ui.step(f"Drawing {args.graph.name}"):
             block, renderer = _draw_block(loaded, args.block, args.graph)
-        ui.out.print(f"drew {block} before and after into {args.graph} ({renderer})", highlight=False, soft_wrap=True)
-    return EXIT_OK
+        terminal.paragraph(ui.out, f"drew {block} before and after into {args.graph} ({renderer})")
 
 
 def _print_inspect_report(ui: Ui, args, loaded: LoadedModel, kernels: dict, report: Any) -> None:
-    ui.out.print(f"[bold]{loaded.arch}[/] — weights: {loaded.source}; input {','.join(map(str, loaded.example.shape))}",
-                 highlight=False)
-    counts = ", ".join(_plural(kernels[key], label) for key, label in _KERNEL_LABELS)
-    ui.out.print(f"executes: {counts}", highlight=False)
+    say = lambda text: terminal.paragraph(ui.out, text)  # noqa: E731
+    say(f"{loaded.arch} — weights: {loaded.source}; input {','.join(map(str, loaded.example.shape))}")
+    say("executes: " + ", ".join(_plural(kernels[key], label) for key, label in _KERNEL_LABELS))
     rewrites, refusals = getattr(report, "rewrites", None), getattr(report, "refusals", None)
     if rewrites is None or refusals is None:  # an unknown report type: its own text is the best we have
         ui.out.print(str(report))
         return
-    merges = Table(title=f"will merge ({len(rewrites)} regions)", title_justify="left")
-    for column in ("where", "before", "after", "rewrites"):
-        merges.add_column(column)
+    merges = terminal.table(f"will merge ({len(rewrites)} regions)", "where", "before", "after", "rewrites")
     for rewrite in rewrites:
         merges.add_row(*_rewrite_cells(rewrite))
     ui.out.print(merges)
     if not refusals:
-        ui.out.print("will not merge: nothing refused")
+        ui.out.print("will not merge: nothing refused", highlight=False)
     else:
-        refused = Table(title=f"will not merge ({len(refusals)})", title_justify="left")
-        refused.add_column("where")
-        refused.add_column("why")
+        refused = terminal.table(f"will not merge ({len(refusals)})", "where", "why")
         for refusal in refusals:
             where, reason = (refusal.where, refusal.reason) if hasattr(refusal, "reason") else tuple(refusal)[:2]
             refused.add_row(str(where), str(reason))
         ui.out.print(refused)
     for note in getattr(report, "notes", []):
-        ui.out.print(f"note: {note}", highlight=False)
+        say(f"note: {note}")
+    _print_legend(ui, rewrites, refusals)
+
+
+def _print_legend(ui: Ui, rewrites: Sequence, refusals: Sequence,
+                  groups: Sequence[str] = ("rewrite", "op", "refusal")) -> None:
+    """Each kind of rewrite, op and refusal (of ``groups``) the report above uses, explained once."""
+    from reparam import glossary
+
+    kinds = [k for k in glossary.legend_kinds(rewrites, refusals) if glossary.GLOSSARY[k].group in groups]
+    if not kinds:
+        return
+    ui.out.print("what the words mean (more: `reparam explain KIND`):", highlight=False)
+    for kind in kinds:
+        terminal.paragraph(ui.out, f"  {kind}: {glossary.GLOSSARY[kind].meaning}", indent="      ")
 
 
 def _fmt_db(value: float) -> str:
@@ -723,37 +940,39 @@ def _print_quant_report(ui: Ui, analysis: Any) -> None:
     """The per-layer table of :func:`reparam.quant.analyze_model` and a summary of the flagged layers."""
     from reparam import quant
 
-    table = Table(title=f"int{analysis.bits} weight quantization of the fused model "
-                  f"({_plural(len(analysis.layers), 'conv/linear layer')})", title_justify="left")
-    for column, justify in (("layer", "left"), ("kind", "left"), ("min", "right"), ("max", "right"),
-                            ("max|w|/std", "right"), ("ch. spread", "right"), ("SNR per-tensor dB", "right"),
-                            ("worst channel dB", "right"), ("SNR per-channel dB", "right"), ("flag", "left")):
-        table.add_column(column, justify=justify)
+    table = terminal.table(f"int{analysis.bits} weight quantization of the fused model "
+                           f"({_plural(len(analysis.layers), 'conv/linear layer')}; SNR in dB, ⚠ flagged)",
+                           "layer", "kind", ("max\n|w|", "right"), ("max|w|\n/std", "right"),
+                           ("channel\nspread", "right"), ("SNR per\ntensor", "right"), ("worst\nchannel", "right"),
+                           ("SNR per\nchannel", "right"), "", compact=True)
+    for column in table.columns[2:]:  # numbers are never folded; the layer names give way first
+        column.no_wrap = True
     for layer in analysis.layers:
         style = "red" if layer.advice == "keep in higher precision" else ("yellow" if layer.flagged else None)
-        table.add_row(layer.name, layer.kind, f"{layer.w_min:.3g}", f"{layer.w_max:.3g}", f"{layer.outlier_ratio:.1f}",
+        table.add_row(layer.name, layer.kind, f"{max(abs(layer.w_min), abs(layer.w_max)):.3g}",
+                      f"{layer.outlier_ratio:.1f}",
                       f"{layer.channel_spread:.1f}", _fmt_db(layer.per_tensor_snr_db),
                       _fmt_db(layer.per_tensor_worst_channel_snr_db), _fmt_db(layer.per_channel_snr_db),
-                      layer.advice and f"⚠ {layer.advice}", style=style)
+                      "⚠" if layer.advice else "", style=style)  # the advice: in the lines below the table
     ui.out.print(table)
     flagged = analysis.flagged
     rule = (f"flagged: per-tensor SNR < {analysis.snr_threshold_db:g} dB, a channel's SNR < "
             f"{analysis.channel_snr_threshold_db:g} dB or max|w|/std > {analysis.outlier_threshold:g}")
     if not flagged:
-        ui.out.print(f"quantization: no layer flagged ({rule}); symmetric int{analysis.bits} weights should be fine",
-                     highlight=False)
+        terminal.paragraph(ui.out, f"quantization: no layer flagged ({rule}); symmetric int{analysis.bits} weights "
+                           "should be fine")
         return
-    ui.out.print(f"quantization: {len(flagged)} of {_plural(len(analysis.layers), 'layer')} flagged ({rule})",
-                 highlight=False)
+    terminal.paragraph(ui.out, f"quantization: {len(flagged)} of {_plural(len(analysis.layers), 'layer')} flagged "
+                       f"({rule})")
     for layer in flagged:
         fix = ("quantize it per channel" if layer.advice == "per-channel"
                else "keep it in float16/float32 or clip its outliers: per-channel quantization is not enough")
-        ui.out.print(f"  {layer.name}: {'; '.join(layer.flags)}; with per-channel scales: SNR "
-                     f"{_fmt_db(layer.per_channel_snr_db)} dB, worst channel "
-                     f"{_fmt_db(layer.per_channel_worst_channel_snr_db)} dB → {fix}", highlight=False, soft_wrap=True)
-    ui.out.print("see docs/quantization.md for remedies (per-channel scales, QARepVGG-style training, clipping, "
-                 f"mixed precision); thresholds: reparam.quant (SNR_THRESHOLD_DB = {quant.SNR_THRESHOLD_DB:g})",
-                 highlight=False)
+        terminal.paragraph(ui.out, f"  {layer.name}: {'; '.join(layer.flags)}; with per-channel scales: SNR "
+                           f"{_fmt_db(layer.per_channel_snr_db)} dB, worst channel "
+                           f"{_fmt_db(layer.per_channel_worst_channel_snr_db)} dB → {fix}", indent="    ")
+    terminal.paragraph(ui.out, "see docs/quantization.md for remedies (per-channel scales, QARepVGG-style training, "
+                       f"clipping, mixed precision); thresholds: reparam.quant (SNR_THRESHOLD_DB = "
+                       f"{quant.SNR_THRESHOLD_DB:g})")
 
 
 def _rewrite_cells(rewrite: Any) -> tuple[str, str, str, str]:
@@ -816,26 +1035,48 @@ def _draw_block(loaded: LoadedModel, name: str | None, path: Path) -> tuple[str,
 
 
 def cmd_list(args: argparse.Namespace, ui: Ui) -> int:
-    """``reparam list``: the zoo architectures and the third-party sources."""
-    from reparam import models
+    """``reparam list``: the zoo architectures and the third-party sources, as plain wrapped lines (no torch)."""
+    from reparam import catalog
 
-    table = Table(title="reparam.models architectures (use the name with --arch)", title_justify="left")
-    table.add_column("name", style="bold")
-    table.add_column("input")
-    table.add_column("classes", justify="right")
-    table.add_column("description")
-    for name in models.names():
-        spec = models.spec(name) if hasattr(models, "spec") else None
-        size = ",".join(map(str, spec.input_size)) if spec else ""
-        table.add_row(name, size, str(spec.num_classes) if spec else "", spec.description if spec else "")
-    ui.out.print(table)
+    archs = catalog.ARCHITECTURES
+    name_width = max(len(a.name) for a in archs)
+    size_width = max(len(",".join(map(str, a.input_size))) for a in archs)
+    ui.out.print("reparam.models architectures (use the name with --arch; input C,H,W; default classes):",
+                 highlight=False, markup=False)
+    for arch in archs:
+        head = f"  {arch.name:<{name_width}}  {','.join(map(str, arch.input_size)):<{size_width}}  {arch.num_classes:>4}  "
+        lines = terminal.wrap(arch.description, ui.out.width - len(head), indent="")
+        ui.out.print(head + lines[0], highlight=False, markup=False, soft_wrap=True)
+        for line in lines[1:]:
+            ui.out.print(" " * len(head) + line, highlight=False, markup=False, soft_wrap=True)
+    ui.out.print("", highlight=False)
     for prefix, package, how in (("timm:", "timm", "timm.list_models()"),
                                  ("torchvision:", "torchvision", "torchvision.models.list_models()"),
                                  ("ultralytics:", "ultralytics", "the yamls in ultralytics/cfg/models, e.g. yolov8n.yaml")):
         version = _package_version(package)
         state = f"{package} {version} installed" if version else f"{package} not installed: pip install {package}"
-        ui.out.print(f"{prefix}NAME  any {package} model, random init, no download ({state}; names: {how})",
-                     highlight=False)
+        terminal.paragraph(ui.out, f"{prefix}NAME  any {package} model, random init, no download ({state}; "
+                           f"names: {how})", indent="    ")
+    return EXIT_OK
+
+
+def cmd_explain(args: argparse.Namespace, ui: Ui) -> int:
+    """``reparam explain [KIND]``: what a word of the report means (every word without KIND)."""
+    from reparam import glossary
+
+    if args.kind is None:
+        for group, title in (("rewrite", "rewrite kinds"), ("op", "what a region held (the before column)"),
+                             ("refusal", "kinds of refusal (the why column)")):
+            ui.out.print(f"{title}:", highlight=False, markup=False)
+            for name, entry in glossary.GLOSSARY.items():
+                if entry.group == group:
+                    terminal.paragraph(ui.out, f"  {name}: {entry.meaning}", indent="      ")
+        return EXIT_OK
+    entry = glossary.lookup(args.kind)
+    if entry is None:
+        known = ", ".join(glossary.GLOSSARY)
+        raise UsageError(f"unknown kind {args.kind!r}. Known kinds: {known}")
+    terminal.paragraph(ui.out, f"{args.kind} ({entry.group}): {entry.meaning}")
     return EXIT_OK
 
 
@@ -860,7 +1101,7 @@ def _one_line(exc: BaseException) -> str:
 def _error_line(exc: BaseException) -> tuple[str, int]:
     """The one-line message and exit code of an exception."""
     message = _one_line(exc)
-    if isinstance(exc, io.InputError):
+    if isinstance(exc, InputError):
         return message, EXIT_USAGE
     if isinstance(exc, EquivalenceError):
         return message, EXIT_FAILURE

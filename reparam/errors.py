@@ -7,3 +7,7 @@ class ReparamError(Exception):
 
 class EquivalenceError(ReparamError):
     """The fused model disagrees with the original (a compiler bug: please report the model)."""
+
+
+class InputError(ReparamError):
+    """Something the user supplied is wrong (a file, an architecture, a path); the CLI exits with code 2."""

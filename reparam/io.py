@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from reparam.errors import ReparamError
+from reparam.errors import InputError, ReparamError
 
 
 __all__ = [
@@ -61,10 +61,6 @@ __all__ = [
 ]
 
 # --------------------------------------------------------------------------------------------------- errors
-
-
-class InputError(ReparamError):
-    """Something the user supplied is wrong (a file, an architecture, a path); the CLI exits with code 2."""
 
 
 class CheckpointError(InputError):

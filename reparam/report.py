@@ -1,6 +1,8 @@
 """What the compiler did: every rewrite, every merge refused and why, and verification numbers."""
 from __future__ import annotations
 
+import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
@@ -37,9 +39,31 @@ class Report:
         return total
 
     def refuse(self, where: str, reason: str) -> None:
+        """Record a refused merge, once per site: a later round refusing the same merge at the module it emitted
+        there (``block.reparam``, ``block.reparam_2``) does not add it again."""
         item = Refusal(where, reason)
-        if item not in self.refusals:
-            self.refusals.append(item)
+        if item in self.refusals:
+            return
+        block = _emitted_block(where)
+        if block is not None and any(r.reason == reason and _under(r.where, block) for r in self.refusals):
+            return
+        self.refusals.append(item)
+
+    def to_dict(self) -> dict:
+        """Everything in the report as JSON-ready data (schema: ``docs/report-schema.json``, ``$defs/report``)."""
+        return {
+            "rewrites": [{"where": r.where, "before": r.before, "after": r.after, "events": list(r.events)}
+                         if isinstance(r, Rewrite) else {"where": str(r), "before": "", "after": "", "events": []}
+                         for r in self.rewrites],
+            "refusals": [{"where": r.where, "reason": r.reason} for r in self.refusals],
+            "notes": [str(n) for n in self.notes],
+            "counts": dict(sorted(self.counts().items())),
+            "max_rel_error": self.max_rel_error,
+        }
+
+    def to_json(self, **kwargs) -> str:
+        """:meth:`to_dict` as a JSON string (keyword arguments go to :func:`json.dumps`, e.g. ``indent=2``)."""
+        return json.dumps(self.to_dict(), **kwargs)
 
     def __str__(self) -> str:
         lines = [f"reparam: {len(self.rewrites)} regions rewritten"]
@@ -55,3 +79,17 @@ class Report:
         if self.max_rel_error is not None:
             lines.append(f"verified: max relative error {self.max_rel_error:.2e} (float64)")
         return "\n".join(lines)
+
+
+_EMITTED = re.compile(r"^(.*)\.reparam(?:_\d+)?$|^reparam(?:_\d+)?$")
+
+
+def _emitted_block(where: str) -> str | None:
+    """The block a fused module was emitted into (``a.b`` for ``a.b.reparam_2``; ``""`` at the root), else None."""
+    match = _EMITTED.match(where)
+    return None if match is None else (match.group(1) or "")
+
+
+def _under(where: str, block: str) -> bool:
+    """``where`` lies in ``block`` (at the root: is a top-level name)."""
+    return "." not in where if not block else where == block or where.startswith(block + ".")

@@ -40,6 +40,10 @@ Public API (stable; used by the CLI, the benchmarks and the tests):
     median wall-clock time of one forward pass, in milliseconds (synchronising CUDA when the inputs live there);
     ``budget_s`` caps the time spent on the timed passes.
 
+``latencies_ms(models, example_inputs, ...)`` / ``interleaved_times_ms(models, example_inputs, ...)``
+    several models timed in turn, round by round (so that load on the machine hits them alike): the medians, or
+    every round's time of each model (what :mod:`reparam.timing` makes the CLI's speed figure of).
+
 ``relative_error(actual, expected) -> float``
     the largest ‖actual − expected‖₂ / ‖expected‖₂ over the output tensors, computed in float64;
     ``inf`` when a difference is not finite (NaN or inf in either output), so ``err <= tol`` fails.
@@ -68,6 +72,8 @@ __all__ = [
     "count_params",
     "count_macs",
     "latency_ms",
+    "latencies_ms",
+    "interleaved_times_ms",
     "relative_error",
     "max_abs_error",
     "as_args",
@@ -291,6 +297,23 @@ def latencies_ms(models: list, example_inputs: Any, warmup: int = 3, repeats: in
                  budget_s: float | None = None) -> list[float]:
     """Median latency (ms) of each model, timed interleaved (round-robin) so that load on the machine
     hits every model alike; ``budget_s`` bounds the total timed seconds (at least one round runs)."""
+    rounds = interleaved_times_ms(models, example_inputs, warmup=warmup, rounds=repeats, budget_s=budget_s)
+    return [statistics.median(t) for t in rounds]
+
+
+def interleaved_times_ms(models: list, example_inputs: Any, warmup: int = 3, rounds: int = 10, passes: int = 1,
+                         budget_s: float | None = None, alternate: bool = False,
+                         best: bool = False) -> list[list[float]]:
+    """Per-round times (ms) of each model, the models timed in turn within every round.
+
+    Each round runs every model ``passes`` times in a row and records the median of those passes (with ``best``,
+    the fastest: other work on the machine only ever adds time, so the minimum is the least disturbed); with
+    ``alternate`` the order of the models is reversed every other round (A B, B A, ...), so that a drift in the
+    machine's speed favours no model.  ``warmup`` untimed rounds come first.  ``budget_s`` stops after the round in
+    which the timed seconds reach it (at least one round runs).  Returns one list of round times per model.
+    """
+    if rounds < 1 or passes < 1:
+        raise ValueError(f"rounds and passes must be at least 1, got {rounds} and {passes}")
     args = as_args(example_inputs)
     times: list[list[float]] = [[] for _ in models]
     with torch.no_grad():
@@ -299,16 +322,22 @@ def latencies_ms(models: list, example_inputs: Any, warmup: int = 3, repeats: in
                 model(*args)
         _synchronize(args)
         spent = 0.0
-        for _ in range(repeats):
-            for model, bucket in zip(models, times):
-                start = time.perf_counter()
-                model(*args)
-                _synchronize(args)
-                bucket.append((time.perf_counter() - start) * 1e3)
-                spent += bucket[-1] / 1e3
+        for index in range(rounds):
+            order = list(range(len(models)))
+            if alternate and index % 2:
+                order.reverse()
+            for i in order:
+                samples = []
+                for _ in range(passes):
+                    start = time.perf_counter()
+                    models[i](*args)
+                    _synchronize(args)
+                    samples.append((time.perf_counter() - start) * 1e3)
+                spent += sum(samples) / 1e3
+                times[i].append(min(samples) if best else statistics.median(samples))
             if budget_s is not None and spent >= budget_s:
                 break
-    return [statistics.median(t) for t in times]
+    return times
 
 
 def _leaf_pairs(actual: Any, expected: Any) -> list[tuple[np.ndarray, np.ndarray]]:

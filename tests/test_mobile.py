@@ -494,7 +494,7 @@ def test_inspect_quant_reports_the_planted_layer(tmp_path, model):
     torch.save(planted.state_dict(), tmp_path / "planted.pth")
     code, out, err = run("inspect", tmp_path / "planted.pth", "--arch", ARCH, "--quant")
     assert code == 0, err
-    assert "int8 weight quantization of the fused model (6 conv/linear layers)" in out
+    assert "int8 weight quantization of the fused model (6 conv/linear layers;" in out
     flagged = dict(re.findall(r"^  (\S+): (.*)$", out, flags=re.M))
     assert "per-tensor SNR" in flagged["stage1.0.reparam"] and "max|w|/std" in flagged["stage1.0.reparam"], out
     assert "docs/quantization.md" in out

@@ -363,7 +363,7 @@ class Collapse:
                 if is_metadata_user(user):
                     user.replace_input_with(node, replacement)
         rewrite = self._report(state, f, value, aff)
-        if replacement is not root:
+        if rewrite is not None and replacement is not root:
             replacement.meta[REWRITE] = f"{rewrite.before} -> {rewrite.after}"  # named by the proofs on failure
         return True
 
@@ -371,11 +371,14 @@ class Collapse:
         """The region holds a conv or linear (so its one conv replaces at least one)."""
         return any(isinstance(self.ops[n], Unary) and self.ops[n].kind in ("conv", "linear") for n in value.ops)
 
-    def _report(self, state: _State, f: fx.Node, value: Value, aff: A.Affine) -> Rewrite:
+    def _report(self, state: _State, f: fx.Node, value: Value, aff: A.Affine) -> Optional[Rewrite]:
         events = tuple(e for n in _ordered(value.ops) for e in state.events.get(n, ()))
-        kinds = Counter(self._describe(n) for n in _ordered(value.ops))
-        before = ", ".join(f"{k} x{v}" if v > 1 else k for k, v in kinds.items())
-        after = "identity" if aff.kind == "identity" else aff.describe()
+        # no-ops (nn.Identity placeholders, eval dropout, undone reshapes) are not branches: not listed
+        kinds = Counter(d for d in (self._describe(n) for n in _ordered(value.ops)) if d != "identity")
+        before = ", ".join(f"{k} x{v}" if v > 1 else k for k, v in kinds.items()) or "no-op"
+        after = "no-op" if aff.kind == "identity" else aff.describe()
+        if not events and before == after:
+            return None  # nothing was merged or folded (identity -> identity, a lone linear): not a rewrite
         rewrite = Rewrite(_prefix(value.ops) or f.name, before, after, events)
         self.report.rewrites.append(rewrite)
         return rewrite
