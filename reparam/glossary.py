@@ -29,6 +29,8 @@ GLOSSARY: dict[str, Entry] = {
                           "into one conv whose output channels are the branches' stacked."),
     "merge_towers": Entry("rewrite", "parallel paths of the same shape (a multi-path ResNeXt block) merged into one "
                           "grouped path."),
+    "merge_rows": Entry("rewrite", "affine ops applied to fixed-size partitions of a tensor, across the reshapes "
+                        "between them (RepMLP's partition-wise fc and local convs), merged into one grouped 1x1 conv."),
     "compose": Entry("rewrite", "two linear layers in a row (1x1 then kxk, pad then conv, linear then linear) "
                      "composed into one, when that costs no more multiply-accumulates."),
     "skip": Entry("rewrite", "a linear skip connection (x + f(x) with f linear) folded into the conv as an identity "

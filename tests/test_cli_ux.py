@@ -105,7 +105,8 @@ def _inspect_console(report: Report) -> str:
     out = StringIO()
     with mock.patch.dict(os.environ, {"COLUMNS": "80"}):
         ui = cli.Ui(out=terminal.make_console(out), err=terminal.make_console(StringIO()))
-    loaded = SimpleNamespace(source="random weights (no checkpoint)", example=torch.zeros(1, 3, 224, 224))
+    loaded = SimpleNamespace(source="random weights (no checkpoint)", example=torch.zeros(1, 3, 224, 224),
+                             arch="timm:fastvit_t8")
     kernels = {"conv": 1, "batch_norm": 2, "add": 3, "linear": 4}
     cli._print_inspect_report(ui, SimpleNamespace(arch="timm:fastvit_t8"), loaded, kernels, report)
     return out.getvalue()
