@@ -4,10 +4,11 @@
 branches, composes linear sequences and collapses linear skips into single convolutions, verifies
 the result in float64 and returns a plain deploy model.
 """
+from .equalization import equalize
 from .errors import EquivalenceError, ReparamError
 from .pipeline import TrainingModeWarning, VerificationSkippedWarning, explain, fuse, fuse_with_report
 from .report import Report
 
-__all__ = ["fuse", "fuse_with_report", "explain", "Report", "ReparamError", "EquivalenceError",
+__all__ = ["fuse", "equalize", "fuse_with_report", "explain", "Report", "ReparamError", "EquivalenceError",
            "TrainingModeWarning", "VerificationSkippedWarning"]
 __version__ = "0.1.0"
