@@ -35,7 +35,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from reparam import io, staging, stats
+from reparam import int8_convert, io, staging, stats
 from reparam.errors import EquivalenceError, ReparamError
 
 __all__ = ["main", "build_parser"]
@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also merge identity residuals into convolutions where exact (passed to reparam.fuse)")
     convert.add_argument("--force", action="store_true", help="replace output files that exist already (they are "
                          "replaced only once every output is written and verified)")
+    int8_convert.add_options(convert)
     convert.set_defaults(func=cmd_convert)
 
     inspect = commands.add_parser("inspect", help="show what will merge, what will not and why",
@@ -424,13 +425,15 @@ def cmd_convert(args: argparse.Namespace, ui: Ui) -> int:
                          f"(default {export.DEFAULT_OPSET})")
     io.check_checkpoint_path(args.checkpoint)
     outputs = _outputs(args)
+    int8_convert.check_options(args, outputs.onnx is not None, outputs.pte is not None)
     dtype = _check_dtype(args, outputs)
     _require_mobile_packages(outputs)
     loaded = _load_model(args, ui)
     model, example = loaded.model, loaded.example
     check = not args.no_check
 
-    options: dict[str, Any] = {"check": check, "remove_residuals": args.remove_residuals}
+    options: dict[str, Any] = {"check": check, "remove_residuals": args.remove_residuals, "equalize": args.equalize}
+    calibration = int8_convert.load_calibration(args, model, tuple(example.shape)) if args.int8 else None
     if dtype is not None:
         options["dtype"] = dtype
     if dtype is not None and dtype != example.dtype:
@@ -459,12 +462,14 @@ def cmd_convert(args: argparse.Namespace, ui: Ui) -> int:
             with ui.step(f"Writing and verifying {outputs.pt2.name}"):
                 results.append(export.export_pt2(fused, deploy_example, stage.path(outputs.pt2), original=original,
                                                  program=program, check=check))
-        if outputs.onnx is not None:
+        if outputs.onnx is not None and not args.int8:
             with ui.step(f"Writing and verifying {outputs.onnx.name} in ONNX Runtime"):
                 results.append(export.export_onnx(fused, deploy_example, stage.path(outputs.onnx),
                                                   args.opset or export.DEFAULT_OPSET, original=original,
                                                   program=program, check=check))
-        if outputs.pte is not None:
+        if args.int8:
+            results += int8_convert.write(fused, model, calibration, args, stage, ui, outputs.onnx, outputs.pte)
+        if outputs.pte is not None and not args.int8:
             from reparam import mobile
 
             with ui.step(f"Lowering to ExecuTorch (XNNPACK), writing and verifying {outputs.pte.name}"):
@@ -484,6 +489,7 @@ def cmd_convert(args: argparse.Namespace, ui: Ui) -> int:
         ui.err.print(f"note: --force: replaced the existing {path}", highlight=False, soft_wrap=True)
 
     _print_convert_report(ui, args, loaded, before, after, fused_error, results, getattr(fused, "reparam_report", None))
+    int8_convert.print_report(ui, results, fused)
     return EXIT_OK
 
 

@@ -68,7 +68,8 @@ def agreement(got: torch.Tensor, want: torch.Tensor) -> Agreement:
 class Int8Result(ExportResult):
     """An :class:`~reparam.export.ExportResult` of an int8 program, with how it agrees with the float model.
 
-    ``errors["fused"]`` is the relative L2 error against the float fused model on the evaluation inputs.
+    ``errors["fused"]`` / ``errors["original"]``: relative L2 error against the float fused / original model on
+    the evaluation inputs (``abs_errors`` likewise).
     """
 
     runtime: str = ""
@@ -78,6 +79,8 @@ class Int8Result(ExportResult):
     warnings: list[str] = field(default_factory=list)
     delegated: Optional[int] = None
     total_ops: Optional[int] = None
+    verified_in: Optional[str] = None
+    precision: str = "int8"
 
     @property
     def granularity(self) -> str:
@@ -89,8 +92,12 @@ def _float_outputs(model: nn.Module, samples: Sequence[torch.Tensor]) -> torch.T
         return torch.cat([model(x) for x in samples])
 
 
-def _finish(path: Path, fmt: str, got: torch.Tensor, want: torch.Tensor, runtime: str, per_channel: bool,
-            calibration: Calibration, dynamic: bool, **extra) -> Int8Result:
+def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-300))
+
+
+def _finish(path: Path, fmt: str, got: torch.Tensor, want: torch.Tensor, original: Optional[torch.Tensor],
+            runtime: str, per_channel: bool, calibration: Calibration, dynamic: bool, **extra) -> Int8Result:
     """The :class:`Int8Result` of a written file; raises :class:`ExportError` on non-finite outputs."""
     if not torch.isfinite(got).all():
         raise ExportError(f"the int8 {fmt} program returns non-finite values in {runtime}. Check the calibration "
@@ -101,19 +108,24 @@ def _finish(path: Path, fmt: str, got: torch.Tensor, want: torch.Tensor, runtime
         warnings.append(f"int8 {fmt} output SNR {agree.snr_db:.1f} dB < {LOW_SNR_DB:g} dB against the float model"
                         + ("" if per_channel else "; per-channel weights usually do better") +
                         "; see docs/quantization.md (equalization, mixed precision)")
-    rel = float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-300))
-    return Int8Result(path, fmt, path.stat().st_size, dynamic, {"fused": rel}, {"fused": agree.max_abs},
-                      runtime=runtime, per_channel=per_channel, agreement=agree, calibration=calibration.source,
-                      warnings=warnings, **extra)
+    errors, abs_errors = {"fused": _relative(got, want)}, {"fused": agree.max_abs}
+    if original is not None:
+        errors["original"] = _relative(got, original)
+        abs_errors["original"] = float((got.double() - original.double()).abs().max())
+    return Int8Result(path, fmt, path.stat().st_size, dynamic, errors, abs_errors, runtime=runtime,
+                      per_channel=per_channel, agreement=agree, calibration=calibration.source, warnings=warnings,
+                      verified_in=runtime, **extra)
 
 
 # ------------------------------------------------------------------------------------------------ ExecuTorch
 
 
 def quantize_pte(model: nn.Module, calibration: Calibration, path: str | os.PathLike, *, per_channel: bool = True,
-                 eval_samples: Optional[Sequence[torch.Tensor]] = None) -> Int8Result:
+                 eval_samples: Optional[Sequence[torch.Tensor]] = None,
+                 original: Optional[nn.Module] = None) -> Int8Result:
     """Quantize ``model`` (float32) with the PT2E flow for XNNPACK and write the ExecuTorch program (module
-    docstring); returns how its outputs, run in ExecuTorch's runtime, agree with ``model``'s."""
+    docstring); returns how its outputs, run in ExecuTorch's runtime, agree with ``model``'s (and
+    ``original``'s, when given)."""
     from .mobile import _delegation, _import_executorch, _quiet_native, _quiet_python
 
     et = _import_executorch()
@@ -139,6 +151,7 @@ def quantize_pte(model: nn.Module, calibration: Calibration, path: str | os.Path
                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}). Re-run with --debug "
                           "for the full error") from exc
     want = _float_outputs(model, samples)
+    reference = _float_outputs(original, samples) if original is not None else None
 
     def write(tmp: Path) -> torch.Tensor:
         tmp.write_bytes(buffer)
@@ -147,7 +160,7 @@ def quantize_pte(model: nn.Module, calibration: Calibration, path: str | os.Path
             return torch.cat([method.execute([x.contiguous()])[0] for x in samples])
 
     got = atomic_write(path, write)
-    return _finish(Path(path), "pte", got, want, f"ExecuTorch {et['version'] or ''} (XNNPACK)".strip(),
+    return _finish(Path(path), "pte", got, want, reference, f"ExecuTorch {et['version'] or ''} (XNNPACK)".strip(),
                    per_channel, calibration, False, delegated=delegated, total_ops=total)
 
 
@@ -168,9 +181,10 @@ class _Reader:
 
 
 def quantize_onnx(model: nn.Module, calibration: Calibration, path: str | os.PathLike, *, per_channel: bool = True,
-                  opset: int = DEFAULT_OPSET, eval_samples: Optional[Sequence[torch.Tensor]] = None) -> Int8Result:
+                  opset: int = DEFAULT_OPSET, eval_samples: Optional[Sequence[torch.Tensor]] = None,
+                  original: Optional[nn.Module] = None) -> Int8Result:
     """Export ``model`` to ONNX, quantize it statically to QDQ int8 with ONNX Runtime and write it (module
-    docstring); returns how its outputs, run in ONNX Runtime, agree with ``model``'s."""
+    docstring); returns how its outputs, run in ONNX Runtime, agree with ``model``'s (and ``original``'s)."""
     import onnxruntime
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
         quantize_static
@@ -179,6 +193,7 @@ def quantize_onnx(model: nn.Module, calibration: Calibration, path: str | os.Pat
 
     samples = list(eval_samples) if eval_samples is not None else calibration.samples
     want = _float_outputs(model, samples)
+    reference = _float_outputs(original, samples) if original is not None else None
     reader_type = type("CalibrationReader", (_Reader, CalibrationDataReader), {})
     with tempfile.TemporaryDirectory(prefix="reparam-int8-") as scratch:
         float_path = Path(scratch) / "float.onnx"
@@ -197,7 +212,7 @@ def quantize_onnx(model: nn.Module, calibration: Calibration, path: str | os.Pat
                               for b in batches])
 
         got = atomic_write(path, write)
-    result = _finish(Path(path), "onnx", got, want, f"ONNX Runtime {onnxruntime.__version__}", per_channel,
+    result = _finish(Path(path), "onnx", got, want, reference, f"ONNX Runtime {onnxruntime.__version__}", per_channel,
                      calibration, float_result.dynamic_batch)
     result.opset = float_result.opset
     return result
