@@ -33,7 +33,8 @@ __all__ = ["MIN_SAMPLES", "IMAGE_SUFFIXES", "Calibration", "Preprocessing", "pre
 #: Fewer calibration samples than this draws a warning.
 MIN_SAMPLES = 32
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-RANDOM_WARNING = "random calibration inputs: a smoke test of the int8 pipeline, not an accuracy measurement"
+RANDOM_WARNING = ("random calibration inputs: smoke test, not an accuracy measurement (random inputs do not have "
+                  "the activation ranges of real data)")
 
 
 @dataclass
