@@ -46,6 +46,19 @@ class Fork(nn.Module):
         return torch.cat([self.a(x), torch.relu(self.b(x))], 1)
 
 
+class Halves(nn.Module):
+    """``a, b = chunk(x, 2, 1); cat([conv(a), maxpool(b)], 1)``: a producer's channels split between readers."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c // 2, c // 2, 3, padding=1)
+        self.pool = nn.MaxPool2d(3, 1, 1)
+
+    def forward(self, x):
+        a, b = torch.chunk(x, 2, 1)
+        return torch.cat([self.conv(a), self.pool(b)], 1)
+
+
 def build(spec: list, cin: int = 3, classes: int = 5) -> nn.Module:
     """A conv net from a drawn spec: conv (grouped, depthwise), BN, ReLU / LeakyReLU, max / avg pool, fork."""
     layers, c = [nn.Conv2d(cin, 8, 3, padding=1)], 8
@@ -72,6 +85,8 @@ def build(spec: list, cin: int = 3, classes: int = 5) -> nn.Module:
         elif kind == "fork":
             layers.append(Fork(c, op[1], op[2]))
             c = op[1] + op[2]
+        elif kind == "halves" and c % 2 == 0:
+            layers.append(Halves(c))
     layers += [nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * c, classes)]
     return nn.Sequential(*layers)
 
@@ -81,7 +96,7 @@ OPS = st.one_of(
               st.sampled_from([1, 2, 4])),
     st.tuples(st.just("bn")), st.tuples(st.just("relu")), st.tuples(st.just("leaky"), st.floats(0.0, 0.5)),
     st.tuples(st.just("maxpool")), st.tuples(st.just("avgpool")),
-    st.tuples(st.just("fork"), st.sampled_from([2, 4]), st.sampled_from([2, 6])),
+    st.tuples(st.just("fork"), st.sampled_from([2, 4]), st.sampled_from([2, 6])), st.tuples(st.just("halves")),
 )
 
 
@@ -110,6 +125,18 @@ def test_ranges_balanced_after_convergence():
         r1 = E._producer_range(link.module)
         r2 = torch.stack([E._input_ranges(use, len(r1)) for use in link.uses]).amax(0)
         assert torch.allclose(r1, r2, rtol=1e-2), link.producer.name
+
+
+def test_split_channels_reach_both_readers():
+    """relu(conv) -> chunk -> (conv | maxpool) -> cat -> conv: the stem's halves feed two different layers."""
+    torch.manual_seed(0)
+    model = randomize_bn(build([("bn",), ("relu",), ("halves",), ("relu",), ("conv", 8, 1, False, 1)])).eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    fused = reparam.fuse(model.double(), (x,), equalize=True)
+    spans = [sorted((u.span.lo, u.span.hi) for u in link.uses) for link in E.find_links(fused, lambda *_: None)]
+    assert [(0, 4), (4, 8)] in spans, spans  # the stem's 8 channels: half to the conv, half via pool + cat
+    with torch.no_grad():
+        assert rel(fused(x), model(x)) <= EXACT
 
 
 def test_wrong_scale_is_caught():

@@ -14,7 +14,7 @@ before -> after::
 Precondition (:func:`find_links`, refused with a reason otherwise): every path from the producer's output to a
 reader passes only through ops ``h`` with ``h(x / s) = h(x) / s`` for per-channel ``s > 0`` — ReLU, LeakyReLU
 (positively homogeneous), max / average / adaptive pooling, mean over spatial axes, identity, dropout (eval),
-flatten, channel concat — and ends in a conv or linear layer that reads it as its input (grouped and depthwise
+flatten, channel concat, channel split (``torch.split`` / ``chunk``) — and ends in a conv or linear layer that reads it as its input (grouped and depthwise
 convs included: a depthwise conv's input channel c is its channel c, and as a producer it passes scales on to
 the next layer in the following round).  A tensor also read by anything else (a residual add, a model output,
 ReLU6 / hardswish / SiLU / GELU, a BatchNorm left unfolded, a module called twice) is left alone, and the
@@ -26,6 +26,7 @@ and reports per-layer int8 SNR before -> after.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -34,7 +35,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["CONVERGED", "MAX_ROUNDS", "Use", "Link", "find_links", "equalize_graph", "balance"]
+__all__ = ["CONVERGED", "MAX_ROUNDS", "Span", "Use", "Link", "find_links", "equalize_graph", "balance"]
 
 #: Equalization stops when every scale of a round is within this relative distance of 1.
 CONVERGED = 1e-3
@@ -52,18 +53,29 @@ _HOMOGENEOUS_FUNCTIONS = {F.relu, torch.relu, F.leaky_relu, F.max_pool1d, F.max_
                           F.adaptive_max_pool3d, F.dropout, torch.flatten, torch.mean}
 _HOMOGENEOUS_METHODS = {"relu", "relu_", "flatten", "mean", "contiguous"}
 _CONCATS = {torch.cat, torch.concat}
+_SPLITS = {torch.split, torch.chunk, torch.tensor_split}
+
+
+@dataclass(frozen=True)
+class Span:
+    """Where producer channels ``lo <= c < hi`` sit in a tensor of ``total`` channels: at channel ``offset + c``
+    (a concat shifts ``offset``; a channel split narrows ``lo, hi``; ``flattened``: after ``flatten(x, 1)``)."""
+
+    offset: int
+    total: int
+    lo: int
+    hi: int
+    flattened: bool = False
 
 
 @dataclass
 class Use:
-    """A layer reading producer channel ``c`` at its input channel ``offset + c`` (features ``(offset + c) *
-    repeat ...`` of a linear layer after a flatten; ``repeat`` is resolved from the layer's size)."""
+    """A layer reading producer channel ``c`` (``span.lo <= c < span.hi``) at its input channel ``span.offset + c``
+    (features ``(offset + c) * repeat ...`` of a linear layer after a flatten; ``repeat`` from the layer's size)."""
 
     node: fx.Node
     module: nn.Module
-    offset: int
-    total: int  # channels of the tensor the layer reads, before any flatten
-    flattened: bool = False
+    span: Span
 
 
 @dataclass
@@ -152,7 +164,15 @@ def _channels(gm: fx.GraphModule, node: fx.Node) -> Optional[int]:
     if node.op == "call_function" and node.target in _CONCATS:
         parts = [_channels(gm, n) for n in node.args[0]]
         return None if None in parts or _cat_dim(node) != 1 else sum(parts)
-    if node.args and isinstance(node.args[0], fx.Node) and _homogeneous(gm, node) is None:
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node) and isinstance(node.args[1], int):
+        split = node.args[0]
+        total = _channels(gm, split.args[0]) if split.args and isinstance(split.args[0], fx.Node) else None
+        bounds = _split_bounds(split, total) if total is not None and (
+            split.target in _SPLITS or split.target in ("split", "chunk")) else None
+        if bounds is not None and node.args[1] < len(bounds):
+            start, end = bounds[node.args[1]]
+            return end - start
+    elif node.args and isinstance(node.args[0], fx.Node) and _homogeneous(gm, node) is None:
         return _channels(gm, node.args[0])
     meta = node.meta.get("tensor_meta")
     shape = getattr(meta, "shape", None)
@@ -170,9 +190,43 @@ def _reads_metadata_only(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is getattr and node.args[1] in ("shape", "dtype", "device")
 
 
-def _follow(gm: fx.GraphModule, node: fx.Node, offset: int, total: int, flattened: bool, uses: list[Use],
-            owners: dict) -> None:
-    """Every reader of ``node`` (producer channel c at channel ``offset + c`` of ``total``) into ``uses``."""
+def _split_bounds(node: fx.Node, total: int) -> Optional[list[tuple[int, int]]]:
+    """The channel ranges of the pieces of ``torch.split`` / ``chunk`` (``x.split`` ...) along axis 1, or None."""
+    args = list(node.args[1:])
+    dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
+    size = args[0] if args else node.kwargs.get("split_size_or_sections", node.kwargs.get("split_size",
+                                                                                         node.kwargs.get("chunks")))
+    if dim != 1 or size is None:
+        return None
+    if node.target in (torch.chunk, "chunk"):
+        if not isinstance(size, int):
+            return None
+        size = -(-total // size)
+    if node.target in (torch.tensor_split, "tensor_split"):
+        return None
+    sizes = [size] * (-(-total // size)) if isinstance(size, int) else list(size)
+    if not all(isinstance(n, int) for n in sizes):
+        return None
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [(a, min(a + n, total)) for a, n in zip(starts, sizes)]
+
+
+def _follow_split(gm: fx.GraphModule, user: fx.Node, span: Span, uses: list[Use], owners: dict) -> None:
+    """Each piece of a channel split that holds producer channels, followed on with its narrowed span."""
+    bounds = _split_bounds(user, span.total) if not span.flattened else None
+    if bounds is None:
+        raise _Refused(f"{user.name} splits other than along channels (or by sizes not known when tracing)")
+    for piece in user.users:
+        if not (piece.target is operator.getitem and isinstance(piece.args[1], int)):
+            raise _Refused(f"{user.name}'s pieces are read as a whole by {piece.name}")
+        start, end = bounds[piece.args[1]]
+        lo, hi = max(span.lo, start - span.offset), min(span.hi, end - span.offset)
+        if lo < hi:
+            _follow(gm, piece, Span(span.offset - start, end - start, lo, hi), uses, owners)
+
+
+def _follow(gm: fx.GraphModule, node: fx.Node, span: Span, uses: list[Use], owners: dict) -> None:
+    """Every reader of ``node`` (producer channels placed as ``span`` says) into ``uses``."""
     for user in node.users:
         module = _module(gm, user)
         if _reads_metadata_only(user):
@@ -182,11 +236,11 @@ def _follow(gm: fx.GraphModule, node: fx.Node, offset: int, total: int, flattene
                 raise _Refused(f"{_name(user)} reads it other than as its input")
             if owners.get(id(module), 1) != 1:
                 raise _Refused(f"{_name(user)} is called {owners[id(module)]} times (shared weights)")
-            uses.append(Use(user, module, offset, total, flattened))
+            uses.append(Use(user, module, span))
         elif user.op == "call_function" and user.target in _CONCATS:
             if _cat_dim(user) != 1:
                 raise _Refused(f"{user.name} concatenates along axis {_cat_dim(user)}, not channels")
-            if flattened:
+            if span.flattened:
                 raise _Refused(f"{user.name} concatenates flattened features")
             inputs = list(user.args[0])
             if inputs.count(node) != 1:
@@ -195,7 +249,9 @@ def _follow(gm: fx.GraphModule, node: fx.Node, offset: int, total: int, flattene
             if None in sizes:
                 raise _Refused(f"{user.name}: the channel count of an input is unknown")
             before = sum(sizes[: inputs.index(node)])
-            _follow(gm, user, offset + before, sum(sizes), flattened, uses, owners)
+            _follow(gm, user, Span(span.offset + before, sum(sizes), span.lo, span.hi), uses, owners)
+        elif user.target in _SPLITS or (user.op == "call_method" and user.target in ("split", "chunk")):
+            _follow_split(gm, user, span, uses, owners)
         else:
             reason = _homogeneous(gm, user)
             if reason is None and user.args[0] is not node:
@@ -205,7 +261,8 @@ def _follow(gm: fx.GraphModule, node: fx.Node, offset: int, total: int, flattene
             if reason is not None:
                 raise _Refused(f"read by {_name(user)}: {reason}", quiet=user.op == "output" and not uses)
             is_flatten = (isinstance(_module(gm, user), nn.Flatten) or user.target in (torch.flatten, "flatten"))
-            _follow(gm, user, offset, total, flattened or is_flatten, uses, owners)
+            _follow(gm, user, Span(span.offset, span.total, span.lo, span.hi, span.flattened or is_flatten), uses,
+                    owners)
 
 
 def find_links(gm: fx.GraphModule, refuse: Callable[[str, str], None]) -> list[Link]:
@@ -227,7 +284,8 @@ def find_links(gm: fx.GraphModule, refuse: Callable[[str, str], None]) -> list[L
             continue
         uses: list[Use] = []
         try:
-            _follow(gm, node, 0, _out_channels(module), False, uses, owners)
+            channels = _out_channels(module)
+            _follow(gm, node, Span(0, channels, 0, channels), uses, owners)
             for use in uses:
                 _check_size(use)
         except _Refused as why:
@@ -243,11 +301,12 @@ def find_links(gm: fx.GraphModule, refuse: Callable[[str, str], None]) -> list[L
 
 def _check_size(use: Use) -> None:
     module = use.module
+    total = use.span.total
     if isinstance(module, nn.Linear):
-        if module.in_features % use.total:
-            raise _Refused(f"{_name(use.node)} has {module.in_features} inputs, not a multiple of {use.total} channels")
-    elif use.flattened or module.in_channels != use.total:
-        raise _Refused(f"{_name(use.node)} does not read the {use.total} channels as its input channels")
+        if module.in_features % total:
+            raise _Refused(f"{_name(use.node)} has {module.in_features} inputs, not a multiple of {total} channels")
+    elif use.span.flattened or module.in_channels != total:
+        raise _Refused(f"{_name(use.node)} does not read the {total} channels as its input channels")
 
 
 # ----------------------------------------------------------------------------------------------- the math
@@ -259,25 +318,28 @@ def _producer_range(module: nn.Module) -> torch.Tensor:
 
 
 def _input_ranges(use: Use, channels: int) -> torch.Tensor:
-    """r2 of one consumer: ``max |W[:, offset + c, ...]|`` per producer channel ``c`` (``channels`` of them)."""
-    w = use.module.weight.detach().abs()
+    """r2 of one consumer: ``max |W[:, offset + c, ...]|`` per producer channel ``c`` (``channels`` of them; 0
+    for the channels this consumer does not read)."""
+    w, span = use.module.weight.detach().abs(), use.span
     if isinstance(use.module, nn.Linear):
-        per_input = w.amax(0).reshape(use.total, -1).amax(1)
+        per_input = w.amax(0).reshape(span.total, -1).amax(1)
     else:
         groups = use.module.groups
         per_column = w.flatten(2).amax(2)  # (Cout, Cin / groups)
         per_input = per_column.reshape(groups, -1, per_column.shape[1]).amax(1).reshape(-1)
-    return per_input[use.offset: use.offset + channels]
+    ranges = torch.zeros(channels, dtype=per_input.dtype, device=per_input.device)
+    ranges[span.lo: span.hi] = per_input[span.offset + span.lo: span.offset + span.hi]
+    return ranges
 
 
 def _scale_inputs(use: Use, s: torch.Tensor) -> None:
     """``W[:, offset + c] *= s_c`` (every output of the group that reads input channel ``offset + c``)."""
-    w = use.module.weight
-    full = torch.ones(use.total, dtype=s.dtype, device=s.device)
-    full[use.offset: use.offset + len(s)] = s
+    w, span = use.module.weight, use.span
+    full = torch.ones(span.total, dtype=s.dtype, device=s.device)
+    full[span.offset + span.lo: span.offset + span.hi] = s[span.lo: span.hi]
     with torch.no_grad():
         if isinstance(use.module, nn.Linear):
-            w.mul_(full.repeat_interleave(w.shape[1] // use.total)[None, :].to(w.dtype))
+            w.mul_(full.repeat_interleave(w.shape[1] // span.total)[None, :].to(w.dtype))
         else:
             groups = use.module.groups
             shaped = full.reshape(groups, 1, -1, *([1] * (w.ndim - 2)))  # (g, 1, Cin/g, 1...)
