@@ -432,7 +432,9 @@ def cmd_convert(args: argparse.Namespace, ui: Ui) -> int:
     model, example = loaded.model, loaded.example
     check = not args.no_check
 
-    options: dict[str, Any] = {"check": check, "remove_residuals": args.remove_residuals, "equalize": args.equalize}
+    options: dict[str, Any] = {"check": check, "remove_residuals": args.remove_residuals}
+    if args.equalize:
+        options["equalize"] = True
     calibration = int8_convert.load_calibration(args, model, tuple(example.shape)) if args.int8 else None
     if dtype is not None:
         options["dtype"] = dtype

@@ -84,7 +84,8 @@ def _graphs(model: nn.Module) -> list[tuple[str, fx.GraphModule]]:
 
 
 def _weights(model: nn.Module) -> dict:
-    return {name: m.weight.detach().clone() for name, m in model.named_modules()
+    """Copies of every module's ``weight``, by the name :func:`reparam.quant.analyze_model` gives the layer."""
+    return {name or "(model)": m.weight.detach().clone() for name, m in model.named_modules()
             if isinstance(getattr(m, "weight", None), torch.Tensor)}
 
 
@@ -108,11 +109,10 @@ def equalize_in_place(model: nn.Module, inputs: Optional[tuple], report: Report,
         done, n = equalize_graph(gm, lambda where, why: report.refuse(prefix + where, why))
         links, rounds = links + len(done), max(rounds, n)
     result = Equalization(links=links, rounds=rounds)
+    after_w = _weights(model)
     for row in analyze_model(model).layers:
         old = before.get(row.name)
-        weight = before_w.get("" if row.name == "(model)" else row.name)
-        if old is None or weight is None or torch.equal(weight, model.get_submodule(
-                "" if row.name == "(model)" else row.name).weight.detach()):
+        if old is None or torch.equal(before_w[row.name], after_w[row.name]):
             continue
         result.layers.append(LayerSNR(row.name, old.per_tensor_snr_db, row.per_tensor_snr_db,
                                       old.per_tensor_worst_channel_snr_db, row.per_tensor_worst_channel_snr_db))

@@ -21,8 +21,8 @@ ReLU6 / hardswish / SiLU / GELU, a BatchNorm left unfolded, a module called twic
 report says why.  Pairs are equalized round after round until no scale moves by more than :data:`CONVERGED`.
 
 :func:`equalize_graph` rewrites the weights of one ``fx.GraphModule`` in place (its layers must not be shared
-with another model); :func:`reparam.int8.equalize` is the public entry point that copies, verifies in float64
-and reports per-layer int8 SNR before -> after.
+with another model); :func:`reparam.equalization.equalize` (``reparam.equalize``) is the public entry point that
+copies, verifies in float64 and reports per-layer int8 SNR before -> after.
 """
 from __future__ import annotations
 
