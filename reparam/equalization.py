@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from . import trace as T
 from .errors import ReparamError
-from .passes.equalize import equalize_graph
+from .passes.equalize import CONVERGED, MAX_ROUNDS, equalize_graph
 from .quant import analyze_model
 from .report import Report, Rewrite
 from .verify import compare_outputs, fresh, is_degenerate, perturbed, random_like, to_float64
@@ -52,6 +52,7 @@ class Equalization:
     layers: list[LayerSNR] = field(default_factory=list)
     links: int = 0
     rounds: int = 0
+    last_change: float = 0.0  # the last round's largest |s_c - 1|: below CONVERGED when it converged
     max_rel_error: Optional[float] = None
 
     @property
@@ -103,12 +104,15 @@ def equalize_in_place(model: nn.Module, inputs: Optional[tuple], report: Report,
     reference = copy.deepcopy(model) if check and inputs is not None else None
     before_w = _weights(model)
     before = {row.name: row for row in analyze_model(model).layers}
-    links = rounds = 0
+    result = Equalization()
     for path, gm in _graphs(model):
         prefix = f"{path}." if path else ""
-        done, n = equalize_graph(gm, lambda where, why: report.refuse(prefix + where, why))
-        links, rounds = links + len(done), max(rounds, n)
-    result = Equalization(links=links, rounds=rounds)
+        done, rounds, change = equalize_graph(gm, lambda where, why: report.refuse(prefix + where, why))
+        result.links += len(done)
+        result.rounds, result.last_change = max(result.rounds, rounds), max(result.last_change, change)
+    if result.last_change >= CONVERGED:
+        report.notes.append(f"equalization stopped after {MAX_ROUNDS} rounds with scales still moving by up to "
+                            f"{result.last_change:.1e} (not fully balanced; still exact)")
     after_w = _weights(model)
     for row in analyze_model(model).layers:
         old = before.get(row.name)

@@ -38,9 +38,9 @@ import torch.nn.functional as F
 __all__ = ["CONVERGED", "MAX_ROUNDS", "Span", "Use", "Link", "find_links", "equalize_graph", "balance"]
 
 #: Equalization stops when every scale of a round is within this relative distance of 1.
-CONVERGED = 1e-3
+CONVERGED = 1e-2
 #: At most this many rounds over all producer -> consumer links.
-MAX_ROUNDS = 50
+MAX_ROUNDS = 200
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _HOMOGENEOUS_MODULES = (nn.ReLU, nn.LeakyReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d,
@@ -371,17 +371,19 @@ def _step(link: Link) -> float:
     return float((s - 1).abs().max()) if len(s) else 0.0
 
 
-def equalize_graph(gm: fx.GraphModule, refuse: Callable[[str, str], None]) -> tuple[list[Link], int]:
+def equalize_graph(gm: fx.GraphModule, refuse: Callable[[str, str], None]) -> tuple[list[Link], int, float]:
     """Cross-layer equalization of ``gm``'s weights in place, iterated to convergence.
 
     before -> after: conv/linear producers and their consumers -> the same layers with ``W1[c] / s_c``,
     ``b1[c] / s_c`` and ``W2[:, c] * s_c`` (module docstring).  Precondition: :func:`find_links` (refusals go to
-    ``refuse``).  Returns the links equalized and the number of rounds run.
+    ``refuse``).  Returns the links equalized, the rounds run and the last round's largest ``|s_c - 1|``
+    (below :data:`CONVERGED` unless :data:`MAX_ROUNDS` stopped it).
     """
     links = find_links(gm, refuse)
-    rounds = 0
-    for rounds in range(1, MAX_ROUNDS + 1):
-        if max((_step(link) for link in links), default=0.0) < CONVERGED:
+    rounds, change = 0, 0.0
+    while links and rounds < MAX_ROUNDS:
+        rounds += 1
+        change = max([_step(link) for link in links])
+        if change < CONVERGED:
             break
-    return links, rounds if links else 0
-
+    return links, rounds, change
