@@ -3,7 +3,8 @@
 
 before -> after: a float fused model and calibration inputs (:mod:`reparam.calib`) -> an int8 program whose
 weights are int8 (per-channel symmetric by default, one scale per tensor with ``per_channel=False``) and whose
-activations are int8 with ranges observed (min / max) on the calibration inputs.
+activations are int8 with ranges observed (min / max) on the calibration inputs.  Precondition: the model takes
+one tensor and returns one tensor (a classifier or a backbone), and runs in float32.
 
 - :func:`quantize_pte`: the PT2E flow — ``torch.export`` -> ``prepare_pt2e`` with ExecuTorch's
   ``XNNPACKQuantizer`` (``get_symmetric_quantization_config(is_per_channel=...)``: symmetric int8 weights,
@@ -167,17 +168,18 @@ def quantize_pte(model: nn.Module, calibration: Calibration, path: str | os.Path
 # ------------------------------------------------------------------------------------------------ ONNX Runtime
 
 
-class _Reader:
-    """An ``onnxruntime.quantization.CalibrationDataReader`` over the calibration samples."""
+def _reader(name: str, samples: Sequence[torch.Tensor]):
+    """An ``onnxruntime.quantization.CalibrationDataReader`` feeding ``samples`` to input ``name``, once."""
+    from onnxruntime.quantization import CalibrationDataReader
 
-    def __init__(self, name: str, samples: Sequence[torch.Tensor]):
-        self._feeds = iter([{name: x.numpy()} for x in samples])
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._feeds = iter([{name: x.numpy()} for x in samples])
 
-    def get_next(self):
-        return next(self._feeds, None)
+        def get_next(self):
+            return next(self._feeds, None)
 
-    def rewind(self):  # pragma: no cover - part of the reader protocol, unused by min/max calibration
-        raise NotImplementedError
+    return Reader()
 
 
 def quantize_onnx(model: nn.Module, calibration: Calibration, path: str | os.PathLike, *, per_channel: bool = True,
@@ -186,22 +188,20 @@ def quantize_onnx(model: nn.Module, calibration: Calibration, path: str | os.Pat
     """Export ``model`` to ONNX, quantize it statically to QDQ int8 with ONNX Runtime and write it (module
     docstring); returns how its outputs, run in ONNX Runtime, agree with ``model``'s (and ``original``'s)."""
     import onnxruntime
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
-        quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     from .mobile import _quiet_python
 
     samples = list(eval_samples) if eval_samples is not None else calibration.samples
     want = _float_outputs(model, samples)
     reference = _float_outputs(original, samples) if original is not None else None
-    reader_type = type("CalibrationReader", (_Reader, CalibrationDataReader), {})
     with tempfile.TemporaryDirectory(prefix="reparam-int8-") as scratch:
         float_path = Path(scratch) / "float.onnx"
         float_result = export_onnx(model, (torch.cat(calibration.samples[:2]),), float_path, opset)
 
         def write(tmp: Path) -> torch.Tensor:
             with _quiet_python():
-                quantize_static(str(float_path), str(tmp), reader_type("input", calibration.samples),
+                quantize_static(str(float_path), str(tmp), _reader("input", calibration.samples),
                                 quant_format=QuantFormat.QDQ, per_channel=per_channel,
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                                 calibrate_method=CalibrationMethod.MinMax)

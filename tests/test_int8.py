@@ -210,3 +210,16 @@ def test_int8_pte_digits_accuracy_within_one_point(digits, tmp_path):
     calib_path, test_x, test_y = digits
     result, _ = run_pte(tmp_path, ["--calib", calib_path, "--equalize"], test_x, test_y)
     assert result["code"] == 0 and result["acc"] >= float_accuracy(test_x, test_y) - 0.01, result
+
+
+@pytest.mark.slow  # ~20 s
+def test_benchmark_script_writes_its_table(tmp_path):
+    """benchmarks/int8.py (the docs table's generator) in a tiny mode: one zoo model at 16x16."""
+    out = tmp_path / "int8.md"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "int8.py"), "--zoo", "repvgg_a0", "--size", "16",
+                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|") for line in out.read_text().splitlines() if line.startswith("| repvgg_a0")]
+    assert [r[2].strip() for r in rows] == ["no", "yes"] and rows[1][3].strip().startswith("22 (0)"), rows
+    assert float(rows[1][4]) > float(rows[0][4])  # the worst layer's per-tensor weight SNR rises
