@@ -145,7 +145,7 @@ def _zoo_row(name: str, model: nn.Module, equalize: bool, x: torch.Tensor, calib
     """One row of the zoo table: ``model`` fused without or with equalization, then measured."""
     fused = reparam.fuse(model, (x[:2],), equalize=equalize)
     worst = min(layer.per_tensor_snr_db for layer in quant.analyze_model(fused).layers)
-    eq = getattr(fused, "reparam_equalization", None)
+    eq = fused.reparam_report.equalization
     refused = sum("equalization" in r.reason for r in fused.reparam_report.refusals)
     pairs = f"{eq.links} ({refused})" if eq is not None else "–"
     snrs = [int8.quantize_onnx(fused, calibration, tmp / f"{name.replace(':', '_')}.onnx", per_channel=pc,

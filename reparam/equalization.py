@@ -8,7 +8,7 @@ and must agree to a relative L2 error of :data:`EXACT` (else :class:`reparam.Equ
 
 Every layer whose weights changed gets a report rewrite ``where: int8 per-tensor SNR a dB -> b dB`` (event
 ``equalize``; SNR as defined in :mod:`reparam.quant`); every producer left alone gets a refusal with the
-reason.  The numbers are also on ``model.reparam_equalization`` (an :class:`Equalization`).
+reason.  The numbers are also at ``report.equalization`` (an :class:`Equalization`; ``fused.reparam_report``).
 """
 from __future__ import annotations
 
@@ -130,7 +130,7 @@ def equalize_in_place(model: nn.Module, inputs: Optional[tuple], report: Report,
     elif check:
         report.notes.append("equalization not verified: no example inputs")
     report.notes.append(str(result).splitlines()[0])
-    model.reparam_equalization = result
+    report.equalization = result
     return result
 
 
@@ -140,7 +140,7 @@ def equalize(model: nn.Module, example_inputs=None, *, check: bool = True) -> nn
     ``model``: usually the output of :func:`reparam.fuse` (``reparam.fuse(model, equalize=True)`` does both); a
     plain model is traced with torch.fx first.  Equalization runs in float64; the result keeps each tensor's
     dtype and device.  ``check=True`` verifies it against ``model`` in float64 on ``example_inputs`` (inferred
-    when omitted).  The report is at ``result.reparam_report``, the SNR rows at ``result.reparam_equalization``.
+    when omitted).  The report is at ``result.reparam_report``, the SNR rows at ``result.reparam_report.equalization``.
     """
     if not isinstance(model, nn.Module):
         raise ReparamError(f"reparam.equalize expects an nn.Module, got {type(model).__name__}")

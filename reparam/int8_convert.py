@@ -123,7 +123,7 @@ def write(fused: Any, original: Any, calibration: calib.Calibration, args: argpa
 
 def print_report(ui: Any, results: list, fused: Any) -> None:
     """The equalization summary (when it ran) and each int8 program's agreement with the float model."""
-    equalization = getattr(fused, "reparam_equalization", None)
+    equalization = getattr(getattr(fused, "reparam_report", None), "equalization", None)
     if equalization is not None:
         ui.out.print(str(equalization).splitlines()[0], highlight=False, soft_wrap=True)
         for row in sorted(equalization.layers, key=lambda r: r.before_db)[:5]:

@@ -107,7 +107,7 @@ def test_equalization_is_exact_on_random_graphs(spec, seed):
     model = randomize_bn(build(spec), seed).eval().double()
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     fused = reparam.fuse(model, (x,), equalize=True)
-    eq = fused.reparam_equalization
+    eq = fused.reparam_report.equalization
     refused = [r for r in fused.reparam_report.refusals if "equalization" in r.reason]
     assert eq.links >= 1 or refused  # the last conv -> pool -> flatten -> linear pair, unless e.g. a BN is left
     with torch.no_grad():
@@ -164,7 +164,7 @@ def test_zoo_models_exact_and_worst_snr_rises(arch):
     x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
     plain = reparam.fuse(model, (x,))
     fused = reparam.fuse(model, (x,), equalize=True)
-    eq = fused.reparam_equalization
+    eq = fused.reparam_report.equalization
     with torch.no_grad():
         assert rel(fused(x), model(x)) <= EXACT
     assert eq.max_rel_error <= EXACT
@@ -181,6 +181,27 @@ def test_equalize_keeps_dtype_and_input_model():
     out = reparam.equalize(fused, (torch.randn(1, 3, 6, 6),))
     assert all(torch.equal(before[k], v) for k, v in fused.state_dict().items())  # input untouched
     assert {v.dtype for v in out.state_dict().values() if v.is_floating_point()} == {torch.float32}
+
+
+class DataDependent(nn.Module):
+    """Does not trace as a whole (a branch on the input's values): fused part by part."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = randomize_bn(build([("bn",), ("relu",), ("conv", 8, 3, False, 2), ("bn",), ("relu",)]))
+
+    def forward(self, x):
+        return self.body(x) if x.sum() > 0 else -self.body(x)
+
+
+def test_equalization_of_fused_parts():
+    model = DataDependent().eval().double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64).abs()
+    fused = reparam.fuse(model, (x,), equalize=True)
+    eq = fused.reparam_report.equalization
+    assert eq.links >= 2 and eq.max_rel_error <= EXACT
+    with torch.no_grad():
+        assert rel(fused(x), model(x)) <= EXACT
 
 
 class Between(nn.Module):
@@ -209,7 +230,7 @@ def test_refused_between_non_homogeneous_activations(act, name):
     out = reparam.equalize(model, (torch.randn(1, 3, 6, 6),))
     reasons = [r.reason for r in out.reparam_report.refusals if r.where == "conv1"]
     assert reasons and name in reasons[0] and "not positively homogeneous" in reasons[0], reasons
-    assert torch.equal(out.conv1.weight, model.conv1.weight) and out.reparam_equalization.links == 0
+    assert torch.equal(out.conv1.weight, model.conv1.weight) and out.reparam_report.equalization.links == 0
 
 
 def test_refused_on_residual_add():
