@@ -233,10 +233,31 @@ def test_refused_between_non_homogeneous_activations(act, name):
     assert torch.equal(out.conv1.weight, model.conv1.weight) and out.reparam_report.equalization.links == 0
 
 
-def test_refused_on_residual_add():
-    model = randomize_bn(Residual()).eval()
+def test_residual_add_rescaled_consistently():
+    """head(relu(conv(h) + h)), h = relu(stem(x)): stem and conv share one scale, conv and head read it."""
+    model = randomize_bn(Residual()).eval().double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    out = reparam.equalize(model, (x,))
+    links = E.find_links(out, lambda *_: None)
+    assert [sorted(n.target for n, _ in link.producers) for link in links] == [["conv", "stem"]]
+    assert sorted(u.node.target for u in links[0].uses) == ["conv", "head"]
+    assert not torch.equal(out.stem.weight, model.stem.weight)
+    with torch.no_grad():
+        assert rel(out(x), model(x)) <= EXACT
+
+
+class InputResidual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x) + x))
+
+
+def test_refused_when_a_residual_operand_cannot_be_rescaled():
+    model = InputResidual().eval()
     out = reparam.equalize(model, (torch.randn(1, 3, 6, 6),))
     refused = {r.where: r.reason for r in out.reparam_report.refusals}
-    assert "stem" in refused and "add" in refused["stem"], refused
-    assert "conv" in refused and "add" in refused["conv"], refused
-    assert torch.equal(out.stem.weight, model.stem.weight)
+    assert "model input" in refused.get("conv", ""), refused
+    assert torch.equal(out.conv.weight, model.conv.weight)

@@ -54,6 +54,7 @@ _HOMOGENEOUS_FUNCTIONS = {F.relu, torch.relu, F.leaky_relu, F.max_pool1d, F.max_
 _HOMOGENEOUS_METHODS = {"relu", "relu_", "flatten", "mean", "contiguous"}
 _CONCATS = {torch.cat, torch.concat}
 _SPLITS = {torch.split, torch.chunk, torch.tensor_split}
+_ADDS = {operator.add, operator.iadd, torch.add}
 
 
 @dataclass(frozen=True)
@@ -80,11 +81,21 @@ class Use:
 
 @dataclass
 class Link:
-    """A producer layer and every layer that reads its output through scale-equivariant ops."""
+    """Producer layers sharing one scale vector and every layer that reads their outputs through scale-equivariant
+    ops.  One producer, unless residual adds join several (``add(conv_a(x), conv_b(y))``, a ResNet stage's
+    stream): then every producer and every reader of the sum is rescaled consistently."""
 
-    producer: fx.Node
-    module: nn.Module
+    producers: list[tuple[fx.Node, nn.Module]]
     uses: list[Use] = field(default_factory=list)
+
+    @property
+    def producer(self) -> fx.Node:
+        """The first producer (the one the walk started from)."""
+        return self.producers[0][0]
+
+    @property
+    def module(self) -> nn.Module:
+        return self.producers[0][1]
 
 
 # ------------------------------------------------------------------------------------------ the graph walk
@@ -211,7 +222,31 @@ def _split_bounds(node: fx.Node, total: int) -> Optional[list[tuple[int, int]]]:
     return [(a, min(a + n, total)) for a, n in zip(starts, sizes)]
 
 
-def _follow_split(gm: fx.GraphModule, user: fx.Node, span: Span, uses: list[Use], owners: dict) -> None:
+@dataclass
+class _Walk:
+    """What one walk from a producer found: the producers sharing its scales, their readers, what was visited."""
+
+    gm: fx.GraphModule
+    owners: dict
+    channels: int
+    producers: list = field(default_factory=list)
+    uses: list = field(default_factory=list)
+    followed: set = field(default_factory=set)  # (node, span) pairs whose readers are collected
+    pending: list = field(default_factory=list)  # residual-add operands still to trace back to producers
+
+    @property
+    def whole(self) -> Span:
+        return Span(0, self.channels, 0, self.channels)
+
+
+def _is_add(node: fx.Node) -> bool:
+    adds = node.op == "call_function" and node.target in _ADDS and "alpha" not in node.kwargs and len(node.args) == 2
+    adds = adds or (node.op == "call_method" and node.target in ("add", "add_") and len(node.args) == 2
+                    and not node.kwargs)
+    return adds and all(isinstance(a, fx.Node) for a in node.args)
+
+
+def _follow_split(walk: _Walk, user: fx.Node, span: Span) -> None:
     """Each piece of a channel split that holds producer channels, followed on with its narrowed span."""
     bounds = _split_bounds(user, span.total) if not span.flattened else None
     if bounds is None:
@@ -222,11 +257,16 @@ def _follow_split(gm: fx.GraphModule, user: fx.Node, span: Span, uses: list[Use]
         start, end = bounds[piece.args[1]]
         lo, hi = max(span.lo, start - span.offset), min(span.hi, end - span.offset)
         if lo < hi:
-            _follow(gm, piece, Span(span.offset - start, end - start, lo, hi), uses, owners)
+            _follow(walk, piece, Span(span.offset - start, end - start, lo, hi))
 
 
-def _follow(gm: fx.GraphModule, node: fx.Node, span: Span, uses: list[Use], owners: dict) -> None:
-    """Every reader of ``node`` (producer channels placed as ``span`` says) into ``uses``."""
+def _follow(walk: _Walk, node: fx.Node, span: Span) -> None:
+    """Every reader of ``node`` (producer channels placed as ``span`` says) into ``walk.uses``; a residual add of
+    whole, unflattened channels joins its other operand to the walk (``walk.pending``)."""
+    if (node, span) in walk.followed:
+        return
+    walk.followed.add((node, span))
+    gm, owners = walk.gm, walk.owners
     for user in node.users:
         module = _module(gm, user)
         if _reads_metadata_only(user):
@@ -236,7 +276,7 @@ def _follow(gm: fx.GraphModule, node: fx.Node, span: Span, uses: list[Use], owne
                 raise _Refused(f"{_name(user)} reads it other than as its input")
             if owners.get(id(module), 1) != 1:
                 raise _Refused(f"{_name(user)} is called {owners[id(module)]} times (shared weights)")
-            uses.append(Use(user, module, span))
+            walk.uses.append(Use(user, module, span))
         elif user.op == "call_function" and user.target in _CONCATS:
             if _cat_dim(user) != 1:
                 raise _Refused(f"{user.name} concatenates along axis {_cat_dim(user)}, not channels")
@@ -249,9 +289,12 @@ def _follow(gm: fx.GraphModule, node: fx.Node, span: Span, uses: list[Use], owne
             if None in sizes:
                 raise _Refused(f"{user.name}: the channel count of an input is unknown")
             before = sum(sizes[: inputs.index(node)])
-            _follow(gm, user, Span(span.offset + before, sum(sizes), span.lo, span.hi), uses, owners)
+            _follow(walk, user, Span(span.offset + before, sum(sizes), span.lo, span.hi))
         elif user.target in _SPLITS or (user.op == "call_method" and user.target in ("split", "chunk")):
-            _follow_split(gm, user, span, uses, owners)
+            _follow_split(walk, user, span)
+        elif _is_add(user) and span == walk.whole:
+            walk.pending += [a for a in user.args if a is not node]
+            _follow(walk, user, span)
         else:
             reason = _homogeneous(gm, user)
             if reason is None and user.args[0] is not node:
@@ -259,43 +302,76 @@ def _follow(gm: fx.GraphModule, node: fx.Node, span: Span, uses: list[Use], owne
             if reason is None and _module(gm, user) is not None and owners.get(id(_module(gm, user)), 1) != 1:
                 reason = f"{_name(user)} is called more than once"
             if reason is not None:
-                raise _Refused(f"read by {_name(user)}: {reason}", quiet=user.op == "output" and not uses)
+                quiet = user.op == "output" and not walk.uses and len(walk.producers) == 1
+                raise _Refused(f"read by {_name(user)}: {reason}", quiet=quiet)
             is_flatten = (isinstance(_module(gm, user), nn.Flatten) or user.target in (torch.flatten, "flatten"))
-            _follow(gm, user, Span(span.offset, span.total, span.lo, span.hi, span.flattened or is_flatten), uses,
-                    owners)
+            _follow(walk, user, Span(span.offset, span.total, span.lo, span.hi, span.flattened or is_flatten))
+
+
+def _trace_back(walk: _Walk, node: fx.Node) -> None:
+    """``node`` (an operand of a residual add in the walk) must carry the walk's channels scaled like the rest:
+    it is a producer layer, a residual add, or a positively homogeneous op of such a tensor; all its readers join."""
+    if (node, walk.whole) in walk.followed:
+        return
+    module = _module(walk.gm, node)
+    if _is_layer(module):
+        if walk.owners.get(id(module), 1) != 1:
+            raise _Refused(f"residual operand {_name(node)} is called more than once (shared weights)")
+        if _out_channels(module) != walk.channels:
+            raise _Refused(f"residual operand {_name(node)} has {_out_channels(module)} channels, not "
+                           f"{walk.channels}")
+        walk.producers.append((node, module))
+    elif _is_add(node):
+        walk.pending += list(node.args)
+    elif (node.args and isinstance(node.args[0], fx.Node) and _homogeneous(walk.gm, node) is None
+          and not (isinstance(module, nn.Flatten) or node.target in (torch.flatten, "flatten"))):
+        walk.pending.append(node.args[0])
+    else:
+        what = "the model input" if node.op == "placeholder" else _name(node)
+        raise _Refused(f"a residual add's other operand comes from {what}, which cannot be rescaled with it")
+    _follow(walk, node, walk.whole)
+
+
+def _walk(gm: fx.GraphModule, node: fx.Node, module: nn.Module, owners: dict) -> _Walk:
+    """Producers joined to ``node`` through residual adds and all their readers (raises :class:`_Refused`)."""
+    walk = _Walk(gm, owners, _out_channels(module), producers=[(node, module)])
+    _follow(walk, node, walk.whole)
+    while walk.pending:
+        _trace_back(walk, walk.pending.pop())
+    for use in walk.uses:
+        _check_size(use)
+    return walk
 
 
 def find_links(gm: fx.GraphModule, refuse: Callable[[str, str], None]) -> list[Link]:
     """Every conv / linear producer of ``gm`` whose output reaches only equalizable consumers (see the module
-    docstring); ``refuse(where, reason)`` is called for each producer that does not qualify."""
+    docstring), grouped with the producers residual adds join it to; ``refuse(where, reason)`` is called for
+    each producer that does not qualify."""
     owners: dict[int, int] = {}
     for node in gm.graph.nodes:
         module = _module(gm, node)
         if module is not None:
             owners[id(module)] = owners.get(id(module), 0) + 1
-    links = []
+    links, claimed = [], set()
     for node in gm.graph.nodes:
         module = _module(gm, node)
-        if not _is_layer(module):
+        if not _is_layer(module) or node in claimed:
             continue
         where = _name(node)
         if owners[id(module)] != 1:
             refuse(where, "equalization: the layer is called more than once (shared weights)")
             continue
-        uses: list[Use] = []
         try:
-            channels = _out_channels(module)
-            _follow(gm, node, Span(0, channels, 0, channels), uses, owners)
-            for use in uses:
-                _check_size(use)
+            walk = _walk(gm, node, module, owners)
         except _Refused as why:
             if why.quiet:
                 continue
             refuse(where, f"equalization refused: its output is {why}" if str(why).startswith("read by")
                    else f"equalization refused: {why}")
             continue
-        if uses:
-            links.append(Link(node, module, uses))
+        claimed.update(n for n, _ in walk.producers)
+        if walk.uses:
+            links.append(Link(walk.producers, walk.uses))
     return links
 
 
@@ -362,10 +438,11 @@ def balance(r1: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
 
 def _step(link: Link) -> float:
     """Equalize one link once; returns ``max_c |s_c - 1|``."""
-    r1 = _producer_range(link.module)
+    r1 = torch.stack([_producer_range(module) for _, module in link.producers]).amax(0)
     r2 = torch.stack([_input_ranges(use, len(r1)) for use in link.uses]).amax(0)
     s = balance(r1.double(), r2.double())
-    _scale_outputs(link.module, s)
+    for _, module in link.producers:
+        _scale_outputs(module, s)
     for use in link.uses:
         _scale_inputs(use, s)
     return float((s - 1).abs().max()) if len(s) else 0.0
