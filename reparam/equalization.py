@@ -4,7 +4,9 @@ model, verified in float64, with each touched layer's int8 weight SNR before -> 
 before -> after: a model whose conv/linear layers are joined by positively homogeneous ops -> the same model with
 per-channel weight ranges balanced between producer and consumer layers (the rule and its precondition:
 :mod:`reparam.passes.equalize`).  The function is unchanged: the result is run against its input in float64
-and must agree to a relative L2 error of :data:`EXACT` (else :class:`reparam.EquivalenceError`).
+and must agree to a relative L2 error of :data:`EXACT` (or, for a model whose own float64 rounding noise is
+larger, within ``NOISE_FACTOR`` times of it, as :func:`reparam.verify.compare_outputs` decides for ``fuse``), else
+:class:`reparam.EquivalenceError`.
 
 Every layer whose weights changed gets a report rewrite ``where: int8 per-tensor SNR a dB -> b dB`` (event
 ``equalize``; SNR as defined in :mod:`reparam.quant`); every producer left alone gets a refusal with the

@@ -14,11 +14,19 @@ before -> after::
 Precondition (:func:`find_links`, refused with a reason otherwise): every path from the producer's output to a
 reader passes only through ops ``h`` with ``h(x / s) = h(x) / s`` for per-channel ``s > 0`` — ReLU, LeakyReLU
 (positively homogeneous), max / average / adaptive pooling, mean over spatial axes, identity, dropout (eval),
-flatten, channel concat, channel split (``torch.split`` / ``chunk``) — and ends in a conv or linear layer that reads it as its input (grouped and depthwise
-convs included: a depthwise conv's input channel c is its channel c, and as a producer it passes scales on to
-the next layer in the following round).  A tensor also read by anything else (a residual add, a model output,
-ReLU6 / hardswish / SiLU / GELU, a BatchNorm left unfolded, a module called twice) is left alone, and the
-report says why.  Pairs are equalized round after round until no scale moves by more than :data:`CONVERGED`.
+flatten, channel concat, channel split (``torch.split`` / ``chunk``) — and ends in a conv or linear layer that
+reads it as its input (grouped and depthwise convs included: a depthwise conv's input channel c is its channel
+c, and as a producer it passes scales on to the next layer in the following round).
+
+Residual adds: ``a + b`` scales like its operands only if both carry the same ``1 / s``.  So producers whose
+outputs meet in adds (of whole channel sets) form one group with one scale vector — ``r1`` the maximum over the
+group's producers, ``r2`` over every reader of any tensor in the group — and every producer and reader is
+rescaled (a ResNet stage's residual stream is one group).  An add whose other operand cannot be rescaled (the
+model input, a constant, a tensor with another channel layout) refuses the whole group.
+
+A tensor also read by anything else (a model output, ReLU6 / hardswish / SiLU / GELU, a BatchNorm left unfolded,
+a module called twice) is left alone, and the report says why.  Groups are equalized round after round until no
+scale moves by more than :data:`CONVERGED`.
 
 :func:`equalize_graph` rewrites the weights of one ``fx.GraphModule`` in place (its layers must not be shared
 with another model); :func:`reparam.equalization.equalize` (``reparam.equalize``) is the public entry point that
