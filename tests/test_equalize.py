@@ -261,3 +261,18 @@ def test_refused_when_a_residual_operand_cannot_be_rescaled():
     refused = {r.where: r.reason for r in out.reparam_report.refusals}
     assert "model input" in refused.get("conv", ""), refused
     assert torch.equal(out.conv.weight, model.conv.weight)
+
+
+def test_torchvision_resnet_residual_streams_equalized_exactly():
+    """torchvision's ResNet-18: residual streams (shared self.relu, += shortcut) are rescaled as groups."""
+    torchvision = pytest.importorskip("torchvision", reason="torchvision is in the test extra")
+    torch.manual_seed(0)
+    model = randomize_bn(torchvision.models.resnet18(num_classes=10)).eval().double()
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    fused = reparam.fuse(model, (x,), equalize=True)
+    eq = fused.reparam_report.equalization
+    assert eq.links == 12 and not [r for r in fused.reparam_report.refusals if "equalization" in r.reason]
+    groups = [link for link in E.find_links(fused, lambda *_: None) if len(link.producers) > 1]
+    assert len(groups) == 4  # one residual stream per stage
+    with torch.no_grad():
+        assert rel(fused(x), model(x)) <= EXACT

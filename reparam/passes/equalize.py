@@ -307,8 +307,6 @@ def _follow(walk: _Walk, node: fx.Node, span: Span) -> None:
             reason = _homogeneous(gm, user)
             if reason is None and user.args[0] is not node:
                 reason = f"{user.name} reads it other than as its first argument"
-            if reason is None and _module(gm, user) is not None and owners.get(id(_module(gm, user)), 1) != 1:
-                reason = f"{_name(user)} is called more than once"
             if reason is not None:
                 quiet = user.op == "output" and not walk.uses and len(walk.producers) == 1
                 raise _Refused(f"read by {_name(user)}: {reason}", quiet=quiet)
