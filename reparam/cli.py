@@ -44,6 +44,7 @@ io = lazy_import("reparam.io")
 staging = lazy_import("reparam.staging")
 stats = lazy_import("reparam.stats")
 yolo = lazy_import("reparam.yolo")
+int8_convert = lazy_import("reparam.int8_convert")
 
 __all__ = ["main", "build_parser"]
 
@@ -180,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default cpu)")
     convert.add_argument("--no-bench", action="store_true", help="skip the speed comparison of the original and the "
                          "fused model (a few seconds)")
+    int8_convert.add_options(convert)
     convert.set_defaults(func=cmd_convert)
 
     inspect = commands.add_parser("inspect", help="show what will merge, what will not and why",
@@ -677,6 +679,7 @@ def _convert_into(args: argparse.Namespace, ui: Ui, entry: dict, print_report: b
     source = _source(args, weights_required=True)
     entry["checkpoint_size"] = source.weights.stat().st_size if source.weights is not None else None
     outputs = _outputs(args, source)
+    int8_convert.check_options(args, outputs.onnx is not None, outputs.pte is not None)
     dtype = _check_dtype(args, outputs)
     _require_mobile_packages(outputs)
     loaded = _load_model(args, ui, source)
@@ -689,6 +692,9 @@ def _convert_into(args: argparse.Namespace, ui: Ui, entry: dict, print_report: b
     check = not args.no_check
 
     options: dict[str, Any] = {"check": check, "remove_residuals": args.remove_residuals}
+    if args.equalize:
+        options["equalize"] = True
+    calibration = int8_convert.load_calibration(args, model, tuple(example.shape)) if args.int8 else None
     if dtype is not None:
         options["dtype"] = dtype
     if dtype is not None and dtype != example.dtype:
@@ -727,12 +733,14 @@ def _convert_into(args: argparse.Namespace, ui: Ui, entry: dict, print_report: b
             with ui.step(f"Writing and verifying {outputs.pt2.name}"):
                 results.append(export.export_pt2(fused, deploy_example, stage.path(outputs.pt2), original=original,
                                                  program=program, check=check))
-        if outputs.onnx is not None:
+        if outputs.onnx is not None and not args.int8:
             with ui.step(f"Writing and verifying {outputs.onnx.name} in ONNX Runtime"):
                 results.append(export.export_onnx(fused, deploy_example, stage.path(outputs.onnx),
                                                   args.opset or export.DEFAULT_OPSET, original=original,
                                                   program=program, check=check))
-        if outputs.pte is not None:
+        if args.int8:
+            results += int8_convert.write(fused, model, calibration, args, stage, ui, outputs.onnx, outputs.pte)
+        if outputs.pte is not None and not args.int8:
             from reparam import mobile
 
             with ui.step(f"Lowering to ExecuTorch (XNNPACK), writing and verifying {outputs.pte.name}"):
@@ -756,6 +764,7 @@ def _convert_into(args: argparse.Namespace, ui: Ui, entry: dict, print_report: b
         ui.err.print(f"note: --force: replaced the existing {path}", highlight=False, soft_wrap=True)
     if print_report:
         _print_convert_report(ui, args, loaded, before, after, fused_error, results, report, speed)
+        int8_convert.print_report(ui, results, fused)
 
 
 def _floating_dtype(model: torch.nn.Module) -> torch.dtype | None:

@@ -18,6 +18,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_structure
 
 from . import trace as T
+from .equalization import equalize_in_place
 from .errors import EquivalenceError, ReparamError
 from .passes.cleanup import drop_static_asserts, drop_unused_tensors
 from .passes.collapse import Collapse
@@ -118,7 +119,8 @@ def _collapse(gm: fx.GraphModule, report: Report, dtypes: dict, main: torch.dtyp
 
 
 def fuse_with_report(model: nn.Module, example_inputs=None, *, check: bool = True,
-                     remove_residuals: bool = False, dtype: Optional[torch.dtype] = None) -> tuple[nn.Module, Report]:
+                     remove_residuals: bool = False, dtype: Optional[torch.dtype] = None,
+                     equalize: bool = False) -> tuple[nn.Module, Report]:
     """:func:`reparam.fuse` that also returns the :class:`Report`."""
     if not isinstance(model, nn.Module):
         raise ReparamError(f"reparam.fuse expects an nn.Module, got {type(model).__name__}")
@@ -169,6 +171,8 @@ def fuse_with_report(model: nn.Module, example_inputs=None, *, check: bool = Tru
         warnings.warn("could not infer example inputs, so the fused model was NOT verified; pass "
                       "example_inputs=(x,) to reparam.fuse", VerificationSkippedWarning, stacklevel=3)
         report.notes.append("verification skipped: no example inputs")
+    if equalize:  # cross-layer equalization of the fused float64 model, checked against it (reparam.equalization)
+        equalize_in_place(fused, inputs, report, check)
     _cast_back(fused, dtypes, main, device)
     restore_state(fused, state)
     fused.reparam_report = report
@@ -316,7 +320,7 @@ def _cast_back(fused: nn.Module, dtypes: dict, main: torch.dtype, device) -> Non
 
 
 def fuse(model: nn.Module, example_inputs=None, *, check: bool = True, remove_residuals: bool = False,
-         dtype: Optional[torch.dtype] = None) -> nn.Module:
+         dtype: Optional[torch.dtype] = None, equalize: bool = False) -> nn.Module:
     """Return a new module computing the same function as ``model`` with fewer, larger kernels.
 
     Inference semantics (BatchNorm with running statistics); same dtype and device; the input model is
@@ -324,9 +328,11 @@ def fuse(model: nn.Module, example_inputs=None, *, check: bool = True, remove_re
     ``check=True`` verifies the result in float64 and raises :class:`reparam.EquivalenceError` if it
     disagrees.  ``remove_residuals=True`` also removes ReLU residuals exactly (ResNets become plain).
     ``dtype`` (e.g. ``torch.float16``): cast the result to that precision after folding in float64.
+    ``equalize=True``: then balance per-channel weight ranges for int8 (:mod:`reparam.equalization`), exactly.
     The report of rewrites and refusals is at ``fused.reparam_report``.
     """
-    return fuse_with_report(model, example_inputs, check=check, remove_residuals=remove_residuals, dtype=dtype)[0]
+    return fuse_with_report(model, example_inputs, check=check, remove_residuals=remove_residuals, dtype=dtype,
+                            equalize=equalize)[0]
 
 
 def explain(model: nn.Module, example_inputs=None) -> Report:

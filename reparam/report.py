@@ -30,6 +30,7 @@ class Report:
     refusals: list = field(default_factory=list)
     notes: list = field(default_factory=list)  # e.g. untraceable parts, skipped verification
     max_rel_error: Optional[float] = None
+    equalization: Optional[object] = None  # reparam.equalization.Equalization, when equalize=True
 
     def counts(self) -> Counter:
         """How many of each rewrite kind: fold_bn, merge_parallel, merge_concat, compose, skip, ..."""
