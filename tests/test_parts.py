@@ -261,26 +261,3 @@ def test_parts_called_with_keywords_are_fused():
     fused = reparam.fuse(model, (x,))
     assert count_ops(fused, x)["bn"] == 0
     _assert_same_outputs(fused, model, x, F32_TOL)
-
-
-class AliasedUpdate(nn.Module):
-    """``z = y; z += x`` also changes ``y``; torch.fx traces ``+=`` out of place (unfaithfully)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = ConvBNAct(3, 3)
-
-    def forward(self, x):
-        y = self.conv(x)
-        z = y
-        z += x
-        return y + z
-
-
-def test_unfaithful_trace_falls_back_to_the_parts():
-    model = AliasedUpdate().double().eval()
-    x = torch.randn(2, 3, 5, 4, dtype=torch.float64)
-    fused = reparam.fuse(model, (x,))
-    assert any("unfaithfully" in n for n in fused.reparam_report.notes)
-    assert count_ops(fused, x)["bn"] == 0
-    _assert_same_outputs(fused, model, x, F64_TOL)
