@@ -527,7 +527,8 @@ def _outputs(args: argparse.Namespace, source: Source) -> Outputs:
     if coreml is not None and coreml.suffix.lower() != ".mlpackage":
         raise UsageError(f"--coreml writes a Core ML package, a directory whose name ends in .mlpackage ({coreml}). "
                          f"Name it {coreml.with_suffix('.mlpackage').name}")
-    if pt2 is None and onnx_path is None and pte is None and coreml is None:
+    derived = pt2 is None and onnx_path is None and pte is None and coreml is None
+    if derived:  # reparam's own choice of name: rerunning the same command replaces it, with a notice
         pt2 = _default_output(source)
     if args.opset is not None and onnx_path is None:
         raise UsageError("--opset only applies to ONNX output. Add --onnx OUT.onnx")
@@ -545,7 +546,7 @@ def _outputs(args: argparse.Namespace, source: Source) -> Outputs:
             io.check_output_path(path.parent / f"{path.name}.new", inputs=inputs)  # replaced when done
             continue
         io.check_output_path(path, inputs=inputs)
-    _refuse_existing(named, args.force)
+    _refuse_existing([] if derived else named, args.force)
     return Outputs(pt2, onnx_path, pte, coreml)
 
 
@@ -761,7 +762,8 @@ def _convert_into(args: argparse.Namespace, ui: Ui, entry: dict, print_report: b
         if result.errors:
             entry["errors"][_RUN_LABELS.get(result.format, f".{result.format}")] = result.errors.get("original", 0.0)
     for path in replaced:
-        ui.err.print(f"note: --force: replaced the existing {path}", highlight=False, soft_wrap=True)
+        why = "--force" if args.force else "the default output (name one with -o to keep both)"
+        ui.err.print(f"note: {why}: replaced the existing {path}", highlight=False, soft_wrap=True)
     if print_report:
         _print_convert_report(ui, args, loaded, before, after, fused_error, results, report, speed)
         int8_convert.print_report(ui, results, fused)

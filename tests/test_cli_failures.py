@@ -144,6 +144,21 @@ def test_existing_output_needs_force(ckpt, model, tmp_path, copy_fuse):
     assert torch.allclose(torch.export.load(target).module()(x), model(x), atol=1e-5)
 
 
+def test_rerunning_without_outputs_named_replaces_the_default_one(ckpt, model, tmp_path):
+    """The default ``<checkpoint>_deploy.pt2`` is reparam's own name: the same command twice works, with a note."""
+    local = tmp_path / "run.pt"
+    local.write_bytes(ckpt.read_bytes())
+    first = run("convert", local, "--arch", ARCH, "--no-bench")
+    assert first.code == 0, first.err
+    target = tmp_path / "run_deploy.pt2"
+    target.write_bytes(b"stale")  # what the first run wrote, changed since
+    second = run("convert", local, "--arch", ARCH, "--no-bench")
+    assert second.code == 0, second.err
+    assert f"note: the default output (name one with -o to keep both): replaced the existing {target}" in second.err
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.allclose(torch.export.load(target).module()(x), model(x), atol=1e-5)
+
+
 def test_inspect_graph_needs_force(tmp_path):
     graph = tmp_path / "g.dot"
     graph.write_text("mine")
