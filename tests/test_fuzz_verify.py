@@ -108,9 +108,10 @@ class _WrongWeight:
             weight = getattr(module, "weight", None)
             if weight is not None:
                 emitted.append(module)
-                if len(emitted) - 1 == self.index:
-                    with torch.no_grad():
-                        weight.view(-1)[0] += self.delta * (1 + weight.detach().abs().max())
+                if len(emitted) - 1 == self.index:  # a wrong copy: an emitted weight may share the original's storage
+                    wrong = weight.detach().clone()
+                    wrong.view(-1)[0] += self.delta * (1 + wrong.abs().max())
+                    module.weight = nn.Parameter(wrong, requires_grad=False)
                     self.applied = True
             return module
 
