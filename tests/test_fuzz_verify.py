@@ -152,7 +152,7 @@ def _caught_and_named(net: nn.Module, x: torch.Tensor, index: int, delta: float)
             try:
                 fused = reparam.fuse(net, (x,))
             except reparam.EquivalenceError as err:
-                assert re.search(r"region \S+ .*: the fused", str(err)), str(err)
+                assert re.search(r"region \S+( \(.+\))?: the fused", str(err)), str(err)
                 return
         assert _error(_outputs(fused, x), want) <= allowed, "a wrong weight was returned unnoticed"
 
