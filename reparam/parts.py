@@ -20,12 +20,12 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_leaves
 
 from . import trace as T
-from .errors import EquivalenceError
 from .proofs import UnfaithfulTrace, check_fused
 from .report import Report
+from .verify import fresh
 
 MAX_CALLS = 4  # distinct input signatures checked per module
 
@@ -37,10 +37,6 @@ class Call:
     args: tuple
     kwargs: dict
     output: Any
-
-
-def _clone(value: Any) -> Any:
-    return tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, value)
 
 
 def _signature(args: tuple, kwargs: dict) -> tuple:
@@ -64,7 +60,7 @@ def record_calls(model: nn.Module, inputs: tuple, only: Optional[set] = None) ->
         called.add(module)
 
     def before(module, args, kwargs):
-        pending.setdefault(module, []).append((_clone(args), _clone(kwargs)))
+        pending.setdefault(module, []).append((fresh(args), fresh(kwargs)))
 
     def after(module, args, kwargs, output):
         args0, kwargs0 = pending[module].pop()
@@ -72,7 +68,7 @@ def record_calls(model: nn.Module, inputs: tuple, only: Optional[set] = None) ->
         known = seen.setdefault(module, set())
         if signature not in known and len(known) < MAX_CALLS:
             known.add(signature)
-            calls.setdefault(module, []).append(Call(args0, kwargs0, _clone(output)))
+            calls.setdefault(module, []).append(Call(args0, kwargs0, fresh(output)))
 
     handles = [m.register_forward_pre_hook(mark) for m in model.modules()]
     for m in (model.modules() if only is None else only):
@@ -81,7 +77,7 @@ def record_calls(model: nn.Module, inputs: tuple, only: Optional[set] = None) ->
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            output = model(*_clone(inputs))
+            output = model(*fresh(inputs))
     finally:
         for h in handles:
             h.remove()

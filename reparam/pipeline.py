@@ -29,11 +29,11 @@ from .passes.towers import merge_towers
 from .passes.transposed import fold_bn_into_transposed_convs
 from .interface import restore_state, snapshot_state
 from .parts import PartFuser, record_calls
-from .proofs import UnfaithfulTrace, check_fused, pristine_copy, tag_origins
+from .proofs import UnfaithfulTrace, check_fused, pristine_copy, run_quietly, tag_origins
 from .report import Report
 from .precision import check_precision
 from .shapes import check_example_inputs
-from .verify import TOLERANCE, compare_outputs, fresh, is_degenerate, random_like, to_float64
+from .verify import TOLERANCE, compare_outputs, is_degenerate, random_like, to_float64
 
 MAX_ROUNDS = 8
 
@@ -192,19 +192,13 @@ def _graph_fuser(report: Report, dtypes: dict, main: torch.dtype, remove_residua
     return fuse_graph
 
 
-def _eager(module, inputs: tuple) -> Any:
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return module(*fresh(inputs))
-
-
 def _check_whole(gm: fx.GraphModule, pristine: fx.GraphModule, reference: nn.Module, inputs: tuple,
                  report: Report) -> float:
     """Worst relative error of the fused whole-model graph against the eager original on ``inputs``
     (and on a random twin of constant inputs, which cannot expose wrong weights): :func:`check_fused`."""
     worst = 0.0
     for x in [inputs] + ([random_like(inputs)] if is_degenerate(inputs) else []):
-        err = check_fused(gm, pristine, reference, x, {}, _eager(reference, x), "output", report.notes, x)
+        err = check_fused(gm, pristine, reference, x, {}, run_quietly(reference, x), "output", report.notes, x)
         worst = max(worst, err)
     return worst
 
@@ -217,7 +211,7 @@ def _fuse_parts(work: nn.Module, given: Optional[tuple], report: Report, fuse_gr
         inputs = to_float64(_move(given, "cpu"))
         inputs = random_like(inputs) if is_degenerate(inputs) else inputs  # zeros cannot expose wrong weights
     else:  # inferred from the first layer: the first candidate the model runs
-        inputs = T.infer_example_inputs(work, None, torch.float64, "cpu", runs=lambda x: _eager_ok(work, x))
+        inputs = T.infer_example_inputs(work, None, torch.float64, "cpu")
     if inputs is None:
         report.notes.append(f"{type(work).__name__} left unfused: it does not trace and no example inputs run it")
         return work, None
@@ -229,14 +223,6 @@ def _fuse_parts(work: nn.Module, given: Optional[tuple], report: Report, fuse_gr
     return fused, inputs
 
 
-def _eager_ok(module: nn.Module, inputs: tuple) -> bool:
-    try:
-        _eager(module, inputs)
-        return True
-    except Exception:
-        return False
-
-
 def _check_end_to_end(fused: nn.Module, inputs: tuple, want: Any, report: Report, local_worst: float) -> None:
     """The part-by-part fused model against the original's recorded output.
 
@@ -244,7 +230,7 @@ def _check_end_to_end(fused: nn.Module, inputs: tuple, want: Any, report: Report
     every fused part was proven on the inputs it saw, so a difference here comes from data-dependent
     steps after them (top-k, NMS, sorting of near-ties), which the report says.
     """
-    got = _eager(fused, inputs)
+    got = run_quietly(fused, inputs)
     got_spec, want_spec = tree_structure(got), tree_structure(want)
     if got_spec != want_spec:
         raise EquivalenceError(f"output: the fused model returns a different output structure ({got_spec} vs "

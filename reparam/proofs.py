@@ -148,11 +148,12 @@ class UnfaithfulTrace(Exception):
     """The traced graph itself computes something else than the module's eager forward."""
 
 
-def _run(module, args: tuple, kwargs: dict) -> Any:
+def run_quietly(module, args: tuple, kwargs: Optional[dict] = None) -> Any:
+    """``module(*args, **kwargs)`` without grad, on clones of the inputs, warnings and fx's printout silenced."""
     # fx prints the generated code of a GraphModule that raises: a failing candidate is not the user's error
     with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
-        return module(*fresh(args), **fresh(kwargs))
+        return module(*fresh(args), **fresh(kwargs or {}))
 
 
 def check_fused(fused: fx.GraphModule, pristine: Optional[fx.GraphModule], original: nn.Module, args: tuple,
@@ -168,7 +169,7 @@ def check_fused(fused: fx.GraphModule, pristine: Optional[fx.GraphModule], origi
     ``fused`` is made to return ``want``'s container types (``OrderedDict`` ...).
     """
     try:
-        got = _run(fused, args, kwargs)
+        got = run_quietly(fused, args, kwargs)
     except Exception as err:  # Python control flow on an argument was traced for another call's value
         raise UnfaithfulTrace(f"{where}: its trace does not run this call ({type(err).__name__}: "
                               f"{str(err).splitlines()[0][:100] if str(err) else ''})") from err
@@ -197,7 +198,7 @@ def check_fused(fused: fx.GraphModule, pristine: Optional[fx.GraphModule], origi
     try:
         if mismatch is not None:
             raise mismatch
-        return compare_outputs(got, want, where, noise=lambda: _run(perturbed(original), args, kwargs), notes=notes)
+        return compare_outputs(got, want, where, noise=lambda: run_quietly(perturbed(original), args, kwargs), notes=notes)
     except EquivalenceError as err:
         if not _faithful(original, args, kwargs, want):
             raise UnfaithfulTrace(f"{where}: torch.fx traces it unfaithfully") from err
@@ -207,7 +208,7 @@ def check_fused(fused: fx.GraphModule, pristine: Optional[fx.GraphModule], origi
 def _faithful(module: nn.Module, args: tuple, kwargs: dict, want: Any) -> bool:
     """Does a fresh, unfused trace of ``module`` compute ``want`` (its eager output) on these inputs?"""
     try:
-        compare_outputs(_run(T.symbolic_trace(module), args, kwargs), want)
+        compare_outputs(run_quietly(T.symbolic_trace(module), args, kwargs), want)
         return True
     except Exception:  # a structure mismatch or a different value: either way, not faithful
         return False

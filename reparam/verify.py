@@ -12,9 +12,6 @@ from .errors import EquivalenceError
 TOLERANCE = 1e-8  # float64 folding error is ~1e-15 per op; deep random nets amplify it
 
 
-NOT_COMPUTED = object()  # compare(): the reference output is not known yet, run the reference
-
-
 def to_float64(inputs: Any) -> Any:
     """Copies of the floating tensors in ``inputs`` (any pytree) in float64; the rest untouched."""
     return torch.utils._pytree.tree_map(
@@ -70,27 +67,6 @@ def perturbed(module: torch.nn.Module, seed: int = 2) -> torch.nn.Module:
                 u = torch.rand(t.shape, generator=g, dtype=torch.float64).to(t.device, t.dtype) * 2 - 1
                 t.mul_(1 + NOISE_EPSILON * u)
     return twin
-
-
-def compare(fused, reference, inputs: Sequence[Any], want: Any = NOT_COMPUTED, tolerance: float = TOLERANCE,
-            where: str = "output", notes: Optional[list] = None) -> float:
-    """Run both on ``inputs`` (``want``: the reference's output when an eager run of it already
-    produced it); return the worst relative error or raise :class:`EquivalenceError`.
-
-    An error over ``tolerance`` is measured against the reference's own float64 noise
-    (:func:`perturbed`) before anything is refused; ``notes`` receives the comparison when it is used.
-    """
-    with torch.no_grad():
-        got = fused(*fresh(inputs))
-        if want is NOT_COMPUTED:
-            want = reference(*fresh(inputs))
-
-    def noise():
-        with torch.no_grad():
-            return perturbed(reference)(*fresh(inputs))
-
-    return compare_outputs(got, want, where, tolerance, noise if isinstance(reference, torch.nn.Module) else None,
-                           notes)
 
 
 def compare_outputs(got: Any, want: Any, where: str = "output", tolerance: float = TOLERANCE,
