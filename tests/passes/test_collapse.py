@@ -313,6 +313,37 @@ def test_asymmetric_reflect_padding_has_no_single_module_and_is_refused():
     case.assert_exact()
 
 
+def test_a_join_of_terms_from_different_roots_merges_from_the_common_one():
+    """x1 = A(x), a biased 1x1; then B(x1) + C(x1) with B a 1x1 (composes through A, so its value starts at x)
+    and C a zero-padded 3x3 (refused: A's bias would leak into the border, so its value starts at x1).
+    The sum is re-expressed from x1: A stays one kernel, B + C becomes one 3x3 conv on x1."""
+    model = Lambda(lambda s, x: s.b(x1 := s.a(x)) + s.c(x1), a=nn.Conv2d(3, 4, 1), b=nn.Conv2d(4, 4, 1),
+                   c=nn.Conv2d(4, 4, 3, 1, 1))
+    case = traced(model, torch.randn(2, 3, 6, 5))
+    assert collapse(case)
+    assert [m.kernel_size for m in case.modules()] == [(1, 1), (3, 3)]
+    assert not case.functions()
+    case.assert_exact()
+
+
+def test_a_block_after_a_cut_still_merges():
+    """Re-planning after the expanding chain's cut keeps the regions it does not touch."""
+    model = nn.Sequential(nn.Conv2d(4, 1, 1), nn.Conv2d(1, 4, 3), RepVGG())
+    case = traced(model, torch.randn(2, 4, 8, 7))
+    assert collapse(case)
+    assert [m.kernel_size for m in case.modules()] == [(1, 1), (3, 3), (3, 3)]
+    assert not case.functions()
+    case.assert_exact()
+
+
+def test_a_chain_of_no_ops_is_removed():
+    case = traced(nn.Sequential(nn.Identity(), nn.Dropout(0.1), nn.ReLU()), torch.randn(2, 3, 4, 4))
+    assert collapse(case)
+    assert case.module_types() == [nn.ReLU]
+    assert case.nodes("call_module")[0].args[0].op == "placeholder"
+    case.assert_exact()
+
+
 def test_dropout_and_identity_disappear():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout(0.5), nn.Identity(), bn(4))
     case = traced(model, torch.randn(2, 3, 6, 5))

@@ -79,6 +79,35 @@ def test_writes_of_the_pad_value_are_dropped():
     case.assert_exact()
 
 
+def _copied(t, c, x):
+    """The border written through views: ``t[box].copy_(c)``, and a zero ``t[box].zero_()`` corner on top."""
+    t[:, :, :1, :].copy_(c)
+    t[:, :, -1:, :].copy_(c)
+    t[..., :1].copy_(c)
+    t[..., -1:].copy_(c)
+
+
+def test_border_writes_through_views_are_read_the_same_way():
+    case = traced(BorderWrite(_copied), torch.randn(2, 4, 5, 6))
+    assert "copy_" in case.methods()
+    assert bool(case.run(follow_inplace_writes))
+    assert "copy_" not in case.methods() and operator.getitem not in case.functions()
+    assert case.events == {"inplace_pad": 1}
+    case.assert_exact()
+
+
+def test_zeroed_and_filled_borders_of_a_zero_pad_are_redundant():
+    def write(t, c, x):
+        t[:, :, :1, :].zero_()
+        t[:, :, -1:, :].fill_(0.0)
+
+    case = traced(BorderWrite(write), torch.randn(2, 4, 5, 6))
+    assert bool(case.run(follow_inplace_writes))
+    assert not {"zero_", "fill_"} & set(case.methods())
+    assert case.report.rewrites[0].after == "redundant writes of the pad value"
+    case.assert_exact()
+
+
 def _top(t, c, x):
     t[:, :, :1, :] = c
 

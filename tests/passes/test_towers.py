@@ -52,6 +52,25 @@ def test_summed_towers_become_one_tower(nd, stride):
     case.assert_exact()
 
 
+@pytest.mark.parametrize("act", [lambda s, x: torch.relu(x), lambda s, x: x.sigmoid()])
+def test_functional_activations_run_once_on_the_merged_tower(act):
+    case = traced(FunctionalTowers(act), torch.randn(2, 4, 6, 5))
+    assert bool(case.run(merge_towers))
+    assert len(convs(case)) == 2 and len(case.functions() + case.methods()) == 1  # the activation, once
+    case.assert_exact()
+
+
+class FunctionalTowers(Towers):
+    """Two towers whose activation is a function or method call (``act(self, x)``), not a module."""
+
+    def __init__(self, act):
+        super().__init__(paths=2)
+        self.fn = act
+
+    def forward(self, x):
+        return self.b[0](self.fn(self, self.a[0](x))) + self.b[1](self.fn(self, self.a[1](x)))
+
+
 def test_a_sum_with_an_extra_addend_keeps_only_that_add():
     case = traced(Towers(extra=True), torch.randn(2, 4, 6, 5))
     assert bool(case.run(merge_towers))
