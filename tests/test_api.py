@@ -1,4 +1,7 @@
-"""The public surface of reparam: fuse / fuse_with_report / explain, Report, errors and warnings.
+"""The public surface of reparam: fuse / fuse_with_report / explain, Report, errors and warnings; training mode,
+dtype and device handling, output structures, serialisation of fused models, and the self-check.
+
+The blocks (RepVGG, MobileOne, ...) and ``check_fuse`` are test_passes.py's, where each rewrite is tested.
 
 (``remove_residuals`` is deliberately not tested here: its behaviour is still being decided.)
 """
@@ -6,6 +9,8 @@ from __future__ import annotations
 
 import collections
 import copy
+import io
+import pickle
 import warnings
 
 import pytest
@@ -15,6 +20,8 @@ import torch.nn.functional as F
 
 import reparam
 from conftest import count_ops, random_bn, rel_err
+from test_passes import (F32_TOL, F64_TOL, ACNet, LayerScale, LoneBNBranches, MobileOne, RepVGG, assert_untouched, bn,
+                         check_fuse, no_bn_no_add, outputs_close, snapshot)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -256,3 +263,206 @@ def test_verification_skipped_warning():
     with warnings.catch_warnings():  # no warning with check=False: nothing was promised
         warnings.simplefilter("error", reparam.VerificationSkippedWarning)
         reparam.fuse(NoShapes().eval(), check=False)
+
+
+# ============================================================================================
+# mode, dtype, outputs, serialisation
+
+
+def test_training_mode_model_warns_once_and_is_left_alone():
+    model = RepVGG(4, 4).double().train()
+    snap = snapshot(model)
+    x = torch.randn(2, 4, 6, 5, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused = reparam.fuse(model, (x,))
+    training = [w for w in caught if issubclass(w.category, reparam.TrainingModeWarning)]
+    assert len(training) == 1, [str(w.message) for w in caught]
+    assert model.training and all(m.training for m in model.modules())
+    assert_untouched(model, snap)
+    with torch.no_grad():
+        outputs_close(fused.eval()(x), copy.deepcopy(model).eval()(x), F64_TOL)
+    assert_untouched(model, snap)
+
+
+def test_eval_model_gives_no_training_warning_and_is_left_alone():
+    model = MobileOne().double().eval()
+    snap = snapshot(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reparam.fuse(model, (torch.randn(1, 4, 5, 5, dtype=torch.float64),))
+    assert_untouched(model, snap)
+    assert not model.training
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dtype_preserved(dtype):
+    model = RepVGG(4, 4).to(dtype).eval()
+    x = torch.randn(2, 4, 6, 5, dtype=dtype)
+    fused = reparam.fuse(model, (x,))
+    assert {p.dtype for p in fused.parameters()} == {dtype}
+    with torch.no_grad():
+        y = fused(x)
+        assert y.dtype == dtype
+        assert rel_err(y, model(x)) <= (F32_TOL if dtype == torch.float32 else F64_TOL)
+    # .double() / .float() convert the fused weights too (they are registered parameters)
+    other = torch.float64 if dtype == torch.float32 else torch.float32
+    assert fused.to(other)(x.to(other)).dtype == other
+
+
+def test_device_preserved():
+    model = RepVGG(4, 4).eval()
+    fused = reparam.fuse(model, (torch.randn(1, 4, 5, 5),))
+    assert {p.device for p in fused.parameters()} == {torch.device("cpu")}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_device_preserved():
+    model = nn.Sequential(RepVGG(4, 4), LayerScale(4)).double().cuda().eval()
+    x = torch.randn(2, 4, 6, 5, dtype=torch.float64, device="cuda")
+    fused = reparam.fuse(model, (x,))
+    assert {p.device.type for p in fused.parameters()} == {"cuda"}
+    assert {b.device.type for b in fused.buffers()} <= {"cuda"}
+    with torch.no_grad():
+        y = fused(x)
+        assert y.device.type == "cuda" and y.dtype == torch.float64
+        assert rel_err(y, model(x)) <= F64_TOL
+
+
+class StructuredOutputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = RepVGG(4, 4)
+        self.head = conv_bn(4, 2, 1)
+
+    def forward(self, x):
+        y = self.block(x)
+        return y, {"head": self.head(y), "pair": (y.sum(), x.shape[-1])}
+
+
+def test_tuple_and_dict_outputs_preserved():
+    model = StructuredOutputs()
+    fused, _ = check_fuse(model, torch.randn(2, 4, 6, 5), ops=no_bn_no_add(2))
+    out = fused(torch.randn(2, 4, 6, 5, dtype=torch.float64))
+    assert isinstance(out, tuple) and isinstance(out[1], dict) and set(out[1]) == {"head", "pair"}
+    assert out[1]["pair"][1] == 5
+
+
+def _serialisable_model():
+    model = nn.Sequential(RepVGG(3, 4, 2), LayerScale(4), LoneBNBranches(4)).eval()
+    x = torch.randn(2, 3, 9, 8)
+    return reparam.fuse(model, (x,)), x
+
+
+def test_deepcopy_round_trip():
+    fused, x = _serialisable_model()
+    clone = copy.deepcopy(fused)
+    with torch.no_grad():
+        assert torch.equal(clone(x), fused(x))
+    assert clone.state_dict().keys() == fused.state_dict().keys()
+
+
+@pytest.mark.parametrize("how", ["pickle", "torch.save"])
+def test_pickle_round_trip(how):
+    """fx's unpickler re-traces with ``graph._tracer_cls()`` (no arguments): reparam's tracer must allow it."""
+    fused, x = _serialisable_model()
+    if how == "pickle":
+        clone = pickle.loads(pickle.dumps(fused))
+    else:
+        buf = io.BytesIO()
+        torch.save(fused, buf)
+        buf.seek(0)
+        clone = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(clone(x), fused(x))
+
+
+def test_torch_export_of_fused_model():
+    model = nn.Sequential(RepVGG(3, 4, 2), ACNet(4), LoneBNBranches(4)).eval()
+    x = torch.randn(2, 3, 9, 8)
+    fused = reparam.fuse(model, (x,))
+    program = torch.export.export(fused, (x,))
+    with torch.no_grad():
+        assert rel_err(program.module()(x), model(x)) <= F32_TOL
+        assert torch.allclose(program.module()(x), fused(x))
+
+
+# ============================================================================================
+# self-check
+
+
+def test_check_raises_equivalence_error_on_a_wrong_fold(monkeypatch):
+    import reparam.affine as A
+
+    real = A.batchnorm
+
+    def wrong(mean, var, weight, bias, eps, layout):
+        good = real(mean, var, weight, bias, eps, layout)
+        return A.channelwise(good.weight.reshape(-1), good.bias + 0.5, layout)
+
+    monkeypatch.setattr(A, "batchnorm", wrong)
+    model = nn.Sequential(conv_bn(3, 4, 3, padding=1), nn.ReLU()).double().eval()
+    with pytest.raises(reparam.EquivalenceError, match=r"region 0\.\S+ .*relative error.*output is off by"):
+        reparam.fuse(model, (torch.randn(2, 3, 6, 5, dtype=torch.float64),))
+    # check=False returns the (wrong) model without complaint: the BN shift is off by 0.5 after the ReLU's input
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64)
+    fused = reparam.fuse(model, (x,), check=False)
+    assert fused.reparam_report.max_rel_error is None  # nothing was compared
+    assert count_ops(fused, x)["bn"] == 0
+    with torch.no_grad():
+        assert rel_err(fused(x), model(x)) > 1e-3
+
+
+def test_equivalence_error_names_the_region_and_the_output(monkeypatch):
+    import reparam.affine as A
+
+    real = A.batchnorm
+    monkeypatch.setattr(A, "batchnorm", lambda *a: A.compose(real(*a), A.channelwise(
+        torch.full((a[0].numel(),), 2.0, dtype=torch.float64), None, a[-1])))
+    model = StructuredOutputs().double().eval()
+    with pytest.raises(reparam.EquivalenceError) as info:
+        reparam.fuse(model, (torch.randn(2, 4, 6, 5, dtype=torch.float64),))
+    assert "region block." in str(info.value) and "output[1]['head'] is off by" in str(info.value)
+
+
+class NoConvInput(nn.Module):
+    """Nothing tells reparam what shape the input has: no conv or linear reads it."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = bn(4)
+
+    def forward(self, x):
+        return torch.relu(self.bn(x) * 2.0)
+
+
+def test_no_inferable_inputs_warns_verification_skipped():
+    with pytest.warns(reparam.VerificationSkippedWarning):
+        fused, report = reparam.fuse_with_report(NoConvInput().eval())
+    assert report.max_rel_error is None
+    assert any("verification skipped" in n for n in report.notes)
+
+
+def test_inputs_are_inferred_when_omitted():
+    model = RepVGG(3, 4, 2).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", reparam.VerificationSkippedWarning)
+        fused, report = reparam.fuse_with_report(model)
+    assert report.max_rel_error is not None and report.max_rel_error <= 1e-8
+    assert count_ops(fused, torch.randn(1, 3, 8, 8))["conv"] == 1
+
+
+# ============================================================================================
+# dtype of a model without parameters
+
+
+class ParameterFree(nn.Module):
+    def forward(self, x):
+        return x + x / -1.5
+
+
+def test_parameterless_float64_model_stays_float64():
+    x = torch.randn(2, 3, 5, dtype=torch.float64)
+    fused = reparam.fuse(ParameterFree().eval(), (x,))
+    assert {p.dtype for p in fused.parameters()} <= {torch.float64}
+    assert rel_err(fused(x), ParameterFree()(x)) <= F64_TOL
