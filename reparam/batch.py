@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from reparam import jsonout, terminal
+from reparam.errors import UsageError
 
 __all__ = ["convert_all", "planned_outputs"]
 
@@ -28,8 +29,6 @@ def planned_outputs(checkpoint: Path, out_dir: Path, formats: tuple[str, ...]) -
 
 def _check_plan(args: argparse.Namespace) -> None:
     """Refuse what would go wrong for every checkpoint: single-file options, a missing directory, name clashes."""
-    from reparam.cli import UsageError
-
     single = [flag for flag, value in (("-o", args.output), ("--onnx", args.onnx), ("--pte", args.pte),
                                        ("--coreml", args.coreml)) if value is not None]
     if single:
@@ -67,7 +66,8 @@ def convert_all(args: argparse.Namespace, ui: Any, convert_one: Callable[..., di
                     setattr(one, option, path)
                 try:
                     entry = convert_one(one, ui, print_report=False)
-                except Exception as exc:  # reported in the summary; the next checkpoint still runs
+                except Exception as exc:  # noqa: BLE001  one checkpoint's failure, whatever it is, is its line in
+                    # the summary (its one-line message and exit code); the next checkpoint still runs
                     message, code = _error_line(exc)
                     entry = getattr(exc, "reparam_result", None) or jsonout.new_result("convert", args.arch,
                                                                                         checkpoint, args.device)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .io import InputError
+from .errors import InputError
 
 __all__ = ["MIN_SAMPLES", "IMAGE_SUFFIXES", "Calibration", "Preprocessing", "preprocessing", "from_images",
            "from_npy", "from_random"]

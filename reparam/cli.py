@@ -35,12 +35,15 @@ from typing import Any
 from rich.console import Console
 
 from reparam import jsonout, terminal
-from reparam.errors import EquivalenceError, InputError, ReparamError
+from reparam.errors import EquivalenceError, InputError, ReparamError, UsageError, one_line
 from reparam.lazy import lazy_import
+from reparam.packages import package_version
 
 # imported when a command first needs them: `reparam --help` and `reparam list` never load torch
 torch = lazy_import("torch")
 io = lazy_import("reparam.io")
+checkpoints = lazy_import("reparam.checkpoints")
+architectures = lazy_import("reparam.architectures")
 staging = lazy_import("reparam.staging")
 stats = lazy_import("reparam.stats")
 yolo = lazy_import("reparam.yolo")
@@ -55,10 +58,7 @@ _MOBILE_HINT = "pip install 'reparam[mobile]'"
 DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
 LATENCY_WARMUP, LATENCY_REPEATS, LATENCY_BUDGET_S = 2, 9, 4.0  # the speed figure's rounds (see reparam.timing)
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-
-
-class UsageError(InputError):
-    """The command line itself is wrong (exit code 2)."""
+_MORE = " (more with --debug)"  # what an error line adds when it leaves lines of the message out
 
 
 # ------------------------------------------------------------------------------------------------- parsing
@@ -77,7 +77,8 @@ def input_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(p) for p in parts)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid shape {text!r}: expected comma-separated integers like 1,3,224,224") from None
+        raise argparse.ArgumentTypeError(f"invalid shape {text!r}: expected comma-separated integers like "
+                                         "1,3,224,224") from None
     if len(shape) < 2 or any(s <= 0 for s in shape):
         raise argparse.ArgumentTypeError(f"invalid shape {text!r}: expected a batch size and at least one more "
                                          "dimension, all positive, like 1,3,224,224")
@@ -113,7 +114,8 @@ def _model_options(parser: argparse.ArgumentParser, checkpoint_required: bool) -
     parser.add_argument("--input-shape", type=input_shape, metavar="N,C,H,W",
                         help="example input shape, batch first (default: the architecture's, else 1,3,224,224)")
     parser.add_argument("--num-classes", type=positive_int, metavar="N",
-                        help="classifier outputs (default: read from the checkpoint's classifier, else the architecture's)")
+                        help="classifier outputs (default: read from the checkpoint's classifier, else the "
+                        "architecture's)")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="allow a pickle checkpoint to run code while loading (only for files you trust)")
     parser.add_argument("--ema", action="store_true", help="use the EMA weights when the checkpoint has both")
@@ -191,14 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--graph", type=Path, metavar="FILE", help="draw one block before and after fusion "
                          "(.svg/.png/.pdf with Graphviz or matplotlib; .dot writes Graphviz source)")
     inspect.add_argument("--force", action="store_true", help="replace the --graph or --json file if it exists")
-    inspect.add_argument("--block", metavar="NAME", help="the submodule to draw (default: the first multi-branch block)")
+    inspect.add_argument("--block", metavar="NAME",
+                         help="the submodule to draw (default: the first multi-branch block)")
     inspect.add_argument("--quant", action="store_true", help="report how each fused conv/linear layer's weights "
                          "survive int8 quantization (range, outliers, per-tensor / per-channel SNR) and flag the "
                          "layers that will hurt (see docs/quantization.md)")
     inspect.set_defaults(func=cmd_inspect)
 
     listing = commands.add_parser("list", help="list the available architectures",
-                                  description="List the reparam.models architectures and the timm:/torchvision: sources.")
+                                  description="List the reparam.models architectures and the timm:/torchvision: "
+                                  "sources.")
     listing.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     listing.set_defaults(func=cmd_list)
 
@@ -212,14 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    try:
-        from importlib.metadata import version
+    """The installed reparam's version, else (a checkout on PYTHONPATH) the package's own."""
+    installed = package_version("reparam")
+    if installed is not None:
+        return installed
+    import reparam  # pragma: no cover - not installed
 
-        return version("reparam")
-    except Exception:  # pragma: no cover - not installed
-        import reparam
-
-        return getattr(reparam, "__version__", "unknown")
+    return getattr(reparam, "__version__", "unknown")
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -297,7 +300,7 @@ def _source(args: argparse.Namespace, weights_required: bool) -> Source:
         if checkpoint is None:
             raise UsageError("the following arguments are required: --arch (or an ultralytics CHECKPOINT / model "
                              "yaml). Pass --arch NAME")
-        if not yolo.is_checkpoint(io.check_checkpoint_path(checkpoint)):
+        if not yolo.is_checkpoint(checkpoints.check_checkpoint_path(checkpoint)):
             raise UsageError(f"the following arguments are required: --arch ({checkpoint.name} is not an ultralytics "
                              "checkpoint, the one kind that names its own architecture). Pass --arch NAME")
         return Source("ultralytics", checkpoint, True)
@@ -316,7 +319,7 @@ def _load_model(args: argparse.Namespace, ui: Ui, source: Source | None = None) 
     else:
         model, where, num_classes = _load_weights(args, source, ui)
         arch = source.arch
-        shape = args.input_shape or io.default_input_shape(arch, model) or DEFAULT_INPUT_SHAPE
+        shape = args.input_shape or architectures.default_input_shape(arch, model) or DEFAULT_INPUT_SHAPE
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(shape, generator=generator)
     _check_runs(model, example, arch)
@@ -328,20 +331,20 @@ def _load_weights(args: argparse.Namespace, source: Source, ui: Ui) -> tuple[tor
     checkpoint = None
     if source.weights is not None:
         with ui.step(f"Reading {source.weights.name}"):
-            checkpoint = io.read_checkpoint(source.weights, trust=args.trust_checkpoint, prefer_ema=args.ema)
+            checkpoint = checkpoints.read_checkpoint(source.weights, trust=args.trust_checkpoint, prefer_ema=args.ema)
     num_classes = args.num_classes
     if num_classes is None and checkpoint is not None and not source.ultralytics:
-        num_classes = io.infer_num_classes(checkpoint.state_dict)
+        num_classes = checkpoints.infer_num_classes(checkpoint.state_dict)
     with ui.step(f"Building {source.arch}"):
-        model = io.build_model(source.arch, num_classes)
+        model = architectures.build_model(source.arch, num_classes)
         if checkpoint is not None:
-            io.load_strict(model, checkpoint.state_dict)
+            checkpoints.load_strict(model, checkpoint.state_dict)
     if checkpoint is None:
         return model, _RANDOM, num_classes
     if args.ema and not _has_ema(checkpoint):
         checkpoint.notes.append("no EMA weights in it: used the plain weights")
         ui.err.print(f"note: --ema: {source.weights.name} has no EMA weights (none of "
-                     f"{', '.join(io.EMA_KEYS)}); using the plain weights", highlight=False, soft_wrap=True)
+                     f"{', '.join(checkpoints.EMA_KEYS)}); using the plain weights", highlight=False, soft_wrap=True)
     return model, " ".join([checkpoint.source] + [f"({n})" for n in checkpoint.notes]), num_classes
 
 
@@ -349,7 +352,7 @@ def _load_ultralytics(args: argparse.Namespace, source: Source, ui: Ui):
     """(model prepared for export, where its weights came from, classes, arch, training image size) of an
     ultralytics checkpoint, or of a yaml build with random weights or a weights file loaded strictly."""
     loaded = None
-    if source.weights is not None and yolo.is_checkpoint(io.check_checkpoint_path(source.weights)):
+    if source.weights is not None and yolo.is_checkpoint(checkpoints.check_checkpoint_path(source.weights)):
         with ui.step(f"Reading {source.weights.name}"):
             loaded = yolo.load_checkpoint(source.weights, trust=args.trust_checkpoint)
     if source.arch == "ultralytics":  # the checkpoint's own model
@@ -360,8 +363,8 @@ def _load_ultralytics(args: argparse.Namespace, source: Source, ui: Ui):
         where = loaded.source
     elif loaded is not None:  # --arch ultralytics:CFG and an ultralytics checkpoint: its weights, strictly
         with ui.step(f"Building {source.arch}"):
-            model = io.build_model(source.arch, args.num_classes or yolo.num_classes(loaded.model))
-            io.load_strict(model, loaded.model.state_dict())
+            model = architectures.build_model(source.arch, args.num_classes or yolo.num_classes(loaded.model))
+            checkpoints.load_strict(model, loaded.model.state_dict())
         arch, where = source.arch, loaded.source
     else:
         model, where, _ = _load_weights(args, source, ui)
@@ -376,9 +379,9 @@ def _config_name(model: torch.nn.Module) -> str:
     return f"{yolo.PREFIX}{Path(name).name}" if name else f"{yolo.PREFIX}{type(model).__name__}"
 
 
-def _has_ema(checkpoint: io.Checkpoint) -> bool:
+def _has_ema(checkpoint: checkpoints.Checkpoint) -> bool:
     """Whether the weights were read from one of the checkpoint's EMA entries."""
-    return any(f"[{key!r}]" in checkpoint.source for key in io.EMA_KEYS)
+    return any(f"[{key!r}]" in checkpoint.source for key in checkpoints.EMA_KEYS)
 
 
 def _check_runs(model: torch.nn.Module, example: torch.Tensor, arch: str) -> None:
@@ -395,11 +398,12 @@ def _check_runs(model: torch.nn.Module, example: torch.Tensor, arch: str) -> Non
                                      exc.layout) from exc
     except Exception as exc:
         raise UsageError(f"{arch} cannot run on an input of shape {shape} ({type(exc).__name__}: "
-                         f"{_one_line(exc)}). Pass the right --input-shape") from exc
+                         f"{one_line(exc, _MORE)}). Pass the right --input-shape") from exc
 
 
 def _example_shape(layout: tuple[str, ...], given: Sequence[int]) -> str:
-    """``layout`` (``N, 1, H, W``) filled in: the given batch (when the rank fits) and trailing sizes, else 1 and 224."""
+    """``layout`` (``N, 1, H, W``) filled in: the given batch (when the rank fits) and trailing sizes, else 1 and
+    224."""
     spatial = len(layout) - 2
     sizes = list(given[len(given) - spatial:]) if 0 < spatial <= len(given) else [224] * spatial
     batch = given[0] if len(given) == len(layout) else 1
@@ -676,7 +680,7 @@ def _convert_into(args: argparse.Namespace, ui: Ui, entry: dict, print_report: b
     from reparam import export
 
     if args.checkpoint is not None and not yolo.is_config(args.checkpoint):
-        io.check_checkpoint_path(args.checkpoint)
+        checkpoints.check_checkpoint_path(args.checkpoint)
     source = _source(args, weights_required=True)
     entry["checkpoint_size"] = source.weights.stat().st_size if source.weights is not None else None
     outputs = _outputs(args, source)
@@ -755,7 +759,7 @@ def _convert_into(args: argparse.Namespace, ui: Ui, entry: dict, print_report: b
                                                     precision=deploy_dtype))
         targets = [path for path in (outputs.pt2, outputs.onnx, outputs.pte, outputs.coreml) if path is not None]
         replaced = stage.commit()
-    for result, target in zip(results, targets):
+    for result, target in zip(results, targets, strict=True):
         result.path = target
     entry["outputs"] = [jsonout.export_entry(r) for r in results]
     for result in results:
@@ -778,7 +782,7 @@ def _floating_dtype(model: torch.nn.Module) -> torch.dtype | None:
 
 
 def _cast_inputs(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    from reparam.mobile import CastInputs
+    from reparam.modules import CastInputs
 
     return CastInputs(model, dtype)
 
@@ -789,7 +793,8 @@ def _print_convert_report(ui, args, loaded, before: Measures, after: Measures, f
     table = terminal.table(f"{loaded.arch}: {weights} → deploy", "", ("before", "right"),
                            ("after", "right"), ("change", "right"))
     table.columns[0].style = "bold"
-    table.add_row("parameters", _fmt_count(before.params), _fmt_count(after.params), _change(before.params, after.params))
+    table.add_row("parameters", _fmt_count(before.params), _fmt_count(after.params),
+                  _change(before.params, after.params))
     table.add_row("MACs", _fmt_count(before.macs), _fmt_count(after.macs), _change(before.macs, after.macs))
     for key, label in _KERNEL_LABELS:
         b, a = before.kernels[key], after.kernels[key]
@@ -857,12 +862,12 @@ def _output_details(result: Any) -> list[str]:
 
 def cmd_inspect(args: argparse.Namespace, ui: Ui) -> int:
     """``reparam inspect``: explain what will merge and what will not, optionally draw a block."""
-    from reparam import export
+    from reparam import drawing
 
     if args.graph is not None:
         io.check_output_path(args.graph, inputs=[args.checkpoint] if args.checkpoint else [])
         _refuse_existing([("--graph", args.graph)], args.force)
-        export.graph_renderer(args.graph)
+        drawing.graph_renderer(args.graph)
     elif args.block is not None:
         raise UsageError("--block chooses the block to draw. Add --graph FILE.svg")
     _check_json_path(args, ui)
@@ -878,7 +883,7 @@ def _inspect_into(args: argparse.Namespace, ui: Ui, entry: dict) -> None:
     import reparam
 
     if args.checkpoint is not None and not yolo.is_config(args.checkpoint):
-        entry["checkpoint_size"] = io.check_checkpoint_path(args.checkpoint).stat().st_size
+        entry["checkpoint_size"] = checkpoints.check_checkpoint_path(args.checkpoint).stat().st_size
     loaded = _load_model(args, ui)
     entry.update(weights=loaded.source, input_shape=list(loaded.example.shape))
     if args.block is not None:
@@ -1006,7 +1011,8 @@ def _submodule(model: torch.nn.Module, name: str) -> torch.nn.Module:
         return model.get_submodule(name)
     except AttributeError:
         children = ", ".join(n for n, _ in list(model.named_children())[:6])
-        raise UsageError(f"no submodule {name!r} in the model. Give a dotted module name, e.g. one of: {children}") from None
+        raise UsageError(f"no submodule {name!r} in the model. Give a dotted module name, e.g. one of: "
+                         f"{children}") from None
 
 
 def _draw_block(loaded: LoadedModel, name: str | None, path: Path) -> tuple[str, str]:
@@ -1014,10 +1020,10 @@ def _draw_block(loaded: LoadedModel, name: str | None, path: Path) -> tuple[str,
     from torch import fx
 
     import reparam
-    from reparam import export
+    from reparam import drawing
 
     model = loaded.model
-    name = name or export.find_branch_block(model)
+    name = name or drawing.find_branch_block(model)
     if name is None:
         raise UsageError(f"found no multi-branch block in {type(model).__name__} to draw. Name one with --block")
     block = _submodule(model, name)
@@ -1033,12 +1039,13 @@ def _draw_block(loaded: LoadedModel, name: str | None, path: Path) -> tuple[str,
     try:
         before = fx.symbolic_trace(block)
     except Exception as exc:
-        raise UsageError(f"block {name!r} cannot be traced by torch.fx ({type(exc).__name__}). Name another one with --block") from exc
+        raise UsageError(f"block {name!r} cannot be traced by torch.fx ({type(exc).__name__}). Name another one "
+                         "with --block") from exc
     after = reparam.fuse(block, seen[0])
     if not isinstance(after, fx.GraphModule):
         after = fx.symbolic_trace(after)
     title = f"{name} ({type(block).__name__})"
-    renderer = export.draw_graphs({f"before: {title}": before, "after reparam.fuse": after}, path)
+    renderer = drawing.draw_graphs({f"before: {title}": before, "after reparam.fuse": after}, path)
     return name, renderer
 
 
@@ -1055,7 +1062,8 @@ def cmd_list(args: argparse.Namespace, ui: Ui) -> int:
     ui.out.print("reparam.models architectures (use the name with --arch; input C,H,W; default classes):",
                  highlight=False, markup=False)
     for arch in archs:
-        head = f"  {arch.name:<{name_width}}  {','.join(map(str, arch.input_size)):<{size_width}}  {arch.num_classes:>4}  "
+        size = ",".join(map(str, arch.input_size))
+        head = f"  {arch.name:<{name_width}}  {size:<{size_width}}  {arch.num_classes:>4}  "
         lines = terminal.wrap(arch.description, ui.out.width - len(head), indent="")
         ui.out.print(head + lines[0], highlight=False, markup=False, soft_wrap=True)
         for line in lines[1:]:
@@ -1063,8 +1071,9 @@ def cmd_list(args: argparse.Namespace, ui: Ui) -> int:
     ui.out.print("", highlight=False)
     for prefix, package, how in (("timm:", "timm", "timm.list_models()"),
                                  ("torchvision:", "torchvision", "torchvision.models.list_models()"),
-                                 ("ultralytics:", "ultralytics", "the yamls in ultralytics/cfg/models, e.g. yolov8n.yaml")):
-        version = _package_version(package)
+                                 ("ultralytics:", "ultralytics",
+                                  "the yamls in ultralytics/cfg/models, e.g. yolov8n.yaml")):
+        version = package_version(package)
         state = f"{package} {version} installed" if version else f"{package} not installed: pip install {package}"
         terminal.paragraph(ui.out, f"{prefix}NAME  any {package} model, random init, no download ({state}; "
                            f"names: {how})", indent="    ")
@@ -1091,27 +1100,12 @@ def cmd_explain(args: argparse.Namespace, ui: Ui) -> int:
     return EXIT_OK
 
 
-def _package_version(package: str) -> str | None:
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-
-        return version(package)
-    except PackageNotFoundError:
-        return None
-
-
 # ---------------------------------------------------------------------------------------------------- main
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    text = lines[0] if lines else type(exc).__name__
-    return text if len(lines) <= 1 else f"{text} (more with --debug)"
 
 
 def _error_line(exc: BaseException) -> tuple[str, int]:
     """The one-line message and exit code of an exception."""
-    message = _one_line(exc)
+    message = one_line(exc, _MORE)
     if isinstance(exc, InputError):
         return message, EXIT_USAGE
     if isinstance(exc, EquivalenceError):
@@ -1188,8 +1182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ui.err.print(f"error: interrupted by {signal.Signals(signum).name}. Temporary files were removed; outputs are "
                      "only ever written whole", highlight=False)
         return 128 + signum
-    except Exception as exc:  # every failure ends as one line (and a traceback with --debug)
-        if debug:
+    except Exception as exc:  # noqa: BLE001  the command's boundary: every failure ends as its one-line message
+        if debug:  # (with its exit code, and a traceback with --debug)
             traceback.print_exc(file=sys.stderr)
         message, code = _error_line(exc)
         ui.err.print(f"error: {message}", highlight=False, markup=False, soft_wrap=True)

@@ -1,4 +1,4 @@
-"""Verified deployment files: ``.pt2`` (torch.export) and ``.onnx``, plus drawings of a block's graph.
+"""Verified deployment files: ``.pt2`` (torch.export) and ``.onnx``.
 
 Each export is written through :func:`reparam.io.atomic_write`: the file is produced under a temporary name,
 loaded back and run (``torch.export.load`` / ONNX Runtime) on the example inputs and on a second batch size, and
@@ -11,20 +11,18 @@ Both formats get a dynamic batch axis (dimension 0 of every input) when the mode
 
 The same program gives the same bytes: a ``.pt2`` is serialised in memory (the archive gets torch's fixed root
 name, not the temporary file's) without the pass-provenance metadata that records ``id()``s of graphs, and is then
-written by Python, so that a full disk is an ``OSError`` (:class:`reparam.io.OutputPathError`), not a C++ abort.
+written by Python, so that a full disk is an ``OSError`` (:class:`reparam.errors.OutputPathError`), not a C++
+abort.
 
-Public API: :func:`export_program`, :func:`export_pt2`, :func:`export_onnx` (returning an :class:`ExportResult`),
-and for drawings :func:`find_branch_block`, :func:`graph_to_dot`, :func:`graph_renderer`, :func:`draw_graphs`.
+Public API: :func:`export_program`, :func:`export_pt2`, :func:`export_onnx` (returning an :class:`ExportResult`).
+Drawings of a block's graph are :mod:`reparam.drawing`'s job.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io as _io
-import operator
 import os
-import shutil
-import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,25 +32,18 @@ import torch
 from torch import fx
 from torch.utils._pytree import tree_leaves
 
-from reparam.errors import EquivalenceError, ReparamError
-from reparam.io import InputError, atomic_write
+from reparam.errors import ExportError, ExportMismatchError, InputError, one_line
+from reparam.io import atomic_write
 from reparam.stats import as_args, max_abs_error, relative_error
 
 __all__ = [
     "DEFAULT_OPSET",
     "MIN_OPSET",
-    "ExportError",
-    "ExportMismatchError",
     "ExportResult",
     "default_tolerance",
     "export_program",
     "export_pt2",
     "export_onnx",
-    "GraphDrawingError",
-    "find_branch_block",
-    "graph_to_dot",
-    "draw_graphs",
-    "graph_renderer",
 ]
 
 #: ONNX opset written by default.  torch's exporter implements opset 18 and later; asking for 17 triggers a
@@ -60,14 +51,6 @@ __all__ = [
 DEFAULT_OPSET = 18
 #: Lowest opset accepted.
 MIN_OPSET = 17
-
-
-class ExportError(ReparamError):
-    """The model could not be exported (tracing failed, an op has no ONNX translation, ...)."""
-
-
-class ExportMismatchError(EquivalenceError):
-    """The exported file, run back, disagrees with the model it was exported from (CLI exit code 1)."""
 
 
 @dataclass
@@ -117,7 +100,8 @@ def _batch_size(args: tuple) -> int | None:
     return sizes.pop() if len(sizes) == 1 else None
 
 
-def export_program(model: torch.nn.Module, example_inputs: Any, dynamic_batch: bool = True) -> torch.export.ExportedProgram:
+def export_program(model: torch.nn.Module, example_inputs: Any,
+                   dynamic_batch: bool = True) -> torch.export.ExportedProgram:
     """``torch.export.export`` of ``model`` in eval semantics, with a dynamic batch axis when possible.
 
     torch.export specialises a batch of 1, so the trace uses the example inputs repeated to a batch of 2.  When
@@ -135,7 +119,7 @@ def export_program(model: torch.nn.Module, example_inputs: Any, dynamic_batch: b
     try:
         return torch.export.export(model, args)
     except Exception as exc:
-        raise ExportError(f"torch.export could not trace the model ({type(exc).__name__}: {_first_line(exc)}). "
+        raise ExportError(f"torch.export could not trace the model ({type(exc).__name__}: {one_line(exc)}). "
                           "Re-run with --debug for the full error") from exc
 
 
@@ -327,7 +311,7 @@ def export_onnx(
 
         def run(a: tuple) -> list:
             feeds = [t for t in a if isinstance(t, torch.Tensor)]
-            return session.run(None, {n: t.detach().cpu().numpy() for n, t in zip(names, feeds)})
+            return session.run(None, {n: t.detach().cpu().numpy() for n, t in zip(names, feeds, strict=False)})
 
         errors, abs_errors = _verify(run, _references(model, original), _verification_inputs(args, dynamic), tol, check,
                                      "ONNX file (run in ONNX Runtime)")
@@ -339,199 +323,5 @@ def export_onnx(
 
 
 def _onnx_failure(exc: BaseException) -> ExportError:
-    return ExportError(f"ONNX export failed ({type(exc).__name__}: {_first_line(exc)}). "
+    return ExportError(f"ONNX export failed ({type(exc).__name__}: {one_line(exc)}). "
                        "Re-run with --debug for the full error, or export only the .pt2 file")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0].strip() if text else type(exc).__name__
-
-
-# ------------------------------------------------------------------------------------------ graph drawings
-
-
-class GraphDrawingError(InputError):
-    """A drawing cannot be produced (unsupported file type, no renderer installed)."""
-
-
-_ADD_TARGETS = {operator.add, operator.iadd, torch.add, torch.cat, torch.concat, torch.stack}
-
-
-def _is_merge(node: fx.Node) -> bool:
-    """A node that joins several tensor branches (add / cat)."""
-    joins = node.target in _ADD_TARGETS or (node.op == "call_method" and node.target in ("add", "add_"))
-    if not joins:
-        return False
-    inputs = [a for a in tree_leaves((node.args, node.kwargs)) if isinstance(a, fx.Node)]
-    return len(inputs) >= 2
-
-
-def _traced_branchy(module: torch.nn.Module) -> bool:
-    try:
-        graph = fx.symbolic_trace(module).graph
-    except Exception:
-        return False
-    return any(_is_merge(n) for n in graph.nodes)
-
-
-def find_branch_block(model: torch.nn.Module) -> str | None:
-    """Qualified name of the first innermost submodule whose graph joins branches (add / cat), or None.
-
-    Walks the module tree in definition order; a branchy module whose own children include a branchy one is
-    descended into, so a stage yields its first block and a block its first branchy sub-block.
-    """
-
-    def search(module: torch.nn.Module, prefix: str) -> str | None:
-        for name, child in module.named_children():
-            qualified = f"{prefix}{name}"
-            if not any(True for _ in child.children()) or not _traced_branchy(child):
-                continue
-            return search(child, qualified + ".") or qualified
-        return None
-
-    return search(model, "")
-
-
-def _node_label(gm: fx.GraphModule, node: fx.Node) -> str:
-    if node.op == "placeholder":
-        return f"input {node.target}"
-    if node.op == "output":
-        return "output"
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        label = type(module).__name__
-        if isinstance(module, torch.nn.modules.conv._ConvNd):
-            kernel = "×".join(str(k) for k in module.kernel_size)
-            label += f" {kernel} {module.in_channels}→{module.out_channels}"
-            if module.stride != (1,) * len(module.stride):
-                label += f" s{module.stride[0]}"
-            if module.groups != 1:
-                label += f" g{module.groups}"
-        return label
-    name = getattr(node.target, "__name__", str(node.target))
-    return name
-
-
-def _drawable_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    """Nodes worth drawing: everything but constant fetches (``get_attr``)."""
-    return [n for n in gm.graph.nodes if n.op != "get_attr"]
-
-
-def _edges(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
-    keep = set(_drawable_nodes(gm))
-    return [(a, n) for n in keep for a in n.all_input_nodes if a in keep]
-
-
-def graph_to_dot(graphs: Mapping[str, fx.GraphModule]) -> str:
-    """Graphviz source drawing each graph of ``graphs`` (title -> GraphModule) side by side, as clusters."""
-    lines = ["digraph reparam {", '  rankdir=TB; node [shape=box, style="rounded,filled", fillcolor="#eef3fb", fontname="Helvetica"];']
-    for index, (title, gm) in enumerate(graphs.items()):
-        ids = {n: f"g{index}_{i}" for i, n in enumerate(_drawable_nodes(gm))}
-        lines.append(f'  subgraph cluster_{index} {{ label="{_escape(title)}"; fontname="Helvetica";')
-        for node, ident in ids.items():
-            lines.append(f'    {ident} [label="{_escape(_node_label(gm, node))}"];')
-        for a, b in _edges(gm):
-            lines.append(f"    {ids[a]} -> {ids[b]};")
-        lines.append("  }")
-    lines.append("}")
-    return "\n".join(lines) + "\n"
-
-
-def _escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"')
-
-
-_RENDER_FORMATS = ("svg", "png", "pdf")
-
-
-def draw_graphs(graphs: Mapping[str, fx.GraphModule], path: str | os.PathLike) -> str:
-    """Draw ``graphs`` (title -> GraphModule) side by side into ``path``; returns the renderer used.
-
-    ``.dot`` writes the Graphviz source (no dependency).  ``.svg`` / ``.png`` / ``.pdf`` use Graphviz's ``dot``
-    when it is on PATH, else matplotlib when installed, else raise :class:`GraphDrawingError` saying what to
-    install.  The file is written atomically.
-    """
-    path = Path(path)
-    renderer = graph_renderer(path)
-    fmt = path.suffix.lower().lstrip(".")
-    if renderer == "graphviz source":
-        atomic_write(path, lambda tmp: tmp.write_text(graph_to_dot(graphs)))
-    elif renderer == "graphviz":
-        source = graph_to_dot(graphs)
-        atomic_write(path, lambda tmp: _run_dot(shutil.which("dot"), fmt, source, tmp))
-    else:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        atomic_write(path, lambda tmp: _draw_matplotlib(graphs, tmp, fmt))
-    return renderer
-
-
-def graph_renderer(path: str | os.PathLike) -> str:
-    """How :func:`draw_graphs` would draw into ``path``: ``"graphviz source"``, ``"graphviz"`` or ``"matplotlib"``.
-
-    Raises :class:`GraphDrawingError` for an unknown file type or when no renderer is installed, so a caller can
-    check before doing any work.
-    """
-    fmt = Path(path).suffix.lower().lstrip(".")
-    if fmt == "dot":
-        return "graphviz source"
-    if fmt not in _RENDER_FORMATS:
-        raise GraphDrawingError(f"cannot draw to {Path(path).name}: unknown file type. "
-                                "Use a .svg, .png, .pdf or .dot file name")
-    if shutil.which("dot") is not None:
-        return "graphviz"
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise GraphDrawingError("drawing a graph needs Graphviz or matplotlib, and neither is installed. "
-                                "Install one (`apt install graphviz` or `pip install matplotlib`), "
-                                "or write Graphviz source with --graph FILE.dot") from None
-    return "matplotlib"
-
-
-def _run_dot(dot: str, fmt: str, source: str, out: Path) -> None:
-    result = subprocess.run([dot, f"-T{fmt}", "-o", str(out)], input=source, text=True, capture_output=True, timeout=120)
-    if result.returncode != 0:
-        reason = result.stderr.strip().splitlines()[0] if result.stderr.strip() else f"exit code {result.returncode}"
-        raise GraphDrawingError(f"Graphviz failed ({reason}). Write the source with --graph FILE.dot and render it yourself")
-
-
-def _layout(gm: fx.GraphModule) -> dict[fx.Node, tuple[float, float]]:
-    """Layered layout: a node's row is its longest distance from an input, columns spread each row."""
-    nodes = _drawable_nodes(gm)
-    depth: dict[fx.Node, int] = {}
-    for node in nodes:  # graph order is topological
-        parents = [depth[a] for a in node.all_input_nodes if a in depth]
-        depth[node] = 1 + max(parents) if parents else 0
-    rows: dict[int, list[fx.Node]] = {}
-    for node in nodes:
-        rows.setdefault(depth[node], []).append(node)
-    return {node: (i - (len(row) - 1) / 2, -d) for d, row in rows.items() for i, node in enumerate(row)}
-
-
-def _draw_matplotlib(graphs: Mapping[str, fx.GraphModule], out: Path, fmt: str) -> None:
-    import matplotlib.pyplot as plt
-
-    layouts = {title: _layout(gm) for title, gm in graphs.items()}
-    points = [p for lay in layouts.values() for p in lay.values()] or [(0.0, 0.0)]
-    lowest = min(y for _, y in points)
-    widths = [1 + 2 * max((abs(x) for x, _ in lay.values()), default=0) for lay in layouts.values()]
-    figsize = (max(4.0, 2.4 * sum(widths)), max(3.0, 0.8 * (1 - lowest)))
-    fig, axes = plt.subplots(1, len(graphs), figsize=figsize, squeeze=False, gridspec_kw={"width_ratios": widths})
-    for ax, width, (title, gm) in zip(axes[0], widths, graphs.items()):
-        positions = layouts[title]
-        for a, b in _edges(gm):
-            (x0, y0), (x1, y1) = positions[a], positions[b]
-            ax.annotate("", xy=(x1, y1 + 0.18), xytext=(x0, y0 - 0.18), arrowprops={"arrowstyle": "->", "color": "#555"})
-        for node, (x, y) in positions.items():
-            ax.text(x, y, _node_label(gm, node), ha="center", va="center", fontsize=8,
-                    bbox={"boxstyle": "round", "facecolor": "#eef3fb", "edgecolor": "#4a6fa5"})
-        ax.set_xlim(-width / 2 - 0.5, width / 2 + 0.5)
-        ax.set_ylim(lowest - 0.6, 0.6)
-        ax.set_title(title)
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(out, format=fmt)
-    plt.close(fig)

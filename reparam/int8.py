@@ -33,7 +33,8 @@ import torch
 import torch.nn as nn
 
 from .calib import Calibration
-from .export import DEFAULT_OPSET, ExportError, ExportResult, export_onnx
+from .errors import ExportError, one_line
+from .export import DEFAULT_OPSET, ExportResult, export_onnx
 from .io import atomic_write
 from .quant import snr_db
 
@@ -149,7 +150,7 @@ def quantize_pte(model: nn.Module, calibration: Calibration, path: str | os.Path
             buffer = edge.to_executorch().buffer
     except Exception as exc:
         raise ExportError(f"int8 quantization for ExecuTorch failed ({type(exc).__name__}: "
-                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}). Re-run with --debug "
+                          f"{one_line(exc)}). Re-run with --debug "
                           "for the full error") from exc
     want = _float_outputs(model, samples)
     reference = _float_outputs(original, samples) if original is not None else None

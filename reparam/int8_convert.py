@@ -29,7 +29,8 @@ def _floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.485,0.456,0.406, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.485,0.456,0.406, "
+                                         f"got {text!r}") from None
 
 
 def _size(text: str) -> tuple[int, ...]:
@@ -70,7 +71,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 
 
 def check_options(args: argparse.Namespace, has_onnx: bool, has_pte: bool) -> None:
-    """Refuse inconsistent int8 options before any work is done (:class:`~reparam.io.InputError`)."""
+    """Refuse inconsistent int8 options before any work is done (:class:`~reparam.errors.InputError`)."""
     int8_only = [flag for flag, value in (("--calib", args.calib), ("--calib-random", args.calib_random),
                                           ("--per-tensor", args.per_tensor), ("--mean", args.mean),
                                           ("--std", args.std), ("--input-size", args.input_size)) if value]

@@ -77,7 +77,4 @@ def write(path: Path, doc: dict) -> None:
         return
     from reparam import io
 
-    try:
-        io.atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-    except OSError as exc:
-        raise io.write_error(path, exc) from exc
+    io.atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))  # OSError: an OutputPathError

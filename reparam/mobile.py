@@ -16,12 +16,12 @@ Both take the *fused* model (``reparam.fuse(model)``) and its example inputs.
   and names the expected inputs and outputs) but not run.
 
 Both packages are optional (``pip install 'reparam[mobile]'``): without them the functions raise
-:class:`MissingPackageError` (an :class:`reparam.io.InputError`, exit code 2 in the CLI) with a one-line message
-saying what to install.  :func:`executorch_status` / :func:`coreml_status` tell whether a package can be used and,
-if not, why.
+:class:`~reparam.errors.MissingPackageError` (an :class:`~reparam.errors.InputError`, exit code 2 in the CLI) with
+a one-line message saying what to install.  :func:`executorch_status` / :func:`coreml_status` tell whether a package
+can be used and, if not, why.
 
-:class:`CastInputs` wraps a model so that it accepts inputs of another floating dtype (to compare a float16 deploy
-model with its float32 original on the same inputs).
+To compare a float16 deploy model with its float32 original on the same inputs, give the original wrapped in
+:class:`reparam.modules.CastInputs`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import contextlib
 import io as _io
 import logging
 import os
-import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -42,23 +41,23 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from reparam.export import (
+from reparam.errors import (
     ExportError,
-    ExportResult,
-    _output_dtype,
-    _references,
-    _verify,
-    default_tolerance,
+    InputError,
+    MissingPackageError,
+    OutputPathError,
+    UnsupportedDtypeError,
+    one_line,
 )
-from reparam.io import InputError, OutputPathError, atomic_write, write_error
+from reparam.export import ExportResult, _output_dtype, _references, _verify, default_tolerance
+from reparam.io import atomic_write, atomic_write_dir
+from reparam.packages import package_version
 from reparam.stats import as_args
+from reparam.verify import random_like
 
 __all__ = [
     "INSTALL_HINT",
-    "MissingPackageError",
-    "UnsupportedDtypeError",
     "MobileResult",
-    "CastInputs",
     "executorch_status",
     "coreml_status",
     "require_executorch",
@@ -71,14 +70,6 @@ __all__ = [
 
 #: What to run to get the optional mobile packages (executorch, which pins coremltools).
 INSTALL_HINT = "pip install 'reparam[mobile]'"
-
-
-class MissingPackageError(InputError):
-    """An optional package a requested output needs is not installed or cannot be imported (CLI exit code 2)."""
-
-
-class UnsupportedDtypeError(InputError):
-    """The requested output format cannot hold or run the model's precision (CLI exit code 2)."""
 
 
 @dataclass
@@ -96,29 +87,7 @@ class MobileResult(ExportResult):
     precision: str | None = None
 
 
-class CastInputs(nn.Module):
-    """``module`` called with its floating tensor inputs cast to ``dtype`` (outputs as ``module`` returns them)."""
-
-    def __init__(self, module: nn.Module, dtype: torch.dtype):
-        super().__init__()
-        self.module = module
-        self.dtype = dtype
-
-    def forward(self, *args: Any) -> Any:
-        cast = [a.to(self.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
-        return self.module(*cast)
-
-
 # ---------------------------------------------------------------------------------------- optional packages
-
-
-def _package_version(name: str) -> str | None:
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-
-        return version(name)
-    except PackageNotFoundError:
-        return None
 
 
 @contextlib.contextmanager
@@ -168,7 +137,7 @@ def _quiet_native() -> Iterator[None]:
 
 def _import_executorch() -> dict[str, Any]:
     """The ExecuTorch entry points reparam uses; raises :class:`MissingPackageError` with the reason."""
-    version = _package_version("executorch")
+    version = package_version("executorch")
     try:
         with _quiet_python():
             from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -178,20 +147,19 @@ def _import_executorch() -> dict[str, Any]:
         if version is None:
             raise MissingPackageError("writing a .pte file needs ExecuTorch (the executorch package), which is not "
                                       f"installed. Install it with {INSTALL_HINT}") from exc
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MissingPackageError(f"executorch {version} is installed but cannot be imported beside torch "
-                                  f"{torch.__version__} ({type(exc).__name__}: {reason}). Reinstall a matching "
+                                  f"{torch.__version__} ({type(exc).__name__}: {one_line(exc)}). Reinstall a matching "
                                   f"version with {INSTALL_HINT}") from exc
     try:
         from executorch.devtools.backend_debug import get_delegation_info
-    except Exception:  # devtools are optional for us: only the delegation count is lost
+    except (ImportError, OSError, RuntimeError):  # devtools are optional for us: only the delegation count is lost
         get_delegation_info = None
     return {"XnnpackPartitioner": XnnpackPartitioner, "to_edge_transform_and_lower": to_edge_transform_and_lower,
             "Runtime": Runtime, "get_delegation_info": get_delegation_info, "version": version}
 
 
 def _import_coremltools() -> Any:
-    version = _package_version("coremltools")
+    version = package_version("coremltools")
     try:
         with _quiet_python():
             import coremltools
@@ -199,9 +167,8 @@ def _import_coremltools() -> Any:
         if version is None:
             raise MissingPackageError("writing a .mlpackage needs coremltools, which is not installed. Install it "
                                       f"with {INSTALL_HINT} (or pip install coremltools)") from exc
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MissingPackageError(f"coremltools {version} is installed but cannot be imported ({type(exc).__name__}: "
-                                  f"{reason}). Reinstall it with {INSTALL_HINT}") from exc
+                                  f"{one_line(exc)}). Reinstall it with {INSTALL_HINT}") from exc
     return coremltools
 
 
@@ -256,13 +223,6 @@ def _model_dtype(model: nn.Module, args: tuple) -> torch.dtype:
     return torch.float32
 
 
-def _random_twin(args: tuple, seed: int = 1) -> tuple:
-    """Fresh standard-normal tensors shaped like the floating inputs (others kept)."""
-    generator = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(a.shape, generator=generator).to(a.dtype) if isinstance(a, torch.Tensor)
-                 and a.is_floating_point() else a for a in args)
-
-
 # ------------------------------------------------------------------------------------------------ ExecuTorch
 
 
@@ -279,7 +239,7 @@ def export_pte(
 
     The program has the example inputs' static shapes.  The written file is loaded in ExecuTorch's runtime and run
     on the example inputs and a random input of the same shapes, and compared with ``model`` and ``original``
-    (when given; give a :class:`CastInputs` wrapper when ``original`` takes another dtype).  Raises
+    (when given; give a :class:`reparam.modules.CastInputs` wrapper when ``original`` takes another dtype).  Raises
     :class:`MissingPackageError` without ExecuTorch, :class:`UnsupportedDtypeError` for bfloat16,
     :class:`~reparam.export.ExportError` when export or lowering fails and
     :class:`~reparam.export.ExportMismatchError` when the program disagrees (nothing is written then).
@@ -294,14 +254,14 @@ def export_pte(
             program = torch.export.export(model, args)
     except Exception as exc:
         raise ExportError(f"torch.export could not trace the model for ExecuTorch ({type(exc).__name__}: "
-                          f"{_first_line(exc)}). Re-run with --debug for the full error") from exc
+                          f"{one_line(exc)}). Re-run with --debug for the full error") from exc
     try:
         with _quiet_python():
             edge = et["to_edge_transform_and_lower"](program, partitioner=[et["XnnpackPartitioner"]()])
             delegated, total = _delegation(et["get_delegation_info"], edge)
             buffer = edge.to_executorch().buffer
     except Exception as exc:
-        raise ExportError(f"ExecuTorch lowering failed ({type(exc).__name__}: {_first_line(exc)}). Re-run with "
+        raise ExportError(f"ExecuTorch lowering failed ({type(exc).__name__}: {one_line(exc)}). Re-run with "
                           "--debug for the full error, or export only the .pt2 / .onnx file") from exc
 
     def write(tmp: Path) -> tuple[dict, dict]:
@@ -314,7 +274,7 @@ def export_pte(
             with _quiet_native():
                 return list(method.execute(feeds))
 
-        inputs = [args, _random_twin(args)]
+        inputs = [args, random_like(args)]
         return _verify(run, _references(model, original), inputs, tol, check, ".pte file (run in ExecuTorch)")
 
     errors, abs_errors = atomic_write(path, write)
@@ -331,7 +291,7 @@ def _delegation(get_delegation_info: Any, edge: Any) -> tuple[int | None, int | 
     try:
         info = get_delegation_info(edge.exported_program().graph_module)
         delegated, rest = int(info.num_delegated_nodes), int(info.num_non_delegated_nodes)
-    except Exception:
+    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError):  # devtools of another shape: count unknown
         return None, None
     return delegated, delegated + rest
 
@@ -386,14 +346,14 @@ def export_coreml(
             program = torch.export.export(model32, args).run_decompositions({})
             mlmodel = ct.convert(
                 program,
-                inputs=[ct.TensorType(name=n, shape=tuple(t.shape)) for n, t in zip(input_names, tensors)],
+                inputs=[ct.TensorType(name=n, shape=tuple(t.shape)) for n, t in zip(input_names, tensors, strict=True)],
                 outputs=[ct.TensorType(name=n) for n in output_names],
                 convert_to="mlprogram",
                 compute_precision=ct.precision.FLOAT16 if precision == torch.float16 else ct.precision.FLOAT32,
                 **options,
             )
     except Exception as exc:
-        raise ExportError(f"Core ML conversion failed ({type(exc).__name__}: {_first_line(exc)}). Re-run with "
+        raise ExportError(f"Core ML conversion failed ({type(exc).__name__}: {one_line(exc)}). Re-run with "
                           "--debug for the full error, or export only the .pt2 / .onnx / .pte file") from exc
 
     def write(staged: Path) -> None:
@@ -406,7 +366,7 @@ def export_coreml(
             raise ExportError(f"the Core ML package names inputs {got_in} and outputs {got_out}, expected "
                               f"{input_names} and {output_names}. This is a bug in reparam; please report it")
 
-    _atomic_write_dir(path, write)
+    atomic_write_dir(path, write)
     return MobileResult(path, "mlpackage", _tree_size(path), False, {}, {}, verified_in=None,
                         precision=_dtype_name(precision))
 
@@ -421,39 +381,3 @@ def _tree_size(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def _atomic_write_dir(path: Path, writer: Any) -> Any:
-    """``writer(staged)`` builds a directory (or file) at a staging path next to ``path``, then it replaces ``path``.
-
-    An existing ``path`` is moved aside first and deleted only after the new one is in place; if ``writer``
-    raises, ``path`` is left as it was and the staging area is removed.
-    """
-    directory = path.parent
-    try:
-        staging = Path(tempfile.mkdtemp(dir=directory, prefix=f".{path.stem}.tmp"))
-    except OSError as exc:
-        raise OutputPathError(f"cannot write to {directory} ({exc.strerror or exc}). Choose another output path") from exc
-    try:
-        staged = staging / path.name
-        result = writer(staged)
-        if path.exists() or path.is_symlink():
-            old = staging / f"{path.name}.old"
-            os.replace(path, old)
-            try:
-                os.replace(staged, path)
-            except OSError:
-                os.replace(old, path)
-                raise
-        else:
-            os.replace(staged, path)
-    except OSError as exc:
-        raise write_error(path, exc) from exc
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return result
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0].strip() if text else type(exc).__name__

@@ -1,8 +1,17 @@
-"""Plain modules the compiler emits besides torch.nn's own (importable, so fused models pickle)."""
+"""Plain modules reparam builds besides torch.nn's own (importable, so models holding them pickle).
+
+- :class:`ChannelAffine`: what the compiler emits for a folded chain of channel-wise ops with no convolution.
+- :class:`CastInputs`: a model fed inputs of another floating dtype (a float16 deploy model's inputs given to its
+  float32 original, to compare the two on the same inputs).
+"""
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn as nn
+
+__all__ = ["ChannelAffine", "CastInputs"]
 
 
 class ChannelAffine(nn.Module):
@@ -24,3 +33,16 @@ class ChannelAffine(nn.Module):
         if self.shift is None:
             return x * self.scale
         return torch.addcmul(self.shift, x, self.scale)
+
+
+class CastInputs(nn.Module):
+    """``module`` called with its floating tensor inputs cast to ``dtype`` (outputs as ``module`` returns them)."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.module = module
+        self.dtype = dtype
+
+    def forward(self, *args: Any) -> Any:
+        cast = [a.to(self.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+        return self.module(*cast)

@@ -25,14 +25,10 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from reparam.io import InputError
+from reparam.errors import PrecisionError
 from reparam.stats import as_args, relative_error
 
-__all__ = ["PrecisionError", "Peak", "activation_peak", "accuracy_limit", "check_precision"]
-
-
-class PrecisionError(InputError):
-    """The model cannot be deployed in the requested precision (overflow, or too much accuracy lost)."""
+__all__ = ["Peak", "activation_peak", "accuracy_limit", "check_precision"]
 
 
 @dataclass
@@ -122,7 +118,7 @@ def _run(model: nn.Module, inputs: tuple) -> Any:
 
 
 def _worst_error(got: Any, want: Any) -> float:
-    pairs = [(a, b) for a, b in zip(tree_leaves(got), tree_leaves(want))
+    pairs = [(a, b) for a, b in zip(tree_leaves(got), tree_leaves(want), strict=True)  # one model, two dtypes
              if isinstance(b, torch.Tensor) and b.is_floating_point() and isinstance(a, torch.Tensor)]
     return max((relative_error(a, b) if torch.isfinite(a).all() else math.inf for a, b in pairs), default=0.0)
 

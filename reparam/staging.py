@@ -24,7 +24,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from reparam.io import OutputPathError, write_error
+from reparam.errors import OutputPathError
+from reparam.io import write_error
 
 __all__ = ["Staging", "STAGING_PREFIX"]
 
@@ -43,7 +44,7 @@ class Staging:
         return self
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
-        """Discard what is still staged; an :class:`~reparam.io.OutputPathError` is re-raised naming the target
+        """Discard what is still staged; an :class:`~reparam.errors.OutputPathError` is re-raised naming the target
         instead of the staged path."""
         pairs = list(self._pairs)
         self.discard()
@@ -71,7 +72,7 @@ class Staging:
         """Move every staged artifact onto its target; returns the targets that replaced an existing file.
 
         All or nothing: when a move fails, the targets already moved are taken back out and the files they
-        replaced restored, and :class:`~reparam.io.OutputPathError` is raised.
+        replaced restored, and :class:`~reparam.errors.OutputPathError` is raised.
         """
         done: list[tuple[Path, Path, Path | None]] = []  # (staged, target, where the old target was put)
         try:

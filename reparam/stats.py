@@ -45,8 +45,10 @@ Public API (stable; used by the CLI, the benchmarks and the tests):
     every round's time of each model (what :mod:`reparam.timing` makes the CLI's speed figure of).
 
 ``relative_error(actual, expected) -> float``
-    the largest ‖actual − expected‖₂ / ‖expected‖₂ over the output tensors, computed in float64;
-    ``inf`` when a difference is not finite (NaN or inf in either output), so ``err <= tol`` fails.
+    the largest ‖actual − expected‖₂ / ‖expected‖₂ over the output tensors, computed in float64 by
+    :func:`reparam.verify.relative_error` (0 for equal tensors; ``inf`` for an all-zero expected tensor that
+    ``actual`` does not match exactly); ``inf`` when a difference is not finite (NaN or inf in either output), so
+    ``err <= tol`` fails.
 
 ``max_abs_error(actual, expected) -> float``
     the largest element-wise ``|actual − expected|`` over the output tensors.
@@ -54,6 +56,7 @@ Public API (stable; used by the CLI, the benchmarks and the tests):
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -64,6 +67,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
+
+from reparam import verify
 
 __all__ = [
     "KERNEL_KINDS",
@@ -217,7 +222,7 @@ class _NormCounter(TorchDispatchMode):
                 self.normed.append(id(x))
         written = self._tensors(out)
         if any(id(t) in self.dependent for t in read):  # outputs, and inputs written in place (copy_, add_ ...)
-            mutated = [a for a, spec in zip(args, func._schema.arguments)
+            mutated = [a for a, spec in zip(args, func._schema.arguments, strict=False)  # trailing defaults left out
                        if isinstance(a, torch.Tensor) and spec.alias_info is not None and spec.alias_info.is_write]
             self.dependent.update(id(t) for t in written + mutated)
         if func.overloadpacket.__name__ in _CONV_OPS:
@@ -340,13 +345,13 @@ def interleaved_times_ms(models: list, example_inputs: Any, warmup: int = 3, rou
     return times
 
 
-def _leaf_pairs(actual: Any, expected: Any) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Flatten two output structures (tensors, numpy arrays, tuples, dicts...) into aligned float64 arrays."""
+def _leaf_pairs(actual: Any, expected: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Flatten two output structures (tensors, numpy arrays, tuples, dicts...) into aligned float64 CPU tensors."""
     a_leaves, e_leaves = tree_leaves(actual), tree_leaves(expected)
     if len(a_leaves) != len(e_leaves):
         raise ValueError(f"outputs differ in structure: {len(a_leaves)} tensors vs {len(e_leaves)}")
     pairs = []
-    for a, e in zip(a_leaves, e_leaves):
+    for a, e in zip(a_leaves, e_leaves, strict=True):
         a64 = _to_float64(a)
         e64 = _to_float64(e)
         if a64.shape != e64.shape:
@@ -355,23 +360,21 @@ def _leaf_pairs(actual: Any, expected: Any) -> list[tuple[np.ndarray, np.ndarray
     return pairs
 
 
-def _to_float64(x: Any) -> np.ndarray:
+def _to_float64(x: Any) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
-        return x.detach().to("cpu", torch.float64).numpy()
-    return np.asarray(x, dtype=np.float64)
+        return x.detach().to("cpu", torch.float64)
+    return torch.from_numpy(np.asarray(x, dtype=np.float64))
 
 
 def relative_error(actual: Any, expected: Any) -> float:
-    """Largest relative L2 error ‖actual − expected‖ / ‖expected‖ over the output tensors (0.0 when both are 0)."""
+    """Largest :func:`reparam.verify.relative_error` over the output tensors (0.0 when all are equal); ``inf``
+    when one is not finite (a NaN or inf in either output), so that ``err <= tol`` fails."""
     worst = 0.0
     for a, e in _leaf_pairs(actual, expected):
-        diff = float(np.linalg.norm((a - e).ravel()))
-        ref = float(np.linalg.norm(e.ravel()))
-        if not np.isfinite(diff):
-            return float("inf")
-        if diff == 0.0:
-            continue
-        worst = max(worst, diff / ref if ref > 0 else float("inf"))
+        err = verify.relative_error(a, e)
+        if not math.isfinite(err):
+            return math.inf
+        worst = max(worst, err)
     return worst
 
 
@@ -379,7 +382,7 @@ def max_abs_error(actual: Any, expected: Any) -> float:
     """Largest element-wise absolute difference over the output tensors."""
     worst = 0.0
     for a, e in _leaf_pairs(actual, expected):
-        if a.size:
-            diff = float(np.max(np.abs(a - e)))
-            worst = max(worst, diff) if np.isfinite(diff) else float("inf")
+        if a.numel():
+            diff = (a - e).abs().max().item()
+            worst = max(worst, diff) if math.isfinite(diff) else math.inf
     return worst

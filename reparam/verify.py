@@ -1,13 +1,19 @@
-"""Numerical equivalence: fused vs original, both in float64, relative L2 error per output."""
+"""Numerical equivalence: fused vs original, both in float64, relative L2 error per output.
+
+:func:`relative_error` is the one measure of how far apart two tensors are, used everywhere (the pipeline's
+check, the proofs, the exported files' checks through :func:`reparam.stats.relative_error`); :func:`random_like`
+the one way to draw fresh inputs shaped like given ones.
+"""
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-from torch.utils._pytree import tree_flatten_with_path, keystr
+from torch.utils._pytree import keystr, tree_flatten_with_path
 
-from .errors import EquivalenceError
+from .errors import EquivalenceError, one_line
 
 TOLERANCE = 1e-8  # float64 folding error is ~1e-15 per op; deep random nets amplify it
 
@@ -33,7 +39,8 @@ def is_degenerate(inputs: Any) -> bool:
 
 
 def random_like(inputs: Sequence[Any], seed: int = 1) -> tuple:
-    """Fresh standard-normal tensors shaped like the floating tensors of ``inputs``."""
+    """``inputs`` (a sequence of arguments, each any pytree) with every floating tensor replaced by a fresh
+    standard-normal one of its shape, dtype and device, drawn from a generator seeded with ``seed``; the rest kept."""
     g = torch.Generator().manual_seed(seed)
     return tuple(torch.utils._pytree.tree_map(
         lambda t: torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device)
@@ -41,10 +48,17 @@ def random_like(inputs: Sequence[Any], seed: int = 1) -> tuple:
 
 
 def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
-    """``||y - ref|| / ||ref||`` (absolute when ``ref`` is zero)."""
+    """``‖y − ref‖₂ / ‖ref‖₂`` of two tensors of one shape, computed in float64.
+
+    ``0.0`` when they are equal, an all-zero reference included; ``inf`` when they differ and the reference is all
+    zero (there is no scale to be relatively close to).  A NaN in the difference gives NaN (an inf in ``y`` alone
+    gives inf): neither is ``<=`` any tolerance, so a check ``err <= tolerance`` fails on a non-finite output.
+    """
     diff = (y.double() - ref.double()).norm().item()
+    if diff == 0.0:
+        return 0.0
     scale = ref.double().norm().item()
-    return diff / scale if scale > 0 else diff
+    return diff / scale if scale > 0 else math.inf
 
 
 NOISE_FACTOR = 100  # how far past the reference's own float64 noise a fused model may be
@@ -80,7 +94,7 @@ def compare_outputs(got: Any, want: Any, where: str = "output", tolerance: float
         raise EquivalenceError(f"{where}: fused model returns a different output structure "
                                f"({_spec_summary(got_spec)} vs {_spec_summary(want_spec)})")
     errors = []
-    for (path, a), (_, b) in zip(got_leaves, want_leaves):
+    for (path, a), (_, b) in zip(got_leaves, want_leaves, strict=True):  # one structure: checked above
         leaf = where + keystr(path)
         if isinstance(b, torch.Tensor):
             if not isinstance(a, torch.Tensor) or a.shape != b.shape:
@@ -95,7 +109,7 @@ def compare_outputs(got: Any, want: Any, where: str = "output", tolerance: float
             raise EquivalenceError(f"{leaf}: non-tensor outputs differ ({a!r} vs {b!r})")
     over = [(i, leaf, err) for i, (leaf, err) in enumerate(errors) if not err <= tolerance]  # NaN is over
     if over:
-        floors = _noise_floors(noise, want_leaves) if noise is not None else {}
+        floors = _noise_floors(noise, want_leaves, notes) if noise is not None else {}
         for i, leaf, err in over:
             floor = floors.get(i, 0.0)
             if not err <= max(tolerance, NOISE_FACTOR * floor):
@@ -112,7 +126,7 @@ def compare_outputs(got: Any, want: Any, where: str = "output", tolerance: float
 def worst_leaf(got: Any, want: Any, where: str = "output") -> tuple[str, float]:
     """(path, relative error) of the floating leaf where ``got`` is furthest from ``want`` (same structure)."""
     worst = (where, 0.0)
-    for (path, a), (_, b) in zip(tree_flatten_with_path(got)[0], tree_flatten_with_path(want)[0]):
+    for (path, a), (_, b) in zip(tree_flatten_with_path(got)[0], tree_flatten_with_path(want)[0], strict=False):
         if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape \
                 and b.is_floating_point():
             err = relative_error(a, b)
@@ -121,15 +135,27 @@ def worst_leaf(got: Any, want: Any, where: str = "output") -> tuple[str, float]:
     return worst
 
 
-def _noise_floors(noise: Callable[[], Any], want_leaves: list) -> dict:
-    """leaf index -> relative error of the differently rounded reference; {} if it cannot run."""
+def _noise_floors(noise: Callable[[], Any], want_leaves: list, notes: Optional[list] = None) -> dict:
+    """leaf index -> relative error of the differently rounded reference; {} if it cannot run (said in ``notes``).
+
+    An infinite one (the twin moved off an all-zero reference, or overflowed) measures no noise and is left out:
+    it would accept any error.
+    """
     try:
         twin_leaves, _ = tree_flatten_with_path(noise())
-    except Exception:
+    except Exception as exc:  # noqa: BLE001  the twin runs the user's own model: whatever it raises, there is no
+        if notes is not None:  # noise floor, and the check falls back to the plain tolerance (the reason is noted)
+            notes.append(f"the model's own float64 noise could not be measured ({type(exc).__name__}: "
+                         f"{one_line(exc)}); the plain tolerance applied")
         return {}
-    return {i: relative_error(a, b) for i, ((_, a), (_, b)) in enumerate(zip(twin_leaves, want_leaves))
-            if isinstance(b, torch.Tensor) and isinstance(a, torch.Tensor) and a.shape == b.shape
-            and b.is_floating_point()}
+    floors = {}
+    for i, ((_, a), (_, b)) in enumerate(zip(twin_leaves, want_leaves, strict=False)):
+        if isinstance(b, torch.Tensor) and isinstance(a, torch.Tensor) and a.shape == b.shape \
+                and b.is_floating_point():
+            floor = relative_error(a, b)
+            if not math.isinf(floor):
+                floors[i] = floor
+    return floors
 
 
 def _spec_summary(spec) -> str:

@@ -13,7 +13,7 @@ loaded safely, heads prepared for export as ``yolo export`` prepares them.
 - :func:`prepare` puts the model in float32 eval mode with its heads in export mode (outputs: the prediction
   tensor alone, as in ``yolo export``).
 
-Every failure a user can cause raises an :class:`reparam.io.InputError` (the CLI exits with code 2).
+Every failure a user can cause raises an :class:`reparam.errors.InputError` (the CLI exits with code 2).
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from reparam import io
+from reparam import architectures, checkpoints
+from reparam.errors import CheckpointError, UnknownArchError, UnsafeCheckpointError, one_line
 
 __all__ = ["PREFIX", "DATA_TYPES", "is_config", "build", "is_checkpoint", "allowed_globals", "load_checkpoint",
            "prepare", "input_size", "num_classes", "Loaded"]
@@ -45,7 +46,7 @@ DEFAULT_IMGSZ = 640
 def _ultralytics() -> Any:
     """The ultralytics package, os.environ's YOLO_OFFLINE set first (no update checks, no downloads)."""
     os.environ.setdefault("YOLO_OFFLINE", "1")
-    return io._require("ultralytics")
+    return architectures.require("ultralytics")
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -64,7 +65,7 @@ def build(cfg: str, num_classes: int | None = None, **kwargs: Any) -> nn.Module:
     """The model of ultralytics yaml ``cfg`` with random weights, in eval mode (nothing is downloaded);
     ``num_classes`` overrides the config's ``nc``.
 
-    Raises :class:`reparam.io.UnknownArchError` when ultralytics is missing, the config is unknown, or its task
+    Raises :class:`reparam.errors.UnknownArchError` when ultralytics is missing, the config is unknown, or its task
     has no model class here.
     """
     _ultralytics()
@@ -73,14 +74,14 @@ def build(cfg: str, num_classes: int | None = None, **kwargs: Any) -> nn.Module:
     try:
         spec = tasks.yaml_model_load(cfg)
     except Exception as exc:  # FileNotFoundError from check_yaml, yaml errors
-        raise io.UnknownArchError(f"cannot read the ultralytics config {cfg!r} ({io._first_line(exc)}). Give a "
-                                  "config shipped with ultralytics (e.g. yolov8n.yaml, yolo11n-seg.yaml) or the "
-                                  "path of a model yaml") from exc
+        raise UnknownArchError(f"cannot read the ultralytics config {cfg!r} ({one_line(exc)}). Give a "
+                               "config shipped with ultralytics (e.g. yolov8n.yaml, yolo11n-seg.yaml) or the "
+                               "path of a model yaml") from exc
     task = tasks.guess_model_task(spec)
     name = "RTDETRDetectionModel" if "rtdetr" in Path(str(cfg)).stem.lower() else _TASK_CLASSES.get(task)
     if name is None:
-        raise io.UnknownArchError(f"{cfg}: ultralytics task {task!r} is not supported. Use a detect, segment, pose, "
-                                  "obb or classify config")
+        raise UnknownArchError(f"{cfg}: ultralytics task {task!r} is not supported. Use a detect, segment, pose, "
+                               "obb or classify config")
     if num_classes is not None:
         kwargs["nc"] = num_classes
     model = getattr(tasks, name)(cfg, verbose=False, **kwargs)
@@ -96,12 +97,9 @@ def _named_globals(path: Path) -> list[str]:
     if not zipfile.is_zipfile(path):
         return []
     if not hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):  # torch < 2.6
-        raise io.CheckpointError(f"cannot read {path} safely with torch {torch.__version__}: scanning a checkpoint's "
-                                 "pickle needs torch 2.6 or later. Upgrade torch, or pass --arch and a state dict")
-    try:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception:
-        return []
+        raise CheckpointError(f"cannot read {path} safely with torch {torch.__version__}: scanning a checkpoint's "
+                              "pickle needs torch 2.6 or later. Upgrade torch, or pass --arch and a state dict")
+    return checkpoints.scanned_globals(path)
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -132,7 +130,7 @@ def allowed_globals(names: list[str], path: Path) -> list[type]:
 
     Allowed: ``nn.Module`` subclasses defined in ``ultralytics.nn.*`` or ``torch.nn.modules.*`` (re-exports
     and anything else in those modules are not), and :data:`DATA_TYPES`.  Anything else raises
-    :class:`reparam.io.UnsafeCheckpointError` naming it.
+    :class:`reparam.errors.UnsafeCheckpointError` naming it.
     """
     allowed, refused = [], []
     for name in names:
@@ -140,8 +138,8 @@ def allowed_globals(names: list[str], path: Path) -> list[type]:
         (allowed if obj is not None else refused).append(obj if obj is not None else name)
     if refused:
         shown = ", ".join(sorted(refused)[:8]) + (f" and {len(refused) - 8} more" if len(refused) > 8 else "")
-        raise io.UnsafeCheckpointError(f"refusing to load {path}: besides ultralytics and torch.nn modules, its "
-                                       f"pickle needs {shown}. {io._TRUST_HINT}", refused)
+        raise UnsafeCheckpointError(f"refusing to load {path}: besides ultralytics and torch.nn modules, its "
+                                    f"pickle needs {shown}. {checkpoints.TRUST_HINT}", refused)
     return allowed
 
 
@@ -164,28 +162,28 @@ def _read(path: Path, trust: bool) -> Any:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise io.CheckpointError(f"cannot read {path} as an ultralytics checkpoint ({type(exc).__name__}: "
-                                 f"{io._first_line(exc)}). {io._TRUST_HINT}") from exc
+        raise CheckpointError(f"cannot read {path} as an ultralytics checkpoint ({type(exc).__name__}: "
+                              f"{one_line(exc)}). {checkpoints.TRUST_HINT}") from exc
 
 
 def load_checkpoint(path: str | os.PathLike, trust: bool = False, prefer_ema: bool = True) -> Loaded:
     """The model of ultralytics checkpoint ``path`` (its ``ema`` entry, else ``model``; ``prefer_ema=False``
     reverses that), in float32 eval mode.
 
-    Raises :class:`reparam.io.CheckpointError` when the file holds no ultralytics model, and
-    :class:`reparam.io.UnsafeCheckpointError` when its pickle needs globals outside the allow-list.
+    Raises :class:`reparam.errors.CheckpointError` when the file holds no ultralytics model, and
+    :class:`reparam.errors.UnsafeCheckpointError` when its pickle needs globals outside the allow-list.
     """
-    path = io.check_checkpoint_path(path)
+    path = checkpoints.check_checkpoint_path(path)
     if not is_checkpoint(path):
-        raise io.CheckpointError(f"{path} is not an ultralytics checkpoint (its pickle names no ultralytics "
-                                 "class). Give a .pt file written by ultralytics, or a model yaml")
+        raise CheckpointError(f"{path} is not an ultralytics checkpoint (its pickle names no ultralytics "
+                              "class). Give a .pt file written by ultralytics, or a model yaml")
     _ultralytics()
     ckpt = _read(path, trust)
     keys = MODEL_KEYS if prefer_ema else MODEL_KEYS[::-1]
     found = [k for k in keys if isinstance(ckpt, dict) and isinstance(ckpt.get(k), nn.Module)]
     if not found:
-        raise io.CheckpointError(f"no model in {path} ({io._describe(ckpt)}). Expected an ultralytics checkpoint "
-                                 "with a pickled model under 'ema' or 'model'")
+        raise CheckpointError(f"no model in {path} ({checkpoints.describe(ckpt)}). Expected an ultralytics "
+                              "checkpoint with a pickled model under 'ema' or 'model'")
     model = ckpt[found[0]]
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
     cast = "" if dtype == torch.float32 else f", {str(dtype).replace('torch.', '')} → float32"
@@ -210,7 +208,7 @@ def prepare(model: nn.Module) -> nn.Module:
     then returns its prediction tensor alone (no raw feature dict)."""
     model.float().eval()
     for module in model.modules():
-        if hasattr(module, "export") and isinstance(getattr(module, "export"), bool):
+        if hasattr(module, "export") and isinstance(module.export, bool):
             module.export = True
     return model
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import reparam
-from reparam import io, precision, shapes, staging
+from reparam import errors, io, precision, shapes, staging
 from test_cli import ARCH, ckpt, copy_fuse, model, run  # noqa: F401  (fixtures)
 
 
@@ -210,7 +210,7 @@ def test_staging_commit_rolls_back(tmp_path, monkeypatch):
             real_replace(src, dst)
 
         monkeypatch.setattr(os, "replace", replace)
-        with pytest.raises(io.OutputPathError, match=r"cannot move c.txt into place \(Input/output error\), so no output was written"):
+        with pytest.raises(errors.OutputPathError, match=r"cannot move c.txt into place \(Input/output error\), so no output was written"):
             stage.commit()
         monkeypatch.setattr(os, "replace", real_replace)
     assert listing(tmp_path) == ["b.txt"] and (tmp_path / "b.txt").read_text() == "old b"
@@ -273,14 +273,14 @@ def test_check_precision_names_the_overflowing_module():
             layer.weight.fill_(1e4)
             layer.bias.zero_()
     x = torch.ones(2, 4)  # net[0] gives 4e4 (fits float16), net[2] 8 * 4e4 * 1e4
-    with pytest.raises(precision.PrecisionError) as info:
+    with pytest.raises(errors.PrecisionError) as info:
         precision.check_precision(net, x, torch.float16)
     message = str(info.value)
     assert message.startswith("the model's activations reach 3.2e+09 in 2 (Linear), beyond float16's largest finite "
                               "value 65504: in float16 they overflow to inf."), message
     assert "\n" not in message
     net[0].weight.data.fill_(1e5)  # now net[0] overflows first; ReLU passes the same values on: named by producer
-    with pytest.raises(precision.PrecisionError, match=r"reach 3.2e\+10 in 2 \(Linear\), .* first exceeded in 0:"):
+    with pytest.raises(errors.PrecisionError, match=r"reach 3.2e\+10 in 2 \(Linear\), .* first exceeded in 0:"):
         precision.check_precision(net, x, torch.float16)
     assert net[0].weight.dtype == torch.float32  # the model is not touched
     precision.check_precision(net, x, torch.bfloat16)  # bfloat16 has float32's range
@@ -295,7 +295,7 @@ class Cancels(nn.Module):
 
 def test_check_precision_accuracy_fault():
     x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
-    with pytest.raises(precision.PrecisionError, match=r"loses too much accuracy in float16: .* relative error "
+    with pytest.raises(errors.PrecisionError, match=r"loses too much accuracy in float16: .* relative error "
                                                        r"0\.\d+ \(limit 0\.01\)"):
         precision.check_precision(Cancels(), x, torch.float16)
     precision.check_precision(Cancels(), x, torch.float32)  # float32 rounds 1000 + x to 6e-5: within 1e-4

@@ -21,7 +21,7 @@ from conftest import report_row, run_cli
 os.environ.setdefault("YOLO_OFFLINE", "1")
 pytest.importorskip("ultralytics", reason="ultralytics is not installed (pip install ultralytics)")
 
-from reparam import io, yolo  # noqa: E402
+from reparam import errors, yolo  # noqa: E402
 
 SHAPE = "1,3,64,64"
 TOL = 1e-4
@@ -172,7 +172,7 @@ def test_allow_list():
                  "ultralytics.nn.tasks.Conv",  # a class re-exported there, not defined there
                  "ultralytics.utils.loss.v8DetectionLoss",  # outside ultralytics.nn
                  "builtins.eval", "os.system", "torch.nn.modules.module.warnings"):
-        with pytest.raises(io.UnsafeCheckpointError, match="--trust-checkpoint") as refused:
+        with pytest.raises(errors.UnsafeCheckpointError, match="--trust-checkpoint") as refused:
             yolo.allowed_globals(["ultralytics.nn.modules.conv.Conv", name], Path("x.pt"))
         assert refused.value.globals == [name]
 
@@ -199,7 +199,7 @@ def test_not_an_ultralytics_checkpoint(tmp_path, trained):
     result = run_cli("convert", plain, "--input-shape", SHAPE)
     assert result.code == 2
     assert "plain.pt is not an ultralytics checkpoint" in result.error_line and "--arch" in result.error_line
-    with pytest.raises(io.CheckpointError, match="not an ultralytics checkpoint"):
+    with pytest.raises(errors.CheckpointError, match="not an ultralytics checkpoint"):
         yolo.load_checkpoint(plain)
 
 

@@ -1,4 +1,4 @@
-"""reparam.export: verified .pt2 / .onnx files and block drawings."""
+"""reparam.export: verified .pt2 / .onnx files."""
 
 import copy
 import os
@@ -15,8 +15,8 @@ import torch.nn as nn
 import reparam
 import reparam.models as zoo
 from reparam import export
-from reparam.errors import EquivalenceError
-from reparam.io import InputError
+from reparam import errors
+from reparam.errors import EquivalenceError, InputError
 
 
 
@@ -91,7 +91,7 @@ def test_export_pt2_loads_without_reparam(tmp_path, digits, program):
 
 def test_export_pt2_mismatch_leaves_no_file(tmp_path, digits, program):
     model, fused, x = digits
-    with pytest.raises(export.ExportMismatchError, match="original model") as info:
+    with pytest.raises(errors.ExportMismatchError, match="original model") as info:
         export.export_pt2(fused, x, tmp_path / "m.pt2", original=perturbed(model), program=program)
     assert isinstance(info.value, EquivalenceError)
     assert list(tmp_path.iterdir()) == []
@@ -113,7 +113,7 @@ def test_export_pt2_refuses_reparam_ops(tmp_path):
         def forward(self, x):
             return double(x)
 
-    with pytest.raises(export.ExportError, match="would not load without reparam"):
+    with pytest.raises(errors.ExportError, match="would not load without reparam"):
         export.export_pt2(UsesReparamOp(), torch.randn(2, 3), tmp_path / "m.pt2")
     assert list(tmp_path.iterdir()) == []
 
@@ -136,7 +136,7 @@ def test_export_onnx_verified_in_onnx_runtime(tmp_path, digits, program):
 
 def test_export_onnx_mismatch_and_opset(tmp_path, digits, program):
     model, fused, x = digits
-    with pytest.raises(export.ExportMismatchError, match="ONNX"):
+    with pytest.raises(errors.ExportMismatchError, match="ONNX"):
         export.export_onnx(fused, x, tmp_path / "m.onnx", original=perturbed(model), program=program)
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(InputError, match="opset 16 is too old"):
@@ -146,68 +146,3 @@ def test_export_onnx_mismatch_and_opset(tmp_path, digits, program):
 def test_default_tolerance():
     assert export.default_tolerance(torch.float32) == 1e-4
     assert export.default_tolerance(torch.float16) > 1e-4 > export.default_tolerance(torch.float64)
-
-
-# ---------------------------------------------------------------------------------------------- drawings
-
-
-@pytest.fixture(scope="module")
-def block_graphs(digits):
-    model, _, _ = digits
-    block = model.get_submodule("stage1.1")
-    x = torch.randn(1, 32, 4, 4)
-    return {"before": torch.fx.symbolic_trace(block), "after": reparam.fuse(block, (x,))}
-
-
-def test_find_branch_block(digits):
-    model, fused, _ = digits
-    assert export.find_branch_block(model) == "stage0"
-    assert export.find_branch_block(nn.Sequential(nn.Sequential(nn.Conv2d(1, 1, 1), nn.ReLU()))) is None
-
-
-def test_graph_to_dot(block_graphs):
-    dot = export.graph_to_dot(block_graphs)
-    assert dot.startswith("digraph") and dot.count("subgraph cluster_") == 2
-    assert 'label="before"' in dot and 'label="after"' in dot
-    assert "Conv2d 3×3 32→32" in dot and "BatchNorm2d" in dot and "add" in dot
-    before, after = dot.split("subgraph cluster_1")
-    assert "BatchNorm2d" not in after and after.count("Conv2d") == 1
-
-
-def test_draw_graphs_dot_source(tmp_path, block_graphs):
-    assert export.draw_graphs(block_graphs, tmp_path / "g.dot") == "graphviz source"
-    assert (tmp_path / "g.dot").read_text() == export.graph_to_dot(block_graphs)
-
-
-def test_draw_graphs_with_graphviz(tmp_path, block_graphs, monkeypatch):
-    """A stand-in `dot` on PATH receives the source and the format, and writes the -o file."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    fake = bin_dir / "dot"
-    fake.write_text('#!/bin/sh\n# usage: dot -Tfmt -o out\ncat > "$3"\necho "$1" >> "$3"\n')
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    assert export.draw_graphs(block_graphs, tmp_path / "g.svg") == "graphviz"
-    text = (tmp_path / "g.svg").read_text()
-    assert text.startswith("digraph") and text.rstrip().endswith("-Tsvg")
-
-
-def test_draw_graphs_with_matplotlib(tmp_path, block_graphs, monkeypatch):
-    """matplotlib is in the test extra: this runs (it fails, not skips, without it)."""
-    import matplotlib.image
-
-    monkeypatch.setattr(export.shutil, "which", lambda name: None)
-    assert export.draw_graphs(block_graphs, tmp_path / "g.png") == "matplotlib"
-    assert (tmp_path / "g.png").read_bytes().startswith(b"\x89PNG")
-    pixels = matplotlib.image.imread(tmp_path / "g.png")
-    assert pixels.shape[0] > 100 and pixels.shape[1] > 100 and pixels[..., :3].std() > 0.01  # something is drawn
-
-
-def test_draw_graphs_without_a_renderer(tmp_path, block_graphs, monkeypatch):
-    monkeypatch.setattr(export.shutil, "which", lambda name: None)
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(export.GraphDrawingError, match="pip install matplotlib.*graphviz|graphviz.*pip install matplotlib"):
-        export.draw_graphs(block_graphs, tmp_path / "g.svg")
-    with pytest.raises(export.GraphDrawingError, match="unknown file type"):
-        export.draw_graphs(block_graphs, tmp_path / "g.txt")
-    assert list(tmp_path.iterdir()) == []

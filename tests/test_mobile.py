@@ -31,7 +31,7 @@ from torch import nn
 import reparam
 import reparam.models as zoo
 from conftest import tmpfs
-from reparam import cli, mobile, quant
+from reparam import cli, errors, mobile, quant
 
 ARCH = "repvgg_digits"
 MOBILE_HINT = "pip install 'reparam[mobile]'"
@@ -83,11 +83,11 @@ _CHILD = textwrap.dedent(r"""
     from pathlib import Path
     torch.set_num_threads(1)
     import reparam, reparam.models as zoo
-    from reparam import cli, export, mobile
+    from reparam import cli, errors, mobile, modules
 
     out, ckpt, full = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-    result = {"executorch_installed": mobile._package_version("executorch") is not None,
-              "coreml_installed": mobile._package_version("coremltools") is not None}
+    result = {"executorch_installed": mobile.package_version("executorch") is not None,
+              "coreml_installed": mobile.package_version("coremltools") is not None}
     ok, why = mobile.executorch_status()
     result["executorch"] = why if ok else None
     result["executorch_reason"] = None if ok else why
@@ -121,7 +121,7 @@ _CHILD = textwrap.dedent(r"""
         # float16 deploy model, compared with the float32 original
         x = torch.randn(1, 1, 8, 8)
         half = reparam.fuse(model, (x,), dtype=torch.float16)
-        r = mobile.export_pte(half, (x.half(),), out / "h.pte", original=mobile.CastInputs(model, torch.float32))
+        r = mobile.export_pte(half, (x.half(),), out / "h.pte", original=modules.CastInputs(model, torch.float32))
         result["half"] = {"errors": r.errors, "delegated": r.delegated, "total": r.total_ops,
                           "precision": r.precision,
                           "out_dtype": str(Runtime.get().load_program(out / "h.pte").load_method("forward")
@@ -133,7 +133,7 @@ _CHILD = textwrap.dedent(r"""
         try:
             mobile.export_pte(tiny, (x,), out / "bad.pte", original=wrong)
             result["mismatch"] = "no error"
-        except export.ExportMismatchError as exc:
+        except errors.ExportMismatchError as exc:
             result["mismatch"] = str(exc)
         result["bad_exists"] = (out / "bad.pte").exists()
         result["leftovers"] = sorted(p.name for p in out.iterdir() if p.name.startswith("."))
@@ -270,8 +270,8 @@ def hide(monkeypatch, *packages: str) -> None:
             monkeypatch.setitem(sys.modules, name, None)
     for p in packages:
         monkeypatch.setitem(sys.modules, p, None)
-    real = mobile._package_version
-    monkeypatch.setattr(mobile, "_package_version", lambda name: None if name in packages else real(name))
+    real = mobile.package_version
+    monkeypatch.setattr(mobile, "package_version", lambda name: None if name in packages else real(name))
 
 
 @pytest.mark.parametrize("flag, package, suffix", [("--pte", "executorch", "pte"),
@@ -288,7 +288,7 @@ def test_missing_package_is_a_one_line_usage_error(flag, package, suffix, ckpt, 
 
 def test_installed_but_broken_package(ckpt, tmp_path, monkeypatch, no_fuse):
     hide(monkeypatch, "executorch")
-    monkeypatch.setattr(mobile, "_package_version", lambda name: "1.5.1")
+    monkeypatch.setattr(mobile, "package_version", lambda name: "1.5.1")
     code, _, err = run("convert", ckpt, "--arch", ARCH, "--pte", tmp_path / "x.pte")
     assert code == 2
     line = error_line(err)
@@ -297,9 +297,9 @@ def test_installed_but_broken_package(ckpt, tmp_path, monkeypatch, no_fuse):
 
 def test_mobile_functions_raise_without_package(monkeypatch, model, tmp_path):
     hide(monkeypatch, "executorch", "coremltools")
-    with pytest.raises(mobile.MissingPackageError, match=re.escape(MOBILE_HINT)):
+    with pytest.raises(errors.MissingPackageError, match=re.escape(MOBILE_HINT)):
         mobile.export_pte(model, torch.randn(1, 1, 8, 8), tmp_path / "x.pte")
-    with pytest.raises(mobile.MissingPackageError, match=re.escape(MOBILE_HINT)):
+    with pytest.raises(errors.MissingPackageError, match=re.escape(MOBILE_HINT)):
         mobile.export_coreml(model, torch.randn(1, 1, 8, 8), tmp_path / "x.mlpackage")
     assert list(tmp_path.iterdir()) == []
 
