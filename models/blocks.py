@@ -17,7 +17,7 @@ Conventions shared by all blocks:
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -405,13 +405,50 @@ class RepLKBlock(nn.Module):
         return self.nonlinear(_sum_branches(branches))
 
 
+#: Stage widths of the official RepVGG and MobileOne nets before their width multipliers.
+OFFICIAL_BASE_WIDTHS = (64, 128, 256, 512)
+
+
+def official_widths(multipliers: Sequence[float]) -> List[int]:
+    """``[int(64·m1), int(128·m2), int(256·m3), int(512·m4)]``: the four stage widths of an official RepVGG /
+    MobileOne configuration from its width multipliers."""
+    return [int(base * m) for base, m in zip(OFFICIAL_BASE_WIDTHS, multipliers, strict=True)]
+
+
+def stage_rows(num_blocks: Sequence[int], widths: Sequence[int], per_stage: Sequence) -> list:
+    """``(depth, width, per_stage[i])`` for each stage ``i``; ``ValueError`` unless the three have one entry per
+    stage."""
+    if len(num_blocks) != len(widths):
+        raise ValueError("num_blocks and widths must have one entry per stage")
+    return list(zip(num_blocks, widths, per_stage, strict=True))
+
+
+#: ``make_stage(index, in_channels, row) -> (blocks, out_channels)``: the blocks of stage ``index`` (1, 2, ...).
+StageMaker = Callable[[int, int, tuple], Tuple[List[nn.Module], int]]
+
+
 class StagedClassifier(nn.Module):
     """Forward of the official RepVGG / MobileOne nets: ``stage0 .. stageN -> gap -> flatten -> linear``.
 
-    Subclasses register ``stage0`` .. ``stage{num_stages}``, ``gap`` and ``linear`` (official key names).
+    Subclasses build themselves with :meth:`_add_stages`, which registers ``stage0`` .. ``stage{num_stages}``,
+    ``gap`` and ``linear`` (official key names, in the official order).
     """
 
     num_stages: int
+
+    def _add_stages(self, stem: nn.Module, stem_width: int, rows: Sequence[tuple], make_stage: StageMaker,
+                    num_classes: int) -> None:
+        """``stem`` as ``stage0``; ``nn.Sequential(*make_stage(i, channels, row)[0])`` as ``stage{i}`` for each row
+        of ``rows`` (``channels``: the previous stage's output, ``stem_width`` for the first); then ``gap`` and a
+        ``linear`` classifier on the last stage's output channels."""
+        self.stage0 = stem
+        channels = stem_width
+        for index, row in enumerate(rows, start=1):
+            blocks, channels = make_stage(index, channels, row)
+            self.add_module(f"stage{index}", nn.Sequential(*blocks))
+        self.num_stages = len(rows)
+        self.gap = nn.AdaptiveAvgPool2d(output_size=1)
+        self.linear = nn.Linear(channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stage0(x)

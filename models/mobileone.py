@@ -14,12 +14,11 @@ Layout and module names follow the official ``apple/ml-mobileone`` training mode
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional, Sequence
 
-import torch.nn as nn
-
-from .blocks import MobileOneBlock, StagedClassifier
-from .registry import register
+from .blocks import MobileOneBlock, StagedClassifier, official_widths, stage_rows
+from .registry import register_variant
 
 __all__ = ["MobileOne", "official_mobileone"]
 
@@ -51,14 +50,11 @@ class MobileOne(StagedClassifier):
         in_channels: int = 3,
     ) -> None:
         super().__init__()
-        if len(num_blocks) != len(widths):
-            raise ValueError("num_blocks and widths must have one entry per stage")
-        se_units = [0] * len(widths) if se_units is None else list(se_units)
+        rows = stage_rows(num_blocks, widths, [0] * len(widths) if se_units is None else se_units)
         stem_width = min(64, widths[0]) if stem_width is None else stem_width
 
-        self.stage0 = MobileOneBlock(in_channels, stem_width, 3, 2)
-        channels = stem_width
-        for index, (depth, width, num_se) in enumerate(zip(num_blocks, widths, se_units), start=1):
+        def stage(index: int, channels: int, row: tuple) -> tuple:
+            depth, width, num_se = row
             if num_se > depth:
                 raise ValueError(f"stage{index}: {num_se} SE units requested but it has only {depth}")
             blocks = []
@@ -68,10 +64,9 @@ class MobileOne(StagedClassifier):
                 blocks.append(MobileOneBlock(channels, channels, 3, stride, groups=channels, **options))
                 blocks.append(MobileOneBlock(channels, width, 1, 1, **options))
                 channels = width
-            self.add_module(f"stage{index}", nn.Sequential(*blocks))
-        self.num_stages = len(widths)
-        self.gap = nn.AdaptiveAvgPool2d(output_size=1)
-        self.linear = nn.Linear(channels, num_classes)
+            return blocks, channels
+
+        self._add_stages(MobileOneBlock(in_channels, stem_width, 3, 2), stem_width, rows, stage, num_classes)
 
 
 def official_mobileone(
@@ -83,8 +78,7 @@ def official_mobileone(
     **kwargs,
 ) -> MobileOne:
     """An official MobileOne configuration: depths ``[2, 8, 10, 1]``, widths ``64·w1, 128·w2, 256·w3, 512·w4``."""
-    w1, w2, w3, w4 = multipliers
-    widths = [int(64 * w1), int(128 * w2), int(256 * w3), int(512 * w4)]
+    widths = official_widths(multipliers)
     se_units = [0, 0, DEPTHS[2] // 2, DEPTHS[3]] if use_se else None
     return MobileOne(
         DEPTHS, widths, num_classes, num_conv_branches=num_conv_branches, se_units=se_units, **kwargs
@@ -101,21 +95,12 @@ OFFICIAL_CONFIGS = {
 }
 
 
-def _register_official(name: str) -> None:
-    multipliers, num_conv_branches, use_se = OFFICIAL_CONFIGS[name]
+PLAIN_CONVS = 1 + 2 * sum(DEPTHS)  # stem + (depthwise, pointwise) per unit
+SE_CONVS = 2 * 2 * (DEPTHS[2] // 2 + DEPTHS[3])  # with squeeze-excitation: 2 blocks per unit, 2 convs per SE
 
-    def builder(num_classes: int = 1000, **kwargs) -> MobileOne:
-        return official_mobileone(
-            multipliers, num_classes, num_conv_branches=num_conv_branches, use_se=use_se, **kwargs
-        )
-
-    variant = name.split("_")[1]
-    builder.__name__ = name
-    builder.__doc__ = f"MobileOne-{variant.upper()}, training-time form (``mobileone_{variant}_unfused.pth.tar`` keys)."
-    plain_convs = 1 + 2 * sum(DEPTHS)  # stem + (depthwise, pointwise) per unit
-    se_convs = 2 * 2 * (DEPTHS[2] // 2 + DEPTHS[3]) if use_se else 0  # 2 blocks per unit, 2 convs per SE
-    register(name, deploy_convs=plain_convs + se_convs)(builder)
-
-
-for _name in OFFICIAL_CONFIGS:
-    _register_official(_name)
+for _name, (_multipliers, _branches, _use_se) in OFFICIAL_CONFIGS.items():
+    _variant = _name.split("_")[1]
+    register_variant(_name, f"MobileOne-{_variant.upper()}, training-time form "
+                     f"(``mobileone_{_variant}_unfused.pth.tar`` keys).", partial(official_mobileone, _multipliers),
+                     num_conv_branches=_branches, use_se=_use_se,
+                     deploy_convs=PLAIN_CONVS + (SE_CONVS if _use_se else 0))

@@ -8,11 +8,11 @@ convolutions, counting squeeze-excitation convs; residual adds that no re-parame
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch.nn as nn
 
-__all__ = ["ModelSpec", "register", "create", "names", "spec"]
+__all__ = ["ModelSpec", "register", "register_variant", "create", "names", "spec"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,21 @@ def register(
         return builder
 
     return decorate
+
+
+def register_variant(name: str, doc: str, build: Callable[..., nn.Module], *, deploy_convs: int,
+                     **options: Any) -> None:
+    """Register one named configuration of a family's builder: ``name`` builds
+    ``build(num_classes, **options, **kwargs)`` (``build`` is, say, ``official_repvgg`` with its depths and widths
+    bound), ``doc`` is its docstring (the first line is its description) and ``deploy_convs`` goes to
+    :func:`register`."""
+
+    def builder(num_classes: int = 1000, **kwargs) -> nn.Module:
+        return build(num_classes, **options, **kwargs)
+
+    builder.__name__ = name
+    builder.__doc__ = doc
+    register(name, deploy_convs=deploy_convs)(builder)
 
 
 def spec(name: str) -> ModelSpec:

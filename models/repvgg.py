@@ -14,12 +14,12 @@ Layout and module names follow the official ``DingXiaoH/RepVGG`` training models
 
 from __future__ import annotations
 
+import itertools
+from functools import partial
 from typing import Dict, Optional, Sequence
 
-import torch.nn as nn
-
-from .blocks import RepVGGBlock, StagedClassifier
-from .registry import register
+from .blocks import RepVGGBlock, StagedClassifier, official_widths, stage_rows
+from .registry import register, register_variant
 
 __all__ = ["RepVGG", "official_repvgg"]
 
@@ -57,24 +57,22 @@ class RepVGG(StagedClassifier):
         use_se: bool = False,
     ) -> None:
         super().__init__()
-        if len(num_blocks) != len(widths):
-            raise ValueError("num_blocks and widths must have one entry per stage")
-        stage_strides = [2] * len(widths) if stage_strides is None else list(stage_strides)
+        rows = stage_rows(num_blocks, widths, [2] * len(widths) if stage_strides is None else stage_strides)
         groups_per_layer = dict(groups_per_layer or {})
         stem_width = min(64, widths[0]) if stem_width is None else stem_width
+        layers = itertools.count(1)  # layer 1 is the first block of stage1
 
-        self.stage0 = RepVGGBlock(in_channels, stem_width, 3, stem_stride, use_se=use_se)
-        channels, layer = stem_width, 1
-        for index, (depth, width, stride) in enumerate(zip(num_blocks, widths, stage_strides), start=1):
+        def stage(index: int, channels: int, row: tuple) -> tuple:
+            depth, width, stride = row
             blocks = []
             for block_stride in [stride] + [1] * (depth - 1):
-                groups = groups_per_layer.get(layer, 1)
+                groups = groups_per_layer.get(next(layers), 1)
                 blocks.append(RepVGGBlock(channels, width, 3, block_stride, groups, use_se=use_se))
-                channels, layer = width, layer + 1
-            self.add_module(f"stage{index}", nn.Sequential(*blocks))
-        self.num_stages = len(widths)
-        self.gap = nn.AdaptiveAvgPool2d(output_size=1)
-        self.linear = nn.Linear(channels, num_classes)
+                channels = width
+            return blocks, channels
+
+        stem = RepVGGBlock(in_channels, stem_width, 3, stem_stride, use_se=use_se)
+        self._add_stages(stem, stem_width, rows, stage, num_classes)
 
 
 def official_repvgg(
@@ -87,8 +85,7 @@ def official_repvgg(
     **kwargs,
 ) -> RepVGG:
     """An official RepVGG configuration: widths ``64·a, 128·b, 256·c, 512·d``; ``groups`` on layers 2, 4, ..., 26."""
-    a, b, c, d = multipliers
-    widths = [int(64 * a), int(128 * b), int(256 * c), int(512 * d)]
+    widths = official_widths(multipliers)
     groups_per_layer = {layer: groups for layer in GROUPWISE_LAYERS} if groups > 1 else None
     return RepVGG(depths, widths, num_classes, groups_per_layer=groups_per_layer, use_se=use_se, **kwargs)
 
@@ -112,20 +109,11 @@ OFFICIAL_CONFIGS = {
 }
 
 
-def _register_official(name: str) -> None:
-    official_name, depths, multipliers, groups, use_se = OFFICIAL_CONFIGS[name]
-
-    def builder(num_classes: int = 1000, **kwargs) -> RepVGG:
-        return official_repvgg(depths, multipliers, num_classes, groups=groups, use_se=use_se, **kwargs)
-
-    builder.__name__ = name
-    builder.__doc__ = f"{official_name}, training-time form (official layout, ``{official_name}-train.pth`` keys)."
-    convs_per_block = 3 if use_se else 1  # squeeze-excitation adds two 1x1 convs to every block
-    register(name, deploy_convs=convs_per_block * (1 + sum(depths)))(builder)
-
-
-for _name in OFFICIAL_CONFIGS:
-    _register_official(_name)
+for _name, (_official, _depths, _multipliers, _groups, _use_se) in OFFICIAL_CONFIGS.items():
+    register_variant(_name, f"{_official}, training-time form (official layout, ``{_official}-train.pth`` keys).",
+                     partial(official_repvgg, _depths, _multipliers), groups=_groups, use_se=_use_se,
+                     # squeeze-excitation adds two 1x1 convs to every block
+                     deploy_convs=(3 if _use_se else 1) * (1 + sum(_depths)))
 
 
 DIGITS_DEPTHS = (2, 2)

@@ -54,7 +54,7 @@ class MultiPathResNeXt(nn.Module):
         super().__init__()
         self.stem = ConvBN(3, 32, 3, 2, activation=nn.ReLU())
         blocks, channels = [], 32
-        for i, (out, depth) in enumerate(zip(widths, depths)):
+        for i, (out, depth) in enumerate(zip(widths, depths, strict=True)):  # one width and one depth per stage
             for j in range(depth):
                 stride = 2 if j == 0 and i > 0 else 1
                 blocks.append(MultiPathBottleneck(channels, out, stride, cardinality, width * 2 ** i))
