@@ -12,8 +12,9 @@ into phases by wrapping reparam's functions from the outside (no change to repar
 (``reparam.trace.symbolic_trace``), ``shapes`` (``reparam.trace.propagate_shapes``), ``passes``
 (``Collapse.run`` without what follows), ``emit`` (building the output modules, ``to_module``), ``recompile``
 (``fx.GraphModule.recompile``: Python code generation), ``copy`` (the pipeline's ``copy.deepcopy`` of the model),
-``verify`` (``reparam.proofs.check_fused`` and the end-to-end check) and ``other`` (the rest: float64 cast, cleanup, cast back).
-Phase times are exclusive (a phase nested in another is not counted twice).  ``--check off`` times ``reparam.fuse(..., check=False)``.
+``verify`` (``reparam.proofs.check_fused`` and the end-to-end check) and ``other`` (the rest: float64 cast, cleanup,
+cast back).  Phase times are exclusive (a phase nested in another is not counted twice).  ``--check off`` times
+``reparam.fuse(..., check=False)``.
 
 Examples::
 
@@ -175,10 +176,10 @@ def timed_fuse(model, inputs, check: bool, profile: int = 0):
 
 def _trim(report: str) -> str:
     lines = report.splitlines()
-    start = next((i for i, l in enumerate(lines) if l.strip().startswith("ncalls")), 0)
-    return "\n".join(l.replace(str(Path(torch.__file__).parent.parent) + "/", "")
+    start = next((i for i, line in enumerate(lines) if line.strip().startswith("ncalls")), 0)
+    return "\n".join(line.replace(str(Path(torch.__file__).parent.parent) + "/", "")
                      .replace(str(Path(__file__).resolve().parent.parent) + "/", "")
-                     for l in lines[start:] if l.strip())
+                     for line in lines[start:] if line.strip())
 
 
 def measure(make, inputs, reps: int, check: bool, profile: int, log, label: str) -> dict:
@@ -211,7 +212,8 @@ def markdown(timm_rows: list, chain_rows: list, check: bool) -> str:
         out.append("| model | input | params (M) | fuse (s) | " + " | ".join(PHASES) + " |")
         out.append("|---|---|---:|---:|" + "---:|" * len(PHASES))
         for r in timm_rows:
-            out.append(f"| {r['model']} | {r['input']} | {r['params'] / 1e6:.1f} | {r['seconds']:.2f} | {_phase_cells(r)} |")
+            out.append(f"| {r['model']} | {r['input']} | {r['params'] / 1e6:.1f} | {r['seconds']:.2f} | "
+                       f"{_phase_cells(r)} |")
     if chain_rows:
         base = chain_rows[0]
         out.append(f"\n#### Synthetic chains of RepVGG-style blocks (check={check}; seconds, median)\n")
@@ -248,7 +250,7 @@ def plot(chain_rows: list, path: str) -> None:
     for phase in PHASES:
         vals = [r["phases"].get(phase, 0) / r["blocks"] * 1e3 for r in chain_rows]
         a2.bar([str(x) for x in xs], vals, bottom=bottom, label=phase)
-        bottom = [b + v for b, v in zip(bottom, vals)]
+        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
     a2.set_xlabel("blocks")
     a2.set_ylabel("ms per block")
     a2.set_title("per-block cost by phase")

@@ -97,7 +97,7 @@ def timm_families() -> dict:
     for module_name, names in sorted(by_module.items()):
         try:
             module = importlib.import_module(f"timm.models.{module_name}")
-        except Exception:
+        except Exception:  # noqa: BLE001  a sweep over timm's modules: one that does not import has no classes
             continue
         classes = [c for c in vars(module).values()
                    if inspect.isclass(c) and issubclass(c, nn.Module) and any(hasattr(c, m) for m in DEPLOY_METHODS)]
@@ -107,7 +107,8 @@ def timm_families() -> dict:
 
 
 def randomize_batchnorm_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BN statistics (in place): mean ~ N(0, 0.1), var ~ U(0.5, 2), weight ~ U(0.5, 1.5), bias ~ N(0, 0.1)."""
+    """Non-trivial BN statistics (in place): mean ~ N(0, 0.1), var ~ U(0.5, 2), weight ~ U(0.5, 1.5),
+    bias ~ N(0, 0.1)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for bn in model.modules():
@@ -127,7 +128,7 @@ def _runs(model: nn.Module, x: torch.Tensor) -> bool:
             warnings.simplefilter("ignore")
             model(x)
         return True
-    except Exception:
+    except Exception:  # noqa: BLE001  a probe of a third-party model: whatever it raises, it does not run on x
         return False
 
 
@@ -167,7 +168,7 @@ def build(name: str, seed: int = 0, batch: int = 2, min_size: int = 0):
         g = torch.Generator().manual_seed(seed + 1)
         try:
             base = default().eval()
-        except Exception:
+        except Exception:  # noqa: BLE001  a third-party model that cannot be built at its default size: try SIZES
             base = None
         sizes = _sizes_for(base) if base is not None else list(SIZES)
         for size in sizes:
@@ -180,7 +181,7 @@ def build(name: str, seed: int = 0, batch: int = 2, min_size: int = 0):
                 try:
                     torch.manual_seed(seed)
                     model = sized(size).eval()
-                except Exception:
+                except Exception:  # noqa: BLE001  not buildable for this resolution: try the next one
                     continue
                 if _runs(model, x):
                     return randomize_batchnorm_(model, seed), x, source
@@ -201,7 +202,7 @@ def param_count(name: str) -> Optional[int]:
 
                 model = timm.create_model(name, pretrained=False)
         return sum(p.numel() for p in model.parameters())
-    except Exception:
+    except Exception:  # noqa: BLE001  a third-party model that cannot be built has no size (the sweep skips it)
         return None
 
 
@@ -209,7 +210,7 @@ def timm_deploy(model: nn.Module) -> Optional[nn.Module]:
     """timm's own deploy path on a copy (None if the model has none or it fails)."""
     try:
         from timm.utils.model import reparameterize_model
-    except Exception:
+    except ImportError:
         return None
     if not any(hasattr(m, meth) for m in model.modules() for meth in DEPLOY_METHODS):
         return None
@@ -227,7 +228,7 @@ def fx_deploy(model: nn.Module) -> Optional[nn.Module]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return fuse(copy.deepcopy(model).eval())
-    except Exception:
+    except Exception:  # noqa: BLE001  torch's fuse traces the model: whatever it raises, it does not trace
         return None
 
 
@@ -268,7 +269,8 @@ class Row:
                 and self.err64 is not None and self.err64 <= FP64_TOL and bool(self.untouched))
 
     def vs_timm(self) -> str:
-        """'-' no reference, 'beats' fewer conv+BN than the reference deploy path, 'ties', or 'LOSES' (more convs or BNs)."""
+        """'-' no reference, 'beats' fewer conv+BN than the reference deploy path, 'ties', or 'LOSES' (more convs
+        or BNs)."""
         if self.timm is None or not self.after:
             return "-"
         if self.after["conv"] > self.timm["conv"] or self.after["batch_norm"] > self.timm["batch_norm"]:
@@ -323,7 +325,7 @@ def measure(name: str, seed: int = 0, max_params: Optional[float] = None) -> Row
             row.timm = count_kernels(deploy, x)
             with torch.no_grad():
                 row.timm_err = relative_error(deploy(x), y)
-    except Exception as err:  # keep sweeping; the table says what broke
+    except Exception as err:  # noqa: BLE001  keep sweeping; the table says what broke
         row.error = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
         if os.environ.get("COVERAGE_TRACEBACK"):
             traceback.print_exc()
@@ -447,7 +449,8 @@ def family_table(rows: list, details: str, command: str) -> str:
         verdicts = [r.vs_timm() for r in ref_rows]
         wall = max((r.wall_s for r in run if r.wall_s is not None), default=None)
         skipped, failed = sum(bool(r.skipped) for r in group), sum(bool(r.error) for r in group)
-        aside = ", ".join(([f"{skipped} too large, skipped"] if skipped else []) + ([f"{failed} FAILED"] if failed else []))
+        aside = ", ".join(([f"{skipped} too large, skipped"] if skipped else [])
+                          + ([f"{failed} FAILED"] if failed else []))
         lines.append(
             f"| {family} | {len(group)}" + (f" ({aside})" if aside else "")
             + f" | {exact}/{len(run)} | {before[0]}/{before[1]} → {after[0]}/{after[1]} | "
@@ -495,7 +498,7 @@ def _versions() -> str:
     for mod in ("timm", "torchvision"):
         try:
             out.append(f"{mod} {importlib.import_module(mod).__version__}")
-        except Exception:
+        except ImportError:  # not installed: not named
             pass
     return ", ".join(out)
 

@@ -154,8 +154,8 @@ _TV_DET = {"probes": _HEAD, "detections": _torchvision_detections}
 CASES = [
     Case("ultralytics:yolov8n.yaml", "ultralytics", "ultralytics", _ultralytics("yolov8n.yaml"), _images(),
          peer="ultralytics", slow=False),
-    Case("ultralytics:yolov8n-seg.yaml", "ultralytics", "ultralytics", _ultralytics("yolov8n-seg.yaml", "SegmentationModel"),
-         _images(), peer="ultralytics"),
+    Case("ultralytics:yolov8n-seg.yaml", "ultralytics", "ultralytics",
+         _ultralytics("yolov8n-seg.yaml", "SegmentationModel"), _images(), peer="ultralytics"),
     Case("ultralytics:yolov8n-pose.yaml", "ultralytics", "ultralytics", _ultralytics("yolov8n-pose.yaml", "PoseModel"),
          _images(), peer="ultralytics"),
     Case("ultralytics:yolo11n.yaml", "ultralytics", "ultralytics", _ultralytics("yolo11n.yaml"), _images(),
@@ -164,8 +164,9 @@ CASES = [
          peer="ultralytics"),
     Case("ultralytics:yolov10n.yaml", "ultralytics", "ultralytics", _ultralytics("yolov10n.yaml"), _images(),
          peer="ultralytics"),
-    Case("ultralytics:rtdetr-l.yaml", "ultralytics", "ultralytics", _ultralytics("rtdetr-l.yaml", "RTDETRDetectionModel"),
-         _images(), peer="ultralytics", probes=(("model.28", "input"),), detections=_rtdetr_detections),
+    Case("ultralytics:rtdetr-l.yaml", "ultralytics", "ultralytics",
+         _ultralytics("rtdetr-l.yaml", "RTDETRDetectionModel"), _images(), peer="ultralytics",
+         probes=(("model.28", "input"),), detections=_rtdetr_detections),
     Case("smp:Unet", "segmentation_models_pytorch", "segmentation_models_pytorch", _smp("Unet"), _images(), slow=False),
     *(Case(f"smp:{arch}", "segmentation_models_pytorch", "segmentation_models_pytorch", _smp(arch), _images())
       for arch in ("FPN", "DeepLabV3Plus", "Linknet", "PSPNet", "UnetPlusPlus")),
@@ -248,7 +249,8 @@ def run(model: nn.Module, inputs: tuple, probes: tuple = ()) -> tuple[Any, dict]
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise AssertionError(f"{type(model).__name__} has no submodule {name!r} to compare pre-NMS tensors at") from None
+            raise AssertionError(f"{type(model).__name__} has no submodule {name!r} to compare pre-NMS tensors "
+                                 "at") from None
         if what == "input":
             hook = lambda m, args, name=name: seen.setdefault(name, clone(args))  # noqa: E731
             handles.append(module.register_forward_pre_hook(hook))
@@ -281,7 +283,7 @@ def check_structure(got: Any, want: Any, what: str = "outputs") -> None:
         flat = lambda spec: " ".join(str(spec).split())  # noqa: E731
         raise ValueError(f"the fused model's {what} are structured differently: {flat(got_spec)} vs {flat(want_spec)}")
     if got_types != want_types:
-        diff = sorted({f"{a} instead of {b}" for a, b in zip(got_types, want_types) if a != b})
+        diff = sorted({f"{a} instead of {b}" for a, b in zip(got_types, want_types, strict=False) if a != b})
         raise ValueError(f"the fused model's {what} have other dtypes: {', '.join(diff)}")
 
 
@@ -289,7 +291,7 @@ def leaf_errors(got: Any, want: Any) -> dict:
     """``{leaf path: relative L2 error}`` over the floating tensor leaves of two outputs of the same structure
     (:func:`reparam.stats.relative_error`, in float64; ``inf`` for a leaf whose shape differs)."""
     errors = {}
-    for (path, a), (_, b) in zip(tree_flatten_with_path(got)[0], tree_flatten_with_path(want)[0]):
+    for (path, a), (_, b) in zip(tree_flatten_with_path(got)[0], tree_flatten_with_path(want)[0], strict=False):
         if isinstance(b, torch.Tensor) and b.is_floating_point():
             same = isinstance(a, torch.Tensor) and a.shape == b.shape
             errors[keystr(path) or "output"] = relative_error(a, b) if same else float("inf")
@@ -317,7 +319,7 @@ def detection_error(got: list, want: list) -> float:
     before post-processing (``Case.probes``).
     """
     worst = 0.0
-    for (gb, gs, gl), (wb, ws, wl) in zip(got, want):
+    for (gb, gs, gl), (wb, ws, wl) in zip(got, want, strict=False):
         if gs.shape != ws.shape or not torch.equal(torch.sort(gl).values, torch.sort(wl).values):
             return float("inf")
         if ws.numel() == 0:
@@ -367,7 +369,8 @@ def kernel_counts(model: nn.Module, inputs: tuple) -> dict:
         warnings.simplefilter("ignore")
         kernels = count_kernels(model, clone(inputs))
         norms = count_norms(model, clone(inputs))
-    return {"conv": kernels["conv"], "norm": norms["batch_norm"] + norms["channel_affine"], "foldable": norms["foldable"]}
+    return {"conv": kernels["conv"], "norm": norms["batch_norm"] + norms["channel_affine"],
+            "foldable": norms["foldable"]}
 
 
 def folding_reference(before: dict) -> dict:
@@ -465,7 +468,7 @@ def measure(case: Case) -> Row:
         row.after = kernel_counts(fused, inputs)
         row.err32 = float32_error(case, model, fused, inputs)
         row.err64 = float64_error(case, model, inputs)
-    except Exception as err:  # keep going; the table says what broke
+    except Exception as err:  # noqa: BLE001  a sweep over third-party models: the table says what broke
         text = str(err).strip().splitlines()
         row.error = f"{type(err).__name__}: {text[0][:160] if text else ''}"
     return row
@@ -493,11 +496,11 @@ def markdown(rows: list, command: str) -> str:
         f"in float32, {FP64_TOL:.0e} of the float64 original in float64, and so are the tensors entering NMS / top-k; "
         "after NMS / top-k, float32 outputs are not compared, float64 detections by what exact score ties cannot "
         "change: counts, sorted scores, labels, boxes of untied detections; or no further from the original than the "
-        "original rounded differently). Kernels: executed convolutions / normalisations (batch norms and constant channel "
-        "affines such as FrozenBatchNorm2d). Peer: ultralytics' own `model.fuse()` (its head-branch removal, which "
-        "changes the outputs, switched off), else plain conv+BN folding (what `torch.fx.experimental.optimization."
-        "fuse` removes: every norm reading a single-use conv output). Fuse time: wall seconds of `reparam.fuse` with "
-        "its float64 verification, one thread.", "",
+        "original rounded differently). Kernels: executed convolutions / normalisations (batch norms and constant "
+        "channel affines such as FrozenBatchNorm2d). Peer: ultralytics' own `model.fuse()` (its head-branch removal, "
+        "which changes the outputs, switched off), else plain conv+BN folding (what "
+        "`torch.fx.experimental.optimization.fuse` removes: every norm reading a single-use conv output). Fuse time: "
+        "wall seconds of `reparam.fuse` with its float64 verification, one thread.", "",
         "| model | family | exact | rel. err fp32 / fp64 | before | after | peer | peer after | fuse s | error |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -507,20 +510,16 @@ def markdown(rows: list, command: str) -> str:
         lines.append(f"| {r.name} | {r.family} | {mark} | {_err(r.err32)} / {_err(r.err64)} | {_counts(r.before)} | "
                      f"{_counts(r.after)} | {r.peer_label or '-'} | {_counts(r.peer)} | {fuse} | "
                      f"{r.error.replace('|', '/')} |")
-    lines += ["", f"torch {torch.__version__}, {_coverage()._versions()}, {_package_versions()}; generated by `{command}`.", ""]
+    lines += ["", f"torch {torch.__version__}, {_coverage()._versions()}, {_package_versions()}; "
+              f"generated by `{command}`.", ""]
     return "\n".join(lines)
 
 
 def _package_versions() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    from reparam.packages import package_version
 
-    found = []
-    for package in ("ultralytics", "segmentation-models-pytorch"):
-        try:
-            found.append(f"{package} {version(package)}")
-        except PackageNotFoundError:
-            pass
-    return ", ".join(found)
+    found = [(package, package_version(package)) for package in ("ultralytics", "segmentation-models-pytorch")]
+    return ", ".join(f"{package} {version}" for package, version in found if version is not None)
 
 
 def main(argv=None) -> int:
@@ -538,7 +537,8 @@ def main(argv=None) -> int:
         rows.append(measure(case))
         r = rows[-1]
         print(f"# {r.name}: {'exact' if r.exact else 'NOT EXACT'} {_err(r.err32)}/{_err(r.err64)} "
-              f"{_counts(r.before)} -> {_counts(r.after)} peer {_counts(r.peer)} {r.error}", file=sys.stderr, flush=True)
+              f"{_counts(r.before)} -> {_counts(r.after)} peer {_counts(r.peer)} {r.error}", file=sys.stderr,
+              flush=True)
     table = markdown(rows, "python benchmarks/deploy_coverage.py" + (f" --out {args.out}" if args.out else ""))
     print(table)
     if args.out:

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 import reparam  # noqa: E402
 import reparam.models as zoo  # noqa: E402
 from reparam import calib, int8, quant  # noqa: E402
+from reparam.packages import package_version  # noqa: E402
 
 
 def realistic_bn(model: nn.Module, size: int, seed: int = 0) -> nn.Module:
@@ -133,7 +134,7 @@ def zoo_table(names: list[str], size: int, tmp: Path) -> list[str]:
         for equalize in (False, True):
             try:
                 rows.append(_zoo_row(name, model, equalize, x, calibration, evaluate, tmp))
-            except Exception as exc:  # one model's failure is a row, not the end of the table
+            except Exception as exc:  # noqa: BLE001  one model's failure is a row (with its reason), not the end
                 rows.append(f"| {name} | {'yes' if equalize else 'no'} | failed: {type(exc).__name__}: "
                             f"{str(exc).splitlines()[0][:120]} | | | | |")
             print(rows[-1], file=sys.stderr, flush=True)
@@ -159,12 +160,9 @@ def versions() -> str:
 
     parts = [f"torch {torch.__version__}", f"onnxruntime {onnxruntime.__version__}"]
     for package in ("executorch", "timm"):
-        try:
-            from importlib.metadata import version
-
-            parts.append(f"{package} {version(package)}")
-        except Exception:
-            pass
+        version = package_version(package)
+        if version is not None:
+            parts.append(f"{package} {version}")
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))

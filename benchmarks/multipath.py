@@ -53,7 +53,7 @@ def main(argv=None) -> None:
     print(f"block: {args.paths} paths x width {args.width}, {args.channels} channels, input {args.size}x{args.size}\n")
     print("| variant | convs | adds | GMACs | latency (ms) |")
     print("|---|---:|---:|---:|---:|")
-    for (label, m), ms in zip(variants.items(), latency):
+    for (label, m), ms in zip(variants.items(), latency, strict=True):
         k = stats.count_kernels(m, (x,))
         print(f"| {label} | {k['conv']} | {k['add']} | {stats.count_macs(m, (x,)) / 1e9:.3f} | {ms:.2f} |")
 

@@ -34,7 +34,7 @@ def main(argv=None) -> None:
         variants = {"original": model, "fused": reparam.fuse(model, (x,)),
                     "plain (remove_residuals)": reparam.fuse(model, (x,), remove_residuals=True)}
         latency = stats.latencies_ms(list(variants.values()), (x,), warmup=3, repeats=args.repeats)
-        for (label, m), ms in zip(variants.items(), latency):
+        for (label, m), ms in zip(variants.items(), latency, strict=True):
             k = stats.count_kernels(m, (x,))
             print(f"| {name} | {label} | {stats.count_params(m) / 1e6:.2f} | {stats.count_macs(m, (x,)) / 1e9:.2f} "
                   f"| {k['conv']} | {k['add']} | {ms:.2f} |")

@@ -174,7 +174,7 @@ def _worst_channel_snr_db(w: torch.Tensor, q: torch.Tensor, axis: int) -> float:
     if w.ndim < 2:
         return snr_db(w, q)
     w, q = w.movedim(axis, 0).flatten(1), q.movedim(axis, 0).flatten(1)
-    return min(snr_db(wc, qc) for wc, qc in zip(w, q))
+    return min(snr_db(wc, qc) for wc, qc in zip(w, q, strict=True))
 
 
 def analyze_weight(weight: torch.Tensor, name: str = "", kind: str = "", *, bits: int = 8, channel_axis: int = 0,

@@ -49,7 +49,8 @@ def table(title: str | None, *columns: str | tuple[str, str], compact: bool = Fa
     """
     from rich import box
 
-    options = {"box": box.SIMPLE_HEAD, "padding": (0, 1), "pad_edge": False, "collapse_padding": True} if compact else {}
+    options = ({"box": box.SIMPLE_HEAD, "padding": (0, 1), "pad_edge": False, "collapse_padding": True}
+               if compact else {})
     result = Table(title=title, title_justify="left", expand=False, **options)
     for column in columns:
         name, justify = (column, "left") if isinstance(column, str) else column

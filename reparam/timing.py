@@ -102,7 +102,7 @@ def compare(original: Any, fused: Any, example_inputs: Any, *, rounds: int = ROU
     finally:
         if not on_cuda:
             torch.set_num_threads(previous)
-    ratios = [b / a for b, a in zip(before, after) if a > 0]
+    ratios = [b / a for b, a in zip(before, after, strict=True) if a > 0]  # one time of each per round
     device = str(next((a.device for a in args if isinstance(a, torch.Tensor)), "cpu"))
     return SpeedFigure(ratio=statistics.median(ratios), low=min(ratios), high=max(ratios), runs=len(ratios),
                        passes=passes, threads=None if on_cuda else threads, device=device,

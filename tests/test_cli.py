@@ -180,7 +180,8 @@ def test_equivalence_error_exits_1(tmp_path, ckpt, monkeypatch):
     monkeypatch.setattr(reparam, "fuse", failing)
     result = run("convert", ckpt, "--arch", ARCH, "-o", tmp_path / "x.pt2")
     assert result.code == 1
-    assert result.error_line == "error: output: fused model disagrees with the original, relative error 3e-2; please report"
+    assert result.error_line == ("error: output: fused model disagrees with the original, relative error 3e-2; "
+                                 "please report")
     result = run("convert", ckpt, "--arch", ARCH, "-o", tmp_path / "x.pt2", "--debug")
     assert result.code == 1 and "Traceback" in result.err and "EquivalenceError" in result.err
     assert list(tmp_path.iterdir()) == []
@@ -246,9 +247,12 @@ def failure_cases(ckpt, tmp):
     return {
         "missing file": (["convert", tmp / "nope.pth", "--arch", ARCH], "checkpoint not found"),
         "corrupt file": (["convert", corrupt, "--arch", ARCH], "cannot read .* as a PyTorch checkpoint"),
-        "wrong arch": (["convert", ckpt, "--arch", "repvgg_a0"], r"does not match the model: \d+ missing keys .*wrong shape"),
-        "unknown arch": (["convert", ckpt, "--arch", "repvgg_digit"], "unknown architecture 'repvgg_digit'. Did you mean repvgg_digits"),
-        "unknown timm arch": (["convert", ckpt, "--arch", "timm:no_such_model"], "unknown architecture 'timm:no_such_model'"),
+        "wrong arch": (["convert", ckpt, "--arch", "repvgg_a0"],
+                       r"does not match the model: \d+ missing keys .*wrong shape"),
+        "unknown arch": (["convert", ckpt, "--arch", "repvgg_digit"],
+                         "unknown architecture 'repvgg_digit'. Did you mean repvgg_digits"),
+        "unknown timm arch": (["convert", ckpt, "--arch", "timm:no_such_model"],
+                              "unknown architecture 'timm:no_such_model'"),
         "unknown source": (["convert", ckpt, "--arch", "keras:vgg"], "unknown architecture source 'keras'"),
         "output = input": (base + ["-o", ckpt], "is the input file"),
         "onnx output = input": (base + ["--onnx", ckpt], "is the input file"),
@@ -270,7 +274,8 @@ def failure_cases(ckpt, tmp):
         "unknown option": (base + ["--fast"], "unrecognized arguments: --fast"),
         "unknown command": (["compile", ckpt], "invalid choice: 'compile'"),
         "inspect --block without --graph": (["inspect", "--arch", ARCH, "--block", "stage0"], "Add --graph"),
-        "inspect unknown block": (["inspect", "--arch", ARCH, "--block", "nope", "--graph", tmp / "g.dot"], "no submodule 'nope'"),
+        "inspect unknown block": (["inspect", "--arch", ARCH, "--block", "nope", "--graph", tmp / "g.dot"],
+                                  "no submodule 'nope'"),
         "inspect graph type": (["inspect", "--arch", ARCH, "--graph", tmp / "g.txt"], "unknown file type"),
         "inspect graph = input": (["inspect", ckpt, "--arch", ARCH, "--graph", ckpt], "is the input file"),
     }

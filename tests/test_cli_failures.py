@@ -210,7 +210,8 @@ def test_staging_commit_rolls_back(tmp_path, monkeypatch):
             real_replace(src, dst)
 
         monkeypatch.setattr(os, "replace", replace)
-        with pytest.raises(errors.OutputPathError, match=r"cannot move c.txt into place \(Input/output error\), so no output was written"):
+        with pytest.raises(errors.OutputPathError,
+                           match=r"cannot move c.txt into place \(Input/output error\), so no output was written"):
             stage.commit()
         monkeypatch.setattr(os, "replace", real_replace)
     assert listing(tmp_path) == ["b.txt"] and (tmp_path / "b.txt").read_text() == "old b"

@@ -1,4 +1,5 @@
-"""``reparam convert`` on ultralytics YOLO: a training checkpoint (``yolov8n.pt``), a model yaml, ``--arch ultralytics:``.
+"""``reparam convert`` on ultralytics YOLO: a training checkpoint (``yolov8n.pt``), a model yaml,
+``--arch ultralytics:``.
 
 The checkpoint is written here as ultralytics' trainer writes it: a dict whose ``ema`` entry is the pickled model in
 float16 (its hyperparameters attached as an ``IterableSimpleNamespace``), ``model`` None, ``train_args`` a dict.
@@ -120,7 +121,8 @@ def test_convert_yaml_with_random_weights(tmp_path, monkeypatch):
 
 
 def test_arch_ultralytics_without_checkpoint(tmp_path):
-    result = run_cli("convert", "--arch", "ultralytics:yolov8n-seg.yaml", "--input-shape", SHAPE, "-o", tmp_path / "s.pt2")
+    result = run_cli("convert", "--arch", "ultralytics:yolov8n-seg.yaml", "--input-shape", SHAPE,
+                     "-o", tmp_path / "s.pt2")
     assert result.code == 0, result.err
     assert (tmp_path / "s.pt2").is_file()
     assert report_row(result.out, "batch norms run")[1] == "0"

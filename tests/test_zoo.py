@@ -185,7 +185,7 @@ def test_repvgg_layouts(name):
     stem = min(64, widths[0])
     assert shapes["stage0.rbr_dense.conv.weight"] == (stem, 3, 3, 3)
     channels, layer = stem, 1
-    for stage, (depth, width) in enumerate(zip(depths, widths), start=1):
+    for stage, (depth, width) in enumerate(zip(depths, widths, strict=True), start=1):
         for block in range(depth):
             prefix = f"stage{stage}.{block}"
             layer_groups = groups if layer in GROUPWISE_LAYERS else 1
