@@ -43,6 +43,7 @@ from reparam.packages import package_version
 torch = lazy_import("torch")
 io = lazy_import("reparam.io")
 checkpoints = lazy_import("reparam.checkpoints")
+dtypes = lazy_import("reparam.dtypes")
 architectures = lazy_import("reparam.architectures")
 staging = lazy_import("reparam.staging")
 stats = lazy_import("reparam.stats")
@@ -712,7 +713,7 @@ def _convert_into(args: argparse.Namespace, ui: Ui, entry: dict, print_report: b
     report = getattr(fused, "reparam_report", None)
     if report is not None and hasattr(report, "to_dict"):
         entry["report"] = report.to_dict()
-    deploy_dtype = _floating_dtype(fused) or example.dtype
+    deploy_dtype = dtypes.floating_dtype(fused) or example.dtype
     deploy_example = example.to(deploy_dtype)
     # the original keeps its own dtype: give it the deploy inputs cast back, and compare in float64
     original = model if deploy_dtype == example.dtype else _cast_inputs(model, example.dtype)
@@ -773,14 +774,6 @@ def _convert_into(args: argparse.Namespace, ui: Ui, entry: dict, print_report: b
         int8_convert.print_report(ui, results, fused)
 
 
-def _floating_dtype(model: torch.nn.Module) -> torch.dtype | None:
-    """The dtype of the model's first floating parameter or buffer."""
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.is_floating_point():
-            return t.dtype
-    return None
-
-
 def _cast_inputs(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     from reparam.modules import CastInputs
 
@@ -832,7 +825,7 @@ def _print_convert_report(ui, args, loaded, before: Measures, after: Measures, f
         _print_legend(ui, report.rewrites, (), groups=("rewrite",))
     if getattr(args, "dtype", None) is not None:
         say(f"precision: {args.dtype} (folded in float64, rounded once; errors are against the "
-            f"{str(loaded.example.dtype).replace('torch.', '')} original)")
+            f"{dtypes.dtype_name(loaded.example.dtype)} original)")
     if args.no_check:
         ui.out.print("[yellow]--no-check: differences were reported, not enforced[/]")
     for result in results:

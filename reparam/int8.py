@@ -37,6 +37,7 @@ from .errors import ExportError, one_line
 from .export import DEFAULT_OPSET, ExportResult, export_onnx
 from .io import atomic_write
 from .quant import snr_db
+from .verify import relative_error
 
 __all__ = ["LOW_SNR_DB", "Agreement", "Int8Result", "agreement", "quantize_pte", "quantize_onnx"]
 
@@ -94,10 +95,6 @@ def _float_outputs(model: nn.Module, samples: Sequence[torch.Tensor]) -> torch.T
         return torch.cat([model(x) for x in samples])
 
 
-def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-300))
-
-
 def _finish(path: Path, fmt: str, got: torch.Tensor, want: torch.Tensor, original: Optional[torch.Tensor],
             runtime: str, per_channel: bool, calibration: Calibration, dynamic: bool, **extra) -> Int8Result:
     """The :class:`Int8Result` of a written file; raises :class:`ExportError` on non-finite outputs."""
@@ -110,9 +107,9 @@ def _finish(path: Path, fmt: str, got: torch.Tensor, want: torch.Tensor, origina
         warnings.append(f"int8 {fmt} output SNR {agree.snr_db:.1f} dB < {LOW_SNR_DB:g} dB against the float model"
                         + ("" if per_channel else "; per-channel weights usually do better") +
                         "; see docs/quantization.md (equalization, mixed precision)")
-    errors, abs_errors = {"fused": _relative(got, want)}, {"fused": agree.max_abs}
+    errors, abs_errors = {"fused": relative_error(got, want)}, {"fused": agree.max_abs}
     if original is not None:
-        errors["original"] = _relative(got, original)
+        errors["original"] = relative_error(got, original)
         abs_errors["original"] = float((got.double() - original.double()).abs().max())
     return Int8Result(path, fmt, path.stat().st_size, dynamic, errors, abs_errors, runtime=runtime,
                       per_channel=per_channel, agreement=agree, calibration=calibration.source, warnings=warnings,

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from reparam.dtypes import dtype_name, floating_dtype
 from reparam.errors import (
     ExportError,
     InputError,
@@ -198,29 +199,18 @@ def coreml_status() -> tuple[bool, str]:
         return False, str(exc)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 def check_pte_dtype(dtype: torch.dtype) -> None:
     """Raise :class:`UnsupportedDtypeError` unless ExecuTorch's XNNPACK backend delegates models of ``dtype``."""
     if dtype not in (torch.float32, torch.float16):
-        raise UnsupportedDtypeError(f"a .pte file in {_dtype_name(dtype)} would not run on XNNPACK (it delegates "
+        raise UnsupportedDtypeError(f"a .pte file in {dtype_name(dtype)} would not run on XNNPACK (it delegates "
                                     "float32 and float16 only). Use --dtype float16 or float32 for --pte")
 
 
 def check_coreml_dtype(dtype: torch.dtype) -> None:
     """Raise :class:`UnsupportedDtypeError` unless Core ML can compute in ``dtype``."""
     if dtype not in (torch.float32, torch.float16):
-        raise UnsupportedDtypeError(f"Core ML computes in float32 or float16, not {_dtype_name(dtype)}. "
+        raise UnsupportedDtypeError(f"Core ML computes in float32 or float16, not {dtype_name(dtype)}. "
                                     "Use --dtype float16 or float32 for --coreml")
-
-
-def _model_dtype(model: nn.Module, args: tuple) -> torch.dtype:
-    for t in list(model.parameters()) + list(model.buffers()) + [a for a in args if isinstance(a, torch.Tensor)]:
-        if t.is_floating_point():
-            return t.dtype
-    return torch.float32
 
 
 # ------------------------------------------------------------------------------------------------ ExecuTorch
@@ -246,7 +236,7 @@ def export_pte(
     """
     et = _import_executorch()
     args = as_args(example_inputs)
-    dtype = _model_dtype(model, args)
+    dtype = floating_dtype(model, args) or torch.float32
     check_pte_dtype(dtype)
     tol = tolerance if tolerance is not None else default_tolerance(_output_dtype(model, args))
     try:
@@ -281,7 +271,7 @@ def export_pte(
     path = Path(path)
     return MobileResult(path, "pte", path.stat().st_size, False, errors, abs_errors, delegated=delegated,
                         total_ops=total, verified_in=f"ExecuTorch {et['version'] or ''}".strip(),
-                        precision=_dtype_name(dtype))
+                        precision=dtype_name(dtype))
 
 
 def _delegation(get_delegation_info: Any, edge: Any) -> tuple[int | None, int | None]:
@@ -328,7 +318,7 @@ def export_coreml(
                               f"Name it {path.with_suffix('.mlpackage').name}")
     args = tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                  for a in as_args(example_inputs))
-    model32 = model if _model_dtype(model, ()) == torch.float32 else _float_copy(model)
+    model32 = model if (floating_dtype(model) or torch.float32) == torch.float32 else _float_copy(model)
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     input_names = ["input"] if len(tensors) == 1 else [f"input_{i}" for i in range(len(tensors))]
     with torch.no_grad():
@@ -368,7 +358,7 @@ def export_coreml(
 
     atomic_write_dir(path, write)
     return MobileResult(path, "mlpackage", _tree_size(path), False, {}, {}, verified_in=None,
-                        precision=_dtype_name(precision))
+                        precision=dtype_name(precision))
 
 
 def _float_copy(model: nn.Module) -> nn.Module:

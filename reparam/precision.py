@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from reparam.dtypes import dtype_name
 from reparam.errors import PrecisionError
 from reparam.stats import as_args, relative_error
 
@@ -90,10 +91,6 @@ def accuracy_limit(dtype: torch.dtype) -> float:
     return default_tolerance(dtype)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 def _cast(module: nn.Module, inputs: tuple, dtype: torch.dtype) -> tuple[nn.Module, tuple]:
     """A copy of ``module`` and copies of the floating ``inputs`` in ``dtype``, on the module's device."""
     device = next((t.device for t in list(module.parameters()) + list(module.buffers())), torch.device("cpu"))
@@ -136,7 +133,7 @@ def check_precision(model: nn.Module, inputs: Any, dtype: torch.dtype) -> None:
     """
     if not dtype.is_floating_point:
         raise PrecisionError(f"dtype must be a floating type such as torch.float16, got {dtype}")
-    name, largest = _dtype_name(dtype), torch.finfo(dtype).max
+    name, largest = dtype_name(dtype), torch.finfo(dtype).max
     args = as_args(inputs)
     exact, exact_args = _cast(model, args, torch.float64)
     peak = activation_peak(exact, exact_args, limit=largest)

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from reparam import architectures, checkpoints
+from reparam.dtypes import dtype_name
 from reparam.errors import CheckpointError, UnknownArchError, UnsafeCheckpointError, one_line
 
 __all__ = ["PREFIX", "DATA_TYPES", "is_config", "build", "is_checkpoint", "allowed_globals", "load_checkpoint",
@@ -186,7 +187,7 @@ def load_checkpoint(path: str | os.PathLike, trust: bool = False, prefer_ema: bo
                               "checkpoint with a pickled model under 'ema' or 'model'")
     model = ckpt[found[0]]
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
-    cast = "" if dtype == torch.float32 else f", {str(dtype).replace('torch.', '')} → float32"
+    cast = "" if dtype == torch.float32 else f", {dtype_name(dtype)} → float32"
     args = ckpt.get("train_args") or {}
     return Loaded(model.float().eval(), f"checkpoint[{found[0]!r}] (a pickled {type(model).__name__}{cast})",
                   _imgsz(args.get("imgsz") if isinstance(args, dict) else None))
