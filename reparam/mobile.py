@@ -8,7 +8,7 @@ Both take the *fused* model (``reparam.fuse(model)``) and its example inputs.
   the file in ExecuTorch's host runtime (``executorch.runtime.Runtime``) and running it on the example inputs and on
   a second random input of the same shape; every relative L2 error ‖y − ref‖ / ‖ref‖ against the fused model (and
   the original model, when given) must be within tolerance (1e-4 for float32, 1e-2 for float16), else
-  :class:`reparam.export.ExportMismatchError` and nothing is written (``check=False`` only reports).
+  :class:`reparam.errors.ExportMismatchError` and nothing is written (``check=False`` only reports).
   float16 models are delegated to XNNPACK like float32 ones; bfloat16 is refused (XNNPACK delegates nothing in
   bfloat16, so the program would run on ExecuTorch's slow reference kernels).
 - :func:`export_coreml` converts with ``coremltools`` (``mlprogram``, float32 or float16 compute precision).
@@ -231,8 +231,8 @@ def export_pte(
     on the example inputs and a random input of the same shapes, and compared with ``model`` and ``original``
     (when given; give a :class:`reparam.modules.CastInputs` wrapper when ``original`` takes another dtype).  Raises
     :class:`MissingPackageError` without ExecuTorch, :class:`UnsupportedDtypeError` for bfloat16,
-    :class:`~reparam.export.ExportError` when export or lowering fails and
-    :class:`~reparam.export.ExportMismatchError` when the program disagrees (nothing is written then).
+    :class:`~reparam.errors.ExportError` when export or lowering fails and
+    :class:`~reparam.errors.ExportMismatchError` when the program disagrees (nothing is written then).
     """
     et = _import_executorch()
     args = as_args(example_inputs)
@@ -307,7 +307,7 @@ def export_coreml(
     Conversion only: the package's spec is loaded back and its input / output names checked, but it is not run
     (Core ML needs macOS).  The package is written next to ``path`` and moved into place, replacing an existing
     package of that name only when conversion succeeded.  Raises :class:`MissingPackageError` without
-    coremltools, :class:`UnsupportedDtypeError` for other precisions and :class:`~reparam.export.ExportError`
+    coremltools, :class:`UnsupportedDtypeError` for other precisions and :class:`~reparam.errors.ExportError`
     when conversion fails.
     """
     ct = _import_coremltools()
