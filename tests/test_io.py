@@ -77,3 +77,40 @@ def test_atomic_write_os_errors_become_output_errors(tmp_path):
         io.atomic_write(tmp_path / "out.pt2", full_disk)
     assert list(tmp_path.iterdir()) == []
 
+
+
+def test_atomic_write_dir_replaces_a_directory_whole(tmp_path):
+    target = tmp_path / "m.mlpackage"
+    (target / "old").mkdir(parents=True)
+
+    def writer(staged):
+        assert staged.name == target.name and staged.parent.parent == tmp_path
+        (staged / "Data").mkdir(parents=True)
+        (staged / "Manifest.json").write_text("{}")
+        return 7
+
+    assert io.atomic_write_dir(target, writer) == 7
+    assert sorted(p.name for p in target.iterdir()) == ["Data", "Manifest.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.mlpackage"]  # no staging left
+
+
+def test_atomic_write_dir_failure_keeps_the_old_directory(tmp_path):
+    target = tmp_path / "m.mlpackage"
+    (target / "old").mkdir(parents=True)
+
+    def writer(staged):
+        staged.mkdir()
+        raise RuntimeError("conversion failed")
+
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        io.atomic_write_dir(target, writer)
+    assert [p.name for p in target.iterdir()] == ["old"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.mlpackage"]
+
+    def full_disk(staged):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(errors.OutputPathError, match="No space left"):
+        io.atomic_write_dir(target, full_disk)
+    with pytest.raises(errors.OutputPathError, match="cannot write"):
+        io.atomic_write_dir(tmp_path / "missing" / "m.mlpackage", lambda staged: None)

@@ -162,3 +162,15 @@ def test_count_norms_sees_a_channel_affine_left_by_fusion():
     assert stats.count_norms(model, torch.randn(1, 4, 3, 3)) == {"batch_norm": 0, "channel_affine": 1, "foldable": 0}
     conv_then_affine = nn.Sequential(nn.Conv2d(3, 4, 1), model)
     assert stats.count_norms(conv_then_affine, torch.randn(1, 3, 3, 3))["foldable"] == 1
+
+
+def test_relative_error_is_the_one_of_verify():
+    """One measure: stats' is the largest of verify's over the outputs (the same at an all-zero reference)."""
+    from reparam import verify
+
+    zero, tiny = torch.zeros(3), torch.full((3,), 1e-20)
+    assert verify.relative_error(zero, zero) == stats.relative_error(zero, zero) == 0.0
+    assert verify.relative_error(tiny, zero) == stats.relative_error(tiny, zero) == math.inf
+    a, b = torch.tensor([3.0, 4.5]), torch.tensor([3.0, 4.0])
+    assert stats.relative_error((a, zero), (b, zero)) == verify.relative_error(a, b) == pytest.approx(0.1)
+    assert math.isnan(verify.relative_error(torch.tensor([math.nan]), torch.ones(1)))
