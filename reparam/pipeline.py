@@ -18,6 +18,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_structure
 
 from . import trace as T
+from .cost import resolve_cost
 from .equalization import equalize_in_place
 from .errors import EquivalenceError, ReparamError
 from .passes.cleanup import drop_static_asserts, drop_unused_tensors
@@ -88,7 +89,7 @@ def _region_dtype(gm: fx.GraphModule, dtypes: dict, fallback: torch.dtype):
 
 
 def _fuse_graph(gm: fx.GraphModule, inputs: Optional[tuple], report: Report, dtypes: dict, main: torch.dtype,
-                shapes_known: bool = False, remove_residuals: bool = False) -> fx.GraphModule:
+                shapes_known: bool = False, remove_residuals: bool = False, cost=None) -> fx.GraphModule:
     """Run the passes on ``gm`` (in place) to a fixed point; returns its unfused twin (for the proofs)."""
     if inputs is not None and not shapes_known:
         T.propagate_shapes(gm, inputs)
@@ -96,12 +97,12 @@ def _fuse_graph(gm: fx.GraphModule, inputs: Optional[tuple], report: Report, dty
     pristine = pristine_copy(gm)
     follow_inplace_writes(gm, report)  # before collapse: functional pads instead of in-place barriers
     fold_bn_into_transposed_convs(gm, report)  # outside the affine algebra: its own rule
-    _collapse(gm, report, dtypes, main)
+    _collapse(gm, report, dtypes, main, cost)
     merge_rows(gm, report)  # after collapse: each chain holds its merged kernels
     if merge_towers(gm, report):  # sums of convs merged first, so towers see their final form
         if inputs is not None:
             T.propagate_shapes(gm, inputs)
-        _collapse(gm, report, dtypes, main)
+        _collapse(gm, report, dtypes, main, cost)
     if remove_residuals and remove_residual_adds(gm, report) and inputs is not None:
         T.propagate_shapes(gm, inputs)  # carried channels widened some tensors
     drop_static_asserts(gm)
@@ -112,15 +113,15 @@ def _fuse_graph(gm: fx.GraphModule, inputs: Optional[tuple], report: Report, dty
     return pristine
 
 
-def _collapse(gm: fx.GraphModule, report: Report, dtypes: dict, main: torch.dtype) -> None:
+def _collapse(gm: fx.GraphModule, report: Report, dtypes: dict, main: torch.dtype, cost=None) -> None:
     for _ in range(MAX_ROUNDS):  # new nodes carry their replaced node's shape, so no re-propagation
-        if Collapse(gm, report, _region_dtype(gm, dtypes, main), dtypes).run() == 0:
+        if Collapse(gm, report, _region_dtype(gm, dtypes, main), dtypes, cost).run() == 0:
             break
 
 
 def fuse_with_report(model: nn.Module, example_inputs=None, *, check: bool = True,
                      remove_residuals: bool = False, dtype: Optional[torch.dtype] = None,
-                     equalize: bool = False) -> tuple[nn.Module, Report]:
+                     equalize: bool = False, cost="macs", device=None) -> tuple[nn.Module, Report]:
     """:func:`reparam.fuse` that also returns the :class:`Report`."""
     if not isinstance(model, nn.Module):
         raise ReparamError(f"reparam.fuse expects an nn.Module, got {type(model).__name__}")
@@ -134,7 +135,9 @@ def fuse_with_report(model: nn.Module, example_inputs=None, *, check: bool = Tru
     if dtype is not None:  # deploy in another precision: fold in float64, cast once at the end
         dtypes = {k: (dtype if v.is_floating_point else v) for k, v in dtypes.items()}
     main = _main_dtype(dtypes, _normalise_inputs(example_inputs))
+    timing_device = device  # where cost="latency" times candidate merges (in ``main``); default the model's
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    cost = resolve_cost(cost, device if timing_device is None else timing_device, main)
 
     # all folding and checking happens on a private float64 CPU copy; the result goes back to ``device``
     work = copy.deepcopy(model).eval()
@@ -147,11 +150,11 @@ def fuse_with_report(model: nn.Module, example_inputs=None, *, check: bool = Tru
         gm, trace_error = T.symbolic_trace(work), None
     except Exception as err:  # not traceable as a whole: fuse the traceable parts of the private copy
         gm, trace_error = None, err
-    fuse_graph = _graph_fuser(report, dtypes, main, remove_residuals)
+    fuse_graph = _graph_fuser(report, dtypes, main, remove_residuals, cost)
     fused = None
     if gm is not None:
         inputs = _shapes_then_float64(gm, work, given, _main_dtype(_dtype_map(model), given), device)
-        pristine = _fuse_graph(gm, inputs, report, dtypes, main, True, remove_residuals)
+        pristine = _fuse_graph(gm, inputs, report, dtypes, main, True, remove_residuals, cost)
         if not check or inputs is None:
             fused = gm
         else:  # against the eager model, not the traced graph: fx can trace a model unfaithfully
@@ -162,7 +165,7 @@ def fuse_with_report(model: nn.Module, example_inputs=None, *, check: bool = Tru
                 trace_error = err
                 report = Report(notes=[f"{type(model).__name__}: torch.fx traces it unfaithfully "
                                        "(e.g. an aliased in-place update); fused part by part instead"])
-                fuse_graph = _graph_fuser(report, dtypes, main, remove_residuals)
+                fuse_graph = _graph_fuser(report, dtypes, main, remove_residuals, cost)
     if fused is None:
         if gm is None:
             _to_float64(work)
@@ -179,13 +182,13 @@ def fuse_with_report(model: nn.Module, example_inputs=None, *, check: bool = Tru
     return fused, report
 
 
-def _graph_fuser(report: Report, dtypes: dict, main: torch.dtype, remove_residuals: bool):
+def _graph_fuser(report: Report, dtypes: dict, main: torch.dtype, remove_residuals: bool, cost=None):
     """``fuse_graph(gm, inputs, path)``: the passes on the traced part at ``path`` of the model."""
 
     def fuse_graph(gm: fx.GraphModule, inputs: Optional[tuple], path: str) -> fx.GraphModule:
         prefix = f"{path}." if path else ""
         local = {k[len(prefix):]: v for k, v in dtypes.items() if k.startswith(prefix)}
-        pristine = _fuse_graph(gm, inputs, report, local, main, remove_residuals=remove_residuals)
+        pristine = _fuse_graph(gm, inputs, report, local, main, remove_residuals=remove_residuals, cost=cost)
         dtypes.update({prefix + k: v for k, v in local.items()})  # dtypes of the modules it created
         return pristine
 
@@ -306,7 +309,7 @@ def _cast_back(fused: nn.Module, dtypes: dict, main: torch.dtype, device) -> Non
 
 
 def fuse(model: nn.Module, example_inputs=None, *, check: bool = True, remove_residuals: bool = False,
-         dtype: Optional[torch.dtype] = None, equalize: bool = False) -> nn.Module:
+         dtype: Optional[torch.dtype] = None, equalize: bool = False, cost="macs", device=None) -> nn.Module:
     """Return a new module computing the same function as ``model`` with fewer, larger kernels.
 
     Inference semantics (BatchNorm with running statistics); same dtype and device; the input model is
@@ -315,12 +318,16 @@ def fuse(model: nn.Module, example_inputs=None, *, check: bool = True, remove_re
     disagrees.  ``remove_residuals=True`` also removes ReLU residuals exactly (ResNets become plain).
     ``dtype`` (e.g. ``torch.float16``): cast the result to that precision after folding in float64.
     ``equalize=True``: then balance per-channel weight ranges for int8 (:mod:`reparam.equalization`), exactly.
+    ``cost``: whether a merge pays: ``"macs"`` (default: when it costs no more multiply-accumulates), ``"latency"``
+    (a doubtful merge is timed on ``device``, default the model's, in the deploy dtype; timings are cached, see
+    :mod:`reparam.latency_cache`) or a :class:`reparam.cost.CostModel`; ``report.decisions`` lists what it weighed.
     The report of rewrites and refusals is at ``fused.reparam_report``.
     """
     return fuse_with_report(model, example_inputs, check=check, remove_residuals=remove_residuals, dtype=dtype,
-                            equalize=equalize)[0]
+                            equalize=equalize, cost=cost, device=device)[0]
 
 
-def explain(model: nn.Module, example_inputs=None) -> Report:
-    """Every rewrite :func:`fuse` would do and every merge it refuses, with the reason."""
-    return fuse_with_report(model, example_inputs, check=False)[1]
+def explain(model: nn.Module, example_inputs=None, *, cost="macs", device=None) -> Report:
+    """Every rewrite :func:`fuse` would do and every merge it refuses, with the reason (``cost``, ``device``: as
+    :func:`fuse`)."""
+    return fuse_with_report(model, example_inputs, check=False, cost=cost, device=device)[1]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 
@@ -22,6 +22,23 @@ class Refusal:
     reason: str
 
 
+@dataclass(frozen=True)
+class CostDecision:
+    """A merge the cost model had to weigh (more MACs or more kernels after it, or timed): where, what it would
+    do, both forms' kernels and MACs, both measured times (seconds per run) when measured, and what was chosen."""
+
+    where: str
+    kind: str  # the rewrite it would be: merge_concat, merge_parallel, compose, merge_siblings, ...
+    merged: bool
+    reason: str
+    before_kernels: int
+    after_kernels: int
+    before_macs: float
+    after_macs: float
+    before_s: Optional[float] = None
+    after_s: Optional[float] = None
+
+
 @dataclass
 class Report:
     """Returned by :func:`reparam.explain`; attached to fused models as ``.reparam_report``."""
@@ -31,6 +48,7 @@ class Report:
     notes: list = field(default_factory=list)  # e.g. untraceable parts, skipped verification
     max_rel_error: Optional[float] = None
     equalization: Optional[object] = None  # reparam.equalization.Equalization, when equalize=True
+    decisions: list = field(default_factory=list)  # CostDecision of every merge the cost model weighed
 
     def counts(self) -> Counter:
         """How many of each rewrite kind: fold_bn, merge_parallel, merge_concat, compose, skip, ..."""
@@ -50,6 +68,13 @@ class Report:
             return
         self.refusals.append(item)
 
+    def decide(self, **fields) -> None:
+        """Record a :class:`CostDecision` (``fields`` are its fields), once: a region weighed again while the
+        pass re-plans is not listed twice."""
+        item = CostDecision(**fields)
+        if item not in self.decisions:
+            self.decisions.append(item)
+
     def to_dict(self) -> dict:
         """Everything in the report as JSON-ready data (schema: ``docs/report-schema.json``, ``$defs/report``)."""
         return {
@@ -57,6 +82,7 @@ class Report:
                          if isinstance(r, Rewrite) else {"where": str(r), "before": "", "after": "", "events": []}
                          for r in self.rewrites],
             "refusals": [{"where": r.where, "reason": r.reason} for r in self.refusals],
+            "decisions": [asdict(d) for d in self.decisions],
             "notes": [str(n) for n in self.notes],
             "counts": dict(sorted(self.counts().items())),
             "max_rel_error": self.max_rel_error,
@@ -76,6 +102,9 @@ class Report:
         if self.refusals:
             lines.append(f"refused ({len(self.refusals)}):")
             lines += [f"  {r.where}: {r.reason}" for r in self.refusals]
+        if self.decisions:
+            lines.append(f"cost decisions ({len(self.decisions)}):")
+            lines += [f"  {d.where}: {'merged' if d.merged else 'kept'} ({d.reason})" for d in self.decisions]
         lines += [f"note: {n}" for n in self.notes]
         if self.max_rel_error is not None:
             lines.append(f"verified: max relative error {self.max_rel_error:.2e} (float64)")

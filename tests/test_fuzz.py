@@ -49,6 +49,7 @@ from hypothesis import strategies as st
 
 import reparam
 from conftest import OpCounter, kernel_of_shape, random_bn, rel_err
+from reparam.stats import count_macs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -481,6 +482,9 @@ def check_case(net: FuzzNet, x: torch.Tensor) -> None:
     affine = ("conv", "bn", "pool", "pad", "pointwise", "cat")
     more = sum(after[k] for k in affine) - sum(before[k] for k in affine)
     assert more <= 0, f"{dict(before)} became {dict(after)}\n{net.describe()}\n{fused}"
+    # the MAC invariant: under the default cost="macs" the fused model never costs more multiply-accumulates
+    macs_before, macs_after = count_macs(net, (x,)), count_macs(fused, (x,))
+    assert macs_after <= macs_before, f"MACs {macs_before} -> {macs_after}\n{net.describe()}\n{fused.graph}"
 
 
 def run_case(net: FuzzNet, x: torch.Tensor) -> None:

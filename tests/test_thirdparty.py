@@ -6,6 +6,7 @@ running_var ~ U(0.5, 2)), the smallest input each model accepts.  For every mode
 * exact: the fused float32 model within 1e-5 (relative L2) of the float32 original, the fused float64
   model within 1e-9 of the float64 original;
 * the input model is untouched (state dict bit-identical, same mode);
+* no more multiply-accumulates (``reparam.stats.count_macs``) than the original;
 * no more convolutions or batch norms executed than the original, and than timm's own deploy path
   (``timm.utils.model.reparameterize_model``) where the model has one, else than PyTorch's conv/BN
   folding (``torch.fx.experimental.optimization.fuse``).
@@ -28,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import reparam
-from reparam.stats import count_kernels, relative_error
+from reparam.stats import count_kernels, count_macs, relative_error
 
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
@@ -105,6 +106,10 @@ def check_model(name: str) -> None:
     assert all(t.dtype == torch.float64 for t in torch.utils._pytree.tree_leaves(got64))
     err64 = relative_error(got64, want64)
     assert err64 <= FP64_TOL, f"{name}: float64 relative error {err64:.2e}"
+
+    # the MAC invariant: under the default cost="macs" no merge adds multiply-accumulates (FlopCounterMode's count)
+    macs_before, macs_after = count_macs(model, x), count_macs(fused, x)
+    assert macs_after <= macs_before, f"{name}: MACs grew from {macs_before:,} to {macs_after:,}"
 
     ours = count_kernels(fused, x)
     before = count_kernels(model, x)

@@ -32,6 +32,7 @@ import torch
 import torch.fx as fx
 
 from .. import affine as A
+from .. import cost as C
 from ..emit import to_module
 from ..lift import Concat, Constants, Lifter, NotAffine, Sum, Unary
 from ..proofs import REWRITE
@@ -55,15 +56,17 @@ class Value:
 @dataclass
 class _State:
     values: dict = field(default_factory=dict)
-    cost: dict = field(default_factory=dict)  # node -> MACs it costs, per root position
+    cost: dict = field(default_factory=dict)  # node -> conv/linear MACs per root position (when shapes are unknown)
     events: dict = field(default_factory=dict)  # node -> rewrite kinds it contributes
     refusals: list = field(default_factory=list)
 
 
 class Collapse:
-    def __init__(self, gm: fx.GraphModule, report: Report, dtype_of=None, new_dtypes: Optional[dict] = None):
+    def __init__(self, gm: fx.GraphModule, report: Report, dtype_of=None, new_dtypes: Optional[dict] = None,
+                 cost: Optional[C.CostModel] = None):
         self.gm = gm
         self.report = report
+        self.cost = cost if cost is not None else C.MacCost()  # asked whether each multi-op region pays
         self.constants = Constants(gm)
         self.lifter = Lifter(gm, self.constants)
         self.ops: dict = {}
@@ -114,7 +117,7 @@ class Collapse:
                 aff = A.channelwise(torch.full((channels,), op.scale, dtype=torch.float64), shift, layout)
         events = (_EVENT[op.kind],) if op.kind in _EVENT and aff.kind != "identity" else ()
         stride_in = base.affine.stride if base else ()
-        state.cost[node] = _op_cost(aff, stride_in)
+        state.cost[node] = _op_cost(op.kind, aff, stride_in)
         if base is not None:
             try:
                 composed = A.compose(base.affine, aff)
@@ -131,7 +134,7 @@ class Collapse:
         start = self._root_identity(op.source, aff.layout, aff.in_channels)
         if start is None or start.out_channels != aff.in_channels:
             return None
-        state.cost[node] = _op_cost(aff, ())
+        state.cost[node] = _op_cost(op.kind, aff, ())
         state.events[node] = events
         return Value(op.source, aff, frozenset({node}))
 
@@ -199,8 +202,6 @@ class Collapse:
             state.refusals.append((node, str(r)))
             return None
         ops = frozenset().union(*(t.ops for t in terms)) | {node}
-        stride = terms[0].affine.stride
-        state.cost[node] = aff.out_channels / max(1, math.prod(stride))
         state.events[node] = (kind,) + ("skip",) * (skips if kind == "merge_parallel" else 0)
         expanding = tuple(x for t in terms for x in t.expanding)
         joins = tuple(x for t in terms for x in t.joins) + tuple(sources)
@@ -273,13 +274,40 @@ class Collapse:
                 out.append(node)
         return out
 
-    def _profitable(self, state: _State, value: Value) -> bool:
-        old = sum(state.cost.get(n, 0.0) for n in value.ops)
-        return value.affine.macs() <= old * (1 + 1e-9) + 1e-9
+    def _decide(self, state: _State, f: fx.Node, value: Value) -> C.Decision:
+        """The cost model's word on replacing the region ``value`` (ending at ``f``) by one module."""
+        return C.ask(self.cost, self._candidate(state, f, value), self.report)
+
+    def _candidate(self, state: _State, f: fx.Node, value: Value) -> C.Candidate:
+        """The region as a :class:`~reparam.cost.Candidate`: MACs from the recorded shapes (per root position, in
+        the same currency, where a shape is unknown); the forms are built only when a measuring model asks."""
+        weighted = [n for n in value.ops if isinstance(self.ops[n], Unary) and self.ops[n].kind in ("conv", "linear")]
+        shapes = [node_shape(n) for n in weighted]
+        out, root = node_shape(f), node_shape(value.root)
+        if out is not None and all(s is not None for s in shapes):
+            before = sum(C.conv_macs(self.ops[n].affine, s) for n, s in zip(weighted, shapes, strict=True))
+            after = C.affine_macs(value.affine, out)
+        else:
+            before = sum(state.cost.get(n, 0.0) for n in value.ops)
+            after = value.affine.macs() if C.emits_conv(value.affine) else 0.0
+        events = {e for n in value.ops for e in state.events.get(n, ())}
+        kind = next((k for k in ("merge_concat", "merge_parallel", "compose", "skip") if k in events), "fold")
+        return C.Candidate(
+            where=_prefix(value.ops) or f.name, kind=kind, before_macs=before, after_macs=after,
+            before_kernels=sum(self._kernels(n) for n in value.ops), after_kernels=C.emitted_kernels(value.affine),
+            input_shapes=(torch.Size(root),) if root is not None else (),
+            before=lambda: C.subgraph_module(self.gm, [value.root], [f]),
+            after=lambda: to_module(value.affine, torch.float64, _device(self.gm)))
+
+    def _kernels(self, node: fx.Node) -> int:
+        """Kernels ``node`` launches as it is: none for a no-op, one for any other op."""
+        op = self.ops[node]
+        return 0 if isinstance(op, Unary) and op.kind == "identity" else 1
 
     def plan(self) -> tuple[_State, list]:
         cut: set = set()
         declined: set = set()
+        refused: list = []  # (node, reason) of regions the cost model refused: they stay refused as cuts grow
         while True:
             state = self.evaluate(cut)
             frontiers = self.frontiers(state, cut)
@@ -289,7 +317,10 @@ class Collapse:
             new_cuts = {n for n in shared if any(u not in shared for u in real_users(n))}
             for f in frontiers:
                 value = state.values[f]
-                if len(value.ops) < 2 or f in declined or self._profitable(state, value):
+                if len(value.ops) < 2 or f in declined or not self._emits(value):
+                    continue
+                decision = self._decide(state, f, value)
+                if decision.merge:
                     continue
                 # cut where composing grew the work, else at the nearest join, else at every join
                 points = set()
@@ -299,12 +330,13 @@ class Collapse:
                         break
                 if points:
                     new_cuts |= points
-                    for p in points:
-                        state.refusals.append((p, "merging through here would cost more MACs than it saves"))
+                    refused += [(p, decision.reason) for p in sorted(points, key=self.order.__getitem__)]
                 else:
                     declined.add(f)
+                    refused.append((f, decision.reason))
             new_cuts -= cut
             if not new_cuts:
+                state.refusals += refused
                 self._record_refusals(state)
                 return state, [f for f in frontiers if f not in declined]
             cut |= new_cuts
@@ -367,6 +399,11 @@ class Collapse:
             replacement.meta[REWRITE] = f"{rewrite.before} -> {rewrite.after}"  # named by the proofs on failure
         return True
 
+    def _emits(self, value: Value) -> bool:
+        """The region would become a module of its own (a channel-wise op or pad, or a region holding a conv or
+        linear): :meth:`_materialize` leaves pools / pads / BNs alone rather than adding a conv."""
+        return value.affine.kind in ("identity", "diagonal", "pad") or self._has_weights(value)
+
     def _has_weights(self, value: Value) -> bool:
         """The region holds a conv or linear (so its one conv replaces at least one)."""
         return any(isinstance(self.ops[n], Unary) and self.ops[n].kind in ("conv", "linear") for n in value.ops)
@@ -407,15 +444,12 @@ def _sources(op) -> list:
 _EVENT = {"batchnorm": "fold_bn", "scale": "scale", "shift": "scale", "pad": "pad", "avgpool": "pool"}
 
 
-def _op_cost(aff: A.Affine, stride_in: tuple) -> float:
-    """MACs per root position; identities and pads cost nothing (a region of pads alone is never
-    worth a conv), channel-wise ops one per channel."""
-    per = max(1, math.prod(stride_in)) if stride_in else 1
-    if aff.kind == "pad" or (aff.kind == "identity" and not aff.pads):
+def _op_cost(kind: str, aff: A.Affine, stride_in: tuple) -> float:
+    """Conv / linear MACs per root position (the estimate where shapes are unknown); in the currency of
+    FlopCounterMode every other op (BN, scale, pad, pool) costs nothing."""
+    if kind not in ("conv", "linear"):
         return 0.0
-    if aff.kind in ("identity", "diagonal") or (aff.kind == "dense" and aff.groups == aff.out_channels == aff.in_channels and all(k == 1 for k in aff.kernel)):
-        return aff.out_channels / per
-    return aff.macs() / per
+    return aff.macs() / (max(1, math.prod(stride_in)) if stride_in else 1)
 
 
 def _expected_shape(value: Value) -> Optional[tuple]:
