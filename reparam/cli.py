@@ -126,6 +126,14 @@ def _model_options(parser: argparse.ArgumentParser, checkpoint_required: bool) -
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
 
+def _cost_option(parser: argparse.ArgumentParser) -> None:
+    """``--cost``: how a doubtful merge is decided (passed to reparam.fuse as ``cost``)."""
+    parser.add_argument("--cost", choices=("macs", "latency"), default="macs",
+                        help="decide each doubtful merge (more MACs or more kernels after it) by multiply-accumulates "
+                        "(macs, default: merge when it costs no more) or by timing both forms on the device in the "
+                        "deploy dtype (latency; timings cached in $REPARAM_CACHE_DIR, default ~/.cache/reparam)")
+
+
 def device_name(text: str) -> str:
     """Parse ``cpu``, ``cuda`` or ``cuda:N`` (checked against the machine when the command runs)."""
     if re.fullmatch(r"cpu|cuda(:\d+)?", text.strip().lower()) is None:
@@ -184,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default cpu)")
     convert.add_argument("--no-bench", action="store_true", help="skip the speed comparison of the original and the "
                          "fused model (a few seconds)")
+    _cost_option(convert)
     int8_convert.add_options(convert)
     convert.set_defaults(func=cmd_convert)
 
@@ -199,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--quant", action="store_true", help="report how each fused conv/linear layer's weights "
                          "survive int8 quantization (range, outliers, per-tensor / per-channel SNR) and flag the "
                          "layers that will hurt (see docs/quantization.md)")
+    _cost_option(inspect)
     inspect.set_defaults(func=cmd_inspect)
 
     listing = commands.add_parser("list", help="list the available architectures",
@@ -700,6 +710,8 @@ def _convert_into(args: argparse.Namespace, ui: Ui, entry: dict, print_report: b
     options: dict[str, Any] = {"check": check, "remove_residuals": args.remove_residuals}
     if args.equalize:
         options["equalize"] = True
+    if getattr(args, "cost", "macs") != "macs":
+        options["cost"] = args.cost
     calibration = int8_convert.load_calibration(args, model, tuple(example.shape)) if args.int8 else None
     if dtype is not None:
         options["dtype"] = dtype
@@ -822,6 +834,10 @@ def _print_convert_report(ui, args, loaded, before: Measures, after: Measures, f
         detail = ", ".join(f"{k} ×{v}" for k, v in sorted(counts.items()))
         say(f"rewrites: {len(report.rewrites)} regions ({detail or 'none'}); refused: {len(report.refusals)} "
             "(see `reparam inspect`)")
+        decisions = getattr(report, "decisions", ())
+        if decisions:
+            say(f"cost decisions: {len(decisions)} doubtful merges weighed, {sum(d.merged for d in decisions)} "
+                f"merged (--cost {getattr(args, 'cost', 'macs')}; `reparam inspect` lists them)")
         _print_legend(ui, report.rewrites, (), groups=("rewrite",))
     if getattr(args, "dtype", None) is not None:
         say(f"precision: {args.dtype} (folded in float64, rounded once; errors are against the "
@@ -883,7 +899,7 @@ def _inspect_into(args: argparse.Namespace, ui: Ui, entry: dict) -> None:
         _submodule(loaded.model, args.block)
     with ui.step("Analysing"):
         kernels = stats.count_kernels(loaded.model, loaded.example)
-        report = reparam.explain(loaded.model, (loaded.example,))
+        report = reparam.explain(loaded.model, (loaded.example,), cost=getattr(args, "cost", "macs"))
     if hasattr(report, "to_dict"):
         entry["report"] = report.to_dict()
     entry["measures"] = {"before": {"kernels": {k: int(v) for k, v in kernels.items()}}}
@@ -892,7 +908,7 @@ def _inspect_into(args: argparse.Namespace, ui: Ui, entry: dict) -> None:
         from reparam import quant
 
         with ui.step("Fusing and analysing weight quantization"):
-            fused = reparam.fuse(loaded.model, (loaded.example,))
+            fused = reparam.fuse(loaded.model, (loaded.example,), cost=getattr(args, "cost", "macs"))
             analysis = quant.analyze_model(fused)
         entry["quant"] = [{"layer": layer.name, "kind": layer.kind, "flags": list(layer.flags),
                            "advice": layer.advice or None} for layer in analysis.layers]
@@ -923,9 +939,25 @@ def _print_inspect_report(ui: Ui, args, loaded: LoadedModel, kernels: dict, repo
             where, reason = (refusal.where, refusal.reason) if hasattr(refusal, "reason") else tuple(refusal)[:2]
             refused.add_row(str(where), str(reason))
         ui.out.print(refused)
+    _print_decisions(ui, getattr(report, "decisions", ()))
     for note in getattr(report, "notes", []):
         say(f"note: {note}")
     _print_legend(ui, rewrites, refusals)
+
+
+def _print_decisions(ui: Ui, decisions: Sequence) -> None:
+    """The merges the cost model weighed: kernels, MACs and (with --cost latency) both measured times, and the choice."""
+    if not decisions:
+        return
+    table = terminal.table(f"cost decisions ({len(decisions)})", "where", "kind", "kernels", "MACs", "time",
+                           "chosen")
+    for d in decisions:
+        timed = d.before_s is not None and d.after_s is not None
+        table.add_row(d.where, d.kind, f"{d.before_kernels} -> {d.after_kernels}",
+                      f"{_fmt_count(d.before_macs)} -> {_fmt_count(d.after_macs)}",
+                      f"{d.before_s * 1e3:.3g} -> {d.after_s * 1e3:.3g} ms" if timed else "not timed",
+                      "merged" if d.merged else "kept")
+    ui.out.print(table)
 
 
 def _print_legend(ui: Ui, rewrites: Sequence, refusals: Sequence,

@@ -151,8 +151,11 @@ class LatencyCost:
         # copies: the passes' float64 modules share their parameters with the graph being fused
         return tuple(copy.deepcopy(f).to(device=self.device, dtype=self.dtype).eval() for f in forms)
 
+    def _tie(self, before_s: float, after_s: float) -> bool:
+        return abs(before_s - after_s) <= self.noise * min(before_s, after_s)
+
     def _faster_merged(self, candidate: Candidate, before_s: float, after_s: float) -> bool:
-        if abs(before_s - after_s) <= self.noise * min(before_s, after_s):  # a tie: fewer kernels, then fewer MACs
+        if self._tie(before_s, after_s):  # within measurement noise: fewer kernels, then fewer MACs
             if candidate.after_kernels != candidate.before_kernels:
                 return candidate.after_kernels < candidate.before_kernels
             return not candidate.more_macs
@@ -162,9 +165,9 @@ class LatencyCost:
         before_s, after_s, merge = entry["before_s"], entry["after_s"], bool(entry["merge"])
         times = f"{_ms(before_s)} -> {_ms(after_s)} on {self.device.type} {str(self.dtype).replace('torch.', '')}"
         if merge:
+            verdict = f"a tie within {self.noise:.0%}" if self._tie(before_s, after_s) else "measured faster"
             return Decision(True, f"merged {_kernels(candidate.before_kernels)} into "
-                                  f"{_kernels(candidate.after_kernels)}: measured faster or a tie ({times})",
-                            before_s, after_s)
+                                  f"{_kernels(candidate.after_kernels)}: {verdict} ({times})", before_s, after_s)
         return Decision(False, f"kept {_kernels(candidate.before_kernels)}: merging is measured slower ({times})",
                         before_s, after_s)
 
@@ -309,7 +312,19 @@ def device_name(device: torch.device) -> str:
     """The device as the cache keys it: the GPU's name, or the CPU's with the thread count timings ran on."""
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"{device.type}:{platform.machine()}:{platform.processor() or '?'}:{torch.get_num_threads()}threads"
+    return f"{device.type}:{_cpu_model()}:{torch.get_num_threads()}threads"
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else the platform's description of it."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 # ---------------------------------------------------------------------------------------------- wording
