@@ -6,7 +6,8 @@ measured decision, both times.  Two models:
 
 - ``MacCost`` (``cost="macs"``, the default): merge when the merged form costs no more multiply-accumulates.
 - ``LatencyCost`` (``cost="latency"``): merge without timing when the profit is certain (no more kernels and no
-  more MACs); otherwise time both forms on the target device and dtype and keep the faster (ties: fewer kernels).
+  more MACs); otherwise time both forms on the target device and dtype and keep the faster (a tie within
+  measurement noise goes as ``MacCost`` decides: latency departs from the MAC rule only for a measured gain).
   Timings are cached per (device, dtype, op signature): :mod:`reparam.latency_cache`.
 
 MACs are counted in one currency everywhere: what :class:`torch.utils.flop_counter.FlopCounterMode` counts
@@ -31,7 +32,7 @@ from .errors import ReparamError
 from .latency_cache import LatencyCache
 
 MAC_SLACK = 1e-9  # relative: float rounding in MAC sums never decides a merge
-NOISE = 0.03  # relative: two measured times closer than this are a tie (then fewer kernels wins)
+NOISE = 0.03  # relative: two measured times closer than this are a tie (then the MAC rule decides)
 COST_NAMES = ("macs", "latency")
 
 
@@ -155,21 +156,20 @@ class LatencyCost:
         return abs(before_s - after_s) <= self.noise * min(before_s, after_s)
 
     def _faster_merged(self, candidate: Candidate, before_s: float, after_s: float) -> bool:
-        if self._tie(before_s, after_s):  # within measurement noise: fewer kernels, then fewer MACs
-            if candidate.after_kernels != candidate.before_kernels:
-                return candidate.after_kernels < candidate.before_kernels
+        if self._tie(before_s, after_s):  # within measurement noise: no measured reason to depart from the MAC rule
             return not candidate.more_macs
         return after_s < before_s
 
     def _decision(self, candidate: Candidate, entry: dict) -> Decision:
         before_s, after_s, merge = entry["before_s"], entry["after_s"], bool(entry["merge"])
         times = f"{_ms(before_s)} -> {_ms(after_s)} on {self.device.type} {str(self.dtype).replace('torch.', '')}"
+        tie = f"a tie within {self.noise:.0%}, and merging costs {'more' if candidate.more_macs else 'no more'} MACs"
         if merge:
-            verdict = f"a tie within {self.noise:.0%}" if self._tie(before_s, after_s) else "measured faster"
+            verdict = tie if self._tie(before_s, after_s) else "measured faster"
             return Decision(True, f"merged {_kernels(candidate.before_kernels)} into "
                                   f"{_kernels(candidate.after_kernels)}: {verdict} ({times})", before_s, after_s)
-        return Decision(False, f"kept {_kernels(candidate.before_kernels)}: merging is measured slower ({times})",
-                        before_s, after_s)
+        verdict = tie if self._tie(before_s, after_s) else "merging is measured slower"
+        return Decision(False, f"kept {_kernels(candidate.before_kernels)}: {verdict} ({times})", before_s, after_s)
 
 
 def resolve_cost(cost, device=None, dtype: torch.dtype = torch.float32):
@@ -298,14 +298,30 @@ def _attr(module: nn.Module, target: str):
 # ---------------------------------------------------------------------------------------------- timing
 
 
-def interleaved_seconds(before: nn.Module, after: nn.Module, inputs: tuple, warmup: int = 3,
-                        rounds: int = 15) -> tuple[float, float]:
-    """Median seconds per run of each form, timed alternately (A B, B A, ...) after ``warmup`` rounds, on the
-    caller's thread count (synchronising CUDA after each run)."""
+def interleaved_seconds(before: nn.Module, after: nn.Module, inputs: tuple, warmup: int = 3, rounds: int = 15,
+                        sample_s: float = 1e-3, max_rounds: int = 60) -> tuple[float, float]:
+    """Seconds per run of each form, timed alternately (A B, B A, ...) after ``warmup`` rounds, on the caller's
+    thread count (synchronising CUDA after each run): ``before`` the median of its rounds, ``after`` that times the
+    median of the rounds' after/before ratios (each round's two samples are neighbours in time, so a burst of other
+    work on the machine that slows both cancels out).
+
+    A sample is the fastest of as many back-to-back runs as fill ``sample_s`` (microsecond kernels are not timer
+    noise, and other work on the machine only ever adds time); while the two times are within three times
+    :data:`NOISE` of each other, ``rounds`` more rounds are added, up to ``max_rounds``.
+    """
     from .stats import interleaved_times_ms
 
-    times = interleaved_times_ms([before, after], inputs, warmup=warmup, rounds=rounds, alternate=True)
-    return statistics.median(times[0]) / 1e3, statistics.median(times[1]) / 1e3
+    first = interleaved_times_ms([before, after], inputs, warmup=warmup, rounds=1)
+    passes = max(1, min(100, math.ceil(sample_s * 1e3 / max(1e-6, min(t[0] for t in first)))))
+    times: list = [[], []]
+    while True:
+        more = interleaved_times_ms([before, after], inputs, warmup=0, rounds=rounds, passes=passes, alternate=True,
+                                    best=True)
+        times = [t + m for t, m in zip(times, more, strict=True)]
+        b = statistics.median(times[0]) / 1e3
+        a = b * statistics.median(x / y for x, y in zip(times[1], times[0], strict=True))
+        if abs(b - a) > 3 * NOISE * min(a, b) or len(times[0]) + rounds > max_rounds:
+            return b, a
 
 
 def device_name(device: torch.device) -> str:
