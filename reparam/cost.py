@@ -20,7 +20,7 @@ import copy
 import math
 import platform
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional, Protocol, Sequence
 
 import torch
@@ -42,7 +42,9 @@ class Candidate:
 
     ``before`` / ``after`` build (lazily: only a measuring model calls them) modules that compute the region as it is
     and as merged, each taking ``input_shapes`` tensors and returning the region's outputs (float64 on the CPU, as
-    the passes hold them; a measuring model copies them to its device and dtype).  MACs: one run on the region's real
+    the passes hold them; a measuring model copies them to its device and dtype).  Only their time matters, so
+    ``after`` may be built on the meta device (:func:`stand_in`: computing merged weights can take longer than timing
+    them); a measuring model gives such a module random weights.  MACs: one run on the region's real
     input shapes, counted as FlopCounterMode counts them (:func:`affine_macs`).
     """
 
@@ -123,16 +125,18 @@ class LatencyCost:
                                   f"{_macs(candidate.before_macs)}: not timed")
         forms = self._forms(candidate)
         if isinstance(forms, str):  # cannot be timed: the MAC rule decides, and says why
-            fallback = MacCost().decide(candidate)
-            return Decision(fallback.merge, f"{fallback.reason} (not timed: {forms})")
-        before, after = forms
+            return self._untimed(candidate, forms)
         key = "|".join((device_name(self.device), str(self.dtype).replace("torch.", ""),
                         "x".join(",".join(map(str, s)) for s in candidate.input_shapes),
-                        signature(before), signature(after)))
+                        signature(forms[0]), signature(forms[1])))
         entry = self.cache.get(key)
         if entry is None:
             inputs = tuple(torch.randn(tuple(s), device=self.device, dtype=self.dtype) for s in candidate.input_shapes)
-            before_s, after_s = self.measure(before, after, inputs)
+            try:
+                before, after = (self._on_target(f) for f in forms)
+                before_s, after_s = self.measure(before, after, inputs)
+            except Exception as err:  # noqa: BLE001 - any failure to run a form alone: the MAC rule decides, says why
+                return self._untimed(candidate, f"{type(err).__name__}: {err}")
             self.measured += 1
             entry = {"before_s": float(before_s), "after_s": float(after_s),
                      "merge": self._faster_merged(candidate, before_s, after_s)}
@@ -140,17 +144,32 @@ class LatencyCost:
         return self._decision(candidate, entry)
 
     def _forms(self, candidate: Candidate):
-        """Both forms on the target device and dtype, or why they cannot be built."""
+        """Both forms as the candidate builds them, or why they cannot be built."""
         if candidate.before is None or candidate.after is None or not candidate.input_shapes:
             return "the region's forms or input shapes are unknown"
         try:
-            forms = [candidate.before(), candidate.after()]
-        except (ValueError, RuntimeError) as err:
-            return f"the region cannot be run alone ({err})"
-        if any(f is None for f in forms):
-            return "no single module computes the merged form"
-        # copies: the passes' float64 modules share their parameters with the graph being fused
-        return tuple(copy.deepcopy(f).to(device=self.device, dtype=self.dtype).eval() for f in forms)
+            forms = (candidate.before(), candidate.after())
+        except Exception as err:  # noqa: BLE001 - a region that cannot be built alone: the MAC rule decides, says why
+            return f"the region cannot be built alone ({type(err).__name__}: {err})"
+        return "no single module computes the merged form" if None in forms else forms
+
+    def _on_target(self, module: nn.Module) -> nn.Module:
+        """A copy of ``module`` on the target device and dtype (the passes' float64 modules share their parameters
+        with the graph being fused); a module on the meta device gets random weights of its shapes."""
+        tensors = list(module.parameters()) + list(module.buffers())
+        if not any(t.is_meta for t in tensors):
+            return copy.deepcopy(module).to(device=self.device, dtype=self.dtype).eval()
+        module = module.to_empty(device=self.device).to(dtype=self.dtype)
+        with torch.no_grad():
+            for t in list(module.parameters()) + list(module.buffers()):
+                if t.is_floating_point():
+                    t.normal_(0.0, 0.1)
+        return module.eval()
+
+    @staticmethod
+    def _untimed(candidate: Candidate, why: str) -> Decision:
+        fallback = MacCost().decide(candidate)
+        return Decision(fallback.merge, f"{fallback.reason} (not timed: {why})")
 
     def _tie(self, before_s: float, after_s: float) -> bool:
         return abs(before_s - after_s) <= self.noise * min(before_s, after_s)
@@ -238,6 +257,13 @@ def emitted_kernels(a: A.Affine) -> int:
 # ---------------------------------------------------------------------------------------------- forms of a region
 
 
+def stand_in(a: A.Affine) -> A.Affine:
+    """``a`` with a weight of its shape on the meta device (no memory, no values): what to build the merged form's
+    module from for timing, without computing its weight (a composed or concatenated weight is built lazily, and can
+    take longer to compute than to time).  Build it with ``device="meta"``."""
+    return replace(a, w=torch.empty(tuple(a.w.shape), dtype=torch.float64, device="meta"))
+
+
 def subgraph_module(gm: fx.GraphModule, inputs: Sequence[fx.Node], outputs: Sequence[fx.Node]) -> fx.GraphModule:
     """The part of ``gm`` computing ``outputs`` from ``inputs`` as a module of its own (``inputs`` as positional
     arguments; one output, or a tuple).  Parameters, buffers and constants are shared with ``gm``, not copied.
@@ -299,28 +325,32 @@ def _attr(module: nn.Module, target: str):
 
 
 def interleaved_seconds(before: nn.Module, after: nn.Module, inputs: tuple, warmup: int = 3, rounds: int = 15,
-                        sample_s: float = 1e-3, max_rounds: int = 60) -> tuple[float, float]:
+                        sample_s: float = 1e-3, max_rounds: int = 60, batch: int = 5) -> tuple[float, float]:
     """Seconds per run of each form, timed alternately (A B, B A, ...) after ``warmup`` rounds, on the caller's
     thread count (synchronising CUDA after each run): ``before`` the median of its rounds, ``after`` that times the
     median of the rounds' after/before ratios (each round's two samples are neighbours in time, so a burst of other
     work on the machine that slows both cancels out).
 
     A sample is the fastest of as many back-to-back runs as fill ``sample_s`` (microsecond kernels are not timer
-    noise, and other work on the machine only ever adds time); while the two times are within three times
-    :data:`NOISE` of each other, ``rounds`` more rounds are added, up to ``max_rounds``.
+    noise, and other work on the machine only ever adds time).  Rounds come ``batch`` at a time: timing stops early
+    when every round so far agrees by more than three times :data:`NOISE`, after ``rounds`` unless the two times
+    are within that margin, and at ``max_rounds`` in any case.
     """
     from .stats import interleaved_times_ms
 
     first = interleaved_times_ms([before, after], inputs, warmup=warmup, rounds=1)
     passes = max(1, min(100, math.ceil(sample_s * 1e3 / max(1e-6, min(t[0] for t in first)))))
     times: list = [[], []]
+    margin = 3 * NOISE
     while True:
-        more = interleaved_times_ms([before, after], inputs, warmup=0, rounds=rounds, passes=passes, alternate=True,
+        more = interleaved_times_ms([before, after], inputs, warmup=0, rounds=batch, passes=passes, alternate=True,
                                     best=True)
         times = [t + m for t, m in zip(times, more, strict=True)]
+        ratios = [x / y for x, y in zip(times[1], times[0], strict=True)]
         b = statistics.median(times[0]) / 1e3
-        a = b * statistics.median(x / y for x, y in zip(times[1], times[0], strict=True))
-        if abs(b - a) > 3 * NOISE * min(a, b) or len(times[0]) + rounds > max_rounds:
+        a = b * statistics.median(ratios)
+        unanimous = min(ratios) > 1 + margin or max(ratios) < 1 - margin
+        if unanimous or len(ratios) >= max_rounds or (len(ratios) >= rounds and abs(b - a) > margin * min(a, b)):
             return b, a
 
 

@@ -280,7 +280,8 @@ class Collapse:
 
     def _candidate(self, state: _State, f: fx.Node, value: Value) -> C.Candidate:
         """The region as a :class:`~reparam.cost.Candidate`: MACs from the recorded shapes (per root position, in
-        the same currency, where a shape is unknown); the forms are built only when a measuring model asks."""
+        the same currency, where a shape is unknown); the forms are built only when a measuring model asks (the
+        merged one without its weights: :func:`reparam.cost.stand_in`)."""
         weighted = [n for n in value.ops if isinstance(self.ops[n], Unary) and self.ops[n].kind in ("conv", "linear")]
         shapes = [node_shape(n) for n in weighted]
         out, root = node_shape(f), node_shape(value.root)
@@ -297,7 +298,7 @@ class Collapse:
             before_kernels=sum(self._kernels(n) for n in value.ops), after_kernels=C.emitted_kernels(value.affine),
             input_shapes=(torch.Size(root),) if root is not None else (),
             before=lambda: C.subgraph_module(self.gm, [value.root], [f]),
-            after=lambda: to_module(value.affine, torch.float64, _device(self.gm)))
+            after=lambda: to_module(C.stand_in(value.affine), torch.float64, "meta"))
 
     def _kernels(self, node: fx.Node) -> int:
         """Kernels ``node`` launches as it is: none for a no-op, one for any other op."""
