@@ -91,8 +91,8 @@ class MacCost:
         before, after = _macs(candidate.before_macs), _macs(candidate.after_macs)
         if not candidate.more_macs:
             return Decision(True, f"{after} MACs, not more than {before}")
-        return Decision(False, f"kept {_kernels(candidate.before_kernels)}: merging costs more MACs "
-                               f"({before} -> {after})")
+        return Decision(False, f"kept {_kernels(candidate.before_kernels)}: merging would cost more MACs than it "
+                               f"saves ({before} -> {after})")
 
 
 Measure = Callable[[nn.Module, nn.Module, tuple], tuple[float, float]]

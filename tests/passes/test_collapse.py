@@ -265,8 +265,6 @@ def test_composing_that_costs_more_is_cut():
     case.assert_exact()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16: Collapse.plan() records the cost cut on a state it then "
-                                       "replaces, so the reason never reaches the report")
 def test_composing_that_costs_more_is_reported():
     case = expanding_chain()
     collapse(case)
