@@ -14,14 +14,13 @@ Weights are expected in float64 (the pipeline folds on a float64 copy of the mod
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from enum import Enum
 from functools import reduce
-from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-
-CHANNELS_LAST = "last"
 
 
 class Refusal(Exception):
@@ -60,13 +59,33 @@ class Layout:
 # the affine convolution
 
 
+class Kind(str, Enum):
+    """What an :class:`Affine` is known to be, tracked symbolically so that no operation has to scan a weight
+    to find structure.  Its value is the word reports and tests use (``Kind.DENSE == "dense"``)."""
+
+    IDENTITY = "identity"  # y = x (a depthwise 1x1 of ones)
+    DIAGONAL = "diagonal"  # one scale per channel (1x1, groups == channels)
+    PAD = "pad"  # an identity with zero padding
+    DENSE = "dense"  # anything else
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def channelwise(self) -> bool:
+        """Each output channel is its own input channel times a number (identity or diagonal)."""
+        return self in (Kind.IDENTITY, Kind.DIAGONAL)
+
+
 class Lazy:
     """A weight known by its shape, computed on first use (planning needs only geometry)."""
 
     __slots__ = ("shape", "_fn", "_value")
 
-    def __init__(self, shape: tuple, fn):
-        self.shape, self._fn, self._value = tuple(shape), fn, None
+    def __init__(self, shape: Sequence[int], fn: Callable[[], torch.Tensor]):
+        self.shape: tuple[int, ...] = tuple(shape)
+        self._fn = fn
+        self._value: torch.Tensor | None = None
 
     def resolve(self) -> torch.Tensor:
         if self._value is None:
@@ -85,21 +104,23 @@ class Affine:
 
     w: weight ``(out, in // groups, *kernel)``, a tensor or a :class:`Lazy` one (read ``.weight``);
     bias: ``(out,)`` or None (structurally zero).
-    kind: "identity", "diagonal" (one scale per channel, 1x1, groups == channels), "pad" (an identity
-    with zero padding) or "dense";
-    tracked symbolically so that no operation has to scan a weight to find structure.
+    kind: a :class:`Kind` (given as a member or its word).
     """
 
-    w: object
-    bias: Optional[torch.Tensor]
-    stride: tuple
-    pad_lo: tuple
-    pad_hi: tuple
-    dilation: tuple
+    w: torch.Tensor | Lazy
+    bias: torch.Tensor | None
+    stride: tuple[int, ...]
+    pad_lo: tuple[int, ...]
+    pad_hi: tuple[int, ...]
+    dilation: tuple[int, ...]
     groups: int
     layout: Layout
     padding_mode: str = "zeros"
-    kind: str = "dense"
+    kind: Kind = Kind.DENSE
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, Kind):
+            object.__setattr__(self, "kind", Kind(self.kind))
 
     # -- shape facts --------------------------------------------------------------------------
     @property
@@ -125,7 +146,7 @@ class Affine:
     @property
     def extent(self) -> tuple:
         """Input span of one output position per axis: ``d * (k - 1) + 1``."""
-        return tuple(d * (k - 1) + 1 for d, k in zip(self.dilation, self.kernel))
+        return tuple(d * (k - 1) + 1 for d, k in zip(self.dilation, self.kernel, strict=True))
 
     @property
     def pads(self) -> bool:
@@ -140,12 +161,12 @@ class Affine:
         """Spatial output size for spatial input size ``n`` (PyTorch's floor rule)."""
         return tuple(
             (ni + lo + hi - e) // s + 1
-            for ni, lo, hi, e, s in zip(n, self.pad_lo, self.pad_hi, self.extent, self.stride)
+            for ni, lo, hi, e, s in zip(n, self.pad_lo, self.pad_hi, self.extent, self.stride, strict=False)
         )
 
     def macs(self) -> float:
         """Multiply-accumulates per input position of the region root (stride-normalised)."""
-        if self.kind in ("identity", "pad"):
+        if self.kind in (Kind.IDENTITY, Kind.PAD):
             return 0.0
         per_out = math.prod(self.w.shape)
         return per_out / math.prod(self.stride) if self.nd else float(per_out)
@@ -178,9 +199,9 @@ def _tuple(v, nd: int) -> tuple:
 
 def same_padding(kernel: tuple, dilation: tuple) -> tuple[tuple, tuple]:
     """PyTorch's ``padding='same'`` (stride 1): total ``d*(k-1)``, the odd pixel on the high side."""
-    total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+    total = [d * (k - 1) for k, d in zip(kernel, dilation, strict=True)]
     lo = tuple(t // 2 for t in total)
-    return lo, tuple(t - l for t, l in zip(total, lo))
+    return lo, tuple(t - low for t, low in zip(total, lo, strict=True))
 
 
 def from_conv(weight, bias, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros") -> Affine:
@@ -206,7 +227,7 @@ def from_linear(weight, bias) -> Affine:
     return Affine(weight, bias, (), (), (), (), 1, Layout(0))
 
 
-def _unit(layout: Layout, channels: int, scale: torch.Tensor, shift, kind: str) -> Affine:
+def _unit(layout: Layout, channels: int, scale: torch.Tensor, shift: torch.Tensor | None, kind: Kind) -> Affine:
     weight = scale.reshape(channels, 1, *([1] * layout.nd))
     ones = (1,) * layout.nd
     zeros = (0,) * layout.nd
@@ -215,12 +236,13 @@ def _unit(layout: Layout, channels: int, scale: torch.Tensor, shift, kind: str) 
 
 def identity(channels: int, layout: Layout, dtype=torch.float64, device=None) -> Affine:
     """``y = x`` as a depthwise 1x1 conv with weight 1 at ``[i, 0, centre]`` (groups == channels)."""
-    return _unit(layout, channels, torch.ones(channels, dtype=dtype, device=device), None, "identity")
+    return _unit(layout, channels, torch.ones(channels, dtype=dtype, device=device), None, Kind.IDENTITY)
 
 
-def channelwise(scale: torch.Tensor, shift: Optional[torch.Tensor], layout: Layout) -> Affine:
+def channelwise(scale: torch.Tensor, shift: torch.Tensor | None, layout: Layout) -> Affine:
     """``y = scale[c] * x + shift[c]`` (BatchNorm, layer scale, per-channel bias)."""
-    return _unit(layout, scale.numel(), scale.reshape(-1), None if shift is None else shift.reshape(-1), "diagonal")
+    return _unit(layout, scale.numel(), scale.reshape(-1), None if shift is None else shift.reshape(-1),
+                 Kind.DIAGONAL)
 
 
 def batchnorm(mean, var, weight, bias, eps: float, layout: Layout) -> Affine:
@@ -253,7 +275,7 @@ def zero_pad(channels: int, lo: tuple, hi: tuple, layout: Layout, dtype=torch.fl
     if any(p < 0 for p in lo + hi):
         raise Refusal("negative padding (cropping) is not a convolution")
     base = identity(channels, layout, dtype, device)
-    return replace(base, pad_lo=tuple(lo), pad_hi=tuple(hi), kind="pad")
+    return replace(base, pad_lo=tuple(lo), pad_hi=tuple(hi), kind=Kind.PAD)
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,14 +296,14 @@ def regroup(a: Affine, groups: int) -> Affine:
     w = a.weight.new_zeros((out, in_per_new, *a.kernel))
     index = cols.reshape(out, in_per_old, *([1] * a.nd)).expand_as(a.weight)
     w.scatter_(1, index, a.weight)
-    return replace(a, w=w, groups=groups, kind="dense")
+    return replace(a, w=w, groups=groups, kind=Kind.DENSE)
 
 
 def _embed(weight: torch.Tensor, nd: int, offsets: tuple, step: tuple, size: tuple) -> torch.Tensor:
     """Place kernel taps ``t`` at ``offsets + t * step`` inside a zero kernel of ``size``."""
     out = weight.new_zeros((*weight.shape[:2], *size))
     index = (slice(None), slice(None)) + tuple(
-        slice(o, o + s * (k - 1) + 1, s) for o, s, k in zip(offsets, step, weight.shape[2:])
+        slice(o, o + s * (k - 1) + 1, s) for o, s, k in zip(offsets, step, weight.shape[2:], strict=True)
     )
     out[index] = weight
     return out
@@ -294,7 +316,12 @@ def _grouped_matvec(weight2d: torch.Tensor, vector: torch.Tensor, groups: int) -
     return torch.einsum("gop,gp->go", weight2d.reshape(groups, out // groups, per), v).reshape(out)
 
 
-def _add_bias(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def _total(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``t1 + t2 + ...`` in that order (at least one term)."""
+    return reduce(torch.add, tensors)
+
+
+def _add_bias(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     if a is None:
         return b
     if b is None:
@@ -348,25 +375,23 @@ def _align(branches: Sequence[Affine], same_input: bool = True) -> _Grid:
             raise Refusal(f"branches have different strides ({a.stride} vs {first.stride})")
     nd = first.nd
     mode = _common_padding_mode(branches)
-    right = [tuple(hi - (e - 1 - lo) for hi, e, lo in zip(a.pad_hi, a.extent, a.pad_lo)) for a in branches]
+    right = [tuple(hi - (e - 1 - lo) for hi, e, lo in zip(a.pad_hi, a.extent, a.pad_lo, strict=True)) for a in branches]
     if any(r != right[0] for r in right):
         raise Refusal("branches' output positions do not align (kernel centre minus padding differs)")
     lo = tuple(max(a.pad_lo[i] for a in branches) for i in range(nd))
     offsets = [tuple(lo[i] - a.pad_lo[i] for i in range(nd)) for a in branches]
-    extent = tuple(max(o[i] + a.extent[i] for o, a in zip(offsets, branches)) for i in range(nd))
-    dil = []
-    for i in range(nd):
-        spacing = [a.dilation[i] for a in branches if a.kernel[i] > 1] + [o[i] for o in offsets]
-        dil.append(reduce(math.gcd, spacing, 0) or 1)
-    dil = tuple(dil)
-    kernel = tuple((e - 1) // d + 1 for e, d in zip(extent, dil))
+    extent = tuple(max(o[i] + a.extent[i] for o, a in zip(offsets, branches, strict=True)) for i in range(nd))
+    dil = tuple(reduce(math.gcd, [a.dilation[i] for a in branches if a.kernel[i] > 1] + [o[i] for o in offsets], 0)
+                or 1 for i in range(nd))
+    kernel = tuple((e - 1) // d + 1 for e, d in zip(extent, dil, strict=True))
     hi = tuple(right[0][i] + extent[i] - 1 - lo[i] for i in range(nd))
     groups = reduce(math.gcd, [a.groups for a in branches])
     geometry = dict(stride=first.stride, pad_lo=lo, pad_hi=hi, dilation=dil, groups=groups,
                     layout=first.layout, padding_mode=mode)
     return _Grid(geometry, kernel,
-                 [tuple(o // d for o, d in zip(off, dil)) for off in offsets],
-                 [tuple(ad // d if k > 1 else 1 for ad, d, k in zip(a.dilation, dil, a.kernel)) for a in branches])
+                 [tuple(o // d for o, d in zip(off, dil, strict=True)) for off in offsets],
+                 [tuple(ad // d if k > 1 else 1 for ad, d, k in zip(a.dilation, dil, a.kernel, strict=True))
+                  for a in branches])
 
 
 def _scatter_diagonal(weight: torch.Tensor, a: Affine, groups: int, offset: tuple) -> None:
@@ -387,7 +412,7 @@ def _on_grid(a: Affine, grid: _Grid, offset: tuple, step: tuple, groups: int) ->
 def _accumulate(weight: torch.Tensor, a: Affine, offset: tuple, step: tuple, groups: int) -> None:
     """``weight[taps of a] += a`` in place, without building ``a`` on the full kernel."""
     index = (slice(None), slice(None)) + tuple(
-        slice(o, o + s * (k - 1) + 1, s) for o, s, k in zip(offset, step, a.kernel))
+        slice(o, o + s * (k - 1) + 1, s) for o, s, k in zip(offset, step, a.kernel, strict=True))
     weight[index] += regroup(a, groups).weight
 
 
@@ -402,21 +427,20 @@ def add(branches: Sequence[Affine]) -> Affine:
     if len({a.out_channels for a in branches}) != 1:
         raise Refusal("summed branches have different channel counts")
     bias = reduce(_add_bias, [a.bias for a in branches])
-    if all(a.kind in ("identity", "diagonal") for a in branches):
-        return channelwise(sum(a.weight.reshape(-1) for a in branches), bias, branches[0].layout)
+    if all(a.kind.channelwise for a in branches):
+        return channelwise(_total([a.weight.reshape(-1) for a in branches]), bias, branches[0].layout)
     grid = _align(branches)
     groups = grid.geometry["groups"]
 
     def summed() -> torch.Tensor:
-        # channelwise branches last: they are scattered onto the diagonal of the others' sum
-        order = sorted(range(len(branches)), key=lambda i: branches[i].kind in ("identity", "diagonal"))
-        weight = None
-        for i in order:
+        # channelwise branches last: they are scattered onto the diagonal of the others' sum (the first branch
+        # is not channelwise: sums of channelwise branches alone returned above)
+        first, *rest = sorted(range(len(branches)), key=lambda i: branches[i].kind.channelwise)
+        weight = _on_grid(branches[first], grid, grid.offsets[first], grid.steps[first], groups)
+        for i in rest:
             a = branches[i]
-            if a.kind in ("identity", "diagonal") and not a.pads:
+            if a.kind.channelwise and not a.pads:
                 _scatter_diagonal(weight, a, groups, grid.offsets[i])
-            elif weight is None:
-                weight = _on_grid(a, grid, grid.offsets[i], grid.steps[i], groups)
             else:
                 _accumulate(weight, a, grid.offsets[i], grid.steps[i], groups)
         return weight
@@ -434,7 +458,8 @@ def concat(branches: Sequence[Affine]) -> Affine:
     grid = _align(branches)
 
     def stacked() -> torch.Tensor:
-        return torch.cat([_on_grid(a, grid, off, st, 1) for a, off, st in zip(branches, grid.offsets, grid.steps)])
+        return torch.cat([_on_grid(a, grid, off, st, 1)
+                          for a, off, st in zip(branches, grid.offsets, grid.steps, strict=True)])
 
     biases = [a.bias if a.bias is not None else torch.zeros(a.out_channels, dtype=torch.float64) for a in branches]
     bias = None if all(a.bias is None for a in branches) else torch.cat(biases)
@@ -445,7 +470,7 @@ def concat(branches: Sequence[Affine]) -> Affine:
 def strided_identity(channels: int, layout: Layout, stride: tuple, sign: float = 1.0) -> Affine:
     """``y[o] = sign * x[o * stride]``: the centre tap of a strided conv, as a depthwise 1x1."""
     base = identity(channels, layout)
-    return replace(base, w=base.weight * sign, stride=tuple(stride), kind="dense")
+    return replace(base, w=base.weight * sign, stride=tuple(stride), kind=Kind.DENSE)
 
 
 def sum_over_inputs(branches: Sequence[Affine]) -> Affine:
@@ -459,17 +484,17 @@ def sum_over_inputs(branches: Sequence[Affine]) -> Affine:
         raise Refusal("paths end in convolutions of different shapes")
     weight = torch.cat([regroup(a, 1).weight for a in branches], 1)
     bias = reduce(_add_bias, [a.bias for a in branches])
-    return replace(first, w=weight, bias=bias, groups=1, kind="dense")
+    return replace(first, w=weight, bias=bias, groups=1, kind=Kind.DENSE)
 
 
 def widen_inputs(a: Affine, extra: int) -> Affine:
     """``A`` reading ``extra`` more input channels (appended, zero weights): groups become 1."""
     dense = regroup(a, 1)
     w = torch.cat([dense.weight, dense.weight.new_zeros((a.out_channels, extra, *a.kernel))], 1)
-    return replace(dense, w=w, kind="dense")
+    return replace(dense, w=w, kind=Kind.DENSE)
 
 
-def _merge_factors(a: Affine, b: Affine) -> Optional[tuple]:
+def _merge_factors(a: Affine, b: Affine) -> tuple | None:
     """Smallest (ka, kb) merging ka groups of ``a`` and kb of ``b`` into groups of one shape."""
     ia, oa = a.w.shape[1], a.out_channels // a.groups
     ib, ob = b.w.shape[1], b.out_channels // b.groups
@@ -552,46 +577,46 @@ def compose(a: Affine, b: Affine) -> Affine:
     another mode, ``A`` is pointwise.
     """
     _check_composable(a, b)
-    if a.kind == "identity" and not a.pads:
+    if a.kind is Kind.IDENTITY and not a.pads:
         return b
-    if b.kind == "identity":
+    if b.kind is Kind.IDENTITY:
         return a
-    if a.kind == "pad" and b.kind == "pad":  # pads of pads: one pad
-        return replace(a, pad_lo=tuple(x + y for x, y in zip(a.pad_lo, b.pad_lo)),
-                       pad_hi=tuple(x + y for x, y in zip(a.pad_hi, b.pad_hi)))
+    if a.kind is Kind.PAD and b.kind is Kind.PAD:  # pads of pads: one pad
+        return replace(a, pad_lo=tuple(x + y for x, y in zip(a.pad_lo, b.pad_lo, strict=True)),
+                       pad_hi=tuple(x + y for x, y in zip(a.pad_hi, b.pad_hi, strict=True)))
     mode = b.padding_mode if b.pads and b.padding_mode != "zeros" else a.padding_mode
-    if b.kind == "diagonal":  # channelwise after: scale rows
+    if b.kind is Kind.DIAGONAL:  # channelwise after: scale rows
         scale = b.weight.reshape(-1)
         weight = Lazy(a.w.shape, lambda: a.weight * scale.reshape(-1, *([1] * (len(a.w.shape) - 1))))
         bias = b.bias if a.bias is None else _add_bias(a.bias * scale, b.bias)
-        return replace(a, w=weight, bias=bias, kind="diagonal" if a.kind in ("identity", "diagonal") else "dense")
-    if a.kind == "diagonal" and not a.pads:  # channelwise before: scale input columns
+        return replace(a, w=weight, bias=bias, kind=Kind.DIAGONAL if a.kind.channelwise else Kind.DENSE)
+    if a.kind is Kind.DIAGONAL and not a.pads:  # channelwise before: scale input columns
         scale = a.weight.reshape(-1)
         per = b.weight.shape[1]
         cols = (torch.arange(b.out_channels, device=scale.device) // (b.out_channels // b.groups))[:, None] * per
         cols = cols + torch.arange(per, device=scale.device)[None, :]
-        weight = b.weight * scale[cols].reshape(*cols.shape, *([1] * b.nd))
+        scaled = b.weight * scale[cols].reshape(*cols.shape, *([1] * b.nd))
         bias = b.bias
         if a.bias is not None:
             spatial = tuple(range(2, b.weight.dim()))
             summed = b.weight.sum(spatial) if spatial else b.weight
             bias = _add_bias(_grouped_matvec(summed, a.bias, b.groups), b.bias)
-        return replace(b, w=weight, bias=bias, padding_mode=mode, kind="dense" if b.kind == "pad" else b.kind)
+        return replace(b, w=scaled, bias=bias, padding_mode=mode, kind=Kind.DENSE if b.kind is Kind.PAD else b.kind)
     return _compose_general(a, b, mode)
 
 
 def _compose_general(a: Affine, b: Affine, mode: str) -> Affine:
     groups = math.gcd(a.groups, b.groups)
-    step = tuple(sa * db for sa, db in zip(a.stride, b.dilation))
+    step = tuple(sa * db for sa, db in zip(a.stride, b.dilation, strict=True))
     dil = tuple(
         (math.gcd(da if ka > 1 else 0, st if kb > 1 else 0) or 1)
-        for da, ka, st, kb in zip(a.dilation, a.kernel, step, b.kernel)
+        for da, ka, st, kb in zip(a.dilation, a.kernel, step, b.kernel, strict=True)
     )
-    extent = tuple(ea + st * (kb - 1) for ea, st, kb in zip(a.extent, step, b.kernel))
-    kernel = tuple((e - 1) // d + 1 for e, d in zip(extent, dil))
-    stride = tuple(sa * sb for sa, sb in zip(a.stride, b.stride))
-    lo = tuple(la + sa * lb for la, sa, lb in zip(a.pad_lo, a.stride, b.pad_lo))
-    hi = tuple(ha + sa * hb for ha, sa, hb in zip(a.pad_hi, a.stride, b.pad_hi))
+    extent = tuple(ea + st * (kb - 1) for ea, st, kb in zip(a.extent, step, b.kernel, strict=True))
+    kernel = tuple((e - 1) // d + 1 for e, d in zip(extent, dil, strict=True))
+    stride = tuple(sa * sb for sa, sb in zip(a.stride, b.stride, strict=True))
+    lo = tuple(la + sa * lb for la, sa, lb in zip(a.pad_lo, a.stride, b.pad_lo, strict=True))
+    hi = tuple(ha + sa * hb for ha, sa, hb in zip(a.pad_hi, a.stride, b.pad_hi, strict=True))
     bias = b.bias
     if a.bias is not None:
         spatial = tuple(range(2, b.weight.dim()))
@@ -640,21 +665,28 @@ class RowMap:
     ``blocks`` ``(g, out/g, in/g)`` (group ``k`` maps the ``k``-th chunk of the values), or ``diag``
     ``(n,)`` when the map is channelwise; the other one is None."""
 
-    blocks: Optional[torch.Tensor]
-    diag: Optional[torch.Tensor]
+    blocks: torch.Tensor | None
+    diag: torch.Tensor | None
     bias: torch.Tensor
 
     @property
-    def size(self) -> tuple:
+    def dense(self) -> torch.Tensor:
+        """``blocks``, of a map that is not diagonal."""
+        if self.blocks is None:
+            raise TypeError("a diagonal RowMap has no blocks")
+        return self.blocks
+
+    @property
+    def size(self) -> tuple[int, int]:
         """(values out, values in)."""
         if self.diag is not None:
             return (self.diag.numel(),) * 2
-        g, o, i = self.blocks.shape
+        g, o, i = self.dense.shape
         return (g * o, g * i)
 
     @property
     def groups(self) -> int:
-        return self.diag.numel() if self.diag is not None else self.blocks.shape[0]
+        return self.diag.numel() if self.diag is not None else self.dense.shape[0]
 
     def in_groups(self, g: int) -> torch.Tensor:
         """The blocks for ``g`` groups (``g`` divides :attr:`groups`): ``r`` blocks side by side on a diagonal."""
@@ -662,15 +694,15 @@ class RowMap:
             return torch.diag_embed(self.diag.reshape(g, -1))
         r = self.groups // g
         if r == 1:
-            return self.blocks
-        return torch.stack([torch.block_diag(*self.blocks[k * r:(k + 1) * r]) for k in range(g)])
+            return self.dense
+        return torch.stack([torch.block_diag(*self.dense[k * r:(k + 1) * r]) for k in range(g)])
 
     def times(self, v: torch.Tensor) -> torch.Tensor:
         """``M @ v``."""
         if self.diag is not None:
             return self.diag * v
-        g, _, i = self.blocks.shape
-        return (self.blocks @ v.reshape(g, i, 1)).reshape(-1)
+        g, _, i = self.dense.shape
+        return (self.dense @ v.reshape(g, i, 1)).reshape(-1)
 
 
 def unroll(a: Affine, sample: tuple) -> RowMap:
@@ -683,7 +715,7 @@ def unroll(a: Affine, sample: tuple) -> RowMap:
     per = math.prod(sample[1:])
     bias = torch.zeros(a.out_channels, dtype=torch.float64) if a.bias is None else a.bias.reshape(-1)
     g = a.groups
-    if a.kind in ("identity", "diagonal") and not a.pads:
+    if a.kind.channelwise and not a.pads:
         return RowMap(None, a.weight.reshape(-1).repeat_interleave(per), bias.repeat_interleave(per))
     if per == 1 and a.is_pointwise:  # a 1x1 conv / Linear on single positions: its weight is the matrix
         return RowMap(a.weight.reshape(g, a.out_channels // g, -1), None, bias)
@@ -703,11 +735,11 @@ def compose_rows(first: RowMap, then: RowMap) -> RowMap:
     if then.diag is not None and first.diag is not None:
         return RowMap(None, then.diag * first.diag, bias)
     if then.diag is not None:
-        g, o, _ = first.blocks.shape
-        return RowMap(first.blocks * then.diag.reshape(g, o, 1), None, bias)
+        g, o, _ = first.dense.shape
+        return RowMap(first.dense * then.diag.reshape(g, o, 1), None, bias)
     if first.diag is not None:
-        g, _, i = then.blocks.shape
-        return RowMap(then.blocks * first.diag.reshape(g, 1, i), None, bias)
+        g, _, i = then.dense.shape
+        return RowMap(then.dense * first.diag.reshape(g, 1, i), None, bias)
     g = math.gcd(first.groups, then.groups)
     return RowMap(then.in_groups(g) @ first.in_groups(g), None, bias)
 
@@ -716,11 +748,12 @@ def add_rows(maps: Sequence[RowMap]) -> RowMap:
     """``M1(x) + ... + Mn(x)`` per sample, in the groups all share.  Precondition: the same sizes."""
     if len({r.size for r in maps}) != 1:
         raise Refusal("summed per-sample maps have different sizes")
-    bias = sum(r.bias for r in maps)
-    if all(r.diag is not None for r in maps):
-        return RowMap(None, sum(r.diag for r in maps), bias)
+    bias = _total([r.bias for r in maps])
+    diagonals = [r.diag for r in maps if r.diag is not None]
+    if len(diagonals) == len(maps):
+        return RowMap(None, _total(diagonals), bias)
     g = reduce(math.gcd, [r.groups for r in maps])
-    return RowMap(sum(r.in_groups(g) for r in maps), None, bias)
+    return RowMap(_total([r.in_groups(g) for r in maps]), None, bias)
 
 
 def from_rows(r: RowMap) -> Affine:
@@ -740,7 +773,7 @@ def apply(a: Affine, x: torch.Tensor) -> torch.Tensor:
         w = regroup(a, 1).weight if a.groups != 1 else a.weight
         return F.linear(x, w, a.bias)
     pads = []
-    for lo, hi in zip(reversed(a.pad_lo), reversed(a.pad_hi)):
+    for lo, hi in zip(reversed(a.pad_lo), reversed(a.pad_hi), strict=True):
         pads += [lo, hi]
     if any(pads):
         x = F.pad(x, pads, mode="constant" if a.padding_mode == "zeros" else a.padding_mode)
