@@ -767,14 +767,17 @@ def from_rows(r: RowMap) -> Affine:
 # evaluation (tests and verification)
 
 
+def torch_pads(lo: Sequence[int], hi: Sequence[int]) -> tuple[int, ...]:
+    """Per-axis ``(lo, hi)`` -> ``F.pad``'s order: last axis first, ``(lo, hi)`` per axis."""
+    return tuple(p for low, high in zip(reversed(lo), reversed(hi), strict=True) for p in (low, high))
+
+
 def apply(a: Affine, x: torch.Tensor) -> torch.Tensor:
     """Run ``a`` on ``x`` with eager PyTorch (the reference semantics of an Affine)."""
     if a.layout.channels_last:
         w = regroup(a, 1).weight if a.groups != 1 else a.weight
         return F.linear(x, w, a.bias)
-    pads = []
-    for lo, hi in zip(reversed(a.pad_lo), reversed(a.pad_hi), strict=True):
-        pads += [lo, hi]
+    pads = list(torch_pads(a.pad_lo, a.pad_hi))
     if any(pads):
         x = F.pad(x, pads, mode="constant" if a.padding_mode == "zeros" else a.padding_mode)
     conv = (F.conv1d, F.conv2d, F.conv3d)[a.nd - 1]

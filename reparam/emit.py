@@ -1,8 +1,6 @@
 """Affine -> a plain torch.nn module (ConvNd, Linear, ChannelAffine), built without default init."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn as nn
 
@@ -13,22 +11,40 @@ _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _PADS = {1: nn.ConstantPad1d, 2: nn.ConstantPad2d, 3: nn.ConstantPad3d}
 
 
-def _param(t: torch.Tensor, dtype, device) -> nn.Parameter:
+def _param(t: torch.Tensor, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
     return nn.Parameter(t.detach().to(dtype=dtype, device=device).contiguous(), requires_grad=False)
 
 
-def to_module(a: A.Affine, dtype: torch.dtype, device) -> Optional[nn.Module]:
+def device_of(module: nn.Module) -> torch.device:
+    """Where ``module``'s parameters live (the CPU for a module without any): where emitted modules go."""
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
+def no_single_module(a: A.Affine) -> A.Refusal:
+    """Why :func:`to_module` has no module for ``a``."""
+    return A.Refusal(f"no single module pads asymmetrically with {a.padding_mode}")
+
+
+def module_for(a: A.Affine, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+    """:func:`to_module`, raising :func:`no_single_module` where it has none."""
+    module = to_module(a, dtype, device)
+    if module is None:
+        raise no_single_module(a)
+    return module
+
+
+def to_module(a: A.Affine, dtype: torch.dtype, device: torch.device | str) -> nn.Module | None:
     """One module computing ``a``; None when no single plain module can (asymmetric non-zero padding).
 
-    channelwise -> ChannelAffine; zero pad -> ConstantPadNd; channels-last -> Linear; otherwise ConvNd (asymmetric zero padding
-    becomes ``Sequential(ConstantPadNd, ConvNd)``).  Parameters are cast to ``dtype`` after folding.
+    channelwise -> ChannelAffine; zero pad -> ConstantPadNd; channels-last -> Linear; otherwise ConvNd (asymmetric
+    zero padding becomes ``Sequential(ConstantPadNd, ConvNd)``).  Parameters are cast to ``dtype`` after folding.
     """
-    if a.kind in ("identity", "diagonal") and not a.pads:
+    if a.kind.channelwise and not a.pads:
         scale = a.weight.reshape(-1).to(dtype=dtype, device=device)
-        shift = None if a.bias_is_zero() else a.bias.to(dtype=dtype, device=device)
+        shift = None if a.bias is None or a.bias_is_zero() else a.bias.to(dtype=dtype, device=device)
         return ChannelAffine(scale, shift, a.nd)
-    if a.kind == "pad":
-        return _PADS[a.nd](_torch_pads(a), 0.0)
+    if a.kind is A.Kind.PAD:
+        return _PADS[a.nd](A.torch_pads(a.pad_lo, a.pad_hi), 0.0)
     if a.layout.channels_last:
         dense = A.regroup(a, 1)
         with torch.device("meta"):
@@ -49,12 +65,4 @@ def to_module(a: A.Affine, dtype: torch.dtype, device) -> Optional[nn.Module]:
         m.bias = _param(a.bias, dtype, device)
     if symmetric:
         return m
-    return nn.Sequential(_PADS[a.nd](_torch_pads(a), 0.0), m)
-
-
-def _torch_pads(a: A.Affine) -> tuple:
-    """F.pad's order: last axis first, (lo, hi) per axis."""
-    pads = []
-    for lo, hi in zip(reversed(a.pad_lo), reversed(a.pad_hi)):
-        pads += [lo, hi]
-    return tuple(pads)
+    return nn.Sequential(_PADS[a.nd](A.torch_pads(a.pad_lo, a.pad_hi), 0.0), m)

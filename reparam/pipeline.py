@@ -10,6 +10,9 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Optional
 
 import torch
@@ -18,11 +21,12 @@ import torch.nn as nn
 from torch.utils._pytree import tree_structure
 
 from . import trace as T
-from .cost import resolve_cost
+from .cost import CostModel, resolve_cost
 from .equalization import equalize_in_place
 from .errors import EquivalenceError, ReparamError
+from .passes import PassResult
 from .passes.cleanup import drop_static_asserts, drop_unused_tensors
-from .passes.collapse import Collapse
+from .passes.collapse import collapse
 from .passes.inplace import follow_inplace_writes
 from .passes.rows import merge_rows
 from .passes.residual import remove_residuals as remove_residual_adds
@@ -36,7 +40,7 @@ from .precision import check_precision
 from .shapes import check_example_inputs
 from .verify import TOLERANCE, compare_outputs, is_degenerate, random_like, to_float64
 
-MAX_ROUNDS = 8
+MAX_ROUNDS = 8  # rounds of a rule run to a fixed point (collapse: a region merged may join a larger one)
 
 
 class TrainingModeWarning(UserWarning):
@@ -74,38 +78,50 @@ def _normalise_inputs(example_inputs) -> Optional[tuple]:
     )
 
 
-def _region_dtype(gm: fx.GraphModule, dtypes: dict, fallback: torch.dtype):
-    """dtype for a fused module: that of the first weight in the region (the model's otherwise)."""
+@dataclass(frozen=True)
+class Rule:
+    """One rewrite rule of the pipeline: ``run(gm, report) -> PassResult`` (a pass of :mod:`reparam.passes`).
 
-    def pick(nodes) -> torch.dtype:
-        for node in sorted(nodes, key=lambda n: n.name):
-            if node.op == "call_module":
-                d = dtypes.get(f"{node.target}.weight")
-                if d is not None:
-                    return d
-        return fallback
+    ``to_fixed_point``: run again while it rewrites, at most :data:`MAX_ROUNDS` times (the report says when it
+    stops still rewriting).  ``after_change``: run only when the rule before it rewrote something.
+    """
 
-    return pick
+    name: str
+    run: Callable[[fx.GraphModule, Report], PassResult]
+    to_fixed_point: bool = False
+    after_change: bool = False
+
+
+def rules(remove_residuals: bool = False, cost: CostModel | None = None) -> tuple[Rule, ...]:
+    """The rewrite rules, in the order they run (``cost``: what collapse asks whether a merge pays)."""
+    collapse_regions = Rule("collapse", partial(collapse, cost=cost), to_fixed_point=True)
+    return (
+        Rule("inplace writes", follow_inplace_writes),  # before collapse: functional pads instead of in-place barriers
+        Rule("transposed-conv batchnorms", fold_bn_into_transposed_convs),  # outside the affine algebra
+        collapse_regions,
+        Rule("rows", merge_rows),  # after collapse: each chain holds its merged kernels
+        Rule("towers", merge_towers),  # after collapse: sums of convs merged first, so towers see their final form
+        replace(collapse_regions, after_change=True),  # the merged towers' kernels fold with what is around them
+        *((Rule("residuals", remove_residual_adds),) if remove_residuals else ()),
+        Rule("static asserts", drop_static_asserts),
+    )
 
 
 def _fuse_graph(gm: fx.GraphModule, inputs: Optional[tuple], report: Report, dtypes: dict, main: torch.dtype,
-                shapes_known: bool = False, remove_residuals: bool = False, cost=None) -> fx.GraphModule:
-    """Run the passes on ``gm`` (in place) to a fixed point; returns its unfused twin (for the proofs)."""
+                shapes_known: bool = False, remove_residuals: bool = False, cost: CostModel | None = None,
+                where: str = "") -> fx.GraphModule:
+    """Run the :func:`rules` on ``gm`` (in place), ``where`` naming it in the report; returns its unfused twin
+    (for the proofs).  ``dtypes`` gains the dtypes of the modules the rules create."""
     if inputs is not None and not shapes_known:
         T.propagate_shapes(gm, inputs)
     tag_origins(gm)
     pristine = pristine_copy(gm)
-    follow_inplace_writes(gm, report)  # before collapse: functional pads instead of in-place barriers
-    fold_bn_into_transposed_convs(gm, report)  # outside the affine algebra: its own rule
-    _collapse(gm, report, dtypes, main, cost)
-    merge_rows(gm, report)  # after collapse: each chain holds its merged kernels
-    if merge_towers(gm, report):  # sums of convs merged first, so towers see their final form
-        if inputs is not None:
-            T.propagate_shapes(gm, inputs)
-        _collapse(gm, report, dtypes, main, cost)
-    if remove_residuals and remove_residual_adds(gm, report) and inputs is not None:
-        T.propagate_shapes(gm, inputs)  # carried channels widened some tensors
-    drop_static_asserts(gm)
+    previous = PassResult()
+    for rule in rules(remove_residuals, cost):
+        if rule.after_change and not previous:
+            previous = PassResult()
+            continue
+        previous = _apply(rule, gm, inputs, report, dtypes, main, where or type(gm).__name__)
     gm.delete_all_unused_submodules()
     drop_unused_tensors(gm)
     gm.graph.lint()
@@ -113,10 +129,33 @@ def _fuse_graph(gm: fx.GraphModule, inputs: Optional[tuple], report: Report, dty
     return pristine
 
 
-def _collapse(gm: fx.GraphModule, report: Report, dtypes: dict, main: torch.dtype, cost=None) -> None:
-    for _ in range(MAX_ROUNDS):  # new nodes carry their replaced node's shape, so no re-propagation
-        if Collapse(gm, report, _region_dtype(gm, dtypes, main), dtypes, cost).run() == 0:
+def _apply(rule: Rule, gm: fx.GraphModule, inputs: Optional[tuple], report: Report, dtypes: dict,
+           main: torch.dtype, where: str) -> PassResult:
+    """``rule`` on ``gm`` (to its fixed point if it has one), with the bookkeeping its results ask for: dtypes of
+    the modules it creates, shapes propagated again when they went stale."""
+    total = PassResult()
+    for _ in range(MAX_ROUNDS if rule.to_fixed_point else 1):
+        result = rule.run(gm, report)
+        _record_dtypes(gm, result, dtypes, main)
+        if result.shapes_stale and inputs is not None:
+            T.propagate_shapes(gm, inputs)
+        total = total + result
+        if not result:
             break
+    else:
+        if rule.to_fixed_point:
+            report.notes.append(f"{where}: {rule.name} still rewrote in its last of {MAX_ROUNDS} rounds and stopped "
+                                "there (the result is exact, but may merge less than it could)")
+    return total
+
+
+def _record_dtypes(gm: fx.GraphModule, result: PassResult, dtypes: dict, fallback: torch.dtype) -> None:
+    """dtypes (to cast back to) of the tensors of the modules ``result`` says were created: that of the first
+    weight among the modules each one replaces (``PassResult.replaces``), the model's main dtype otherwise."""
+    for name in result.created:
+        replaced = (dtypes.get(f"{target}.weight") for target in result.replaces.get(name, ()))
+        dtype = next((d for d in replaced if d is not None), fallback)
+        dtypes.update({f"{name}.{p}": dtype for p, _ in gm.get_submodule(name).named_parameters()})
 
 
 def fuse_with_report(model: nn.Module, example_inputs=None, *, check: bool = True,
@@ -148,7 +187,7 @@ def fuse_with_report(model: nn.Module, example_inputs=None, *, check: bool = Tru
         check_precision(model, given, dtype)  # overflow in the deploy precision: named before any folding
     try:
         gm, trace_error = T.symbolic_trace(work), None
-    except Exception as err:  # not traceable as a whole: fuse the traceable parts of the private copy
+    except Exception as err:  # noqa: BLE001  tracing the user's code: any failure means "fuse the traceable parts" (its message goes to the notes)
         gm, trace_error = None, err
     fuse_graph = _graph_fuser(report, dtypes, main, remove_residuals, cost)
     fused = None
@@ -188,7 +227,8 @@ def _graph_fuser(report: Report, dtypes: dict, main: torch.dtype, remove_residua
     def fuse_graph(gm: fx.GraphModule, inputs: Optional[tuple], path: str) -> fx.GraphModule:
         prefix = f"{path}." if path else ""
         local = {k[len(prefix):]: v for k, v in dtypes.items() if k.startswith(prefix)}
-        pristine = _fuse_graph(gm, inputs, report, local, main, remove_residuals=remove_residuals, cost=cost)
+        pristine = _fuse_graph(gm, inputs, report, local, main, remove_residuals=remove_residuals, cost=cost,
+                               where=path)
         dtypes.update({prefix + k: v for k, v in local.items()})  # dtypes of the modules it created
         return pristine
 
@@ -302,7 +342,8 @@ def _register_constants(fused: nn.Module) -> None:
 def _cast_back(fused: nn.Module, dtypes: dict, main: torch.dtype, device) -> None:
     """Every tensor back to ``device`` and, if floating, to its original dtype (new ones: ``main``)."""
     _register_constants(fused)
-    for name, t in list(fused.named_parameters(remove_duplicate=False)) + list(fused.named_buffers(remove_duplicate=False)):
+    tensors = list(fused.named_parameters(remove_duplicate=False)) + list(fused.named_buffers(remove_duplicate=False))
+    for name, t in tensors:
         want = dtypes.get(name, main) if t.is_floating_point() else t.dtype
         if t.dtype != want or t.device != device:
             t.data = t.data.to(dtype=want, device=device)

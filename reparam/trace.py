@@ -22,6 +22,7 @@ from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .interface import keep_attributes, restore_state, snapshot_state
+from .match import arg, attr_path, called_module, is_conv
 
 
 def _timm_leaves() -> tuple[set, set]:
@@ -33,7 +34,7 @@ def _timm_leaves() -> tuple[set, set]:
         leaves = set(getattr(tfx, "_leaf_modules", set()))
         functions = set(getattr(tfx, "_autowrap_functions", set()))
         return leaves, functions
-    except Exception:  # timm absent or reorganised: the stock policy still works
+    except (ImportError, TypeError):  # timm absent or reorganised: the stock policy still works
         return set(), set()
 
 
@@ -178,15 +179,15 @@ class Run:
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Optional[Run]:
-    """Record ``meta['tensor_meta']`` on every node by running ``example_inputs``; None if it fails.
-
-    """
+    """Record ``meta['tensor_meta']`` on every node by running ``example_inputs``; None if it fails (candidate
+    inputs the model does not take; given inputs that fail here fail again, with their error, when the fused
+    model is verified)."""
     try:
         with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")  # ShapeProp prints a traceback for a candidate that fails
             fresh = [t.clone() if isinstance(t, torch.Tensor) else t for t in example_inputs]  # inputs stay as given
             return Run(_plain(ShapeProp(gm).propagate(*fresh)))
-    except Exception:
+    except Exception:  # noqa: BLE001  the model's own code on trial inputs: any failure means "these do not run"
         return None
 
 
@@ -199,20 +200,6 @@ def _plain(value: Any) -> Any:
     if type(value) is tuple:
         return tuple(_plain(v) for v in value)
     return value
-
-
-def node_shape(node: fx.Node) -> Optional[tuple]:
-    meta = node.meta.get("tensor_meta")
-    shape = getattr(meta, "shape", None)
-    return tuple(shape) if shape is not None else None
-
-
-def shape_meta(like: fx.Node, shape: tuple):
-    """``meta['tensor_meta']`` for a new node of ``shape`` with ``like``'s dtype (no run needed)."""
-    from torch.fx.passes.shape_prop import _extract_tensor_metadata
-
-    dtype = getattr(like.meta.get("tensor_meta"), "dtype", torch.float64)
-    return _extract_tensor_metadata(torch.empty(shape, dtype=dtype, device="meta"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,36 +217,21 @@ def _first_consumer_channels(gm: fx.GraphModule, placeholder: fx.Node) -> Option
                 if user in seen:
                     continue
                 seen.add(user)
-                if user.op == "call_module":
-                    m = modules.get(user.target)
-                    if isinstance(m, torch.nn.modules.conv._ConvNd) and not isinstance(m, torch.nn.modules.conv._ConvTransposeNd):
-                        return m.in_channels, m.weight.dim() - 2
-                    if isinstance(m, torch.nn.Linear):
-                        return m.in_features, 0
-                if user.op == "call_function" and user.target in _FUNCTIONAL_CONVS and user.args[0] is node:
-                    w = user.args[1] if len(user.args) > 1 else user.kwargs.get("weight")
+                spec = input_spec(called_module(user, modules))
+                if spec is not None:
+                    return spec
+                if user.op == "call_function" and user.target in _FUNCTIONAL_CONVS and arg(user, 0, "input") is node:
+                    w = arg(user, 1, "weight")
                     if isinstance(w, fx.Node) and w.op == "get_attr":
-                        t = _fetch(gm, w.target)
-                        return t.shape[1] * _groups(user), t.dim() - 2
+                        t = attr_path(gm, str(w.target))
+                        return t.shape[1] * int(arg(user, 6, "groups", 1)), t.dim() - 2
                 nxt.append(user)
         frontier = nxt
     return None
 
 
-def _groups(node: fx.Node) -> int:
-    if len(node.args) > 6:
-        return int(node.args[6])
-    return int(node.kwargs.get("groups", 1))
-
-
-def _fetch(gm: torch.nn.Module, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-_FUNCTIONAL_CONVS = {torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d, torch.conv2d, torch.conv1d, torch.conv3d}
+_FUNCTIONAL_CONVS = {torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d, torch.conv2d,
+                     torch.conv1d, torch.conv3d}
 
 
 def _configured_size(model: torch.nn.Module) -> Optional[int]:
@@ -271,10 +243,10 @@ def _configured_size(model: torch.nn.Module) -> Optional[int]:
     return None
 
 
-def input_spec(module: torch.nn.Module) -> Optional[tuple[int, int]]:
+def input_spec(module: Optional[torch.nn.Module]) -> Optional[tuple[int, int]]:
     """(input channels or features, spatial rank: 0 for a Linear) of a conv (not transposed) or linear
-    module; None for any other module."""
-    if isinstance(module, torch.nn.modules.conv._ConvNd) and not isinstance(module, torch.nn.modules.conv._ConvTransposeNd):
+    module; None for any other module (or None)."""
+    if is_conv(module):
         return module.in_channels, module.weight.dim() - 2
     if isinstance(module, torch.nn.Linear):
         return module.in_features, 0
@@ -328,5 +300,5 @@ def _forward_ok(model: torch.nn.Module, inputs: tuple) -> bool:
             warnings.simplefilter("ignore")
             model(*inputs)
         return True
-    except Exception:
+    except Exception:  # noqa: BLE001  the model's own code on trial inputs: any failure means "these do not run"
         return False

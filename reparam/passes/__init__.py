@@ -5,7 +5,8 @@ rewrite and each refusal, with its reason, is recorded) and returns a :class:`Pa
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -14,12 +15,20 @@ class PassResult:
 
     ``changed``: rewrites applied (0: the graph is as it was).  ``created``: qualified names of the submodules it
     registered (the pipeline gives their tensors a dtype; the pass never writes the pipeline's bookkeeping).
+    ``replaces``: for a created submodule, the original modules it computes in their place (their qualified
+    names, in the order the pipeline's dtype rule reads them); absent when it stands for no particular one.
     ``shapes_stale``: tensor shapes in the graph changed, so recorded shapes must be propagated again.
     """
 
     changed: int = 0
     created: tuple[str, ...] = ()
     shapes_stale: bool = False
+    replaces: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return self.changed > 0
+
+    def __add__(self, later: PassResult) -> PassResult:
+        """Two runs, this one first."""
+        return PassResult(self.changed + later.changed, self.created + later.created,
+                          self.shapes_stale or later.shapes_stale, {**self.replaces, **later.replaces})

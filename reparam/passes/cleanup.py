@@ -7,10 +7,13 @@ only fail on inputs the original model rejects as well (the fused model then fai
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 import torch.fx as fx
 
+from ..report import Report
+from . import PassResult
 from .mutation import eliminate_dead_code, is_metadata_user
 
 _ASSERTS = {torch._assert}
@@ -18,7 +21,7 @@ _LOGIC = {operator.eq, operator.ne, operator.lt, operator.le, operator.gt, opera
           operator.and_, operator.or_, operator.not_, operator.truth}
 
 
-def _static(arg) -> bool:
+def _static(arg: Any) -> bool:
     """True when ``arg`` is built only from constants and rank/dtype/device reads."""
     if isinstance(arg, (list, tuple)):
         return all(_static(a) for a in arg)
@@ -31,8 +34,9 @@ def _static(arg) -> bool:
     return False
 
 
-def drop_static_asserts(gm: fx.GraphModule) -> int:
-    """Remove assertions on rank/dtype/device; return how many were removed."""
+def drop_static_asserts(gm: fx.GraphModule, report: Report | None = None) -> PassResult:
+    """Remove assertions on rank/dtype/device; ``changed``: how many were removed (nothing to report: such a
+    check can only fail where the original model fails too)."""
     removed = 0
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in _ASSERTS and not node.users and _static(node.args[0]):
@@ -40,7 +44,7 @@ def drop_static_asserts(gm: fx.GraphModule) -> int:
             removed += 1
     if removed:
         eliminate_dead_code(gm)
-    return removed
+    return PassResult(removed)
 
 
 def drop_unused_tensors(gm: fx.GraphModule) -> None:

@@ -25,20 +25,23 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.fx as fx
 
 from .. import affine as A
 from .. import cost as C
-from ..emit import to_module
-from ..lift import Concat, Constants, Lifter, NotAffine, Sum, Unary
+from ..affine import Kind
+from ..emit import device_of, no_single_module, to_module
+from ..lift import Concat, Constants, Lifter, NotAffine, Op, OpKind, Sum, Unary, op_sources
+from ..match import has_attr_path, node_shape
 from ..proofs import REWRITE
 from ..report import Report, Rewrite
-from ..trace import node_shape
+from . import PassResult
 from .mutation import eliminate_dead_code, is_metadata_user, mutation_barriers, real_users
+from .naming import block_prefix, fresh_name, where
 
 
 @dataclass
@@ -47,30 +50,39 @@ class Value:
 
     root: fx.Node
     affine: A.Affine
-    ops: frozenset
-    expanding: tuple = ()  # inputs where composing made the work larger
-    joins: tuple = ()  # inputs of adds / concats inside the region
-    last_join: tuple = ()  # inputs of the join nearest to this node (cut first when unprofitable)
+    ops: frozenset[fx.Node]
+    expanding: tuple[fx.Node, ...] = ()  # inputs where composing made the work larger
+    joins: tuple[fx.Node, ...] = ()  # inputs of adds / concats inside the region
+    last_join: tuple[fx.Node, ...] = ()  # inputs of the join nearest to this node (cut first when unprofitable)
 
 
 @dataclass
 class _State:
-    values: dict = field(default_factory=dict)
-    cost: dict = field(default_factory=dict)  # node -> conv/linear MACs per root position (when shapes are unknown)
-    events: dict = field(default_factory=dict)  # node -> rewrite kinds it contributes
-    refusals: list = field(default_factory=list)
+    values: dict[fx.Node, Value] = field(default_factory=dict)
+    # node -> conv/linear MACs per root position (when shapes are unknown)
+    cost: dict[fx.Node, float] = field(default_factory=dict)
+    events: dict[fx.Node, tuple[str, ...]] = field(default_factory=dict)  # node -> rewrite kinds it contributes
+    refusals: list[tuple[fx.Node, str]] = field(default_factory=list)
+
+
+def collapse(gm: fx.GraphModule, report: Report, cost: C.CostModel | None = None) -> PassResult:
+    """One round of the pass (see the module docstring): every affine region of ``gm`` that pays (``cost``, the
+    MAC rule by default) as one kernel.
+
+    ``PassResult.replaces`` names, for each module it emits, the call targets of the region's module calls
+    (sorted by node name), so the pipeline can give it the dtype of the region's first weight."""
+    return Collapse(gm, report, cost).run()
 
 
 class Collapse:
-    def __init__(self, gm: fx.GraphModule, report: Report, dtype_of=None, new_dtypes: Optional[dict] = None,
-                 cost: Optional[C.CostModel] = None):
+    def __init__(self, gm: fx.GraphModule, report: Report, cost: C.CostModel | None = None):
         self.gm = gm
         self.report = report
         self.cost = cost if cost is not None else C.MacCost()  # asked whether each multi-op region pays
         self.constants = Constants(gm)
         self.lifter = Lifter(gm, self.constants)
-        self.ops: dict = {}
-        self.memo: dict = {}
+        self.ops: dict[fx.Node, Op] = {}
+        self.memo: dict[fx.Node, tuple] = {}
         self.order = {node: i for i, node in enumerate(gm.graph.nodes)}
         self.mutations = mutation_barriers(gm)
         for node in gm.graph.nodes:
@@ -79,15 +91,13 @@ class Collapse:
             if node.op in ("call_module", "call_function", "call_method"):
                 try:
                     self.ops[node] = self.lifter.lift(node)
-                except A.Refusal as r:
-                    report.refuse(_where(node), str(r))
-                except (NotAffine, Exception):
+                except A.Refusal as r:  # an op one expects to fold, but not here: say why
+                    report.refuse(where(node), str(r))
+                except NotAffine:  # not an affine op of its inputs: nothing to merge, nothing to say
                     pass
-        self.dtype_of = dtype_of or (lambda nodes: torch.float32)
-        self.new_dtypes = new_dtypes if new_dtypes is not None else {}  # param name -> dtype to cast back to
 
     # -- step 1: values ------------------------------------------------------------------------------
-    def _root_identity(self, node: fx.Node, layout: Optional[A.Layout], channels: Optional[int] = None):
+    def _root_identity(self, node: fx.Node, layout: A.Layout | None, channels: int | None = None) -> A.Affine | None:
         shape = node_shape(node)
         if layout is None:
             if shape is None:
@@ -99,10 +109,10 @@ class Collapse:
             return None
         return A.identity(channels, layout)
 
-    def _input(self, state: _State, node: fx.Node, cut: set) -> Optional[Value]:
+    def _input(self, state: _State, node: fx.Node, cut: set) -> Value | None:
         return None if node in cut else state.values.get(node)
 
-    def _unary(self, state: _State, node: fx.Node, op: Unary, cut: set) -> Optional[Value]:
+    def _unary(self, state: _State, node: fx.Node, op: Unary, cut: set) -> Value | None:
         base = self._input(state, op.source, cut)
         aff = op.affine
         if aff is None:  # scalar op or identity: take the layout of what it acts on
@@ -110,18 +120,18 @@ class Collapse:
             if start is None:
                 return None
             channels, layout = start.out_channels, start.layout
-            if op.kind == "identity" or (op.scale == 1.0 and op.shift == 0.0):
+            if op.kind is OpKind.IDENTITY or (op.scale == 1.0 and op.shift == 0.0):
                 aff = A.identity(channels, layout)
             else:
                 shift = None if op.shift == 0.0 else torch.full((channels,), op.shift, dtype=torch.float64)
                 aff = A.channelwise(torch.full((channels,), op.scale, dtype=torch.float64), shift, layout)
-        events = (_EVENT[op.kind],) if op.kind in _EVENT and aff.kind != "identity" else ()
+        events: tuple[str, ...] = (_EVENT[op.kind],) if op.kind in _EVENT and aff.kind is not Kind.IDENTITY else ()
         stride_in = base.affine.stride if base else ()
         state.cost[node] = _op_cost(op.kind, aff, stride_in)
         if base is not None:
             try:
                 composed = A.compose(base.affine, aff)
-                heavy = base.affine.kind == "dense" and aff.kind == "dense"
+                heavy = base.affine.kind is Kind.DENSE and aff.kind is Kind.DENSE
                 if heavy:
                     events += ("compose",)
                 expanding = base.expanding
@@ -138,17 +148,18 @@ class Collapse:
         state.events[node] = events
         return Value(op.source, aff, frozenset({node}))
 
-    def _terms(self, state: _State, sources: list, cut: set):
+    def _terms(self, state: _State, sources: list[fx.Node], cut: set) -> tuple[list[Value], int] | None:
         """Values (or root identities) of a join's inputs, all from one root; None otherwise."""
         bases = [self._input(state, s, cut) for s in sources]
-        roots = {b.root if b else s for b, s in zip(bases, sources)}
+        roots = {b.root if b else s for b, s in zip(bases, sources, strict=True)}
         if len(roots) != 1:
-            bases = self._common_root(bases, sources, roots, cut)
-            if bases is None:
+            common = self._common_root(bases, sources, roots, cut)
+            if common is None:
                 return None
+            bases = common
         layout = next((b.affine.layout for b in bases if b), None)
         terms, skips = [], 0
-        for b, s in zip(bases, sources):
+        for b, s in zip(bases, sources, strict=True):
             if b is not None:
                 terms.append(b)
                 continue
@@ -159,7 +170,8 @@ class Collapse:
             skips += 1
         return terms, skips
 
-    def _common_root(self, bases: list, sources: list, roots: set, cut: set) -> Optional[list]:
+    def _common_root(self, bases: list[Value | None], sources: list[fx.Node], roots: set[fx.Node],
+                     cut: set) -> list[Value | None] | None:
         """Join inputs with different roots, re-expressed from the one root every path goes through.
 
         before: ``A(x) -> x1``, terms ``B(A(x))`` (B composed through A) and ``C(x1)`` (C refused to
@@ -170,28 +182,35 @@ class Collapse:
         """
         for root in sorted(roots, key=self.order.__getitem__, reverse=True):  # latest first: deterministic
             if not all(s == root or (b is not None and (b.root == root or root in b.ops))
-                       for b, s in zip(bases, sources)):
+                       for b, s in zip(bases, sources, strict=True)):
                 continue
-            rebased = [None if s == root else b if b.root == root else self._rebase(b, s, root, cut)
-                       for b, s in zip(bases, sources)]
-            if all(r is not None or s == root for r, s in zip(rebased, sources)):
+            rebased = [None if s == root or b is None else b if b.root == root else self._rebase(b, s, root, cut)
+                       for b, s in zip(bases, sources, strict=True)]
+            if all(r is not None or s == root for r, s in zip(rebased, sources, strict=True)):
                 return rebased
         return None
 
-    def _rebase(self, value: Value, source: fx.Node, root: fx.Node, cut: set) -> Optional[Value]:
+    def _rebase(self, value: Value, source: fx.Node, root: fx.Node, cut: set) -> Value | None:
         """``source``'s value re-derived with ``root`` cut (so it starts at ``root``); None if it does not."""
         scratch = _State()  # refusals, costs and events of this re-derivation were recorded already
         cut = cut | {root}
         for node in sorted(value.ops, key=self.order.__getitem__):
-            op = self.ops[node]
-            derive = self._unary if isinstance(op, Unary) else self._sum if isinstance(op, Sum) else self._concat
-            found = derive(scratch, node, op, cut)
+            found = self._derive(scratch, node, self.ops[node], cut)
             if found is not None:
                 scratch.values[node] = found
         found = scratch.values.get(source)
         return found if found is not None and found.root == root else None
 
-    def _join(self, state: _State, node: fx.Node, sources: list, build, kind: str, cut: set) -> Optional[Value]:
+    def _derive(self, state: _State, node: fx.Node, op: Op, cut: set) -> Value | None:
+        """``node``'s value from its op's inputs (step 1 for one node)."""
+        if isinstance(op, Unary):
+            return self._unary(state, node, op, cut)
+        if isinstance(op, Sum):
+            return self._sum(state, node, op, cut)
+        return self._concat(state, node, op, cut)
+
+    def _join(self, state: _State, node: fx.Node, sources: list[fx.Node],
+              build: Callable[[list[A.Affine]], A.Affine], kind: str, cut: set) -> Value | None:
         found = self._terms(state, sources, cut)
         if found is None:
             return None
@@ -201,29 +220,28 @@ class Collapse:
         except A.Refusal as r:
             state.refusals.append((node, str(r)))
             return None
-        ops = frozenset().union(*(t.ops for t in terms)) | {node}
+        ops = frozenset[fx.Node]().union(*(t.ops for t in terms)) | {node}
         state.events[node] = (kind,) + ("skip",) * (skips if kind == "merge_parallel" else 0)
         expanding = tuple(x for t in terms for x in t.expanding)
         joins = tuple(x for t in terms for x in t.joins) + tuple(sources)
         return Value(terms[0].root, aff, ops, expanding, joins, tuple(sources))
 
-    def _sum(self, state: _State, node: fx.Node, op: Sum, cut: set) -> Optional[Value]:
+    def _sum(self, state: _State, node: fx.Node, op: Sum, cut: set) -> Value | None:
         coeffs = [c for _, c in op.terms]
 
-        def build(affines):
-            scaled = [a if c == 1.0 else A.compose(a, A.channelwise(torch.full((a.out_channels,), c, dtype=torch.float64), None, a.layout))
-                      for a, c in zip(affines, coeffs)]
+        def build(affines: list[A.Affine]) -> A.Affine:
+            scaled = [a if c == 1.0 else A.compose(a, _scale(a, c)) for a, c in zip(affines, coeffs, strict=True)]
             return A.add(scaled)
 
         return self._join(state, node, [t for t, _ in op.terms], build, "merge_parallel", cut)
 
-    def _concat(self, state: _State, node: fx.Node, op: Concat, cut: set) -> Optional[Value]:
+    def _concat(self, state: _State, node: fx.Node, op: Concat, cut: set) -> Value | None:
         shape = node_shape(node)
         if shape is None:
             return None
         rank, dim = len(shape), op.dim % len(shape)
 
-        def build(affines):
+        def build(affines: list[A.Affine]) -> A.Affine:
             layout = affines[0].layout
             if dim != layout.channel_axis(rank):
                 raise A.Refusal("concatenation is not along the channel axis")
@@ -239,9 +257,10 @@ class Collapse:
             op = self.ops.get(node)
             if op is None:
                 continue
-            inputs = tuple(self._input(state, s, cut) for s in _sources(op)) + (node in cut,)
+            inputs = tuple(self._input(state, s, cut) for s in op_sources(op)) + (node in cut,)
             cached = self.memo.get(node)
-            if cached is not None and len(cached[0]) == len(inputs) and all(a is b for a, b in zip(cached[0], inputs)):
+            if cached is not None and len(cached[0]) == len(inputs) and all(
+                    a is b for a, b in zip(cached[0], inputs, strict=True)):
                 value, cost, events, refusals = cached[1]
                 if cost is not None:
                     state.cost[node] = cost
@@ -250,21 +269,16 @@ class Collapse:
                 state.refusals += refusals
             else:
                 mark = len(state.refusals)
-                if isinstance(op, Unary):
-                    value = self._unary(state, node, op, cut)
-                elif isinstance(op, Sum):
-                    value = self._sum(state, node, op, cut)
-                else:
-                    value = self._concat(state, node, op, cut)
+                value = self._derive(state, node, op, cut)
                 self.memo[node] = (inputs, (value, state.cost.get(node), state.events.get(node), state.refusals[mark:]))
             if value is not None:
                 state.values[node] = value
         return state
 
     # -- step 2 and 3: frontiers and cuts --------------------------------------------------------------
-    def frontiers(self, state: _State, cut: set) -> list:
+    def frontiers(self, state: _State, cut: set) -> list[fx.Node]:
         out = []
-        for node, value in state.values.items():
+        for node in state.values:
             users = real_users(node)
             absorbed = all(
                 node not in cut and u in state.values and node in state.values[u].ops
@@ -282,11 +296,11 @@ class Collapse:
         """The region as a :class:`~reparam.cost.Candidate`: MACs from the recorded shapes (per root position, in
         the same currency, where a shape is unknown); the forms are built only when a measuring model asks (the
         merged one without its weights: :func:`reparam.cost.stand_in`)."""
-        weighted = [n for n in value.ops if isinstance(self.ops[n], Unary) and self.ops[n].kind in ("conv", "linear")]
-        shapes = [node_shape(n) for n in weighted]
+        weighted = self._weighted(value)
+        shapes = [s for s in (node_shape(n) for n, _ in weighted) if s is not None]
         out, root = node_shape(f), node_shape(value.root)
-        if out is not None and all(s is not None for s in shapes):
-            before = sum(C.conv_macs(self.ops[n].affine, s) for n, s in zip(weighted, shapes, strict=True))
+        if out is not None and len(shapes) == len(weighted):
+            before = sum(C.conv_macs(aff, s) for (_, aff), s in zip(weighted, shapes, strict=True))
             after = C.affine_macs(value.affine, out)
         else:
             before = sum(state.cost.get(n, 0.0) for n in value.ops)
@@ -294,7 +308,7 @@ class Collapse:
         events = {e for n in value.ops for e in state.events.get(n, ())}
         kind = next((k for k in ("merge_concat", "merge_parallel", "compose", "skip") if k in events), "fold")
         return C.Candidate(
-            where=_prefix(value.ops) or f.name, kind=kind, before_macs=before, after_macs=after,
+            where=block_prefix(value.ops) or f.name, kind=kind, before_macs=before, after_macs=after,
             before_kernels=sum(self._kernels(n) for n in value.ops), after_kernels=C.emitted_kernels(value.affine),
             input_shapes=(torch.Size(root),) if root is not None else (),
             before=lambda: C.subgraph_module(self.gm, [value.root], [f]),
@@ -303,9 +317,9 @@ class Collapse:
     def _kernels(self, node: fx.Node) -> int:
         """Kernels ``node`` launches as it is: none for a no-op, one for any other op."""
         op = self.ops[node]
-        return 0 if isinstance(op, Unary) and op.kind == "identity" else 1
+        return 0 if isinstance(op, Unary) and op.kind is OpKind.IDENTITY else 1
 
-    def plan(self) -> tuple[_State, list]:
+    def plan(self) -> tuple[_State, list[fx.Node]]:
         cut: set = set()
         declined: set = set()
         refused: list = []  # (node, reason) of regions the cost model refused: they stay refused as cuts grow
@@ -344,27 +358,30 @@ class Collapse:
 
     def _record_refusals(self, state: _State) -> None:
         for node, reason in state.refusals:
-            self.report.refuse(_where(node), reason)
+            self.report.refuse(where(node), reason)
 
     # -- materialisation ---------------------------------------------------------------------------------
-    def run(self) -> int:
+    def run(self) -> PassResult:
         state, frontiers = self.plan()
         done = 0
-        replaced: dict = {}  # frontier -> its replacement, so later regions read the new node
+        replaced: dict[fx.Node, fx.Node] = {}  # frontier -> its replacement, so later regions read the new node
+        created: dict[str, tuple[str, ...]] = {}  # emitted module -> the module calls of its region
         for f in frontiers:
-            if self._materialize(state, f, replaced):
+            if self._materialize(state, f, replaced, created):
                 done += 1
         if done:
             eliminate_dead_code(self.gm)
             self.gm.delete_all_unused_submodules()
-        return done
+        created = {name: region for name, region in created.items() if has_attr_path(self.gm, name)}  # still read
+        return PassResult(done, tuple(created), replaces=created)
 
-    def _materialize(self, state: _State, f: fx.Node, replaced: dict) -> bool:
+    def _materialize(self, state: _State, f: fx.Node, replaced: dict[fx.Node, fx.Node],
+                     created: dict[str, tuple[str, ...]]) -> bool:
         value = state.values[f]
         aff = value.affine
         graph = self.gm.graph
         root = replaced.get(value.root, value.root)
-        if aff.kind == "identity" and not aff.pads:
+        if aff.kind is Kind.IDENTITY and not aff.pads:
             replacement = root
             if node_shape(replacement) != node_shape(f) and node_shape(f) is not None:
                 return False
@@ -373,19 +390,18 @@ class Collapse:
         else:
             if len(value.ops) < 2:
                 return False
-            if aff.kind not in ("diagonal", "pad") and not self._has_weights(value):
+            if aff.kind not in (Kind.DIAGONAL, Kind.PAD) and not self._has_weights(value):
                 return False  # pools/pads/BNs alone: emitting a conv would add a conv
             expected = _expected_shape(value)
             if expected is not None and node_shape(f) is not None and expected != node_shape(f):
                 return False
-            module = to_module(aff, torch.float64, _device(self.gm))
+            module = to_module(aff, torch.float64, device_of(self.gm))
             if module is None:
-                self.report.refuse(_where(f), "no single module pads asymmetrically with " + aff.padding_mode)
+                self.report.refuse(where(f), str(no_single_module(aff)))
                 return False
-            name = self._fresh_name(value.ops)
+            name = fresh_name(self.gm, value.ops, "reparam")
             self.gm.add_submodule(name, module)
-            dtype = self.dtype_of(value.ops)
-            self.new_dtypes.update({f"{name}.{p}": dtype for p, _ in module.named_parameters()})
+            created[name] = tuple(str(n.target) for n in _ordered(value.ops) if n.op == "call_module")
             with graph.inserting_after(_insertion_point(root)):
                 replacement = graph.call_module(name, (root,))
             replacement.meta.update(f.meta)
@@ -403,57 +419,54 @@ class Collapse:
     def _emits(self, value: Value) -> bool:
         """The region would become a module of its own (a channel-wise op or pad, or a region holding a conv or
         linear): :meth:`_materialize` leaves pools / pads / BNs alone rather than adding a conv."""
-        return value.affine.kind in ("identity", "diagonal", "pad") or self._has_weights(value)
+        return value.affine.kind in (Kind.IDENTITY, Kind.DIAGONAL, Kind.PAD) or self._has_weights(value)
 
     def _has_weights(self, value: Value) -> bool:
         """The region holds a conv or linear (so its one conv replaces at least one)."""
-        return any(isinstance(self.ops[n], Unary) and self.ops[n].kind in ("conv", "linear") for n in value.ops)
+        return bool(self._weighted(value))
 
-    def _report(self, state: _State, f: fx.Node, value: Value, aff: A.Affine) -> Optional[Rewrite]:
+    def _weighted(self, value: Value) -> list[tuple[fx.Node, A.Affine]]:
+        """The region's convs and linears, with their affines."""
+        return [(n, op.affine) for n, op in ((n, self.ops[n]) for n in value.ops)
+                if isinstance(op, Unary) and op.kind in (OpKind.CONV, OpKind.LINEAR) and op.affine is not None]
+
+    def _report(self, state: _State, f: fx.Node, value: Value, aff: A.Affine) -> Rewrite | None:
         events = tuple(e for n in _ordered(value.ops) for e in state.events.get(n, ()))
         # no-ops (nn.Identity placeholders, eval dropout, undone reshapes) are not branches: not listed
         kinds = Counter(d for d in (self._describe(n) for n in _ordered(value.ops)) if d != "identity")
         before = ", ".join(f"{k} x{v}" if v > 1 else k for k, v in kinds.items()) or "no-op"
-        after = "no-op" if aff.kind == "identity" else aff.describe()
+        after = "no-op" if aff.kind is Kind.IDENTITY else aff.describe()
         if not events and before == after:
             return None  # nothing was merged or folded (identity -> identity, a lone linear): not a rewrite
-        rewrite = Rewrite(_prefix(value.ops) or f.name, before, after, events)
+        rewrite = Rewrite(block_prefix(value.ops) or f.name, before, after, events)
         self.report.rewrites.append(rewrite)
         return rewrite
 
     def _describe(self, node: fx.Node) -> str:
         op = self.ops[node]
         if isinstance(op, Unary):
-            return op.affine.describe() if op.kind in ("conv", "linear") and op.affine else op.kind
+            return op.affine.describe() if op.kind in (OpKind.CONV, OpKind.LINEAR) and op.affine else op.kind.value
         return "add" if isinstance(op, Sum) else "cat"
 
-    def _fresh_name(self, ops) -> str:
-        base = _prefix(ops)
-        stem = f"{base}.reparam" if base else "reparam"
-        name, i = stem, 1
-        while _has_path(self.gm, name):
-            name, i = f"{stem}_{i}", i + 1
-        return name
+
+def _scale(a: A.Affine, c: float) -> A.Affine:
+    """``c * y`` for the output ``y`` of ``a``, channelwise."""
+    return A.channelwise(torch.full((a.out_channels,), c, dtype=torch.float64), None, a.layout)
 
 
-def _sources(op) -> list:
-    if isinstance(op, Unary):
-        return [op.source]
-    return [t for t, _ in op.terms] if isinstance(op, Sum) else list(op.sources)
+_EVENT = {OpKind.BATCHNORM: "fold_bn", OpKind.SCALE: "scale", OpKind.SHIFT: "scale", OpKind.PAD: "pad",
+          OpKind.AVGPOOL: "pool"}
 
 
-_EVENT = {"batchnorm": "fold_bn", "scale": "scale", "shift": "scale", "pad": "pad", "avgpool": "pool"}
-
-
-def _op_cost(kind: str, aff: A.Affine, stride_in: tuple) -> float:
+def _op_cost(kind: OpKind, aff: A.Affine, stride_in: Sequence[int]) -> float:
     """Conv / linear MACs per root position (the estimate where shapes are unknown); in the currency of
     FlopCounterMode every other op (BN, scale, pad, pool) costs nothing."""
-    if kind not in ("conv", "linear"):
+    if kind not in (OpKind.CONV, OpKind.LINEAR):
         return 0.0
     return aff.macs() / (max(1, math.prod(stride_in)) if stride_in else 1)
 
 
-def _expected_shape(value: Value) -> Optional[tuple]:
+def _expected_shape(value: Value) -> tuple[int, ...] | None:
     shape = node_shape(value.root)
     if shape is None:
         return None
@@ -473,55 +486,5 @@ def _insertion_point(root: fx.Node) -> fx.Node:
     return last
 
 
-def _device(gm: torch.nn.Module):
-    for p in gm.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def _ordered(nodes) -> list:
+def _ordered(nodes: Iterable[fx.Node]) -> list[fx.Node]:
     return sorted(nodes, key=lambda n: n.name)
-
-
-def _where(node: fx.Node) -> str:
-    if node.op == "call_module":
-        return str(node.target)
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        return list(stack.values())[-1][0] or node.name
-    return node.name
-
-
-def _prefix(ops) -> str:
-    """Longest common module path of the region's modules (its block), e.g. ``stage1.0``."""
-    paths = [_block_path(n) for n in ops]
-    paths = [p for p in paths if p is not None]
-    if not paths:
-        return ""
-    common = paths[0]
-    for p in paths[1:]:
-        k = 0
-        while k < min(len(common), len(p)) and common[k] == p[k]:
-            k += 1
-        common = common[:k]
-    return ".".join(common)
-
-
-def _block_path(node: fx.Node) -> Optional[list]:
-    """Path of the module whose forward holds ``node`` (a module call's parent), if recorded."""
-    if node.op == "call_module":
-        return node.target.split(".")[:-1]
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = list(stack.values())[-1][0]
-        return path.split(".") if path else []
-    return None
-
-
-def _has_path(gm: torch.nn.Module, path: str) -> bool:
-    obj = gm
-    for part in path.split("."):
-        if not hasattr(obj, part):
-            return False
-        obj = getattr(obj, part)
-    return True

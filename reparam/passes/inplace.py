@@ -24,19 +24,20 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..lift import NOT_CONSTANT, Constants, Lifter, Unary, _pad_pairs
-from ..report import Report, Rewrite
+from .. import affine as A
+from ..lift import NOT_CONSTANT, Constants, Lifter, NotAffine, Op, OpKind, Unary, pad_pairs
+from ..match import ADD_FUNCTIONS, CONCAT_FUNCTIONS, MUL_FUNCTIONS, arg, called_module, node_shape, shape_meta
 from ..proofs import no_origin
-from ..trace import node_shape, shape_meta
-from .collapse import _where
+from ..report import Report, Rewrite
+from . import PassResult
 from .mutation import eliminate_dead_code, updated_storage
+from .naming import where
 
 # float64 rounding of two spellings of one constant (BN(0) as ``bias - mean * w / sqrt(var + eps)``
 # vs the algebra's ``bias - mean * (rsqrt(var + eps) * w)``) differs by a few ulps of its terms
@@ -44,8 +45,8 @@ ROUNDING = 1e-12
 MAX_BORDER_MASK = 1 << 24  # spatial positions checked for coverage
 
 _PAD_FUNCTIONS = {F.pad, torch._C._nn.pad}
-_FRESH_FUNCTIONS = _PAD_FUNCTIONS | {torch.clone, operator.add, operator.sub, operator.mul, operator.truediv,
-                                     operator.neg, torch.add, torch.sub, torch.mul, torch.div, torch.cat}
+_FRESH_FUNCTIONS = _PAD_FUNCTIONS | ADD_FUNCTIONS | MUL_FUNCTIONS | CONCAT_FUNCTIONS | {
+    torch.clone, operator.sub, operator.truediv, operator.neg, torch.sub, torch.div}
 _FRESH_METHODS = {"clone", "add", "sub", "mul", "div", "neg"}
 _WRITE_METHODS = {"copy_", "fill_", "zero_"}
 
@@ -58,23 +59,23 @@ class Decline(Exception):
 class Write:
     """One in-place write into ``box`` (per axis ``(start, stop)``, step 1) of the written tensor."""
 
-    box: tuple
+    box: tuple[tuple[int, int], ...]
     value: object  # an fx.Node or a number
-    nodes: tuple  # the write and the view it writes through, erased when the write is read functionally
+    nodes: tuple[fx.Node, ...]  # the write and the view it writes through, erased when the write is read functionally
 
 
-def _creates_tensor(node: fx.Node, modules: dict) -> bool:
+def _creates_tensor(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """``node``'s result is new storage that nothing else holds (a pad, clone or arithmetic result)."""
     if node.op == "call_function":
         return node.target in _FRESH_FUNCTIONS
     if node.op == "call_method":
         return node.target in _FRESH_METHODS
     if node.op == "call_module":
-        return isinstance(modules.get(node.target), nn.modules.padding._ConstantPadNd)
+        return isinstance(called_module(node, modules), nn.modules.padding._ConstantPadNd)
     return False
 
 
-def _index_of(user: fx.Node, t: fx.Node) -> Optional[tuple]:
+def _index_of(user: fx.Node, t: fx.Node) -> tuple | None:
     """(index, value, nodes) when ``user`` writes into ``t``; None when it only reads ``t``."""
     if user.op == "call_function" and user.target is operator.setitem and user.args[0] is t:
         return user.args[1], user.args[2], (user,)
@@ -105,7 +106,7 @@ def _box(index, shape: tuple) -> tuple:
         raise Decline("the write's index has more axes than the tensor")
     index = index + (slice(None),) * (len(shape) - len(index))
     box = []
-    for s, n in zip(index, shape):
+    for s, n in zip(index, shape, strict=True):
         if not all(v is None or isinstance(v, int) for v in (s.start, s.stop, s.step)):
             raise Decline("the write's slice bounds are computed from the input")
         start, stop, step = s.indices(n)
@@ -153,27 +154,28 @@ def private_writes(t: fx.Node, modules: dict) -> list:
 @dataclass(frozen=True)
 class _Pad:
     source: fx.Node
-    lo: tuple
-    hi: tuple
+    lo: tuple[int, ...]
+    hi: tuple[int, ...]
     fill: float
 
 
-def _as_pad(node: fx.Node, modules: dict, const: Constants) -> Optional[_Pad]:
+def _as_pad(node: fx.Node, modules: dict[str, nn.Module], const: Constants) -> _Pad | None:
     """``node`` as a constant pad of a tensor with non-negative widths; None if it is none."""
-    if node.op == "call_module" and isinstance(modules.get(node.target), nn.modules.padding._ConstantPadNd):
-        m = modules[node.target]
+    m = called_module(node, modules)
+    if isinstance(m, nn.modules.padding._ConstantPadNd):
         pads, mode, fill = m.padding, "constant", m.value
     elif node.op == "call_function" and node.target in _PAD_FUNCTIONS:
-        pads, mode, fill = (const(node.args[i] if len(node.args) > i else node.kwargs.get(k, d))
+        pads, mode, fill = (const(arg(node, i, k, d))
                             for i, k, d in ((1, "pad", None), (2, "mode", "constant"), (3, "value", None)))
     else:
         return None
-    source, shape = node.args[0], node_shape(node)
-    if NOT_CONSTANT in (pads, mode, fill) or mode != "constant" or shape is None or len(shape) < 3:
+    source, shape = arg(node, 0, "input"), node_shape(node)
+    if not isinstance(source, fx.Node) or NOT_CONSTANT in (pads, mode, fill) or mode != "constant" \
+            or shape is None or len(shape) < 3:
         return None
     try:
-        lo, hi = _pad_pairs(pads, len(shape) - 2)
-    except Exception:
+        lo, hi = pad_pairs(pads, len(shape) - 2)
+    except NotAffine:  # it pads the channel or batch axis: not a border of the spatial axes
         return None
     if min(lo + hi) < 0 or not any(lo + hi):
         return None
@@ -197,12 +199,12 @@ def _per_channel(value, const: Constants, shape: tuple) -> torch.Tensor:
 
 def _border_values(pad: _Pad, writes: list, shape: tuple, const: Constants) -> list:
     """Per-channel value of each write; each write spans every sample and channel and stays in the border."""
-    interior = [(lo, n - hi) for lo, hi, n in zip(pad.lo, pad.hi, shape[2:])]
+    interior = [(lo, n - hi) for lo, hi, n in zip(pad.lo, pad.hi, shape[2:], strict=True)]
     values = []
     for w in writes:
         if w.box[0] != (0, shape[0]) or w.box[1] != (0, shape[1]):
             raise Decline("a border write does not span every sample and channel")
-        if all(max(a, lo) < min(b, hi) for (a, b), (lo, hi) in zip(w.box[2:], interior)):
+        if all(max(a, lo) < min(b, hi) for (a, b), (lo, hi) in zip(w.box[2:], interior, strict=True)):
             raise Decline("a write reaches into the padded data, not only its border")
         values.append(_per_channel(w.value, const, shape))
     return values
@@ -215,7 +217,7 @@ def _covers_border(pad: _Pad, writes: list, shape: tuple) -> bool:
     written = torch.zeros(spatial, dtype=torch.bool)
     for w in writes:
         written[tuple(slice(a, b) for a, b in w.box[2:])] = True
-    written[tuple(slice(lo, n - hi) for lo, hi, n in zip(pad.lo, pad.hi, spatial))] = True
+    written[tuple(slice(lo, n - hi) for lo, hi, n in zip(pad.lo, pad.hi, spatial, strict=True))] = True
     return bool(written.all())
 
 
@@ -225,12 +227,10 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(((a - b).abs() <= ROUNDING * scale).all())
 
 
-def _at_zero(op, channels: int, nd: int) -> torch.Tensor:
+def _at_zero(op: Unary, channels: int, nd: int) -> torch.Tensor:
     """``A(0)`` per channel for a pointwise channels-first ``A`` (Decline if ``A`` is not one)."""
-    if not isinstance(op, Unary):
-        raise Decline("the padded tensor is not a one-input affine op's output")
     if op.affine is None:  # scalar scale / shift / identity
-        return torch.full((channels,), 0.0 if op.kind == "identity" else float(op.shift), dtype=torch.float64)
+        return torch.full((channels,), 0.0 if op.kind is OpKind.IDENTITY else float(op.shift), dtype=torch.float64)
     a = op.affine
     if a.layout.nd != nd or not a.is_pointwise or a.out_channels != channels:
         raise Decline(f"the padded tensor comes from a {a.describe()}, which is not pointwise")
@@ -243,6 +243,8 @@ def _pad_border(gm: fx.GraphModule, t: fx.Node, pad: _Pad, writes: list, lifter:
     ``A(F.pad(x))`` is inserted right after ``y = A(x)``, so it reads ``x`` when ``y`` did; ``y`` must
     not be updated in place (``updated``: such storages), or ``t``'s interior is not ``A(x)``."""
     shape = node_shape(t)
+    if shape is None:
+        raise Decline(f"{t.name} is written in place and its shape is unknown")
     values = _border_values(pad, writes, shape, lifter.const)
     graph = gm.graph
     if all(bool((v == pad.fill).all()) for v in values):
@@ -256,9 +258,11 @@ def _pad_border(gm: fx.GraphModule, t: fx.Node, pad: _Pad, writes: list, lifter:
     if y in updated:
         raise Decline(f"{y.name}, the padded tensor, is updated in place")
     try:
-        op = lifter.lift(y)
-    except Exception as err:
+        op: Op = lifter.lift(y)
+    except (NotAffine, A.Refusal) as err:
         raise Decline(f"the padded tensor is not an affine op's output ({err})") from None
+    if not isinstance(op, Unary):
+        raise Decline("the padded tensor is not a one-input affine op's output")
     at_zero = _at_zero(op, shape[1], len(shape) - 2)
     if not _close(values[0], at_zero):
         worst = float((values[0] - at_zero).abs().max())
@@ -266,11 +270,12 @@ def _pad_border(gm: fx.GraphModule, t: fx.Node, pad: _Pad, writes: list, lifter:
     x, x_shape = op.source, node_shape(op.source)
     if x_shape is None or len(x_shape) != len(shape):
         raise Decline(f"the shape of {x.name}, what {y.name} reads, is unknown")
-    pads = [p for lo, hi in zip(reversed(pad.lo), reversed(pad.hi)) for p in (lo, hi)]
+    pads = list(A.torch_pads(pad.lo, pad.hi))
     with graph.inserting_before(y.next):  # in order, right after y
         padded = graph.call_function(F.pad, (x, pads), {"mode": "constant", "value": 0.0})
         moved = graph.node_copy(y, lambda n: padded if n is x else n)
-    padded.meta["tensor_meta"] = shape_meta(x, x_shape[:2] + tuple(n + lo + hi for n, lo, hi in zip(x_shape[2:], pad.lo, pad.hi)))
+    padded_size = tuple(n + lo + hi for n, lo, hi in zip(x_shape[2:], pad.lo, pad.hi, strict=True))
+    padded.meta["tensor_meta"] = shape_meta(x, x_shape[:2] + padded_size)
     padded.meta["nn_module_stack"] = y.meta.get("nn_module_stack", {})
     moved.meta["tensor_meta"] = t.meta["tensor_meta"]
     no_origin(moved)  # neither y's value (it is padded) nor t's at the time t ran (before the writes)
@@ -302,8 +307,9 @@ def _written_tensors(gm: fx.GraphModule) -> list:
     return out
 
 
-def follow_inplace_writes(gm: fx.GraphModule, report: Report) -> int:
-    """Rewrite in-place writes into private tensors where a rule proves what they compute; return how many.
+def follow_inplace_writes(gm: fx.GraphModule, report: Report) -> PassResult:
+    """Rewrite in-place writes into private tensors where a rule proves what they compute; ``changed``: how many
+    (the new nodes carry their shapes).
 
     before: ``y = bn(x); t = F.pad(y, [p] * 4); t[:, :, :p, :] = c; ... (4 sides); avg_pool(t)``
     after:  ``avg_pool(bn(F.pad(x, [p] * 4)))`` when ``c == bn(0)`` (see the module docstring).
@@ -314,7 +320,7 @@ def follow_inplace_writes(gm: fx.GraphModule, report: Report) -> int:
     updated = updated_storage(gm)
     done = 0
     for t in _written_tensors(gm):
-        where = _where(t)
+        site = where(t)
         try:
             writes = private_writes(t, modules)
             pad = _as_pad(t, modules, lifter.const)
@@ -322,12 +328,12 @@ def follow_inplace_writes(gm: fx.GraphModule, report: Report) -> int:
                 raise Decline(f"{t.name} is written in place and no rule reads such writes (only pad borders)")
             what = _pad_border(gm, t, pad, writes, lifter, updated)
         except Decline as reason:
-            report.refuse(where, f"in-place write kept: {reason}")
+            report.refuse(site, f"in-place write kept: {reason}")
             continue
-        report.rewrites.append(Rewrite(where, f"pad + {len(writes)} border writes", what, ("inplace_pad",)))
+        report.rewrites.append(Rewrite(site, f"pad + {len(writes)} border writes", what, ("inplace_pad",)))
         done += 1
     if done:
         eliminate_dead_code(gm)
         gm.graph.lint()
         gm.recompile()
-    return done
+    return PassResult(done)

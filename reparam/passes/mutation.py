@@ -14,6 +14,8 @@ from typing import NamedTuple
 import torch.fx as fx
 import torch.nn as nn
 
+from ..match import called_module
+
 METADATA_ATTRS = {"ndim", "dtype", "device", "is_cuda", "layout"}
 METADATA_METHODS = {"dim", "ndimension", "get_device"}
 
@@ -41,18 +43,19 @@ def real_users(node: fx.Node) -> list:
     return [u for u in node.users if not is_metadata_user(u)]
 
 
-def updates_in_place(node: fx.Node, modules: dict) -> bool:
+def updates_in_place(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """``node`` writes into its first argument (``x.add_(y)``, ``x += y``, ``ReLU(inplace=True)``, ``x[i] = v``)."""
     if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.endswith("__")
+        method = str(node.target)
+        return method.endswith("_") and not method.endswith("__")
     if node.op == "call_function":
         return node.target in _INPLACE_FUNCTIONS or node.kwargs.get("inplace") is True
     if node.op == "call_module":
-        return getattr(modules.get(node.target), "inplace", False) is True
+        return getattr(called_module(node, modules), "inplace", False) is True
     return False
 
 
-def _may_alias(node: fx.Node, modules: dict) -> bool:
+def _may_alias(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """``node``'s result may share storage with its first argument."""
     if updates_in_place(node, modules):
         return True
@@ -60,7 +63,7 @@ def _may_alias(node: fx.Node, modules: dict) -> bool:
         name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
         return name in _VIEW_NAMES
     if node.op == "call_module":
-        return isinstance(modules.get(node.target), _ALIAS_MODULES)
+        return isinstance(called_module(node, modules), _ALIAS_MODULES)
     return False
 
 

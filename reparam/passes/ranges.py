@@ -6,13 +6,14 @@ ReLU6 provably in [0, 6].  Intervals are conservative: anything unknown is (-inf
 from __future__ import annotations
 
 import math
-import operator
-from typing import Optional
+from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..match import ADD_FUNCTIONS_WITH_INPLACE, CONCAT_FUNCTIONS, MUL_FUNCTIONS, arg, called_module
 
 INF = math.inf
 ANY = (-INF, INF)
@@ -31,10 +32,21 @@ _PASS_METHODS = {"flatten", "reshape", "view", "contiguous", "permute", "transpo
 _RELU = {F.relu, torch.relu, torch.relu_, F.relu_}
 
 
-def activation_bounds(node: fx.Node, modules: dict) -> Optional[tuple]:
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float))
+
+
+def _clamp_bounds(lo: Any, hi: Any) -> tuple[float, float] | None:
+    """The interval of ``clamp(x, lo, hi)`` (a missing bound: unbounded); None when a bound is not a number."""
+    if all(v is None or _number(v) for v in (lo, hi)):
+        return (-INF if lo is None else float(lo)), (INF if hi is None else float(hi))
+    return None
+
+
+def activation_bounds(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[float, float] | None:
     """(lo, hi) of a clamp-like activation ``node`` (ReLU, ReLU6, Hardtanh, clamp); None otherwise."""
     if node.op == "call_module":
-        m = modules.get(node.target)
+        m = called_module(node, modules)
         if isinstance(m, nn.ReLU):
             return 0.0, INF
         if isinstance(m, nn.Hardtanh):  # ReLU6 is Hardtanh(0, 6)
@@ -46,35 +58,28 @@ def activation_bounds(node: fx.Node, modules: dict) -> Optional[tuple]:
         if node.target is F.relu6:
             return 0.0, 6.0
         if node.target is F.hardtanh:
-            lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
-            hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
-            return (float(lo), float(hi)) if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) else None
+            lo, hi = arg(node, 1, "min_val", -1.0), arg(node, 2, "max_val", 1.0)
+            return (float(lo), float(hi)) if _number(lo) and _number(hi) else None
         if node.target in (torch.clamp, torch.clip):
-            lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
-            hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
-            if all(v is None or isinstance(v, (int, float)) for v in (lo, hi)):
-                return (-INF if lo is None else float(lo)), (INF if hi is None else float(hi))
+            return _clamp_bounds(arg(node, 1, "min"), arg(node, 2, "max"))
         return None
     if node.op == "call_method" and node.target in ("relu", "relu_"):
         return 0.0, INF
     if node.op == "call_method" and node.target in ("clamp", "clamp_", "clip"):
-        lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
-        hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
-        if all(v is None or isinstance(v, (int, float)) for v in (lo, hi)):
-            return (-INF if lo is None else float(lo)), (INF if hi is None else float(hi))
+        return _clamp_bounds(arg(node, 1, "min"), arg(node, 2, "max"))
     return None
 
 
-def value_ranges(gm: fx.GraphModule) -> dict:
+def value_ranges(gm: fx.GraphModule) -> dict[fx.Node, tuple[float, float]]:
     """Interval of every node (tensor nodes only; anything unknown is ``(-inf, inf)``)."""
     modules = dict(gm.named_modules())
-    ranges: dict = {}
+    ranges: dict[fx.Node, tuple[float, float]] = {}
 
-    def get(arg) -> tuple:
-        if isinstance(arg, fx.Node):
-            return ranges.get(arg, ANY)
-        if isinstance(arg, (int, float)):
-            return float(arg), float(arg)
+    def get(value: Any) -> tuple[float, float]:
+        if isinstance(value, fx.Node):
+            return ranges.get(value, ANY)
+        if _number(value):
+            return float(value), float(value)
         return ANY
 
     for node in gm.graph.nodes:
@@ -85,7 +90,7 @@ def value_ranges(gm: fx.GraphModule) -> dict:
             ranges[node] = (max(r[0], bounds[0]), min(r[1], bounds[1]))
             continue
         if node.op == "call_module":
-            m = modules.get(node.target)
+            m = called_module(node, modules)
             if isinstance(m, nn.Sigmoid):
                 ranges[node] = (0.0, 1.0)
             elif isinstance(m, _PASS_MODULES):
@@ -95,14 +100,14 @@ def value_ranges(gm: fx.GraphModule) -> dict:
                 ranges[node] = get(first)
             elif node.target in (torch.sigmoid, F.sigmoid):
                 ranges[node] = (0.0, 1.0)
-            elif node.target in (torch.cat, torch.concat):
-                parts = [get(t) for t in (first or [])]
+            elif node.target in CONCAT_FUNCTIONS:
+                parts = [get(t) for t in (first if isinstance(first, (list, tuple)) else [])]
                 if parts:
                     ranges[node] = (min(p[0] for p in parts), max(p[1] for p in parts))
-            elif node.target in (operator.add, torch.add, operator.iadd) and len(node.args) == 2:
+            elif node.target in ADD_FUNCTIONS_WITH_INPLACE and len(node.args) == 2:
                 a, b = get(node.args[0]), get(node.args[1])
                 ranges[node] = (a[0] + b[0], a[1] + b[1])
-            elif node.target in (operator.mul, torch.mul) and len(node.args) == 2:
+            elif node.target in MUL_FUNCTIONS and len(node.args) == 2:
                 a, b = get(node.args[0]), get(node.args[1])
                 if a[0] >= 0 and b[0] >= 0:
                     ranges[node] = (a[0] * b[0], a[1] * b[1] if math.isfinite(a[1] * b[1]) else INF)

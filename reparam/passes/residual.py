@@ -17,71 +17,70 @@ Cost: the carried channels add MACs; the report says how many channels were adde
 from __future__ import annotations
 
 import math
-import operator
-from typing import Optional
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from .. import affine as A
-from ..emit import to_module
+from ..emit import device_of, module_for
+from ..match import ADD_FUNCTIONS_WITH_INPLACE, called_conv, conv_affine, node_shape
 from ..proofs import no_origin, same_origin
 from ..report import Report, Rewrite
-from ..trace import node_shape
+from . import PassResult
 from .cleanup import finish
 from .mutation import real_users
 from .ranges import ANY, activation_bounds, value_ranges
 
-_ADDS = {operator.add, operator.iadd, torch.add}
 MAX_DEPTH = 8
 
 
-def _conv(node: fx.Node, modules: dict) -> Optional[nn.Module]:
-    if node.op != "call_module":
-        return None
-    m = modules.get(node.target)
-    if isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.modules.conv._ConvTransposeNd):
-        return m
-    return None
-
-
-def _affine(m: nn.Module) -> A.Affine:
-    return A.from_conv(m.weight.detach().double(), None if m.bias is None else m.bias.detach().double(),
-                       m.stride, m.padding, m.dilation, m.groups, m.padding_mode)
-
-
+@dataclass
 class _Block:
     """A matched residual block: convs and activations of the body, the skip, the input."""
 
-    def __init__(self, add: fx.Node, x: fx.Node, convs: list, acts: list, skip: Optional[fx.Node]):
-        self.add, self.x, self.convs, self.acts, self.skip = add, x, convs, acts, skip
+    add: fx.Node
+    x: fx.Node
+    convs: list[fx.Node]
+    acts: list[fx.Node]
+    skip: fx.Node | None
 
 
-def _match(add: fx.Node, body: fx.Node, other: fx.Node, modules: dict) -> Optional[_Block]:
+def _first_input(node: fx.Node) -> fx.Node | None:
+    source = node.args[0] if node.args else None
+    return source if isinstance(source, fx.Node) else None
+
+
+def _match(add: fx.Node, body: fx.Node, other: fx.Node, modules: dict[str, nn.Module]) -> _Block | None:
     """``add(body, other)`` as a residual block: ``other`` is a pointwise projection of the block
     input, or the block input itself (tried in that order)."""
-    if _conv(other, modules) is not None and len(other.users) == 1:
-        block = _match_body(add, body, other.args[0], other, modules)
+    x = _first_input(other)
+    if called_conv(other, modules) is not None and len(other.users) == 1 and x is not None:
+        block = _match_body(add, body, x, other, modules)
         if block is not None:
             return block
     return _match_body(add, body, other, None, modules)
 
 
-def _match_body(add: fx.Node, body: fx.Node, x: fx.Node, skip: Optional[fx.Node], modules: dict) -> Optional[_Block]:
+def _match_body(add: fx.Node, body: fx.Node, x: fx.Node, skip: fx.Node | None,
+                modules: dict[str, nn.Module]) -> _Block | None:
     """Walk ``body`` back through conv / activation pairs (single users) until it reads ``x``."""
     convs, acts, n = [], [], body
     for _ in range(MAX_DEPTH):
-        if _conv(n, modules) is None or len(real_users(n)) != 1:
+        if called_conv(n, modules) is None or len(real_users(n)) != 1:
             return None
         convs.append(n)
-        src = n.args[0]
+        src = _first_input(n)
         if src is x:
             break
-        if activation_bounds(src, modules) is None or len(real_users(src)) != 1:
+        if src is None or activation_bounds(src, modules) is None or len(real_users(src)) != 1:
             return None
         acts.append(src)
-        n = src.args[0]
+        after = _first_input(src)
+        if after is None:
+            return None
+        n = after
     else:
         return None
     if len(convs) < 2:
@@ -89,9 +88,9 @@ def _match_body(add: fx.Node, body: fx.Node, x: fx.Node, skip: Optional[fx.Node]
     return _Block(add, x, convs[::-1], acts[::-1], skip)
 
 
-def _carry_signs(block: _Block, x_range: tuple, modules: dict) -> list:
+def _carry_signs(block: _Block, x_range: tuple[float, float], modules: dict[str, nn.Module]) -> list[float]:
     """[+1] or [+1, -1] when the activations pass the carried values exactly; Refusal otherwise."""
-    bounds = [activation_bounds(a, modules) for a in block.acts]
+    bounds = [b for b in (activation_bounds(a, modules) for a in block.acts) if b is not None]  # each one has some
     if x_range[0] >= 0:
         if all(lo <= 0 and x_range[1] <= hi for lo, hi in bounds):
             return [1.0]
@@ -103,15 +102,19 @@ def _carry_signs(block: _Block, x_range: tuple, modules: dict) -> list:
                     "relu(x) - relu(-x)")
 
 
-def _rebuild(block: _Block, modules: dict, signs: list) -> list:
-    """New affines for the body convs with the input carried; Refusal when the grids don't align."""
-    affs = [_affine(modules[c.target]) for c in block.convs]
+def _input_channels(block: _Block) -> int:
     shape = node_shape(block.x)
     if shape is None:
         raise A.Refusal("block input shape unknown")
+    return shape[1]
+
+
+def _rebuild(block: _Block, modules: dict[str, nn.Module], signs: list[float], channels: int) -> list[A.Affine]:
+    """New affines for the body convs with the block's ``channels`` input channels carried; Refusal when the grids
+    don't align."""
+    affs = [conv_affine(_conv(c, modules)) for c in block.convs]
     layout = affs[0].layout
-    channels = shape[1]
-    skip = _affine(modules[block.skip.target]) if block.skip is not None else A.identity(channels, layout)
+    skip = conv_affine(_conv(block.skip, modules)) if block.skip is not None else A.identity(channels, layout)
     total = tuple(math.prod(a.stride[i] for a in affs) for i in range(layout.nd))
     if any(k != 1 for k in skip.kernel) or skip.pads or skip.stride != total:
         raise A.Refusal("the skip is not a pointwise projection on the body's output grid")
@@ -129,13 +132,23 @@ def _rebuild(block: _Block, modules: dict, signs: list) -> list:
     return [first] + middle + [final]
 
 
-def remove_residuals(gm: fx.GraphModule, report: Report) -> int:
-    """Remove every residual add that can be removed exactly; returns how many."""
+def _conv(node: fx.Node, modules: dict[str, nn.Module]) -> nn.modules.conv._ConvNd:
+    """The conv a matched block's node calls (matched by :func:`reparam.match.called_conv`)."""
+    conv = called_conv(node, modules)
+    if conv is None:
+        raise A.Refusal(f"{node.name} no longer calls a convolution")
+    return conv
+
+
+def remove_residuals(gm: fx.GraphModule, report: Report) -> PassResult:
+    """Remove every residual add that can be removed exactly; ``changed``: how many (the carried channels
+    widen tensors, so shapes go stale)."""
     modules = dict(gm.named_modules())
     ranges = value_ranges(gm)
-    removed = 0
+    removed, created = 0, []
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in _ADDS or len(node.args) != 2 or node.kwargs:
+        if node.op != "call_function" or node.target not in ADD_FUNCTIONS_WITH_INPLACE or len(node.args) != 2 \
+                or node.kwargs:
             continue
         a, b = node.args
         if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
@@ -143,31 +156,35 @@ def remove_residuals(gm: fx.GraphModule, report: Report) -> int:
         block = _match(node, a, b, modules) or _match(node, b, a, modules)
         if block is None:
             continue
-        where = block.convs[0].target.rsplit(".", 1)[0]
+        where = str(block.convs[0].target).rsplit(".", 1)[0]
         try:
             signs = _carry_signs(block, ranges.get(block.x, ANY), modules)
-            affs = _rebuild(block, modules, signs)
+            channels = _input_channels(block)
+            carrying = [module_for(a, torch.float64, device_of(gm)) for a in _rebuild(block, modules, signs, channels)]
         except A.Refusal as r:
             report.refuse(where, f"residual kept: {r}")
             continue
-        _rewire(gm, block, affs)
+        created += _rewire(gm, block, carrying)
         modules = dict(gm.named_modules())
         report.rewrites.append(Rewrite(where, f"{len(block.convs)} convs + residual add",
-                                       f"plain chain carrying {node_shape(block.x)[1] * len(signs)} extra channels",
+                                       f"plain chain carrying {channels * len(signs)} extra channels",
                                        ("remove_residual",)))
         removed += 1
     if removed:
         finish(gm)
-    return removed
+    return PassResult(removed, tuple(created), shapes_stale=removed > 0)
 
 
-def _rewire(gm: fx.GraphModule, block: _Block, affs: list) -> None:
-    device = next(iter(gm.parameters())).device
-    for conv, aff in zip(block.convs, affs):
+def _rewire(gm: fx.GraphModule, block: _Block, carrying: list[nn.Module]) -> list[str]:
+    """The body convs replaced by ``carrying`` (one module each); returns their names."""
+    names = []
+    for conv, module in zip(block.convs, carrying, strict=True):
         name = f"{conv.target}_carry"
-        gm.add_submodule(name, to_module(aff, torch.float64, device))
+        gm.add_submodule(name, module)
         conv.target = name
+        names.append(name)
         no_origin(conv)  # it computes the carried, wider tensor now
     same_origin(block.convs[-1], block.add)
     block.add.replace_all_uses_with(block.convs[-1])
     gm.graph.erase_node(block.add)
+    return names

@@ -12,37 +12,40 @@ one sum tree or one channel concatenation.  Runs after collapse, so BatchNorms a
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import reduce
-from typing import Optional
+from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from .. import affine as A
-from ..emit import to_module
+from ..emit import device_of, module_for
+from ..match import (ADD_FUNCTIONS_WITH_INPLACE, CONCAT_FUNCTIONS, arg, called_conv, called_module, conv_affine,
+                     node_shape)
 from ..proofs import same_origin
 from ..report import Report, Rewrite
-from ..trace import node_shape
+from . import PassResult
 from .cleanup import finish
 from .mutation import real_users
-from .residual import _affine, _conv
 
-_ADDS = {operator.add, torch.add, operator.iadd}
 _ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
                 nn.LeakyReLU, nn.ELU, nn.Mish, nn.Hardtanh, nn.Identity, nn.Dropout)
 _ELEMENTWISE_FUNCTIONS = {torch.relu, nn.functional.relu, nn.functional.gelu, nn.functional.silu,
                           torch.sigmoid, torch.tanh, nn.functional.hardswish, nn.functional.relu6}
 
 
-def _signature(node: fx.Node, modules: dict):
+def _signature(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[Any, ...] | None:
     """What must be equal across paths at one step (None: not a tower op)."""
-    m = _conv(node, modules)
+    m = called_conv(node, modules)
     if m is not None:
         return ("conv", type(m), m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
                 m.groups, m.padding_mode, m.bias is not None)
-    if node.op == "call_module" and isinstance(modules.get(node.target), _ELEMENTWISE):
-        return ("act", repr(modules[node.target]))
+    act = called_module(node, modules)
+    if isinstance(act, _ELEMENTWISE):
+        return ("act", repr(act))
     if node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS and len(node.args) == 1:
         return ("fn", node.target, tuple(sorted(node.kwargs.items())))
     if node.op == "call_method" and node.target in ("relu", "sigmoid", "tanh") and len(node.args) == 1:
@@ -50,17 +53,22 @@ def _signature(node: fx.Node, modules: dict):
     return None
 
 
-def _single_user(node: fx.Node) -> Optional[fx.Node]:
+def _single_user(node: fx.Node) -> fx.Node | None:
     users = real_users(node)
     return users[0] if len(users) == 1 and len(node.users) == 1 else None
 
 
-def _sum_tree(heads: list) -> Optional[tuple]:
+def _is_add(node: fx.Node | None) -> bool:
+    return node is not None and node.op == "call_function" and node.target in ADD_FUNCTIONS_WITH_INPLACE
+
+
+def _sum_tree(heads: list[fx.Node]) -> tuple[fx.Node, list[fx.Node]] | None:
     """(root add, other addends) when the heads meet in one tree of two-input adds; else None."""
-    inside, frontier = set(), set()
+    inside: set[fx.Node] = set()
+    frontier: set[fx.Node] = set()
     for h in heads:
         user = _single_user(h)
-        if user is None or user.op != "call_function" or user.target not in _ADDS:
+        if user is None or not _is_add(user):
             return None
         frontier.add(user)
     while True:
@@ -70,7 +78,7 @@ def _sum_tree(heads: list) -> Optional[tuple]:
             if len(add.args) != 2 or add.kwargs:
                 return None
             user = _single_user(add)
-            if user is not None and user.op == "call_function" and user.target in _ADDS and user not in inside:
+            if user is not None and _is_add(user) and user not in inside:
                 nxt.add(user)
         if not nxt:
             break
@@ -81,31 +89,36 @@ def _sum_tree(heads: list) -> Optional[tuple]:
     leaves = [arg for a in inside for arg in a.args if arg not in inside]
     if not all(h in leaves for h in heads) or len(leaves) != len(set(leaves)):
         return None
-    extras = [arg for arg in leaves if arg not in heads]
-    if any(not isinstance(e, fx.Node) for e in extras):
+    extras = [e for e in leaves if e not in heads]
+    if not all(isinstance(e, fx.Node) for e in extras):
         return None
-    return roots[0], extras
+    return roots[0], [e for e in extras if isinstance(e, fx.Node)]
 
 
-def _cat_join(heads: list) -> Optional[tuple]:
+def _cat_join(heads: list[fx.Node]) -> tuple[fx.Node, list[fx.Node]] | None:
     user = _single_user(heads[0])
-    if user is None or user.op != "call_function" or user.target not in (torch.cat, torch.concat):
+    if user is None or user.op != "call_function" or user.target not in CONCAT_FUNCTIONS:
         return None
-    tensors = user.args[0] if user.args else user.kwargs.get("tensors")
-    dim = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim", 0)
+    tensors, dim = arg(user, 0, "tensors"), arg(user, 1, "dim", 0)
     shape = node_shape(user)
-    if shape is None or dim % len(shape) != 1 or len(tensors) != len(heads) or set(tensors) != set(heads) \
+    if shape is None or not isinstance(dim, int) or not isinstance(tensors, (list, tuple)):
+        return None
+    if dim % len(shape) != 1 or len(tensors) != len(heads) or set(tensors) != set(heads) \
             or any(_single_user(h) is not user for h in heads):
         return None
     return user, list(tensors)
 
 
+@dataclass
 class _Towers:
-    def __init__(self, x: fx.Node, steps: list, join: str, join_node: fx.Node, extras: list):
-        self.x, self.steps, self.join, self.join_node, self.extras = x, steps, join, join_node, extras
+    x: fx.Node
+    steps: list[list[fx.Node]]  # per step, one node per path
+    join: str  # "sum" or "cat"
+    join_node: fx.Node
+    extras: list[fx.Node]  # other addends of the sum tree
 
 
-def _find(x: fx.Node, first: list, modules: dict) -> Optional[_Towers]:
+def _find(x: fx.Node, first: list[fx.Node], modules: dict[str, nn.Module]) -> _Towers | None:
     """Follow the paths starting at ``first`` (convs on x) in lockstep up to their join."""
     steps, heads = [first], list(first)
     while True:
@@ -113,8 +126,9 @@ def _find(x: fx.Node, first: list, modules: dict) -> Optional[_Towers]:
             found = _join(x, steps, heads, modules)
             if found is not None:
                 return found
-        nexts = [_single_user(h) for h in heads]
-        if any(n is None or not n.args or n.args[0] is not h for n, h in zip(nexts, heads)):
+        nexts = [n for n in (_single_user(h) for h in heads) if n is not None]
+        if len(nexts) != len(heads) or any(not n.args or n.args[0] is not h
+                                            for n, h in zip(nexts, heads, strict=True)):
             return None
         sig = _signature(nexts[0], modules)
         if sig is None or any(_signature(n, modules) != sig for n in nexts[1:]) or len(set(nexts)) != len(nexts):
@@ -123,11 +137,12 @@ def _find(x: fx.Node, first: list, modules: dict) -> Optional[_Towers]:
         heads = nexts
 
 
-def _join(x: fx.Node, steps: list, heads: list, modules: dict) -> Optional[_Towers]:
+def _join(x: fx.Node, steps: list[list[fx.Node]], heads: list[fx.Node],
+          modules: dict[str, nn.Module]) -> _Towers | None:
     """The towers ending at ``heads``, if the heads meet in a sum (after convs) or a channel cat."""
     tree = _sum_tree(heads)
     if tree is not None:
-        return _Towers(x, steps, "sum", tree[0], tree[1]) if _signature(heads[0], modules)[0] == "conv" else None
+        return _Towers(x, steps, "sum", tree[0], tree[1]) if called_conv(heads[0], modules) is not None else None
     cat = _cat_join(heads)
     if cat is not None:
         order = [heads.index(h) for h in cat[1]]
@@ -135,14 +150,15 @@ def _join(x: fx.Node, steps: list, heads: list, modules: dict) -> Optional[_Towe
     return None
 
 
-def merge_towers(gm: fx.GraphModule, report: Report) -> int:
-    """Merge every set of parallel towers on one input; returns how many sets were merged."""
+def merge_towers(gm: fx.GraphModule, report: Report) -> PassResult:
+    """Merge every set of parallel towers on one input; ``changed``: how many sets were merged (the new nodes
+    have no recorded shapes yet, so shapes go stale)."""
     modules = dict(gm.named_modules())
-    merged = 0
+    merged, created = 0, []
     for x in list(gm.graph.nodes):
-        groups: dict = {}
+        groups: dict[tuple[Any, ...] | None, list[fx.Node]] = {}
         for user in x.users:
-            if user.args and user.args[0] is x and _conv(user, modules) is not None:
+            if user.args and user.args[0] is x and called_conv(user, modules) is not None:
                 groups.setdefault(_signature(user, modules), []).append(user)
         for first in groups.values():
             if len(first) < 2:
@@ -151,7 +167,7 @@ def merge_towers(gm: fx.GraphModule, report: Report) -> int:
             if towers is None:
                 continue
             try:
-                _rewrite(gm, towers, modules)
+                created += _rewrite(gm, towers, modules)
             except A.Refusal as r:
                 report.refuse(str(first[0].target), f"parallel paths kept: {r}")
                 continue
@@ -161,39 +177,52 @@ def merge_towers(gm: fx.GraphModule, report: Report) -> int:
             merged += 1
     if merged:
         finish(gm)
-    return merged
+    return PassResult(merged, tuple(created), shapes_stale=merged > 0)
 
 
-def _where(first: list) -> str:
+def _where(first: list[fx.Node]) -> str:
     return str(first[0].target).rsplit(".", 2)[0]
 
 
-def _rewrite(gm: fx.GraphModule, towers: _Towers, modules: dict) -> None:
-    graph, device = gm.graph, next(iter(gm.parameters())).device
-    last_step = len(towers.steps) - 1
-    plans = []
+def _merged(step: int, convs: list[nn.modules.conv._ConvNd], towers: _Towers) -> A.Affine:
+    """One conv for the convs of a step: outputs stacked (first step), summed over inputs (last step of a sum),
+    block-diagonal (the steps between)."""
+    affs = [conv_affine(m) for m in convs]
+    if step == 0:
+        return A.concat(affs)
+    if step == len(towers.steps) - 1 and towers.join == "sum":
+        return A.sum_over_inputs(affs)
+    return reduce(A.direct_sum, affs)
+
+
+def _reading(node: fx.Node, source: fx.Node) -> Callable[[fx.Node], fx.Node]:
+    """``graph.node_copy``'s argument map for a copy of ``node`` that reads ``source`` instead of its input."""
+    first = node.args[0]
+    return lambda n: source if n is first else n
+
+
+def _rewrite(gm: fx.GraphModule, towers: _Towers, modules: dict[str, nn.Module]) -> list[str]:
+    """Replace the towers by one path; returns the names of the modules it registers.  Every merged module is
+    built (or refused) before the graph changes."""
+    graph, device = gm.graph, device_of(gm)
+    merged: list[nn.Module | None] = []
     for i, nodes in enumerate(towers.steps):
-        if _conv(nodes[0], modules) is None:
-            plans.append(None)
-            continue
-        affs = [_affine(modules[n.target]) for n in nodes]
-        if i == 0:
-            plans.append(A.concat(affs))
-        elif i == last_step and towers.join == "sum":
-            plans.append(A.sum_over_inputs(affs))
-        else:
-            plans.append(reduce(A.direct_sum, affs))
+        convs = [c for c in (called_conv(n, modules) for n in nodes) if c is not None]
+        merged.append(module_for(_merged(i, convs, towers), torch.float64, device) if convs else None)
+    names = []
     current = towers.x
-    for nodes, aff in zip(towers.steps, plans):
+    for nodes, module in zip(towers.steps, merged, strict=True):
         with graph.inserting_before(towers.join_node):
-            if aff is None:
-                current = graph.node_copy(nodes[0], lambda n: current if n is nodes[0].args[0] else n)
+            if module is None:
+                current = graph.node_copy(nodes[0], _reading(nodes[0], current))
             else:
                 name = f"{nodes[0].target}_towers"
-                gm.add_submodule(name, to_module(aff, torch.float64, device))
+                gm.add_submodule(name, module)
+                names.append(name)
                 current = graph.call_module(name, (current,))
     with graph.inserting_before(towers.join_node):
         for extra in towers.extras:
             current = graph.call_function(operator.add, (current, extra))
     same_origin(current, towers.join_node)
     towers.join_node.replace_all_uses_with(current)
+    return names
