@@ -35,13 +35,16 @@ copies, verifies in float64 and reports per-layer int8 SNR before -> after.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, TypeGuard, Union
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..match import ADD_FUNCTIONS_WITH_INPLACE, CONCAT_FUNCTIONS, arg, called_module, node_name, node_shape
 
 __all__ = ["CONVERGED", "MAX_ROUNDS", "Span", "Use", "Link", "find_links", "equalize_graph", "balance"]
 
@@ -60,9 +63,8 @@ _HOMOGENEOUS_FUNCTIONS = {F.relu, torch.relu, F.leaky_relu, F.max_pool1d, F.max_
                           F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
                           F.adaptive_max_pool3d, F.dropout, torch.flatten, torch.mean}
 _HOMOGENEOUS_METHODS = {"relu", "relu_", "flatten", "mean", "contiguous"}
-_CONCATS = {torch.cat, torch.concat}
 _SPLITS = {torch.split, torch.chunk, torch.tensor_split}
-_ADDS = {operator.add, operator.iadd, torch.add}
+Layer = Union[nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear]  # what equalization rescales
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ class Use:
     (features ``(offset + c) * repeat ...`` of a linear layer after a flatten; ``repeat`` from the layer's size)."""
 
     node: fx.Node
-    module: nn.Module
+    module: Layer
     span: Span
 
 
@@ -93,7 +95,7 @@ class Link:
     ops.  One producer, unless residual adds join several (``add(conv_a(x), conv_b(y))``, a ResNet stage's
     stream): then every producer and every reader of the sum is rescaled consistently."""
 
-    producers: list[tuple[fx.Node, nn.Module]]
+    producers: list[tuple[fx.Node, Layer]]
     uses: list[Use] = field(default_factory=list)
 
     @property
@@ -102,7 +104,7 @@ class Link:
         return self.producers[0][0]
 
     @property
-    def module(self) -> nn.Module:
+    def module(self) -> Layer:
         return self.producers[0][1]
 
 
@@ -119,52 +121,37 @@ class _Refused(Exception):
         self.quiet = quiet
 
 
-def _module(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
-    return gm.get_submodule(node.target) if node.op == "call_module" else None
-
-
-def _name(node: fx.Node) -> str:
-    return str(node.target) if node.op == "call_module" else node.name
-
-
-def _is_layer(module: Optional[nn.Module]) -> bool:
+def _is_layer(module: nn.Module | None) -> TypeGuard[Layer]:
     return isinstance(module, _LAYERS) and type(module).forward in (nn.Conv1d.forward, nn.Conv2d.forward,
                                                                     nn.Conv3d.forward, nn.Linear.forward)
 
 
-def _out_channels(module: nn.Module) -> int:
+def _out_channels(module: Layer) -> int:
     return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
 
-def _reduces_channels(dims) -> bool:
+def _reduces_channels(dims: Any) -> bool:
     dims = dims if isinstance(dims, (tuple, list)) else (dims,)
     return any(not isinstance(d, int) or d in (0, 1) or d < -2 for d in dims)
 
 
-def _homogeneous(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
+def _homogeneous(gm: fx.GraphModule, node: fx.Node) -> str | None:
     """None when ``node`` (reading the tracked tensor as its first argument) satisfies ``h(x/s) = h(x)/s`` for
     per-channel ``s > 0`` and keeps channels on axis 1; otherwise why not."""
-    module = _module(gm, node)
+    module = called_module(node, gm)
     if module is not None:
         if isinstance(module, nn.Flatten):
             return None if module.start_dim == 1 else f"flattens from axis {module.start_dim}"
         if type(module) in _HOMOGENEOUS_MODULES:  # exact types: a subclass may override forward
             return None
         return f"{type(module).__name__} is not positively homogeneous per channel (h(x/s) != h(x)/s)"
-    if node.op == "call_function" and node.target in _HOMOGENEOUS_FUNCTIONS:
-        if node.target is torch.flatten:
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+    if (node.op == "call_function" and node.target in _HOMOGENEOUS_FUNCTIONS) or (
+            node.op == "call_method" and node.target in _HOMOGENEOUS_METHODS):
+        if node.target in (torch.flatten, "flatten"):
+            start = arg(node, 1, "start_dim", 0)
             return None if start == 1 else f"flattens from axis {start}"
-        if node.target is torch.mean:
-            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", None)
-            return f"mean over {dims} mixes channels" if dims is None or _reduces_channels(dims) else None
-        return None
-    if node.op == "call_method" and node.target in _HOMOGENEOUS_METHODS:
-        if node.target == "flatten":
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            return None if start == 1 else f"flattens from axis {start}"
-        if node.target == "mean":
-            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", None)
+        if node.target in (torch.mean, "mean"):
+            dims = arg(node, 1, "dim")
             return f"mean over {dims} mixes channels" if dims is None or _reduces_channels(dims) else None
         return None
     if node.op == "output":
@@ -175,14 +162,15 @@ def _homogeneous(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
     return f"{what} is not known to be scale-equivariant"
 
 
-def _channels(gm: fx.GraphModule, node: fx.Node) -> Optional[int]:
+def _channels(gm: fx.GraphModule, node: fx.Node) -> int | None:
     """Channels (axis 1) of ``node``'s value, from layer sizes through channel-preserving ops; None if unknown."""
-    module = _module(gm, node)
+    module = called_module(node, gm)
     if _is_layer(module):
         return _out_channels(module)
-    if node.op == "call_function" and node.target in _CONCATS:
-        parts = [_channels(gm, n) for n in node.args[0]]
-        return None if None in parts or _cat_dim(node) != 1 else sum(parts)
+    if node.op == "call_function" and node.target in CONCAT_FUNCTIONS:
+        parts = [_channels(gm, n) for n in _cat_inputs(node)]
+        known = [p for p in parts if p is not None]
+        return None if len(known) != len(parts) or _cat_dim(node) != 1 else sum(known)
     if node.target is operator.getitem and isinstance(node.args[0], fx.Node) and isinstance(node.args[1], int):
         split = node.args[0]
         total = _channels(gm, split.args[0]) if split.args and isinstance(split.args[0], fx.Node) else None
@@ -193,13 +181,18 @@ def _channels(gm: fx.GraphModule, node: fx.Node) -> Optional[int]:
             return end - start
     elif node.args and isinstance(node.args[0], fx.Node) and _homogeneous(gm, node) is None:
         return _channels(gm, node.args[0])
-    meta = node.meta.get("tensor_meta")
-    shape = getattr(meta, "shape", None)
+    shape = node_shape(node)
     return int(shape[1]) if shape is not None and len(shape) > 1 else None
 
 
-def _cat_dim(node: fx.Node):
-    return node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+def _cat_dim(node: fx.Node) -> Any:
+    return arg(node, 1, "dim", 0)
+
+
+def _cat_inputs(node: fx.Node) -> list[fx.Node]:
+    """The tensors a concatenation reads (its nodes; a constant among them is not followed)."""
+    tensors = arg(node, 0, "tensors")
+    return [t for t in tensors if isinstance(t, fx.Node)] if isinstance(tensors, (list, tuple)) else []
 
 
 def _reads_metadata_only(node: fx.Node) -> bool:
@@ -209,12 +202,11 @@ def _reads_metadata_only(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is getattr and node.args[1] in ("shape", "dtype", "device")
 
 
-def _split_bounds(node: fx.Node, total: int) -> Optional[list[tuple[int, int]]]:
+def _split_bounds(node: fx.Node, total: int) -> list[tuple[int, int]] | None:
     """The channel ranges of the pieces of ``torch.split`` / ``chunk`` (``x.split`` ...) along axis 1, or None."""
-    args = list(node.args[1:])
-    dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
-    size = args[0] if args else node.kwargs.get("split_size_or_sections", node.kwargs.get("split_size",
-                                                                                         node.kwargs.get("chunks")))
+    dim = arg(node, 2, "dim", 0)
+    size: Any = node.args[1] if len(node.args) > 1 else node.kwargs.get(
+        "split_size_or_sections", node.kwargs.get("split_size", node.kwargs.get("chunks")))
     if dim != 1 or size is None:
         return None
     if node.target in (torch.chunk, "chunk"):
@@ -227,7 +219,7 @@ def _split_bounds(node: fx.Node, total: int) -> Optional[list[tuple[int, int]]]:
     if not all(isinstance(n, int) for n in sizes):
         return None
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    return [(a, min(a + n, total)) for a, n in zip(starts, sizes)]
+    return [(a, min(a + n, total)) for a, n in zip(starts, sizes, strict=True)]
 
 
 @dataclass
@@ -235,12 +227,12 @@ class _Walk:
     """What one walk from a producer found: the producers sharing its scales, their readers, what was visited."""
 
     gm: fx.GraphModule
-    owners: dict
+    owners: dict[int, int]  # id(module) -> how many nodes call it
     channels: int
-    producers: list = field(default_factory=list)
-    uses: list = field(default_factory=list)
-    followed: set = field(default_factory=set)  # (node, span) pairs whose readers are collected
-    pending: list = field(default_factory=list)  # residual-add operands still to trace back to producers
+    producers: list[tuple[fx.Node, Layer]] = field(default_factory=list)
+    uses: list[Use] = field(default_factory=list)
+    followed: set[tuple[fx.Node, Span]] = field(default_factory=set)  # (node, span) pairs whose readers are collected
+    pending: list[fx.Node] = field(default_factory=list)  # residual-add operands still to trace back to producers
 
     @property
     def whole(self) -> Span:
@@ -248,7 +240,8 @@ class _Walk:
 
 
 def _is_add(node: fx.Node) -> bool:
-    adds = node.op == "call_function" and node.target in _ADDS and "alpha" not in node.kwargs and len(node.args) == 2
+    adds = node.op == "call_function" and node.target in ADD_FUNCTIONS_WITH_INPLACE and "alpha" not in node.kwargs \
+        and len(node.args) == 2
     adds = adds or (node.op == "call_method" and node.target in ("add", "add_") and len(node.args) == 2
                     and not node.kwargs)
     return adds and all(isinstance(a, fx.Node) for a in node.args)
@@ -276,32 +269,32 @@ def _follow(walk: _Walk, node: fx.Node, span: Span) -> None:
     walk.followed.add((node, span))
     gm, owners = walk.gm, walk.owners
     for user in node.users:
-        module = _module(gm, user)
+        module = called_module(user, gm)
         if _reads_metadata_only(user):
             continue
         if _is_layer(module):
             if user.args[0] is not node or len(user.args) + len(user.kwargs) != 1:
-                raise _Refused(f"{_name(user)} reads it other than as its input")
+                raise _Refused(f"{node_name(user)} reads it other than as its input")
             if owners.get(id(module), 1) != 1:
-                raise _Refused(f"{_name(user)} is called {owners[id(module)]} times (shared weights)")
+                raise _Refused(f"{node_name(user)} is called {owners[id(module)]} times (shared weights)")
             walk.uses.append(Use(user, module, span))
-        elif user.op == "call_function" and user.target in _CONCATS:
+        elif user.op == "call_function" and user.target in CONCAT_FUNCTIONS:
             if _cat_dim(user) != 1:
                 raise _Refused(f"{user.name} concatenates along axis {_cat_dim(user)}, not channels")
             if span.flattened:
                 raise _Refused(f"{user.name} concatenates flattened features")
-            inputs = list(user.args[0])
+            inputs = _cat_inputs(user)
             if inputs.count(node) != 1:
                 raise _Refused(f"{user.name} reads it twice")
-            sizes = [_channels(gm, n) for n in inputs]
-            if None in sizes:
+            sizes = [c for c in (_channels(gm, n) for n in inputs) if c is not None]
+            if len(sizes) != len(inputs):
                 raise _Refused(f"{user.name}: the channel count of an input is unknown")
             before = sum(sizes[: inputs.index(node)])
             _follow(walk, user, Span(span.offset + before, sum(sizes), span.lo, span.hi))
         elif user.target in _SPLITS or (user.op == "call_method" and user.target in ("split", "chunk")):
             _follow_split(walk, user, span)
         elif _is_add(user) and span == walk.whole:
-            walk.pending += [a for a in user.args if a is not node]
+            walk.pending += [a for a in user.args if isinstance(a, fx.Node) and a is not node]
             _follow(walk, user, span)
         else:
             reason = _homogeneous(gm, user)
@@ -309,8 +302,8 @@ def _follow(walk: _Walk, node: fx.Node, span: Span) -> None:
                 reason = f"{user.name} reads it other than as its first argument"
             if reason is not None:
                 quiet = user.op == "output" and not walk.uses and len(walk.producers) == 1
-                raise _Refused(f"read by {_name(user)}: {reason}", quiet=quiet)
-            is_flatten = (isinstance(_module(gm, user), nn.Flatten) or user.target in (torch.flatten, "flatten"))
+                raise _Refused(f"read by {node_name(user)}: {reason}", quiet=quiet)
+            is_flatten = (isinstance(called_module(user, gm), nn.Flatten) or user.target in (torch.flatten, "flatten"))
             _follow(walk, user, Span(span.offset, span.total, span.lo, span.hi, span.flattened or is_flatten))
 
 
@@ -319,26 +312,26 @@ def _trace_back(walk: _Walk, node: fx.Node) -> None:
     it is a producer layer, a residual add, or a positively homogeneous op of such a tensor; all its readers join."""
     if (node, walk.whole) in walk.followed:
         return
-    module = _module(walk.gm, node)
+    module = called_module(node, walk.gm)
     if _is_layer(module):
         if walk.owners.get(id(module), 1) != 1:
-            raise _Refused(f"residual operand {_name(node)} is called more than once (shared weights)")
+            raise _Refused(f"residual operand {node_name(node)} is called more than once (shared weights)")
         if _out_channels(module) != walk.channels:
-            raise _Refused(f"residual operand {_name(node)} has {_out_channels(module)} channels, not "
+            raise _Refused(f"residual operand {node_name(node)} has {_out_channels(module)} channels, not "
                            f"{walk.channels}")
         walk.producers.append((node, module))
     elif _is_add(node):
-        walk.pending += list(node.args)
+        walk.pending += [a for a in node.args if isinstance(a, fx.Node)]
     elif (node.args and isinstance(node.args[0], fx.Node) and _homogeneous(walk.gm, node) is None
           and not (isinstance(module, nn.Flatten) or node.target in (torch.flatten, "flatten"))):
         walk.pending.append(node.args[0])
     else:
-        what = "the model input" if node.op == "placeholder" else _name(node)
+        what = "the model input" if node.op == "placeholder" else node_name(node)
         raise _Refused(f"a residual add's other operand comes from {what}, which cannot be rescaled with it")
     _follow(walk, node, walk.whole)
 
 
-def _walk(gm: fx.GraphModule, node: fx.Node, module: nn.Module, owners: dict) -> _Walk:
+def _walk(gm: fx.GraphModule, node: fx.Node, module: Layer, owners: dict[int, int]) -> _Walk:
     """Producers joined to ``node`` through residual adds and all their readers (raises :class:`_Refused`)."""
     walk = _Walk(gm, owners, _out_channels(module), producers=[(node, module)])
     _follow(walk, node, walk.whole)
@@ -355,15 +348,16 @@ def find_links(gm: fx.GraphModule, refuse: Callable[[str, str], None]) -> list[L
     each producer that does not qualify."""
     owners: dict[int, int] = {}
     for node in gm.graph.nodes:
-        module = _module(gm, node)
+        module = called_module(node, gm)
         if module is not None:
             owners[id(module)] = owners.get(id(module), 0) + 1
-    links, claimed = [], set()
+    links: list[Link] = []
+    claimed: set[fx.Node] = set()
     for node in gm.graph.nodes:
-        module = _module(gm, node)
+        module = called_module(node, gm)
         if not _is_layer(module) or node in claimed:
             continue
-        where = _name(node)
+        where = node_name(node)
         if owners[id(module)] != 1:
             refuse(where, "equalization: the layer is called more than once (shared weights)")
             continue
@@ -386,15 +380,15 @@ def _check_size(use: Use) -> None:
     total = use.span.total
     if isinstance(module, nn.Linear):
         if module.in_features % total:
-            raise _Refused(f"{_name(use.node)} has {module.in_features} inputs, not a multiple of {total} channels")
+            raise _Refused(f"{node_name(use.node)} has {module.in_features} inputs, not a multiple of {total} channels")
     elif use.span.flattened or module.in_channels != total:
-        raise _Refused(f"{_name(use.node)} does not read the {total} channels as its input channels")
+        raise _Refused(f"{node_name(use.node)} does not read the {total} channels as its input channels")
 
 
 # ----------------------------------------------------------------------------------------------- the math
 
 
-def _producer_range(module: nn.Module) -> torch.Tensor:
+def _producer_range(module: Layer) -> torch.Tensor:
     """r1: ``max |W[c, ...]|`` per output channel."""
     return module.weight.detach().abs().flatten(1).amax(1)
 
@@ -428,7 +422,7 @@ def _scale_inputs(use: Use, s: torch.Tensor) -> None:
             w.view(groups, -1, *w.shape[1:]).mul_(shaped.to(w.dtype))
 
 
-def _scale_outputs(module: nn.Module, s: torch.Tensor) -> None:
+def _scale_outputs(module: Layer, s: torch.Tensor) -> None:
     """``W[c] /= s_c``, ``b[c] /= s_c``."""
     with torch.no_grad():
         module.weight.div_(s.reshape(-1, *([1] * (module.weight.ndim - 1))).to(module.weight.dtype))
