@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -55,7 +55,7 @@ class Equalization:
     links: int = 0
     rounds: int = 0
     last_change: float = 0.0  # the last round's largest |s_c - 1|: below CONVERGED when it converged
-    max_rel_error: Optional[float] = None
+    max_rel_error: float | None = None
 
     @property
     def worst_before_db(self) -> float:
@@ -97,7 +97,12 @@ def _run(model: nn.Module, inputs: tuple):
         return model(*fresh(inputs))
 
 
-def equalize_in_place(model: nn.Module, inputs: Optional[tuple], report: Report, check: bool = True) -> Equalization:
+def _refuse_under(report: Report, prefix: str) -> Callable[[str, str], None]:
+    """``refuse(where, why)`` recording the refusal at ``prefix + where`` (a part's path in the model)."""
+    return lambda where, why: report.refuse(prefix + where, why)
+
+
+def equalize_in_place(model: nn.Module, inputs: tuple | None, report: Report, check: bool = True) -> Equalization:
     """Equalize the float64 ``model``'s GraphModules in place; refusals and per-layer rewrites go to ``report``.
 
     Precondition: ``model`` is float64 and its layers belong to it alone.  With ``check`` and ``inputs``
@@ -108,8 +113,7 @@ def equalize_in_place(model: nn.Module, inputs: Optional[tuple], report: Report,
     before = {row.name: row for row in analyze_model(model).layers}
     result = Equalization()
     for path, gm in _graphs(model):
-        prefix = f"{path}." if path else ""
-        done, rounds, change = equalize_graph(gm, lambda where, why: report.refuse(prefix + where, why))
+        done, rounds, change = equalize_graph(gm, _refuse_under(report, f"{path}." if path else ""))
         result.links += len(done)
         result.rounds, result.last_change = max(result.rounds, rounds), max(result.last_change, change)
     if result.last_change >= CONVERGED:
@@ -150,7 +154,7 @@ def equalize(model: nn.Module, example_inputs=None, *, check: bool = True) -> nn
     if not _graphs(work):
         try:
             work = T.symbolic_trace(work)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001  tracing the user's code: any failure is reported, chained
             raise ReparamError(f"{type(model).__name__} does not trace with torch.fx ({type(err).__name__}); "
                                "fuse it first: reparam.fuse(model, equalize=True)") from err
     dtypes = {n: t.dtype for n, t in list(work.named_parameters()) + list(work.named_buffers())}

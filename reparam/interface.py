@@ -46,7 +46,7 @@ def keep_attributes(original: nn.Module, replacement: nn.Module) -> None:
                 continue
             try:
                 value = getattr(original, key)
-            except Exception:  # a property that needs what the replacement does not have
+            except Exception:  # noqa: BLE001  a user's property that fails on the original is not carried
                 continue
             if _carried(value):
                 _set(replacement, key, value)
@@ -59,7 +59,7 @@ def _has(module: nn.Module, key: str) -> bool:
 def _set(module: nn.Module, key: str, value: Any) -> None:
     try:
         setattr(module, key, value)
-    except Exception:  # a slot or a read-only name: the attribute stays behind
+    except (AttributeError, TypeError):  # a slot, a read-only name or a buffer's name: the attribute stays behind
         pass
 
 

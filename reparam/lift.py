@@ -23,7 +23,7 @@ import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, TypeGuard, Union
+from typing import Any, TypeGuard
 
 import torch
 import torch.fx as fx
@@ -89,7 +89,7 @@ class Concat:
     dim: int
 
 
-Op = Union[Unary, Sum, Concat]
+Op = Unary | Sum | Concat
 
 
 def op_sources(op: Op) -> list[fx.Node]:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -44,7 +45,7 @@ def _signature(args: tuple, kwargs: dict) -> tuple:
                  for t in tree_leaves((args, kwargs)))
 
 
-def record_calls(model: nn.Module, inputs: tuple, only: Optional[set] = None) -> tuple[dict, Any, set]:
+def record_calls(model: nn.Module, inputs: tuple, only: set | None = None) -> tuple[dict, Any, set]:
     """(module -> its recorded :class:`Call` s, the model's output, every module called) from one eager
     run of ``inputs``.
 
@@ -84,7 +85,7 @@ def record_calls(model: nn.Module, inputs: tuple, only: Optional[set] = None) ->
     return calls, output, called
 
 
-def _positional(gm: fx.GraphModule, call: Call) -> Optional[tuple]:
+def _positional(gm: fx.GraphModule, call: Call) -> tuple | None:
     """``call``'s inputs as the positional arguments of ``gm``'s placeholders (None if they do not map)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if any(str(n.target).startswith("*") for n in placeholders) or len(call.args) > len(placeholders):
@@ -104,7 +105,7 @@ def _positional(gm: fx.GraphModule, call: Call) -> Optional[tuple]:
 class _Slot:
     """A traceable part of the model: ``parent.<name>`` (``parent`` None for the root) and its trace."""
 
-    parent: Optional[nn.Module]
+    parent: nn.Module | None
     name: str
     module: nn.Module
     path: str
@@ -162,7 +163,7 @@ class PartFuser:
             child_path = f"{path}.{name}".lstrip(".")
             try:
                 gm = T.symbolic_trace(child)
-            except Exception as err:  # data-dependent control flow and the like
+            except Exception as err:  # noqa: BLE001  any failure tracing the user's code: the reason goes to the notes
                 if any(True for _ in child.parameters()):
                     self._note_untraced(child, child_path, err)
                 slots += self._plan(child, child_path)
@@ -172,14 +173,14 @@ class PartFuser:
 
     def _note_untraced(self, module: nn.Module, path: str, err: Exception) -> None:
         if not path:
-            self.report.notes.append(f"{type(module).__name__} does not trace as a whole ({_why(err)}): its "
+            self.report.notes.append(f"{type(module).__name__} does not trace as a whole ({why_untraced(err)}): its "
                                      "parts are fused one by one, each checked on the inputs it sees")
         elif list(module.children()):
-            self.report.notes.append(f"{path}: {_why(err)}; its parts fused separately")
+            self.report.notes.append(f"{path}: {why_untraced(err)}; its parts fused separately")
         else:
-            self.report.notes.append(f"{path} left unfused: {_why(err)}")
+            self.report.notes.append(f"{path} left unfused: {why_untraced(err)}")
 
-    def _fuse_part(self, slot: _Slot, calls: list) -> tuple[Optional[nn.Module], Optional[Exception]]:
+    def _fuse_part(self, slot: _Slot, calls: list) -> tuple[nn.Module | None, Exception | None]:
         """(the fused part, None), (None, why its trace cannot be used), or (None, None) when fusing
         changed nothing (the original stays, with its own interface)."""
         if id(slot.module) in self.done:
@@ -200,7 +201,8 @@ class PartFuser:
         return gm, None
 
 
-def _why(err: Exception) -> str:
+def why_untraced(err: Exception) -> str:
+    """Why a module's trace cannot be used, in a few words for the report's notes."""
     if isinstance(err, UnfaithfulTrace):
         return str(err).split(": ", 1)[-1]
     return f"not traceable ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})"

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -33,7 +33,7 @@ from .passes.residual import remove_residuals as remove_residual_adds
 from .passes.towers import merge_towers
 from .passes.transposed import fold_bn_into_transposed_convs
 from .interface import restore_state, snapshot_state
-from .parts import PartFuser, record_calls
+from .parts import PartFuser, record_calls, why_untraced
 from .proofs import UnfaithfulTrace, check_fused, pristine_copy, run_quietly, tag_origins
 from .report import Report
 from .precision import check_precision
@@ -56,7 +56,7 @@ def _dtype_map(model: nn.Module) -> dict:
     return {name: t.dtype for name, t in named}
 
 
-def _main_dtype(dtypes: dict, inputs: Optional[tuple] = None) -> torch.dtype:
+def _main_dtype(dtypes: dict, inputs: tuple | None = None) -> torch.dtype:
     """The model's most common floating dtype; for a model without floating tensors, its inputs'."""
     floats = [d for d in dtypes.values() if d.is_floating_point]
     if floats:
@@ -66,7 +66,7 @@ def _main_dtype(dtypes: dict, inputs: Optional[tuple] = None) -> torch.dtype:
                 torch.get_default_dtype())
 
 
-def _normalise_inputs(example_inputs) -> Optional[tuple]:
+def _normalise_inputs(example_inputs) -> tuple | None:
     if example_inputs is None:
         return None
     if isinstance(example_inputs, torch.Tensor):
@@ -107,7 +107,7 @@ def rules(remove_residuals: bool = False, cost: CostModel | None = None) -> tupl
     )
 
 
-def _fuse_graph(gm: fx.GraphModule, inputs: Optional[tuple], report: Report, dtypes: dict, main: torch.dtype,
+def _fuse_graph(gm: fx.GraphModule, inputs: tuple | None, report: Report, dtypes: dict, main: torch.dtype,
                 shapes_known: bool = False, remove_residuals: bool = False, cost: CostModel | None = None,
                 where: str = "") -> fx.GraphModule:
     """Run the :func:`rules` on ``gm`` (in place), ``where`` naming it in the report; returns its unfused twin
@@ -129,7 +129,7 @@ def _fuse_graph(gm: fx.GraphModule, inputs: Optional[tuple], report: Report, dty
     return pristine
 
 
-def _apply(rule: Rule, gm: fx.GraphModule, inputs: Optional[tuple], report: Report, dtypes: dict,
+def _apply(rule: Rule, gm: fx.GraphModule, inputs: tuple | None, report: Report, dtypes: dict,
            main: torch.dtype, where: str) -> PassResult:
     """``rule`` on ``gm`` (to its fixed point if it has one), with the bookkeeping its results ask for: dtypes of
     the modules it creates, shapes propagated again when they went stale."""
@@ -159,7 +159,7 @@ def _record_dtypes(gm: fx.GraphModule, result: PassResult, dtypes: dict, fallbac
 
 
 def fuse_with_report(model: nn.Module, example_inputs=None, *, check: bool = True,
-                     remove_residuals: bool = False, dtype: Optional[torch.dtype] = None,
+                     remove_residuals: bool = False, dtype: torch.dtype | None = None,
                      equalize: bool = False, cost="macs", device=None) -> tuple[nn.Module, Report]:
     """:func:`reparam.fuse` that also returns the :class:`Report`."""
     if not isinstance(model, nn.Module):
@@ -187,7 +187,7 @@ def fuse_with_report(model: nn.Module, example_inputs=None, *, check: bool = Tru
         check_precision(model, given, dtype)  # overflow in the deploy precision: named before any folding
     try:
         gm, trace_error = T.symbolic_trace(work), None
-    except Exception as err:  # noqa: BLE001  tracing the user's code: any failure means "fuse the traceable parts" (its message goes to the notes)
+    except Exception as err:  # noqa: BLE001  any failure tracing the user's code: fuse its parts (the reason: notes)
         gm, trace_error = None, err
     fuse_graph = _graph_fuser(report, dtypes, main, remove_residuals, cost)
     fused = None
@@ -224,7 +224,7 @@ def fuse_with_report(model: nn.Module, example_inputs=None, *, check: bool = Tru
 def _graph_fuser(report: Report, dtypes: dict, main: torch.dtype, remove_residuals: bool, cost=None):
     """``fuse_graph(gm, inputs, path)``: the passes on the traced part at ``path`` of the model."""
 
-    def fuse_graph(gm: fx.GraphModule, inputs: Optional[tuple], path: str) -> fx.GraphModule:
+    def fuse_graph(gm: fx.GraphModule, inputs: tuple | None, path: str) -> fx.GraphModule:
         prefix = f"{path}." if path else ""
         local = {k[len(prefix):]: v for k, v in dtypes.items() if k.startswith(prefix)}
         pristine = _fuse_graph(gm, inputs, report, local, main, remove_residuals=remove_residuals, cost=cost,
@@ -246,8 +246,8 @@ def _check_whole(gm: fx.GraphModule, pristine: fx.GraphModule, reference: nn.Mod
     return worst
 
 
-def _fuse_parts(work: nn.Module, given: Optional[tuple], report: Report, fuse_graph, trace_error,
-                check: bool) -> tuple[nn.Module, Optional[tuple]]:
+def _fuse_parts(work: nn.Module, given: tuple | None, report: Report, fuse_graph, trace_error,
+                check: bool) -> tuple[nn.Module, tuple | None]:
     """(``work`` (float64) with its traceable parts fused, each proven on the inputs it sees
     (:mod:`reparam.parts`); the float64 inputs of the recording runs, None if none run)."""
     if given is not None:
@@ -256,7 +256,8 @@ def _fuse_parts(work: nn.Module, given: Optional[tuple], report: Report, fuse_gr
     else:  # inferred from the first layer: the first candidate the model runs
         inputs = T.infer_example_inputs(work, None, torch.float64, "cpu")
     if inputs is None:
-        report.notes.append(f"{type(work).__name__} left unfused: it does not trace and no example inputs run it")
+        report.notes.append(f"{type(work).__name__} left unfused: it does not trace ({why_untraced(trace_error)}) and "
+                            "no example inputs run it")
         return work, None
     parts = PartFuser(report, fuse_graph, lambda model, modules: record_calls(model, inputs, modules))
     fused = parts.fuse(work, trace_error)
@@ -289,8 +290,8 @@ def _check_end_to_end(fused: nn.Module, inputs: tuple, want: Any, report: Report
                             "post-processes them data-dependently (top-k, NMS, sorting of near-ties)")
 
 
-def _shapes_then_float64(gm: fx.GraphModule, work: nn.Module, given: Optional[tuple], native: torch.dtype,
-                         device) -> Optional[tuple]:
+def _shapes_then_float64(gm: fx.GraphModule, work: nn.Module, given: tuple | None, native: torch.dtype,
+                         device) -> tuple | None:
     """Record shapes on ``gm`` (the trace of ``work``), then move both to float64 on the CPU; returns
     the float64 inputs (``given`` or inferred ones; None if none run).
 
@@ -350,7 +351,7 @@ def _cast_back(fused: nn.Module, dtypes: dict, main: torch.dtype, device) -> Non
 
 
 def fuse(model: nn.Module, example_inputs=None, *, check: bool = True, remove_residuals: bool = False,
-         dtype: Optional[torch.dtype] = None, equalize: bool = False, cost="macs", device=None) -> nn.Module:
+         dtype: torch.dtype | None = None, equalize: bool = False, cost="macs", device=None) -> nn.Module:
     """Return a new module computing the same function as ``model`` with fewer, larger kernels.
 
     Inference semantics (BatchNorm with running statistics); same dtype and device; the input model is

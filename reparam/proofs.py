@@ -19,7 +19,7 @@ import io
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -148,7 +148,7 @@ class UnfaithfulTrace(Exception):
     """The traced graph itself computes something else than the module's eager forward."""
 
 
-def run_quietly(module, args: tuple, kwargs: Optional[dict] = None) -> Any:
+def run_quietly(module, args: tuple, kwargs: dict | None = None) -> Any:
     """``module(*args, **kwargs)`` without grad, on clones of the inputs, warnings and fx's printout silenced."""
     # fx prints the generated code of a GraphModule that raises: a failing candidate is not the user's error
     with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
@@ -156,8 +156,8 @@ def run_quietly(module, args: tuple, kwargs: Optional[dict] = None) -> Any:
         return module(*fresh(args), **fresh(kwargs or {}))
 
 
-def check_fused(fused: fx.GraphModule, pristine: Optional[fx.GraphModule], original: nn.Module, args: tuple,
-                kwargs: dict, want: Any, where: str, notes: list, positional: Optional[tuple] = None) -> float:
+def check_fused(fused: fx.GraphModule, pristine: fx.GraphModule | None, original: nn.Module, args: tuple,
+                kwargs: dict, want: Any, where: str, notes: list, positional: tuple | None = None) -> float:
     """Worst relative error of ``fused`` (the rewritten trace of ``original``) against ``want``, the
     eager original's output on ``args`` / ``kwargs`` (float64).
 
@@ -198,7 +198,8 @@ def check_fused(fused: fx.GraphModule, pristine: Optional[fx.GraphModule], origi
     try:
         if mismatch is not None:
             raise mismatch
-        return compare_outputs(got, want, where, noise=lambda: run_quietly(perturbed(original), args, kwargs), notes=notes)
+        return compare_outputs(got, want, where, noise=lambda: run_quietly(perturbed(original), args, kwargs),
+                               notes=notes)
     except EquivalenceError as err:
         if not _faithful(original, args, kwargs, want):
             raise UnfaithfulTrace(f"{where}: torch.fx traces it unfaithfully") from err
@@ -210,5 +211,5 @@ def _faithful(module: nn.Module, args: tuple, kwargs: dict, want: Any) -> bool:
     try:
         compare_outputs(run_quietly(T.symbolic_trace(module), args, kwargs), want)
         return True
-    except Exception:  # a structure mismatch or a different value: either way, not faithful
+    except Exception:  # noqa: BLE001  a fresh trace that fails or disagrees is not faithful (the caller says so)
         return False

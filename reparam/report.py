@@ -5,7 +5,6 @@ import json
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -35,8 +34,8 @@ class CostDecision:
     after_kernels: int
     before_macs: float
     after_macs: float
-    before_s: Optional[float] = None
-    after_s: Optional[float] = None
+    before_s: float | None = None
+    after_s: float | None = None
 
 
 @dataclass
@@ -46,8 +45,8 @@ class Report:
     rewrites: list = field(default_factory=list)
     refusals: list = field(default_factory=list)
     notes: list = field(default_factory=list)  # e.g. untraceable parts, skipped verification
-    max_rel_error: Optional[float] = None
-    equalization: Optional[object] = None  # reparam.equalization.Equalization, when equalize=True
+    max_rel_error: float | None = None
+    equalization: object | None = None  # reparam.equalization.Equalization, when equalize=True
     decisions: list = field(default_factory=list)  # CostDecision of every merge the cost model weighed
 
     def counts(self) -> Counter:

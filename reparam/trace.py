@@ -14,7 +14,8 @@ import operator
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -85,7 +86,7 @@ def _spread_size(proxy: fx.Proxy, frame) -> bool:
     return frame is not None and _spread_into(frame) in _SIZE_METHODS and _is_size(proxy)
 
 
-def _spread_into(frame) -> Optional[str]:
+def _spread_into(frame) -> str | None:
     """The method name when ``frame`` is at ``obj.method(*s)`` with ``s`` a name, ``y.shape`` or
     ``y.size()`` (the only argument); None otherwise."""
     code = list(dis.get_instructions(frame.f_code))
@@ -107,7 +108,7 @@ class Tracer(fx.Tracer):
     """fx tracer with O(1) parameter/buffer look-up, timm's leaf modules, item assignment and sizes
     spread into reshapes."""
 
-    def __init__(self, root: Optional[torch.nn.Module] = None, **kwargs):
+    def __init__(self, root: torch.nn.Module | None = None, **kwargs):
         # root is optional: GraphModule re-creates its tracer class with no arguments when unpickled
         leaves, functions = _timm_leaves()
         super().__init__(autowrap_functions=tuple(functions), **kwargs)
@@ -178,7 +179,7 @@ class Run:
     output: Any
 
 
-def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Optional[Run]:
+def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Run | None:
     """Record ``meta['tensor_meta']`` on every node by running ``example_inputs``; None if it fails (candidate
     inputs the model does not take; given inputs that fail here fail again, with their error, when the fused
     model is verified)."""
@@ -206,7 +207,7 @@ def _plain(value: Any) -> Any:
 # example inputs
 
 
-def _first_consumer_channels(gm: fx.GraphModule, placeholder: fx.Node) -> Optional[tuple[int, int]]:
+def _first_consumer_channels(gm: fx.GraphModule, placeholder: fx.Node) -> tuple[int, int] | None:
     """(channels, spatial rank) of the first conv/linear reached from ``placeholder``, breadth first."""
     modules = dict(gm.named_modules())
     frontier, seen = [placeholder], {placeholder}
@@ -234,7 +235,7 @@ _FUNCTIONAL_CONVS = {torch.nn.functional.conv1d, torch.nn.functional.conv2d, tor
                      torch.conv1d, torch.conv3d}
 
 
-def _configured_size(model: torch.nn.Module) -> Optional[int]:
+def _configured_size(model: torch.nn.Module) -> int | None:
     for attr in ("pretrained_cfg", "default_cfg"):
         cfg = getattr(model, attr, None)
         if isinstance(cfg, dict) and cfg.get("input_size"):
@@ -243,7 +244,7 @@ def _configured_size(model: torch.nn.Module) -> Optional[int]:
     return None
 
 
-def input_spec(module: Optional[torch.nn.Module]) -> Optional[tuple[int, int]]:
+def input_spec(module: torch.nn.Module | None) -> tuple[int, int] | None:
     """(input channels or features, spatial rank: 0 for a Linear) of a conv (not transposed) or linear
     module; None for any other module (or None)."""
     if is_conv(module):
@@ -253,20 +254,20 @@ def input_spec(module: Optional[torch.nn.Module]) -> Optional[tuple[int, int]]:
     return None
 
 
-def first_layer(model: torch.nn.Module) -> Optional[tuple[str, torch.nn.Module]]:
+def first_layer(model: torch.nn.Module) -> tuple[str, torch.nn.Module] | None:
     """(qualified name, module) of the model's first conv/linear in registration order; None when it has none."""
     return next(((name, m) for name, m in model.named_modules() if input_spec(m) is not None), None)
 
 
-def _first_layer_channels(model: torch.nn.Module) -> Optional[tuple[int, int]]:
+def _first_layer_channels(model: torch.nn.Module) -> tuple[int, int] | None:
     """(channels, spatial rank) of the model's first conv/linear in registration order (for a model
     that does not trace, so its inputs cannot be followed)."""
     found = first_layer(model)
     return None if found is None else input_spec(found[1])
 
 
-def infer_example_inputs(model: torch.nn.Module, gm: Optional[fx.GraphModule], dtype, device,
-                         runs=None) -> Optional[tuple]:
+def infer_example_inputs(model: torch.nn.Module, gm: fx.GraphModule | None, dtype, device,
+                         runs=None) -> tuple | None:
     """Random inputs a forward pass accepts, from the first conv/linear the inputs reach (``gm``:
     the traced model; None for a model that does not trace: one input, for its first layer).
 

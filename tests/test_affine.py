@@ -97,7 +97,7 @@ def conv_case(draw, nd: int):
         stride = (1,) * nd
     else:
         stride = tuple(draw(st.integers(1, 3)) for _ in range(nd))
-    extent = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation))
+    extent = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation, strict=True))
     if padding_kind == "int":
         padding = draw(st.integers(0, 2))
         pads = (padding,) * nd
@@ -110,7 +110,7 @@ def conv_case(draw, nd: int):
         padding, pads = "valid", (0,) * nd
     # size: the kernel must fit, and reflect/circular need pad < size
     size = tuple(
-        max(e - 2 * p, p + 1, 1) + draw(st.integers(0, nmax - 4)) for e, p in zip(extent, pads)
+        max(e - 2 * p, p + 1, 1) + draw(st.integers(0, nmax - 4)) for e, p in zip(extent, pads, strict=True)
     )
     bias = draw(st.booleans())
     return dict(cin=cin, cout=cout, kernel=kernel, stride=stride, padding=padding, dilation=dilation,
@@ -184,7 +184,8 @@ def test_identity_channelwise_batchnorm(nd, seed, channels, eps):
     bn, (mean, var, w, b, eps) = random_bn_affine(g, channels, layout, eps)
     close(A.apply(bn, x), F.batch_norm(x, mean, var, w, b, False, 0.0, eps))
     # affine=False BatchNorm
-    close(A.apply(A.batchnorm(mean, var, None, None, eps, layout), x), F.batch_norm(x, mean, var, None, None, False, 0.0, eps))
+    close(A.apply(A.batchnorm(mean, var, None, None, eps, layout), x),
+          F.batch_norm(x, mean, var, None, None, False, 0.0, eps))
 
 
 @pytest.mark.parametrize("nd", [1, 2, 3])
@@ -211,8 +212,8 @@ def test_zero_pad_matches_f_pad(nd, data):
     channels = data.draw(st.integers(1, 4))
     x = randn(gen(data.draw(st.integers(0, 2**31))), 2, channels, *[3, 4, 5][:nd])
     pads = []
-    for l, h in zip(reversed(lo), reversed(hi)):
-        pads += [l, h]
+    for low, high in zip(reversed(lo), reversed(hi), strict=True):
+        pads += [low, high]
     a = A.zero_pad(channels, lo, hi, A.Layout(nd))
     close(A.apply(a, x), F.pad(x, pads))
 
@@ -247,7 +248,7 @@ def branch(draw, g, nd: int, cin: int, cout: int, stride: tuple, right: tuple, a
     if kind == "avgpool":
         # symmetric padding p with 2p - k + 1 == right per axis
         pads = tuple(draw(st.integers(max(0, -r), 2)) for r in right)
-        kernel = tuple(2 * p + 1 - r for p, r in zip(pads, right))
+        kernel = tuple(2 * p + 1 - r for p, r in zip(pads, right, strict=True))
         return A.avgpool(cin, kernel, stride, pads, layout), kind
     common = math.gcd(cin, cout)
     groups = draw(st.sampled_from(divisors(common)))
@@ -256,10 +257,10 @@ def branch(draw, g, nd: int, cin: int, cout: int, stride: tuple, right: tuple, a
     kernel = (tuple(draw(st.integers(1, 4)) for _ in range(nd)) if shape == "free"
               else kernel_of_shape(shape, k, nd))
     dilation = tuple(draw(st.integers(1, 3)) for _ in range(nd))
-    extent = tuple(d * (kk - 1) + 1 for kk, d in zip(kernel, dilation))
+    extent = tuple(d * (kk - 1) + 1 for kk, d in zip(kernel, dilation, strict=True))
     # lo anywhere that keeps hi = right + extent - 1 - lo >= 0
-    lo = tuple(draw(st.integers(0, max(0, r + e - 1))) for r, e in zip(right, extent))
-    hi = tuple(r + e - 1 - l for r, e, l in zip(right, extent, lo))
+    lo = tuple(draw(st.integers(0, max(0, r + e - 1))) for r, e in zip(right, extent, strict=True))
+    hi = tuple(r + e - 1 - low for r, e, low in zip(right, extent, lo, strict=True))
     assume(all(h >= 0 for h in hi))
     w = randn(g, cout, cin // groups, *kernel)
     b = randn(g, cout) if draw(st.booleans()) else None
@@ -421,7 +422,7 @@ def compose_case(draw, nd: int):
         stride = tuple(draw(st.integers(1, 3)) for _ in range(nd))
         dilation = tuple(draw(st.integers(1, 3)) for _ in range(nd))
         lo = tuple(draw(st.integers(0, 2)) for _ in range(nd))
-        hi = tuple(draw(st.sampled_from([l, 0, 1, 2])) for l in lo)
+        hi = tuple(draw(st.sampled_from([low, 0, 1, 2])) for low in lo)
         bias = randn(g, cout) if draw(st.booleans()) else None
         a = A.from_conv(randn(g, cout, cin // groups, *kernel), bias, stride, 0, dilation, groups)
         return apply_pad(a, lo, hi)
@@ -446,8 +447,10 @@ def compose_case(draw, nd: int):
     else:
         a = conv(None)
     b = unit(a.out_channels) if shape.endswith("unit") else conv(a.out_channels)
-    need = tuple(max(1, e - l - h) for e, l, h in zip(b.extent, b.pad_lo, b.pad_hi))  # A's output size
-    base = tuple((m - 1) * s + e - l - h for m, s, e, l, h in zip(need, a.stride, a.extent, a.pad_lo, a.pad_hi))
+    # A's output size
+    need = tuple(max(1, e - low - high) for e, low, high in zip(b.extent, b.pad_lo, b.pad_hi, strict=True))
+    base = tuple((m - 1) * s + e - low - high
+                 for m, s, e, low, high in zip(need, a.stride, a.extent, a.pad_lo, a.pad_hi, strict=True))
     size = tuple(max(1, n) + draw(st.integers(0, 4)) for n in base)
     x = randn(g, 2, a.in_channels, *size)
     return a, b, x
@@ -480,7 +483,7 @@ def test_compose_random_convs(nd, case):
         assert not zero_border_ok(a, b), f"refused an exact composition: {r}"
         return
     close(A.apply(c, x), want)
-    assert c.stride == tuple(sa * sb for sa, sb in zip(a.stride, b.stride))
+    assert c.stride == tuple(sa * sb for sa, sb in zip(a.stride, b.stride, strict=True))
     assert_kind_consistent(c)
 
 
@@ -490,7 +493,7 @@ def test_compose_random_convs(nd, case):
 def test_compose_without_padding_in_b_never_refuses(nd, case):
     a, b, x = case.draw(compose_case(nd))
     b = apply_pad(b, (0,) * nd, (0,) * nd)
-    assume(all(m >= e for m, e in zip(a.out_size(x.shape[2:]), b.extent)))
+    assume(all(m >= e for m, e in zip(a.out_size(x.shape[2:]), b.extent, strict=True)))
     c = A.compose(a, b)
     close(A.apply(c, x), A.apply(b, A.apply(a, x)))
 
@@ -526,12 +529,12 @@ def test_pad_then_conv(nd, data):
     w, b = randn(g, cout, cin, *kernel), randn(g, cout)
     x = randn(g, 2, cin, *[5, 4, 3][:nd])
     pads = []
-    for l, h in zip(reversed(lo), reversed(hi)):
-        pads += [l, h]
+    for low, high in zip(reversed(lo), reversed(hi), strict=True):
+        pads += [low, high]
     c = A.compose(A.zero_pad(cin, lo, hi, A.Layout(nd)), A.from_conv(w, b, stride, padding))
     close(A.apply(c, x), CONV[nd](F.pad(x, pads), w, b, stride, padding))
-    assert c.pad_lo == tuple(l + p for l, p in zip(lo, padding))
-    assert c.pad_hi == tuple(h + p for h, p in zip(hi, padding))
+    assert c.pad_lo == tuple(low + p for low, p in zip(lo, padding, strict=True))
+    assert c.pad_hi == tuple(h + p for h, p in zip(hi, padding, strict=True))
 
 
 def test_bn_then_conv_without_padding_folds():

@@ -97,7 +97,7 @@ def _assert_same_outputs(fused, model, x, tol):
     assert type(got) is type(want)
     got_leaves, want_leaves = torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)
     assert torch.utils._pytree.tree_structure(got) == torch.utils._pytree.tree_structure(want)
-    for a, b in zip(got_leaves, want_leaves):
+    for a, b in zip(got_leaves, want_leaves, strict=True):
         assert a.dtype == b.dtype
         assert rel_err(a, b) <= tol
 
@@ -240,7 +240,8 @@ def test_a_wrong_part_is_named(monkeypatch):
         return module
 
     monkeypatch.setattr(collapse, "to_module", corrupted)
-    with pytest.raises(reparam.EquivalenceError, match=r"region (backbone\.layers|head\.box|head\.cls)\.\S+ .*: the fused"):
+    region = r"region (backbone\.layers|head\.box|head\.cls)\.\S+ .*: the fused"
+    with pytest.raises(reparam.EquivalenceError, match=region):
         reparam.fuse(Detector().eval(), (torch.randn(1, 3, 32, 32),))
 
 

@@ -30,7 +30,8 @@ class Path(nn.Module):
 
     def __init__(self, cin, width, cout, k, stride):
         super().__init__()
-        self.reduce, self.spatial, self.expand = conv_bn(cin, width, 1), conv_bn(width, width, k, stride), conv_bn(width, cout, 1)
+        self.reduce, self.spatial = conv_bn(cin, width, 1), conv_bn(width, width, k, stride)
+        self.expand = conv_bn(width, cout, 1)
 
     def forward(self, x):
         return self.expand(torch.relu(self.spatial(torch.relu(self.reduce(x)))))

@@ -37,7 +37,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeGuard, Union
+from typing import Any, TypeGuard
 
 import torch
 import torch.fx as fx
@@ -64,7 +64,7 @@ _HOMOGENEOUS_FUNCTIONS = {F.relu, torch.relu, F.leaky_relu, F.max_pool1d, F.max_
                           F.adaptive_max_pool3d, F.dropout, torch.flatten, torch.mean}
 _HOMOGENEOUS_METHODS = {"relu", "relu_", "flatten", "mean", "contiguous"}
 _SPLITS = {torch.split, torch.chunk, torch.tensor_split}
-Layer = Union[nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear]  # what equalization rescales
+Layer = nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear  # what equalization rescales
 
 
 @dataclass(frozen=True)
