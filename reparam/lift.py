@@ -11,8 +11,9 @@ e.g. weight standardisation, are folded too).
 - :class:`NotAffine`: the node is not an affine op of its tensor inputs (a ReLU, a product of two tensors, a
   positional embedding added along a spatial axis ...).  Nothing to merge, nothing to report.
 - :class:`reparam.affine.Refusal`: the node is an op the user expects to fold (a BatchNorm, a pool, a pad, a
-  conv), but not here (its input rank is unknown, it uses batch statistics, a ceil-mode window ...): the passes
-  report the reason.
+  conv), but not here (it uses batch statistics, a border the kernel does not cover ...): the passes report the
+  reason.  :class:`CannotLift` is both: such an op that cannot even be lifted (its input rank is unknown, a
+  ceil-mode window ...), so a caller that only asks "is it affine?" sees a NotAffine.
 
 The matcher vocabulary the passes share (:mod:`reparam.match`: ``is_conv``, ``conv_affine``, ``arg``,
 ``node_shape``, the op sets ...) is re-exported here.
@@ -36,7 +37,8 @@ from .match import (ADD_FUNCTIONS, ADD_FUNCTIONS_WITH_INPLACE, CONCAT_FUNCTIONS,
                     node_dtype, node_name, node_rank, node_shape, shape_meta)
 
 __all__ = [
-    "NOT_CONSTANT", "OpKind", "Unary", "Sum", "Concat", "Op", "op_sources", "NotAffine", "Constants", "Lifter",
+    "NOT_CONSTANT", "OpKind", "Unary", "Sum", "Concat", "Op", "op_sources", "NotAffine", "CannotLift", "Constants",
+    "Lifter",
     "pad_pairs", "is_reshape", "reshape_source",
     # the matcher vocabulary, from reparam.match
     "ADD_FUNCTIONS", "ADD_FUNCTIONS_WITH_INPLACE", "MUL_FUNCTIONS", "CONCAT_FUNCTIONS", "is_conv",
@@ -103,6 +105,11 @@ class NotAffine(Exception):
     """The node is not an affine op of its inputs (the message says why, when it is interesting)."""
 
 
+class CannotLift(NotAffine, A.Refusal):
+    """An op one expects to fold (a BatchNorm, a pool, a pad, a conv) that cannot be lifted here (its input rank is
+    unknown, a ceil-mode window ...): not lifted, like any :class:`NotAffine`, and a refusal the passes report."""
+
+
 _RANDOM = ("rand", "normal", "bernoulli", "dropout", "multinomial", "poisson", "empty", "uniform",
            "exponential", "geometric", "cauchy", "seed")
 
@@ -158,9 +165,9 @@ def _bn(source: fx.Node, mean: Any, var: Any, weight: Any, bias: Any, eps: Any, 
     elif default_nd:
         layout = A.Layout(default_nd)
     else:
-        raise A.Refusal("BatchNorm input rank unknown (no shapes)")
+        raise CannotLift("BatchNorm input rank unknown (no shapes)")
     if mean is None or var is None:
-        raise A.Refusal("BatchNorm without running statistics uses batch statistics")
+        raise CannotLift("BatchNorm without running statistics uses batch statistics")
     aff = A.batchnorm(as_float64(mean), as_float64(var), as_float64(weight), as_float64(bias), float(eps), layout)
     return Unary(source, OpKind.BATCHNORM, aff)
 
@@ -183,11 +190,11 @@ def _pool(source: fx.Node, kernel: Any, stride: Any, padding: Any, ceil_mode: An
           divisor: Any, nd: int) -> Unary:
     shape = node_shape(source)
     if shape is None:
-        raise A.Refusal("average pool input shape unknown (no shapes)")
+        raise CannotLift("average pool input shape unknown (no shapes)")
     if divisor is not None:
-        raise A.Refusal("average pool with divisor_override")
+        raise CannotLift("average pool with divisor_override")
     if ceil_mode:
-        raise A.Refusal("average pool with ceil_mode=True has a partial border window")
+        raise CannotLift("average pool with ceil_mode=True has a partial border window")
     if not count_include_pad and any(A._tuple(padding, nd)):
         raise A.Refusal("AvgPool with count_include_pad=False is not a fixed kernel on the border")
     aff = A.avgpool(shape[1], kernel, stride, padding, A.Layout(nd))
@@ -273,11 +280,11 @@ class Lifter:
             raise NotAffine("module call with extra arguments")
         if is_conv(m):
             if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
-                raise A.Refusal("uninitialised lazy conv")
+                raise CannotLift("uninitialised lazy conv")
             return Unary(src, OpKind.CONV, conv_affine(m))
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             if m.training:
-                raise A.Refusal("BatchNorm in training mode uses batch statistics")
+                raise CannotLift("BatchNorm in training mode uses batch statistics")
             if not m.track_running_stats or m.running_mean is None:
                 raise A.Refusal("BatchNorm without running statistics (track_running_stats=False) uses batch "
                                 "statistics")
@@ -300,7 +307,7 @@ class Lifter:
     def _pad(self, src: fx.Node, pad: Any) -> Unary:
         shape = node_shape(src)
         if shape is None:
-            raise A.Refusal("pad input rank unknown (no shapes)")
+            raise CannotLift("pad input rank unknown (no shapes)")
         if len(shape) < 3:
             raise NotAffine("padding a tensor without spatial axes")
         nd = len(shape) - 2

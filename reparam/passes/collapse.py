@@ -91,7 +91,7 @@ class Collapse:
             if node.op in ("call_module", "call_function", "call_method"):
                 try:
                     self.ops[node] = self.lifter.lift(node)
-                except A.Refusal as r:  # an op one expects to fold, but not here: say why
+                except A.Refusal as r:  # an op one expects to fold, but not here (CannotLift too): say why
                     report.refuse(where(node), str(r))
                 except NotAffine:  # not an affine op of its inputs: nothing to merge, nothing to say
                     pass
@@ -433,7 +433,7 @@ class Collapse:
     def _report(self, state: _State, f: fx.Node, value: Value, aff: A.Affine) -> Rewrite | None:
         events = tuple(e for n in _ordered(value.ops) for e in state.events.get(n, ()))
         # no-ops (nn.Identity placeholders, eval dropout, undone reshapes) are not branches: not listed
-        kinds = Counter(d for d in (self._describe(n) for n in _ordered(value.ops)) if d != "identity")
+        kinds = Counter(d for d in (self._describe(n) for n in _ordered(value.ops)) if d != OpKind.IDENTITY)
         before = ", ".join(f"{k} x{v}" if v > 1 else k for k, v in kinds.items()) or "no-op"
         after = "no-op" if aff.kind is Kind.IDENTITY else aff.describe()
         if not events and before == after:

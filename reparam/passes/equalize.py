@@ -205,8 +205,7 @@ def _reads_metadata_only(node: fx.Node) -> bool:
 def _split_bounds(node: fx.Node, total: int) -> list[tuple[int, int]] | None:
     """The channel ranges of the pieces of ``torch.split`` / ``chunk`` (``x.split`` ...) along axis 1, or None."""
     dim = arg(node, 2, "dim", 0)
-    size: Any = node.args[1] if len(node.args) > 1 else node.kwargs.get(
-        "split_size_or_sections", node.kwargs.get("split_size", node.kwargs.get("chunks")))
+    size = arg(node, 1, "split_size_or_sections", node.kwargs.get("split_size", node.kwargs.get("chunks")))
     if dim != 1 or size is None:
         return None
     if node.target in (torch.chunk, "chunk"):

@@ -91,7 +91,7 @@ def _index_of(user: fx.Node, t: fx.Node) -> tuple | None:
 def _written_value(write: fx.Node):
     if write.target == "zero_":
         return 0.0
-    return write.args[1] if len(write.args) > 1 else write.kwargs.get("value", write.kwargs.get("src"))
+    return arg(write, 1, "value", write.kwargs.get("src"))  # fill_(value) / copy_(src)
 
 
 def _box(index, shape: tuple) -> tuple:
