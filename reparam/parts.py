@@ -14,8 +14,8 @@ refused for reordered ties: the proof is local, before any data-dependent post-p
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,6 +24,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
 from . import trace as T
+from .errors import one_line
 from .proofs import UnfaithfulTrace, check_fused
 from .report import Report
 from .verify import fresh
@@ -205,4 +206,4 @@ def why_untraced(err: Exception) -> str:
     """Why a module's trace cannot be used, in a few words for the report's notes."""
     if isinstance(err, UnfaithfulTrace):
         return str(err).split(": ", 1)[-1]
-    return f"not traceable ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})"
+    return f"not traceable ({type(err).__name__}: {one_line(err)[:120]})"

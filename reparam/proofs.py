@@ -27,7 +27,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_structure
 
 from . import trace as T
-from .errors import EquivalenceError
+from .errors import EquivalenceError, one_line
 from .interface import match_containers, restore_containers
 from .verify import NOISE_FACTOR, compare_outputs, fresh, perturbed, relative_error, worst_leaf
 
@@ -172,7 +172,7 @@ def check_fused(fused: fx.GraphModule, pristine: fx.GraphModule | None, original
         got = run_quietly(fused, args, kwargs)
     except Exception as err:  # Python control flow on an argument was traced for another call's value
         raise UnfaithfulTrace(f"{where}: its trace does not run this call ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0][:100] if str(err) else ''})") from err
+                              f"{one_line(err)[:100]})") from err
     try:
         if match_containers(fused, got, want):  # what the patched graph now returns, without a rerun
             got = restore_containers(got, tree_structure(want))

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from reparam.io import InputError
-from reparam.stats import as_args
-from reparam.trace import first_layer, input_spec
+from .errors import InputError
+from .stats import as_args
+from .trace import first_layer, input_spec
 
 __all__ = ["InputShapeError", "expected_layout", "shape_mismatch", "run_checked", "check_example_inputs"]
 
