@@ -30,6 +30,7 @@ import torch.nn as nn
 from . import affine as A
 from .errors import ReparamError
 from .latency_cache import LatencyCache
+from .match import attr_path
 
 MAC_SLACK = 1e-9  # relative: float rounding in MAC sums never decides a merge
 NOISE = 0.03  # relative: two measured times closer than this are a tie (then the MAC rule decides)
@@ -56,7 +57,7 @@ class Candidate:
     after_kernels: int
     input_shapes: tuple[torch.Size, ...] = ()
     before: Optional[Callable[[], nn.Module]] = None
-    after: Optional[Callable[[], nn.Module]] = None
+    after: Optional[Callable[[], Optional[nn.Module]]] = None  # None from it: no single module computes the merge
 
     @property
     def more_macs(self) -> bool:
@@ -241,13 +242,13 @@ def affine_macs(a: A.Affine, out_shape: Sequence[int]) -> float:
 
 def emits_conv(a: A.Affine) -> bool:
     """:func:`reparam.emit.to_module` builds a conv or linear for ``a`` (not a channel-wise scale or a pad)."""
-    return not (a.kind == "pad" or (a.kind in ("identity", "diagonal") and not a.pads))
+    return not (a.kind is A.Kind.PAD or (a.kind.channelwise and not a.pads))
 
 
 def emitted_kernels(a: A.Affine) -> int:
     """Kernels the module built for ``a`` launches: none for a plain identity, two for a conv that pads
     asymmetrically first (``Sequential(ConstantPadNd, ConvNd)``), else one."""
-    if a.kind == "identity" and not a.pads:
+    if a.kind is A.Kind.IDENTITY and not a.pads:
         return 0
     if not emits_conv(a) or a.layout.channels_last:
         return 1
@@ -300,7 +301,7 @@ def signature(module: nn.Module) -> str:
             if node.op == "call_module":
                 what = signature(module.get_submodule(node.target))
             elif node.op == "get_attr":
-                what = _tensor_signature(_attr(module, node.target))
+                what = _tensor_signature(attr_path(module, node.target))
             else:
                 what = getattr(node.target, "__name__", str(node.target))
             lines.append(f"{node.op}:{what}{args}")
@@ -313,12 +314,6 @@ def signature(module: nn.Module) -> str:
 
 def _tensor_signature(t) -> str:
     return "x".join(map(str, t.shape)) if isinstance(t, torch.Tensor) else repr(t)
-
-
-def _attr(module: nn.Module, target: str):
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module
 
 
 # ---------------------------------------------------------------------------------------------- timing
