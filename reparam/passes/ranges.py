@@ -43,6 +43,13 @@ def _clamp_bounds(lo: Any, hi: Any) -> tuple[float, float] | None:
     return None
 
 
+def _clamped(r: tuple[float, float], bounds: tuple[float, float]) -> tuple[float, float]:
+    """Interval of ``min(max(x, lo), hi)`` for ``x`` in ``r``: each end clamped (``[7, inf)`` clamped to ``[0, 6]`` is
+    ``[6, 6]``, never the empty ``(7, 6)``)."""
+    lo, hi = bounds
+    return min(max(r[0], lo), hi), min(max(r[1], lo), hi)
+
+
 def activation_bounds(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[float, float] | None:
     """(lo, hi) of a clamp-like activation ``node`` (ReLU, ReLU6, Hardtanh, clamp); None otherwise."""
     if node.op == "call_module":
@@ -86,8 +93,7 @@ def value_ranges(gm: fx.GraphModule) -> dict[fx.Node, tuple[float, float]]:
         first = node.args[0] if node.args else None
         bounds = activation_bounds(node, modules)
         if bounds is not None:
-            r = get(first)
-            ranges[node] = (max(r[0], bounds[0]), min(r[1], bounds[1]))
+            ranges[node] = _clamped(get(first), bounds)
             continue
         if node.op == "call_module":
             m = called_module(node, modules)
