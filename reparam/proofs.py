@@ -105,7 +105,7 @@ class _TeacherForced(fx.Interpreter):
             return value
         if value.dtype != want.dtype or not value.is_floating_point():
             return want.clone() if torch.equal(value, want) else value
-        self.errors[origin] = (_where(n), relative_error(value, want), n.meta.get(REWRITE, ""))
+        self.errors[origin] = (_where(n), relative_error(value, want, absolute_at_zero=True), n.meta.get(REWRITE, ""))
         return want.clone()  # what the original computed there: each region is proven on its own
 
 

@@ -47,18 +47,22 @@ def random_like(inputs: Sequence[Any], seed: int = 1) -> tuple:
         if isinstance(t, torch.Tensor) and t.is_floating_point() else t, x) for x in inputs)
 
 
-def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+def relative_error(y: torch.Tensor, ref: torch.Tensor, *, absolute_at_zero: bool = False) -> float:
     """``‖y − ref‖₂ / ‖ref‖₂`` of two tensors of one shape, computed in float64.
 
-    ``0.0`` when they are equal, an all-zero reference included; ``inf`` when they differ and the reference is all
-    zero (there is no scale to be relatively close to).  A NaN in the difference gives NaN (an inf in ``y`` alone
-    gives inf): neither is ``<=`` any tolerance, so a check ``err <= tolerance`` fails on a non-finite output.
+    ``0.0`` when they are equal, an all-zero reference included.  When they differ and the reference is all zero
+    there is no scale to be relatively close to: ``inf`` (what a report of an exported file says), or, with
+    ``absolute_at_zero`` (what the equivalence checks use, so that ``1e-18`` against an exactly-zero output is not a
+    false alarm), ``‖y − ref‖₂`` itself.  A NaN in the difference gives NaN (an inf in ``y`` alone gives inf): neither
+    is ``<=`` any tolerance, so a check ``err <= tolerance`` fails on a non-finite output.
     """
     diff = (y.double() - ref.double()).norm().item()
     if diff == 0.0:
         return 0.0
     scale = ref.double().norm().item()
-    return diff / scale if scale > 0 else math.inf
+    if scale > 0:
+        return diff / scale
+    return diff if absolute_at_zero else math.inf
 
 
 NOISE_FACTOR = 100  # how far past the reference's own float64 noise a fused model may be
@@ -104,7 +108,7 @@ def compare_outputs(got: Any, want: Any, where: str = "output", tolerance: float
                     raise EquivalenceError(f"{leaf}: integer outputs differ")
                 errors.append((leaf, 0.0))
                 continue
-            errors.append((leaf, relative_error(a, b)))
+            errors.append((leaf, relative_error(a, b, absolute_at_zero=True)))
         elif a != b:
             raise EquivalenceError(f"{leaf}: non-tensor outputs differ ({a!r} vs {b!r})")
     over = [(i, leaf, err) for i, (leaf, err) in enumerate(errors) if not err <= tolerance]  # NaN is over
@@ -152,7 +156,7 @@ def _noise_floors(noise: Callable[[], Any], want_leaves: list, notes: Optional[l
     for i, ((_, a), (_, b)) in enumerate(zip(twin_leaves, want_leaves, strict=False)):
         if isinstance(b, torch.Tensor) and isinstance(a, torch.Tensor) and a.shape == b.shape \
                 and b.is_floating_point():
-            floor = relative_error(a, b)
+            floor = relative_error(a, b, absolute_at_zero=True)
             if not math.isinf(floor):
                 floors[i] = floor
     return floors

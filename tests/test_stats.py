@@ -174,3 +174,17 @@ def test_relative_error_is_the_one_of_verify():
     a, b = torch.tensor([3.0, 4.5]), torch.tensor([3.0, 4.0])
     assert stats.relative_error((a, zero), (b, zero)) == verify.relative_error(a, b) == pytest.approx(0.1)
     assert math.isnan(verify.relative_error(torch.tensor([math.nan]), torch.ones(1)))
+
+
+def test_an_exactly_zero_output_is_judged_by_the_absolute_difference_in_the_checks():
+    """The equivalence checks never cry wolf at an all-zero reference: rounding-sized values there pass, real
+    values fail (the report figure for such a file stays inf)."""
+    from reparam import verify
+    from reparam.errors import EquivalenceError
+
+    zero = torch.zeros(3, dtype=torch.float64)
+    tiny = torch.full((3,), 1e-20)
+    assert verify.relative_error(tiny, zero, absolute_at_zero=True) == pytest.approx(3 ** 0.5 * 1e-20)
+    assert verify.compare_outputs((torch.full((3,), 1e-20), torch.ones(2)), (zero, torch.ones(2))) <= 1e-19
+    with pytest.raises(EquivalenceError, match=r"output\[0\]"):
+        verify.compare_outputs((torch.full((3,), 1e-3), torch.ones(2)), (zero, torch.ones(2)))
