@@ -164,12 +164,27 @@ def symbolic_trace(model: torch.nn.Module) -> fx.GraphModule:
     state = snapshot_state(model)
     try:
         graph = tracer.trace(model)
+        constants = _traced_constants(tracer.root, graph, state)
     finally:
         restore_state(model, state)
     name = model.__class__.__name__
-    gm = fx.GraphModule(tracer.root, graph, name)
+    for attr, value in constants.items():  # on the root only while the GraphModule copies them (restore undid them)
+        object.__setattr__(tracer.root, attr, value)
+    try:
+        gm = fx.GraphModule(tracer.root, graph, name)
+    finally:
+        for attr in constants:
+            delattr(tracer.root, attr)
     keep_attributes(model, gm)  # a parent's forward may read them off the replacement
     return gm
+
+
+def _traced_constants(root: torch.nn.Module, graph: fx.Graph, before: dict) -> dict:
+    """Attributes the tracer itself put on ``root`` for the graph to read (``x * torch.tensor([2.])`` becomes
+    ``get_attr _tensor_constant0``): those the snapshot ``before`` did not hold, by name."""
+    had = before.get(root, {})
+    names = {str(n.target).split(".")[0] for n in graph.nodes if n.op == "get_attr"}
+    return {a: vars(root)[a] for a in names if a in vars(root) and a not in had}
 
 
 @dataclass

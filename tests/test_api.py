@@ -466,3 +466,25 @@ def test_parameterless_float64_model_stays_float64():
     fused = reparam.fuse(ParameterFree().eval(), (x,))
     assert {p.dtype for p in fused.parameters()} <= {torch.float64}
     assert rel_err(fused(x), ParameterFree()(x)) <= F64_TOL
+
+
+def test_tensor_constants_in_forward_trace_and_fold():
+    """``x * torch.tensor([2.])`` is traced to a ``_tensor_constant`` the GraphModule keeps (the state restore after
+    tracing used to delete it first, so such models were fused part by part, i.e. not at all); the user's model gains
+    no attribute."""
+    class Doubled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) * torch.tensor([2.0])
+
+    model = Doubled().eval()
+    x = torch.randn(1, 3, 8, 8)
+    fused, report = reparam.fuse_with_report(model, x)
+    assert report.counts()["fold_bn"] == 1 and not report.notes
+    assert sum(isinstance(m, nn.Conv2d) for m in fused.modules()) == 1
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    assert not hasattr(model, "_tensor_constant0")
+    torch.testing.assert_close(fused(x), model(x))
