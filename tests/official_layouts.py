@@ -188,7 +188,7 @@ class ResNet(nn.Module):
         self.stage0 = nn.Sequential()
         self.stage0.add_module("conv1", _conv_block(3, self.in_planes, 7, 2, 3, nonlinear=nn.ReLU()))
         self.stage0.add_module("maxpool", nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
-        for index, (planes, stride) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2)), start=1):
+        for index, (planes, stride) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2), strict=False), start=1):
             self.add_module(f"stage{index}", self._make_stage(int(planes * width_multiplier), num_blocks[index - 1], stride))
         self.gap = nn.AdaptiveAvgPool2d(output_size=1)
         self.linear = nn.Linear(int(512 * width_multiplier), num_classes)
@@ -385,8 +385,8 @@ class RepMLPNet(nn.Module):
         self.conv_embedding = conv_bn_relu(in_channels, channels[0], patch_size, patch_size, 0)
         self.stages = nn.ModuleList(
             nn.ModuleList(RepMLPNetUnit(c, h, w, reparam_conv_k, globalperceptron_reduce, 4, s) for _ in range(n))
-            for n, c, h, w, s in zip(num_blocks, channels, hs, ws, sharesets_nums))
-        self.embeds = nn.ModuleList(conv_bn_relu(a, b, 2, 2, 0) for a, b in zip(channels[:-1], channels[1:]))
+            for n, c, h, w, s in zip(num_blocks, channels, hs, ws, sharesets_nums, strict=False))
+        self.embeds = nn.ModuleList(conv_bn_relu(a, b, 2, 2, 0) for a, b in zip(channels[:-1], channels[1:], strict=False))
         self.head_norm = nn.BatchNorm2d(channels[-1])
         self.head = nn.Linear(channels[-1], num_class)
 

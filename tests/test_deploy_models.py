@@ -93,7 +93,7 @@ class Fused:
         self.snapshot = _snapshot(self.model)
         try:
             self.fused, self.error = reparam.fuse(self.model, self.inputs), None
-        except Exception as err:  # every test of the case reports it
+        except Exception as err:  # noqa: BLE001  kept and re-raised by get(): every test of the case reports it
             self.fused, self.error = None, err
 
     def get(self):

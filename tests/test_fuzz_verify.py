@@ -130,7 +130,7 @@ def _outputs(module: nn.Module, x: torch.Tensor) -> tuple:
 
 
 def _error(a: tuple, b: tuple) -> float:
-    return max(relative_error(p, q) for p, q in zip(a, b))
+    return max(relative_error(p, q) for p, q in zip(a, b, strict=False))
 
 
 def _caught_and_named(net: nn.Module, x: torch.Tensor, index: int, delta: float) -> None:
