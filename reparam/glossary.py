@@ -29,6 +29,9 @@ GLOSSARY: dict[str, Entry] = {
                           "into one conv whose output channels are the branches' stacked."),
     "merge_towers": Entry("rewrite", "parallel paths of the same shape (a multi-path ResNeXt block) merged into one "
                           "grouped path."),
+    "merge_siblings": Entry("rewrite", "convs (or linears) that read the same input and whose outputs are used "
+                            "separately merged into one kernel with the outputs' channels stacked, each output a "
+                            "view of its channels (no copy)."),
     "merge_rows": Entry("rewrite", "affine ops applied to fixed-size partitions of a tensor, across the reshapes "
                         "between them (RepMLP's partition-wise fc and local convs), merged into one grouped 1x1 conv."),
     "compose": Entry("rewrite", "two linear layers in a row (1x1 then kxk, pad then conv, linear then linear) "

@@ -23,12 +23,14 @@ from torch.utils._pytree import tree_structure
 from . import trace as T
 from .cost import CostModel, resolve_cost
 from .equalization import equalize_in_place
+from .flatten import flatten_all
 from .errors import EquivalenceError, ReparamError
 from .passes import PassResult
 from .passes.cleanup import drop_static_asserts, drop_unused_tensors
 from .passes.collapse import collapse
 from .passes.inplace import follow_inplace_writes
 from .passes.rows import merge_rows
+from .passes.siblings import merge_siblings
 from .passes.residual import remove_residuals as remove_residual_adds
 from .passes.towers import merge_towers
 from .passes.transposed import fold_bn_into_transposed_convs
@@ -92,8 +94,10 @@ class Rule:
     after_change: bool = False
 
 
-def rules(remove_residuals: bool = False, cost: CostModel | None = None) -> tuple[Rule, ...]:
-    """The rewrite rules, in the order they run (``cost``: what collapse asks whether a merge pays)."""
+def rules(remove_residuals: bool = False, cost: CostModel | None = None, dtypes: dict | None = None,
+          main: torch.dtype | None = None) -> tuple[Rule, ...]:
+    """The rewrite rules, in the order they run (``cost``: what collapse and the sibling merge ask whether a merge
+    pays; ``dtypes`` / ``main``: the dtypes tensors are cast back to, so siblings of different dtypes stay apart)."""
     collapse_regions = Rule("collapse", partial(collapse, cost=cost), to_fixed_point=True)
     return (
         Rule("inplace writes", follow_inplace_writes),  # before collapse: functional pads instead of in-place barriers
@@ -103,6 +107,8 @@ def rules(remove_residuals: bool = False, cost: CostModel | None = None) -> tupl
         Rule("towers", merge_towers),  # after collapse: sums of convs merged first, so towers see their final form
         replace(collapse_regions, after_change=True),  # the merged towers' kernels fold with what is around them
         *((Rule("residuals", remove_residual_adds),) if remove_residuals else ()),
+        # last: the rules above see the separate convs (a residual's downsample)
+        Rule("siblings", partial(merge_siblings, cost=cost, dtypes=dtypes, default_dtype=main)),
         Rule("static asserts", drop_static_asserts),
     )
 
@@ -117,7 +123,7 @@ def _fuse_graph(gm: fx.GraphModule, inputs: tuple | None, report: Report, dtypes
     tag_origins(gm)
     pristine = pristine_copy(gm)
     previous = PassResult()
-    for rule in rules(remove_residuals, cost):
+    for rule in rules(remove_residuals, cost, dtypes, main):
         if rule.after_change and not previous:
             previous = PassResult()
             continue
@@ -180,6 +186,7 @@ def fuse_with_report(model: nn.Module, example_inputs=None, *, check: bool = Tru
 
     # all folding and checking happens on a private float64 CPU copy; the result goes back to ``device``
     work = copy.deepcopy(model).eval()
+    unfused = list(work.modules())  # GraphModules in the result that are not among these are fused ones
     state = snapshot_state(work)  # caches that the float64 runs below leave are undone at the end
     given = _normalise_inputs(example_inputs)
     check_example_inputs(work, given)  # wrong rank / channels: an error naming the expected shape
@@ -217,8 +224,15 @@ def fuse_with_report(model: nn.Module, example_inputs=None, *, check: bool = Tru
         equalize_in_place(fused, inputs, report, check)
     _cast_back(fused, dtypes, main, device)
     restore_state(fused, state)
+    flatten_all(_made(fused, unfused))  # last: every name above (dtypes, the report) is a path in the model
     fused.reparam_report = report
     return fused, report
+
+
+def _made(fused: nn.Module, unfused: list) -> list:
+    """The GraphModules of ``fused`` that fusing made (the whole model's trace, or its fused parts)."""
+    kept = {id(m) for m in unfused}  # ``unfused`` holds them alive, so no id is reused
+    return [m for m in fused.modules() if isinstance(m, fx.GraphModule) and id(m) not in kept]
 
 
 def _graph_fuser(report: Report, dtypes: dict, main: torch.dtype, remove_residuals: bool, cost=None):

@@ -1,0 +1,301 @@
+"""Sibling merge: convolutions (or linears) that read the same tensor become one kernel with concatenated outputs.
+
+    x -> conv_1(x), ..., conv_n(x)                        (n kernels, each output read on its own)
+ -> x -> conv(x) -> narrow(conv(x), 0, o_1), ...          (one kernel; each output a view of its channels)
+
+The outputs are ``torch.narrow`` views along the channel axis (the last axis for linears): no copy kernel.
+Where a view could reach code that depends on its strides (``.view``, a module or function whose body
+fx did not trace, the graph's output), ``.contiguous()`` follows it, which copies only when the view is not
+contiguous already (a batch of more than one, or a linear's columns).
+
+Precondition (else the siblings are left as they are): each sibling is a call of ``nn.Conv{1,2,3}d`` (not
+transposed) or ``nn.Linear`` with the shared node as its only argument; siblings have the same in-channels,
+stride, output grid (:func:`reparam.affine.concat`: same padding relative to the kernel centre), groups 1,
+padding they can share, and the same weight dtype; none reads the tensor after an in-place update could have
+changed it (:func:`~reparam.passes.mutation.mutation_barriers`).  Kernels of the same size and padding merge
+at no MAC cost; a smaller kernel embedded in a larger one (a 1x1 next to a 3x3 with centred padding) costs
+MACs, so the cost model decides each merge (``MacCost`` refuses those), and a refusal is reported.
+
+Runs after collapse, towers and residual removal: those rules match the separate convs (a residual block's
+downsample is its own conv there).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .. import affine as A
+from ..cost import Candidate, CostModel, MacCost
+from ..emit import to_module
+from ..lift import Constants, Lifter, NotAffine, Unary
+from ..proofs import REWRITE
+from ..report import Report, Rewrite
+from ..trace import node_shape, shape_meta
+from . import PassResult
+from .cleanup import finish
+from .collapse import _has_path, _prefix
+from .mutation import _may_alias, mutation_barriers
+
+EVENT = "merge_siblings"
+MAX_ROUNDS = 4
+
+# reads of a tensor's memory layout: a view of a wider tensor answers them differently
+_STRIDE_METHODS = {"view", "view_as", "stride", "is_contiguous", "data_ptr", "storage", "untyped_storage",
+                   "storage_offset", "as_strided", "set_", "resize_", "resize_as_", "numpy", "tolist"}
+_SAFE_FUNCTION_MODULES = ("torch", "_operator", "operator", "math", "builtins")
+
+
+class _Sibling:
+    """A conv / linear call on ``x``: its node, its map, and its weight's dtype."""
+
+    def __init__(self, node: fx.Node, affine: A.Affine, dtype):
+        self.node, self.affine, self.dtype = node, affine, dtype
+
+
+def merge_siblings(gm: fx.GraphModule, report: Report, cost: Optional[CostModel] = None,
+                   dtypes: Optional[dict] = None) -> PassResult:
+    """Merge every set of siblings the cost model accepts; the graph is rewritten in place.
+
+    ``cost``: asked for every merge (default :class:`~reparam.cost.MacCost`); a refusal is reported with its
+    reason.  ``dtypes``: parameter name -> the dtype it is cast back to (the pipeline's map; the weights are all
+    float64 while it folds); siblings whose dtypes differ are not merged, and the merged module's parameters are
+    entered with the siblings' dtype.  Returns the merges applied and the modules created; the new nodes carry
+    their shapes, so shapes do not go stale.
+    """
+    cost = cost if cost is not None else MacCost()
+    dtypes = dtypes if dtypes is not None else {}
+    created: list = []
+    roots = list(gm.graph.nodes)
+    for _ in range(MAX_ROUNDS):  # the views of a merged output can have siblings of their own
+        done, roots = _sweep(gm, roots, report, cost, dtypes)
+        if not done:
+            break
+        created += done
+        finish(gm)
+    return PassResult(len(created), tuple(created), shapes_stale=False)
+
+
+def _sweep(gm: fx.GraphModule, roots: list, report: Report, cost: CostModel, dtypes: dict) -> tuple[list, list]:
+    """Merge the siblings on each of ``roots``; (the names of the modules created, the views made)."""
+    lifter = Lifter(gm, Constants(gm))
+    modules = dict(gm.named_modules())
+    barriers = mutation_barriers(gm).barriers
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    created, views = [], []
+    for x in roots:
+        for group in _groups(x, lifter, modules, barriers, dtypes):
+            for chosen in _decide(group, x, cost, report):
+                done = _merge(gm, x, sorted(chosen, key=lambda s: order[s.node]), modules)
+                if done is None:
+                    continue
+                name, rewrite, made = done
+                report.rewrites.append(rewrite)
+                dtypes.update({f"{name}.{p}": chosen[0].dtype for p, _ in gm.get_submodule(name).named_parameters()})
+                created.append(name)
+                views += made
+    return created, views
+
+
+def _siblings_of(x: fx.Node, lifter: Lifter, modules: dict, barriers: set, dtypes: dict) -> list:
+    found = []
+    for user in x.users:
+        if user.op != "call_module" or user in barriers or user.args != (x,) or user.kwargs:
+            continue
+        m = modules.get(user.target)
+        if not isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) or isinstance(m, nn.modules.conv._ConvTransposeNd):
+            continue
+        try:
+            op = lifter.lift(user)
+        except (A.Refusal, NotAffine):
+            continue
+        if not isinstance(op, Unary) or op.affine is None or op.affine.groups != 1:
+            continue
+        found.append(_Sibling(user, op.affine, dtypes.get(f"{user.target}.weight", m.weight.dtype)))
+    return found
+
+
+def _groups(x: fx.Node, lifter: Lifter, modules: dict, barriers: set, dtypes: dict) -> list:
+    """The siblings on ``x`` that could share one kernel, in sets of at least two."""
+    sets: dict = {}
+    for s in _siblings_of(x, lifter, modules, barriers, dtypes):
+        a = s.affine
+        # the output grid (kernel centre minus padding), as affine._align requires it
+        grid = tuple(hi - (e - 1 - lo) for hi, e, lo in zip(a.pad_hi, a.extent, a.pad_lo, strict=True))
+        key = (a.layout, a.in_channels, a.stride, grid, a.padding_mode, s.dtype, a.weight.device)
+        sets.setdefault(key, []).append(s)
+    return [group for group in sets.values() if len(group) > 1]
+
+
+def _decide(group: list, x: fx.Node, cost: CostModel, report: Report) -> list:
+    """The sets of ``group`` to merge: all of it if the cost model accepts, else each set of identical geometry."""
+    subsets = [group]
+    shapes: dict = {}
+    for s in group:
+        a = s.affine
+        shapes.setdefault((a.kernel, a.pad_lo, a.pad_hi, a.dilation), []).append(s)
+    if len(shapes) > 1:
+        subsets += [same for same in shapes.values() if len(same) > 1]
+    chosen = []
+    for subset in subsets:
+        if any(s in c for c in chosen for s in subset):
+            continue
+        where = _prefix([s.node for s in subset]) or subset[0].node.name
+        try:
+            candidate = _candidate(subset, x, where)
+        except A.Refusal as r:
+            report.refuse(where, f"siblings {_before(subset)} not merged into one kernel: {r}")
+            continue
+        decision = cost.decide(candidate)
+        if decision.merge:
+            chosen.append(subset)
+        else:
+            report.refuse(where, f"siblings {_before(subset)} not merged into one kernel: {decision.reason}")
+    return chosen
+
+
+def _candidate(subset: list, x: fx.Node, where: str) -> Candidate:
+    merged = A.concat([s.affine for s in subset])  # raises Refusal when the grids do not line up
+    shape = node_shape(x)
+    positions = _positions(merged, shape)
+    originals = [s.node for s in subset]
+    gm = x.graph.owning_module
+    return Candidate(
+        where=where, kind=EVENT,
+        before_macs=sum(s.affine.macs() for s in subset) * positions, after_macs=merged.macs() * positions,
+        before_kernels=len(subset), after_kernels=1,
+        input_shapes=(torch.Size(shape),) if shape is not None else (),
+        before=lambda: _Siblings([copy.deepcopy(gm.get_submodule(n.target)) for n in originals]),
+        after=lambda: _Split(_kernel([s.affine for s in subset], _device(gm)), _sizes(subset), _channel_dim(merged)),
+    )
+
+
+def _positions(a: A.Affine, shape: Optional[tuple]) -> float:
+    """Root positions per sample, so that ``Affine.macs() * positions`` is MACs per sample (1 if unknown)."""
+    if shape is None or len(shape) < 2:
+        return 1.0
+    if a.layout.channels_last:
+        return float(math.prod(shape[1:-1]))
+    return float(math.prod(shape[-a.nd:]))
+
+
+def _sizes(subset: list) -> list:
+    return [s.affine.out_channels for s in subset]
+
+
+def _channel_dim(a: A.Affine) -> int:
+    """The channel axis counted from the end: the same for batched and unbatched inputs."""
+    return -1 if a.layout.channels_last else -(a.nd + 1)
+
+
+def _device(gm: nn.Module):
+    return next((p.device for p in gm.parameters()), torch.device("cpu"))
+
+
+def _kernel(affines: list, device) -> Optional[nn.Module]:
+    """The one conv / linear computing the siblings' outputs stacked along channels (None: not one module)."""
+    module = to_module(A.concat(affines), torch.float64, device)
+    return module if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) else None
+
+
+class _Siblings(nn.Module):
+    """The region as it is (for a measuring cost model): each sibling on the same input."""
+
+    def __init__(self, kernels: list):
+        super().__init__()
+        self.kernels = nn.ModuleList(kernels)
+
+    def forward(self, x: torch.Tensor) -> tuple:
+        return tuple(k(x) for k in self.kernels)
+
+
+class _Split(nn.Module):
+    """The region merged: one kernel, its output split into views."""
+
+    def __init__(self, kernel: nn.Module, sizes: list, dim: int):
+        super().__init__()
+        self.kernel, self.sizes, self.dim = kernel, sizes, dim
+
+    def forward(self, x: torch.Tensor) -> tuple:
+        y = self.kernel(x)
+        starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        return tuple(torch.narrow(y, self.dim, s, n) for s, n in zip(starts, self.sizes, strict=True))
+
+
+def _before(subset: list) -> str:
+    return " + ".join(s.affine.describe() for s in subset)
+
+
+def _merge(gm: fx.GraphModule, x: fx.Node, subset: list, modules: dict) -> Optional[tuple[str, Rewrite, list]]:
+    """Replace ``subset`` (in graph order) by one kernel on ``x`` and a view per sibling; (the new module's name,
+    the rewrite, the views), or None when no single module computes the merged kernel."""
+    affines = [s.affine for s in subset]
+    kernel = _kernel(affines, _device(gm))
+    if kernel is None:  # asymmetric padding: a pad and a conv, no longer one kernel
+        return None
+    where = _prefix([s.node for s in subset])
+    name = _fresh_name(gm, f"{where}.siblings" if where else "siblings")
+    gm.add_submodule(name, kernel)
+    merged_affine = A.concat(affines)
+    rewrite = Rewrite(where or subset[0].node.name, _before(subset),
+                      f"{merged_affine.describe()}, split into {len(subset)} views", (EVENT,))
+    graph, first, dim = gm.graph, subset[0].node, _channel_dim(merged_affine)
+    with graph.inserting_before(first):
+        merged = graph.call_module(name, (x,))
+        shape = node_shape(first)
+        if shape is not None:
+            wide = list(shape)
+            wide[dim] = merged_affine.out_channels
+            merged.meta["tensor_meta"] = shape_meta(first, tuple(wide))
+        start, views = 0, []
+        for s in subset:
+            view = graph.call_function(torch.narrow, (merged, dim, start, s.affine.out_channels))
+            start += s.affine.out_channels
+            if _layout_escapes(s.node, modules):
+                view.meta["tensor_meta"] = s.node.meta.get("tensor_meta")
+                view = graph.call_method("contiguous", (view,))
+            view.meta.update(s.node.meta)  # shape, origin (the proofs compare it with the sibling's value)
+            view.meta[REWRITE] = f"{rewrite.before} -> {rewrite.after}"
+            s.node.replace_all_uses_with(view)
+            views.append(view)
+    for s in subset:
+        graph.erase_node(s.node)
+    return name, rewrite, views
+
+
+def _fresh_name(gm: nn.Module, stem: str) -> str:
+    name, i = stem, 1
+    while _has_path(gm, name):
+        name, i = f"{stem}_{i}", i + 1
+    return name
+
+
+def _layout_escapes(node: fx.Node, modules: dict) -> bool:
+    """``node``'s value, or a tensor sharing its storage, may reach code that reads its strides."""
+    stack, seen = [node], {node}
+    while stack:
+        for user in stack.pop().users:
+            if user.op == "output" or _reads_layout(user, modules):
+                return True
+            if user not in seen and _may_alias(user, modules):
+                seen.add(user)
+                stack.append(user)
+    return False
+
+
+def _reads_layout(user: fx.Node, modules: dict) -> bool:
+    """``user`` may depend on its input's strides: a layout query, or code fx did not trace into."""
+    if user.op == "call_method":
+        return user.target in _STRIDE_METHODS
+    if user.op == "call_function":
+        home = str(getattr(user.target, "__module__", None) or "")
+        traced = home.split(".")[0] in _SAFE_FUNCTION_MODULES
+        return not traced or getattr(user.target, "__name__", "") == "as_strided"
+    if user.op == "call_module":
+        m = modules.get(user.target)
+        return m is None or not type(m).__module__.startswith("torch.nn.")
+    return False
