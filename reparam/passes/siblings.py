@@ -162,15 +162,16 @@ def _candidate(subset: list, x: fx.Node, where: str) -> Candidate:
     merged = A.concat([s.affine for s in subset])  # raises Refusal when the grids do not line up
     shape = node_shape(x)
     positions = _positions(merged, shape)
-    originals = [s.node for s in subset]
     gm = x.graph.owning_module
+    kernels = [gm.get_submodule(str(s.node.target)) for s in subset]  # held: valid after the graph changes
+    device = _device(gm)
     return Candidate(
         where=where, kind=EVENT,
         before_macs=sum(s.affine.macs() for s in subset) * positions, after_macs=merged.macs() * positions,
         before_kernels=len(subset), after_kernels=1,
         input_shapes=(torch.Size(shape),) if shape is not None else (),
-        before=lambda: _Siblings([copy.deepcopy(gm.get_submodule(n.target)) for n in originals]),
-        after=lambda: _Split(_kernel([s.affine for s in subset], _device(gm)), _sizes(subset), _channel_dim(merged)),
+        before=lambda: _Siblings([copy.deepcopy(k) for k in kernels]),
+        after=lambda: _Split(_kernel([s.affine for s in subset], device), _sizes(subset), _channel_dim(merged)),
     )
 
 
@@ -252,8 +253,10 @@ def _merge(gm: fx.GraphModule, x: fx.Node, subset: list, modules: dict) -> Optio
             wide[dim] = merged_affine.out_channels
             merged.meta["tensor_meta"] = shape_meta(first, tuple(wide))
         start, views = 0, []
-        for s in subset:
-            view = graph.call_function(torch.narrow, (merged, dim, start, s.affine.out_channels))
+        for j, s in enumerate(subset):
+            # named after the merged kernel: the proofs name a disagreeing region by its node
+            view = graph.create_node("call_function", torch.narrow, (merged, dim, start, s.affine.out_channels),
+                                     name=f"{merged.name}_view{j}")
             start += s.affine.out_channels
             if _layout_escapes(s.node, modules):
                 view.meta["tensor_meta"] = s.node.meta.get("tensor_meta")
