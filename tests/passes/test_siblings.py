@@ -50,7 +50,8 @@ class Heads(nn.Module):
         self.bns = nn.ModuleList(random_bn(nn.BatchNorm2d(o)) for o in outs)
 
     def forward(self, x):
-        return tuple(torch.relu(bn(conv(x))) * (i + 1) for i, (conv, bn) in enumerate(zip(self.convs, self.bns, strict=True)))
+        pairs = enumerate(zip(self.convs, self.bns, strict=True))
+        return tuple(torch.relu(bn(conv(x))) * (i + 1) for i, (conv, bn) in pairs)
 
 
 def fuse(model, *xs, **kw):
