@@ -67,7 +67,8 @@ class MultiPathResNeXt(nn.Module):
         return self.head(torch.flatten(self.pool(self.blocks(self.stem(x))), 1))
 
 
-@register("resnext_multipath_tiny", deploy_convs=1 + 3 * 3 + 3, deploy_adds=3, input_size=(3, 64, 64))
+# the first block's shortcut 1x1 and its paths' merged 1x1 read the block input at stride 1: one conv (merge_siblings)
+@register("resnext_multipath_tiny", deploy_convs=1 + 3 * 3 + 3 - 1, deploy_adds=3, input_size=(3, 64, 64))
 def resnext_multipath_tiny(num_classes: int = 1000, **kwargs) -> MultiPathResNeXt:
     """Small ResNeXt (8 paths) in explicit multi-path form; fuses to grouped convs."""
     return MultiPathResNeXt(num_classes, **kwargs)

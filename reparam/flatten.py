@@ -13,7 +13,6 @@ State-dict keys of the GraphModule change accordingly (``stages.0.blocks.0.conv.
 """
 from __future__ import annotations
 
-import keyword
 import re
 from typing import Any
 
@@ -48,8 +47,22 @@ def flatten_targets(gm: fx.GraphModule) -> dict:
         node.target = moved[target]
     if moved:
         gm.delete_all_unused_submodules()
+        _order_by_first_use(gm)
         gm.recompile()
     return moved
+
+
+def _order_by_first_use(gm: fx.GraphModule) -> None:
+    """Submodules, parameters and buffers of ``gm`` listed in the order the graph first uses them (as the nested
+    tree listed them), so ``named_modules()`` and ``state_dict()`` follow the forward; unused ones last."""
+    first: dict = {}
+    for node in gm.graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            first.setdefault(str(node.target).split(".")[0], len(first))
+    for table in (gm._modules, gm._parameters, gm._buffers):
+        entries = sorted(table.items(), key=lambda item: first.get(item[0], len(first)))
+        table.clear()
+        table.update(entries)
 
 
 def flatten_all(modules: list) -> None:
@@ -60,10 +73,9 @@ def flatten_all(modules: list) -> None:
 
 
 def _free_name(gm: nn.Module, target: str) -> str:
-    """``a.b.0.conv`` -> ``a_b_0_conv``: a Python identifier no attribute of ``gm`` has yet."""
+    """``a.b.0.conv`` -> ``a_b_0_conv``: a name no attribute of ``gm`` has yet (``0_conv`` for a Sequential's
+    ``0.conv``: not an identifier, the generated code reads it with one ``getattr``, as fx reads ``self.0``)."""
     stem = re.sub(r"\W", "_", target.replace(".", "_"))
-    if not stem or not (stem[0].isalpha() or stem[0] == "_") or keyword.iskeyword(stem):
-        stem = f"m_{stem}"
     name, i = stem, 1
     while hasattr(gm, name):
         name, i = f"{stem}_{i}", i + 1

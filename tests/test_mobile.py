@@ -470,7 +470,7 @@ def test_planted_outlier_is_flagged():
         weight = net[1].rbr_dense.conv.weight
         weight[5, 3, 1, 1] = 200 * weight.std()  # one huge weight in the second block's 3×3 branch
     report = quant.analyze_model(reparam.fuse(net, (x,)))
-    assert [layer.name for layer in report.flagged] == ["1.reparam"]
+    assert [layer.name for layer in report.flagged] == ["1_reparam"]  # the fused model's flat name (reparam.flatten)
     bad = report.flagged[0]
     assert bad.per_tensor_snr_db < quant.SNR_THRESHOLD_DB and bad.outlier_ratio > quant.OUTLIER_THRESHOLD
     assert len(bad.flags) == 3 and bad.per_tensor_worst_channel_snr_db < quant.CHANNEL_SNR_THRESHOLD_DB
@@ -482,7 +482,7 @@ def test_planted_outlier_is_flagged():
     with torch.no_grad():
         net[2].square_bn.running_var[7] = 1e-6
     report = quant.analyze_model(reparam.fuse(net, (x,)))
-    assert [layer.name for layer in report.flagged] == ["2.reparam"]
+    assert [layer.name for layer in report.flagged] == ["2_reparam"]
     assert report.flagged[0].advice == "per-channel" and report.flagged[0].channel_spread > 20
 
 
@@ -496,7 +496,7 @@ def test_inspect_quant_reports_the_planted_layer(tmp_path, model):
     assert code == 0, err
     assert "int8 weight quantization of the fused model (6 conv/linear layers;" in out
     flagged = dict(re.findall(r"^  (\S+): (.*)$", out, flags=re.M))
-    assert "per-tensor SNR" in flagged["stage1.0.reparam"] and "max|w|/std" in flagged["stage1.0.reparam"], out
+    assert "per-tensor SNR" in flagged["stage1_0_reparam"] and "max|w|/std" in flagged["stage1_0_reparam"], out
     assert "docs/quantization.md" in out
     code, out, _ = run("inspect", "--arch", ARCH)
     assert code == 0 and "weight quantization" not in out  # only with --quant
