@@ -51,28 +51,30 @@ _SAFE_FUNCTION_MODULES = ("torch", "_operator", "operator", "math", "builtins")
 
 
 class _Sibling:
-    """A conv / linear call on ``x``: its node, its map, and its weight's dtype."""
+    """A conv / linear call on ``x``: its node, its map, and the dtype its weight is cast back to (None: unknown)."""
 
     def __init__(self, node: fx.Node, affine: A.Affine, dtype):
         self.node, self.affine, self.dtype = node, affine, dtype
 
 
 def merge_siblings(gm: fx.GraphModule, report: Report, cost: Optional[CostModel] = None,
-                   dtypes: Optional[dict] = None) -> PassResult:
+                   dtypes: Optional[dict] = None, default_dtype: Optional[torch.dtype] = None) -> PassResult:
     """Merge every set of siblings the cost model accepts; the graph is rewritten in place.
 
     ``cost``: asked for every merge (default :class:`~reparam.cost.MacCost`); a refusal is reported with its
     reason.  ``dtypes``: parameter name -> the dtype it is cast back to (the pipeline's map; the weights are all
-    float64 while it folds); siblings whose dtypes differ are not merged, and the merged module's parameters are
-    entered with the siblings' dtype.  Returns the merges applied and the modules created; the new nodes carry
+    float64 while it folds); ``default_dtype``: the dtype of parameters missing there (those of modules other passes
+    created).  Siblings whose dtypes differ are not merged; the merged module's parameters are entered with the
+    siblings' dtype.  Returns the merges applied and the modules created; the new nodes carry
     their shapes, so shapes do not go stale.
     """
     cost = cost if cost is not None else MacCost()
     dtypes = dtypes if dtypes is not None else {}
+    dtype_of = lambda node: dtypes.get(f"{node.target}.weight", default_dtype)  # noqa: E731
     created: list = []
     roots = list(gm.graph.nodes)
     for _ in range(MAX_ROUNDS):  # the views of a merged output can have siblings of their own
-        done, roots = _sweep(gm, roots, report, cost, dtypes)
+        done, roots = _sweep(gm, roots, report, cost, dtypes, dtype_of)
         if not done:
             break
         created += done
@@ -80,7 +82,8 @@ def merge_siblings(gm: fx.GraphModule, report: Report, cost: Optional[CostModel]
     return PassResult(len(created), tuple(created), shapes_stale=False)
 
 
-def _sweep(gm: fx.GraphModule, roots: list, report: Report, cost: CostModel, dtypes: dict) -> tuple[list, list]:
+def _sweep(gm: fx.GraphModule, roots: list, report: Report, cost: CostModel, dtypes: dict,
+           dtype_of) -> tuple[list, list]:
     """Merge the siblings on each of ``roots``; (the names of the modules created, the views made)."""
     lifter = Lifter(gm, Constants(gm))
     modules = dict(gm.named_modules())
@@ -88,20 +91,19 @@ def _sweep(gm: fx.GraphModule, roots: list, report: Report, cost: CostModel, dty
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     created, views = [], []
     for x in roots:
-        for group in _groups(x, lifter, modules, barriers, dtypes):
-            for chosen in _decide(group, x, cost, report):
-                done = _merge(gm, x, sorted(chosen, key=lambda s: order[s.node]), modules)
-                if done is None:
-                    continue
-                name, rewrite, made = done
+        for group in _groups(x, lifter, modules, barriers, dtype_of):
+            for chosen in _decide(gm, group, x, cost, report):
+                name, rewrite, made = _merge(gm, x, sorted(chosen, key=lambda s: order[s.node]), modules)
                 report.rewrites.append(rewrite)
-                dtypes.update({f"{name}.{p}": chosen[0].dtype for p, _ in gm.get_submodule(name).named_parameters()})
+                dtype = chosen[0].dtype
+                if dtype is not None:
+                    dtypes.update({f"{name}.{p}": dtype for p, _ in gm.get_submodule(name).named_parameters()})
                 created.append(name)
                 views += made
     return created, views
 
 
-def _siblings_of(x: fx.Node, lifter: Lifter, modules: dict, barriers: set, dtypes: dict) -> list:
+def _siblings_of(x: fx.Node, lifter: Lifter, modules: dict, barriers: set, dtype_of) -> list:
     found = []
     for user in x.users:
         if user.op != "call_module" or user in barriers or user.args != (x,) or user.kwargs:
@@ -115,14 +117,14 @@ def _siblings_of(x: fx.Node, lifter: Lifter, modules: dict, barriers: set, dtype
             continue
         if not isinstance(op, Unary) or op.affine is None or op.affine.groups != 1:
             continue
-        found.append(_Sibling(user, op.affine, dtypes.get(f"{user.target}.weight", m.weight.dtype)))
+        found.append(_Sibling(user, op.affine, dtype_of(user)))
     return found
 
 
-def _groups(x: fx.Node, lifter: Lifter, modules: dict, barriers: set, dtypes: dict) -> list:
+def _groups(x: fx.Node, lifter: Lifter, modules: dict, barriers: set, dtype_of) -> list:
     """The siblings on ``x`` that could share one kernel, in sets of at least two."""
     sets: dict = {}
-    for s in _siblings_of(x, lifter, modules, barriers, dtypes):
+    for s in _siblings_of(x, lifter, modules, barriers, dtype_of):
         a = s.affine
         # the output grid (kernel centre minus padding), as affine._align requires it
         grid = tuple(hi - (e - 1 - lo) for hi, e, lo in zip(a.pad_hi, a.extent, a.pad_lo, strict=True))
@@ -131,7 +133,7 @@ def _groups(x: fx.Node, lifter: Lifter, modules: dict, barriers: set, dtypes: di
     return [group for group in sets.values() if len(group) > 1]
 
 
-def _decide(group: list, x: fx.Node, cost: CostModel, report: Report) -> list:
+def _decide(gm: fx.GraphModule, group: list, x: fx.Node, cost: CostModel, report: Report) -> list:
     """The sets of ``group`` to merge: all of it if the cost model accepts, else each set of identical geometry."""
     subsets = [group]
     shapes: dict = {}
@@ -140,13 +142,13 @@ def _decide(group: list, x: fx.Node, cost: CostModel, report: Report) -> list:
         shapes.setdefault((a.kernel, a.pad_lo, a.pad_hi, a.dilation), []).append(s)
     if len(shapes) > 1:
         subsets += [same for same in shapes.values() if len(same) > 1]
-    chosen = []
+    chosen: list = []
     for subset in subsets:
         if any(s in c for c in chosen for s in subset):
             continue
         where = _prefix([s.node for s in subset]) or subset[0].node.name
         try:
-            candidate = _candidate(subset, x, where)
+            candidate = _candidate(gm, subset, x, where)
         except A.Refusal as r:
             report.refuse(where, f"siblings {_before(subset)} not merged into one kernel: {r}")
             continue
@@ -158,11 +160,13 @@ def _decide(group: list, x: fx.Node, cost: CostModel, report: Report) -> list:
     return chosen
 
 
-def _candidate(subset: list, x: fx.Node, where: str) -> Candidate:
+def _candidate(gm: fx.GraphModule, subset: list, x: fx.Node, where: str) -> Candidate:
+    """The merge of ``subset`` as the cost model sees it; Refusal when no single module computes it."""
     merged = A.concat([s.affine for s in subset])  # raises Refusal when the grids do not line up
+    if merged.pad_lo != merged.pad_hi:
+        raise A.Refusal("no single module pads asymmetrically (the merged kernel would need a pad of its own)")
     shape = node_shape(x)
     positions = _positions(merged, shape)
-    gm = x.graph.owning_module
     kernels = [gm.get_submodule(str(s.node.target)) for s in subset]  # held: valid after the graph changes
     device = _device(gm)
     return Candidate(
@@ -197,10 +201,13 @@ def _device(gm: nn.Module):
     return next((p.device for p in gm.parameters()), torch.device("cpu"))
 
 
-def _kernel(affines: list, device) -> Optional[nn.Module]:
-    """The one conv / linear computing the siblings' outputs stacked along channels (None: not one module)."""
+def _kernel(affines: list, device) -> nn.Module:
+    """The one conv / linear computing the siblings' outputs stacked along channels.
+
+    Precondition: symmetric padding (:func:`_candidate` refuses others)."""
     module = to_module(A.concat(affines), torch.float64, device)
-    return module if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) else None
+    assert isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)), module
+    return module
 
 
 class _Siblings(nn.Module):
@@ -231,13 +238,11 @@ def _before(subset: list) -> str:
     return " + ".join(s.affine.describe() for s in subset)
 
 
-def _merge(gm: fx.GraphModule, x: fx.Node, subset: list, modules: dict) -> Optional[tuple[str, Rewrite, list]]:
+def _merge(gm: fx.GraphModule, x: fx.Node, subset: list, modules: dict) -> tuple[str, Rewrite, list]:
     """Replace ``subset`` (in graph order) by one kernel on ``x`` and a view per sibling; (the new module's name,
-    the rewrite, the views), or None when no single module computes the merged kernel."""
+    the rewrite, the views)."""
     affines = [s.affine for s in subset]
     kernel = _kernel(affines, _device(gm))
-    if kernel is None:  # asymmetric padding: a pad and a conv, no longer one kernel
-        return None
     where = _prefix([s.node for s in subset])
     name = _fresh_name(gm, f"{where}.siblings" if where else "siblings")
     gm.add_submodule(name, kernel)

@@ -257,6 +257,21 @@ def test_embedding_a_smaller_kernel_is_a_cost_decision():
             assert rel_err(g, w) <= EXACT
 
 
+def test_siblings_whose_merge_would_pad_asymmetrically_are_refused():
+    class Same(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(4, 3, 2, padding="same"), nn.Conv2d(4, 5, 2, padding="same")
+
+        def forward(self, x):
+            return torch.relu(self.a(x)), torch.relu(self.b(x))
+
+    model, fused, report, (x,) = fuse(Same(), torch.randn(1, 4, 5, 5))
+    assert not merges(report)
+    assert any("pads asymmetrically" in r.reason for r in report.refusals if r.reason.startswith("siblings"))
+    assert_exact(fused, model, x)
+
+
 def test_an_input_updated_in_place_between_siblings_is_left_alone():
     class Between(nn.Module):
         def __init__(self):
@@ -295,8 +310,9 @@ def test_dtypes_differ_not_merged_and_merged_module_gets_the_siblings_dtype():
     targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_module" and "convs" in str(n.target)]
     dtypes = {f"{targets[0]}.weight": torch.float16, f"{targets[1]}.weight": torch.float32}
     assert not merge_siblings(gm, Report(), Always(), dtypes)
-    dtypes = {f"{t}.weight": torch.bfloat16 for t in targets}
-    (name,) = merge_siblings(gm, Report(), Always(), dtypes).created
+    dtypes = {f"{targets[0]}.weight": torch.bfloat16}  # the other: a module a pass made, of the default dtype
+    assert not merge_siblings(gm, Report(), Always(), dict(dtypes), default_dtype=torch.float32)
+    (name,) = merge_siblings(gm, Report(), Always(), dtypes, default_dtype=torch.bfloat16).created
     assert dtypes[f"{name}.weight"] == dtypes[f"{name}.bias"] == torch.bfloat16
 
     model = Heads(kernels=((1, 0), (1, 0)), outs=(3, 4), bias=(True, True)).eval()
