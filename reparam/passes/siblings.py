@@ -21,8 +21,6 @@ downsample is its own conv there).
 """
 from __future__ import annotations
 
-import copy
-import math
 from typing import Optional
 
 import torch
@@ -30,7 +28,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .. import affine as A
-from ..cost import Candidate, CostModel, MacCost
+from .. import cost as C
 from ..emit import to_module
 from ..lift import Constants, Lifter, NotAffine, Unary
 from ..proofs import REWRITE
@@ -57,7 +55,7 @@ class _Sibling:
         self.node, self.affine, self.dtype = node, affine, dtype
 
 
-def merge_siblings(gm: fx.GraphModule, report: Report, cost: Optional[CostModel] = None,
+def merge_siblings(gm: fx.GraphModule, report: Report, cost: Optional[C.CostModel] = None,
                    dtypes: Optional[dict] = None, default_dtype: Optional[torch.dtype] = None) -> PassResult:
     """Merge every set of siblings the cost model accepts; the graph is rewritten in place.
 
@@ -68,7 +66,7 @@ def merge_siblings(gm: fx.GraphModule, report: Report, cost: Optional[CostModel]
     siblings' dtype.  Returns the merges applied and the modules created; the new nodes carry
     their shapes, so shapes do not go stale.
     """
-    cost = cost if cost is not None else MacCost()
+    cost = cost if cost is not None else C.MacCost()
     dtypes = dtypes if dtypes is not None else {}
     dtype_of = lambda node: dtypes.get(f"{node.target}.weight", default_dtype)  # noqa: E731
     created: list = []
@@ -82,7 +80,7 @@ def merge_siblings(gm: fx.GraphModule, report: Report, cost: Optional[CostModel]
     return PassResult(len(created), tuple(created), shapes_stale=False)
 
 
-def _sweep(gm: fx.GraphModule, roots: list, report: Report, cost: CostModel, dtypes: dict,
+def _sweep(gm: fx.GraphModule, roots: list, report: Report, cost: C.CostModel, dtypes: dict,
            dtype_of) -> tuple[list, list]:
     """Merge the siblings on each of ``roots``; (the names of the modules created, the views made)."""
     lifter = Lifter(gm, Constants(gm))
@@ -133,7 +131,7 @@ def _groups(x: fx.Node, lifter: Lifter, modules: dict, barriers: set, dtype_of) 
     return [group for group in sets.values() if len(group) > 1]
 
 
-def _decide(gm: fx.GraphModule, group: list, x: fx.Node, cost: CostModel, report: Report) -> list:
+def _decide(gm: fx.GraphModule, group: list, x: fx.Node, cost: C.CostModel, report: Report) -> list:
     """The sets of ``group`` to merge: all of it if the cost model accepts, else each set of identical geometry."""
     subsets = [group]
     shapes: dict = {}
@@ -150,42 +148,45 @@ def _decide(gm: fx.GraphModule, group: list, x: fx.Node, cost: CostModel, report
         try:
             candidate = _candidate(gm, subset, x, where)
         except A.Refusal as r:
-            report.refuse(where, f"siblings {_before(subset)} not merged into one kernel: {r}")
+            report.refuse(where, f"siblings {_before(subset)}: {r}")
             continue
-        decision = cost.decide(candidate)
+        decision = C.ask(cost, candidate, report)
         if decision.merge:
             chosen.append(subset)
         else:
-            report.refuse(where, f"siblings {_before(subset)} not merged into one kernel: {decision.reason}")
+            report.refuse(where, f"siblings {_before(subset)}: {decision.reason}")
     return chosen
 
 
-def _candidate(gm: fx.GraphModule, subset: list, x: fx.Node, where: str) -> Candidate:
-    """The merge of ``subset`` as the cost model sees it; Refusal when no single module computes it."""
+def _candidate(gm: fx.GraphModule, subset: list, x: fx.Node, where: str) -> C.Candidate:
+    """The merge of ``subset`` as the cost model sees it (MACs on the recorded shapes, per root position where one
+    is unknown; the merged form built without its weights: :func:`reparam.cost.stand_in`); Refusal when no single
+    module computes it.  The forms are built only while the cost model decides."""
     merged = A.concat([s.affine for s in subset])  # raises Refusal when the grids do not line up
     if merged.pad_lo != merged.pad_hi:
         raise A.Refusal("no single module pads asymmetrically (the merged kernel would need a pad of its own)")
+    shapes = [node_shape(s.node) for s in subset]
+    known = [shape for shape in shapes if shape is not None]
+    if len(known) == len(subset):
+        before = sum(C.conv_macs(s.affine, shape) for s, shape in zip(subset, known, strict=True))
+        after = C.conv_macs(merged, _widened(known[0], merged))
+    else:
+        before, after = sum(s.affine.macs() for s in subset), merged.macs()
     shape = node_shape(x)
-    positions = _positions(merged, shape)
-    kernels = [gm.get_submodule(str(s.node.target)) for s in subset]  # held: valid after the graph changes
-    device = _device(gm)
-    return Candidate(
-        where=where, kind=EVENT,
-        before_macs=sum(s.affine.macs() for s in subset) * positions, after_macs=merged.macs() * positions,
-        before_kernels=len(subset), after_kernels=1,
+    return C.Candidate(
+        where=where, kind=EVENT, before_macs=before, after_macs=after,
+        before_kernels=len(subset), after_kernels=C.emitted_kernels(merged),
         input_shapes=(torch.Size(shape),) if shape is not None else (),
-        before=lambda: _Siblings([copy.deepcopy(k) for k in kernels]),
-        after=lambda: _Split(_kernel([s.affine for s in subset], device), _sizes(subset), _channel_dim(merged)),
+        before=lambda: C.subgraph_module(gm, [x], [s.node for s in subset]),
+        after=lambda: _Split(_kernel(C.stand_in(merged), "meta"), _sizes(subset), _channel_dim(merged)),
     )
 
 
-def _positions(a: A.Affine, shape: Optional[tuple]) -> float:
-    """Root positions per sample, so that ``Affine.macs() * positions`` is MACs per sample (1 if unknown)."""
-    if shape is None or len(shape) < 2:
-        return 1.0
-    if a.layout.channels_last:
-        return float(math.prod(shape[1:-1]))
-    return float(math.prod(shape[-a.nd:]))
+def _widened(shape: tuple, merged: A.Affine) -> tuple:
+    """A sibling's output shape with the merged kernel's channel count."""
+    wide = list(shape)
+    wide[_channel_dim(merged)] = merged.out_channels
+    return tuple(wide)
 
 
 def _sizes(subset: list) -> list:
@@ -201,24 +202,13 @@ def _device(gm: nn.Module):
     return next((p.device for p in gm.parameters()), torch.device("cpu"))
 
 
-def _kernel(affines: list, device) -> nn.Module:
-    """The one conv / linear computing the siblings' outputs stacked along channels.
+def _kernel(merged: A.Affine, device) -> nn.Module:
+    """The one conv / linear computing ``merged`` (the siblings' outputs stacked along channels).
 
     Precondition: symmetric padding (:func:`_candidate` refuses others)."""
-    module = to_module(A.concat(affines), torch.float64, device)
+    module = to_module(merged, torch.float64, device)
     assert isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)), module
     return module
-
-
-class _Siblings(nn.Module):
-    """The region as it is (for a measuring cost model): each sibling on the same input."""
-
-    def __init__(self, kernels: list):
-        super().__init__()
-        self.kernels = nn.ModuleList(kernels)
-
-    def forward(self, x: torch.Tensor) -> tuple:
-        return tuple(k(x) for k in self.kernels)
 
 
 class _Split(nn.Module):
@@ -241,12 +231,11 @@ def _before(subset: list) -> str:
 def _merge(gm: fx.GraphModule, x: fx.Node, subset: list, modules: dict) -> tuple[str, Rewrite, list]:
     """Replace ``subset`` (in graph order) by one kernel on ``x`` and a view per sibling; (the new module's name,
     the rewrite, the views)."""
-    affines = [s.affine for s in subset]
-    kernel = _kernel(affines, _device(gm))
+    merged_affine = A.concat([s.affine for s in subset])
+    kernel = _kernel(merged_affine, _device(gm))
     where = _prefix([s.node for s in subset])
     name = _fresh_name(gm, f"{where}.siblings" if where else "siblings")
     gm.add_submodule(name, kernel)
-    merged_affine = A.concat(affines)
     rewrite = Rewrite(where or subset[0].node.name, _before(subset),
                       f"{merged_affine.describe()}, split into {len(subset)} views", (EVENT,))
     graph, first, dim = gm.graph, subset[0].node, _channel_dim(merged_affine)
@@ -254,9 +243,7 @@ def _merge(gm: fx.GraphModule, x: fx.Node, subset: list, modules: dict) -> tuple
         merged = graph.call_module(name, (x,))
         shape = node_shape(first)
         if shape is not None:
-            wide = list(shape)
-            wide[dim] = merged_affine.out_channels
-            merged.meta["tensor_meta"] = shape_meta(first, tuple(wide))
+            merged.meta["tensor_meta"] = shape_meta(first, _widened(shape, merged_affine))
         start, views = 0, []
         for j, s in enumerate(subset):
             # named after the merged kernel: the proofs name a disagreeing region by its node
