@@ -30,14 +30,14 @@ import torch.nn as nn
 from .. import affine as A
 from .. import cost as C
 from ..emit import to_module
-from ..lift import Constants, Lifter, NotAffine, Unary
+from ..lift import Concat, Constants, Lifter, NotAffine, Sum, Unary
 from ..proofs import REWRITE
 from ..report import Report, Rewrite
 from ..trace import node_shape, shape_meta
 from . import PassResult
 from .cleanup import finish
 from .collapse import _has_path, _prefix
-from .mutation import _may_alias, mutation_barriers
+from .mutation import _may_alias, mutation_barriers, real_users
 
 EVENT = "merge_siblings"
 MAX_ROUNDS = 4
@@ -90,7 +90,7 @@ def _sweep(gm: fx.GraphModule, roots: list, report: Report, cost: C.CostModel, d
     created, views = [], []
     for x in roots:
         for group in _groups(x, lifter, modules, barriers, dtype_of):
-            for chosen in _decide(gm, group, x, cost, report):
+            for chosen in _decide(gm, group, x, cost, report, lifter):
                 name, rewrite, made = _merge(gm, x, sorted(chosen, key=lambda s: order[s.node]), modules)
                 report.rewrites.append(rewrite)
                 dtype = chosen[0].dtype
@@ -131,7 +131,7 @@ def _groups(x: fx.Node, lifter: Lifter, modules: dict, barriers: set, dtype_of) 
     return [group for group in sets.values() if len(group) > 1]
 
 
-def _decide(gm: fx.GraphModule, group: list, x: fx.Node, cost: C.CostModel, report: Report) -> list:
+def _decide(gm: fx.GraphModule, group: list, x: fx.Node, cost: C.CostModel, report: Report, lifter: Lifter) -> list:
     """The sets of ``group`` to merge: all of it if the cost model accepts, else each set of identical geometry."""
     subsets = [group]
     shapes: dict = {}
@@ -142,7 +142,7 @@ def _decide(gm: fx.GraphModule, group: list, x: fx.Node, cost: C.CostModel, repo
         subsets += [same for same in shapes.values() if len(same) > 1]
     chosen: list = []
     for subset in subsets:
-        if any(s in c for c in chosen for s in subset):
+        if any(s in c for c in chosen for s in subset) or _one_join(subset, lifter):
             continue
         where = _prefix([s.node for s in subset]) or subset[0].node.name
         try:
@@ -156,6 +156,18 @@ def _decide(gm: fx.GraphModule, group: list, x: fx.Node, cost: C.CostModel, repo
         else:
             report.refuse(where, f"siblings {_before(subset)}: {decision.reason}")
     return chosen
+
+
+def _one_join(subset: list, lifter: Lifter) -> bool:
+    """The siblings are read only by one sum or channel concatenation: a region collapse already weighed
+    (``merge_parallel`` / ``merge_concat``) and kept, so the cost model is not asked twice."""
+    readers = {u for s in subset for u in real_users(s.node)}
+    if len(readers) != 1 or any(len(real_users(s.node)) != 1 for s in subset):
+        return False
+    try:
+        return isinstance(lifter.lift(readers.pop()), (Sum, Concat))
+    except (A.Refusal, NotAffine):
+        return False
 
 
 def _candidate(gm: fx.GraphModule, subset: list, x: fx.Node, where: str) -> C.Candidate:

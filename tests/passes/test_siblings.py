@@ -266,6 +266,23 @@ def test_embedding_a_smaller_kernel_is_a_cost_decision():
             assert rel_err(g, w) <= EXACT
 
 
+def test_siblings_joined_by_one_concat_are_left_to_collapse():
+    """cat([3x3(x), 1x1(x)]) is collapse's merge_concat: refused there for its MACs, it is not weighed again."""
+
+    class Cat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return torch.cat([self.a(x), self.b(x)], 1)
+
+    model, fused, report, (x,) = fuse(Cat(), torch.randn(1, 4, 6, 6))
+    assert not [r for r in report.refusals if r.reason.startswith("siblings")], report
+    assert [d.kind for d in report.decisions] == ["merge_concat"]
+    assert_exact(fused, model, x)
+
+
 def test_siblings_whose_merge_would_pad_asymmetrically_are_refused():
     class Same(nn.Module):
         def __init__(self):
