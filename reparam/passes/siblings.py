@@ -21,6 +21,7 @@ downsample is its own conv there).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Optional
 
 import torch
@@ -29,14 +30,14 @@ import torch.nn as nn
 
 from .. import affine as A
 from .. import cost as C
-from ..emit import to_module
+from ..emit import device_of, module_for
 from ..lift import Concat, Constants, Lifter, NotAffine, Sum, Unary
 from ..proofs import REWRITE
 from ..report import Report, Rewrite
-from ..trace import node_shape, shape_meta
+from ..match import is_conv, node_shape, shape_meta
 from . import PassResult
 from .cleanup import finish
-from .collapse import _has_path, _prefix
+from .naming import block_prefix, fresh_name
 from .mutation import _may_alias, mutation_barriers, real_users
 
 EVENT = "merge_siblings"
@@ -56,47 +57,45 @@ class _Sibling:
 
 
 def merge_siblings(gm: fx.GraphModule, report: Report, cost: Optional[C.CostModel] = None,
-                   dtypes: Optional[dict] = None, default_dtype: Optional[torch.dtype] = None) -> PassResult:
+                   dtypes: Optional[Mapping] = None, default_dtype: Optional[torch.dtype] = None) -> PassResult:
     """Merge every set of siblings the cost model accepts; the graph is rewritten in place.
 
     ``cost``: asked for every merge (default :class:`~reparam.cost.MacCost`); a refusal is reported with its
-    reason.  ``dtypes``: parameter name -> the dtype it is cast back to (the pipeline's map; the weights are all
-    float64 while it folds); ``default_dtype``: the dtype of parameters missing there (those of modules other passes
-    created).  Siblings whose dtypes differ are not merged; the merged module's parameters are entered with the
-    siblings' dtype.  Returns the merges applied and the modules created; the new nodes carry
-    their shapes, so shapes do not go stale.
+    reason.  ``dtypes`` (read only): parameter name -> the dtype it is cast back to (the pipeline's map; the weights
+    are all float64 while it folds); ``default_dtype``: that of parameters missing there (modules other passes
+    created).  Siblings whose dtypes differ are not merged.  Returns the merges applied, the modules created and,
+    for each, the siblings it replaces (the pipeline gives it their dtype); the new nodes carry their shapes, so
+    shapes do not go stale.
     """
     cost = cost if cost is not None else C.MacCost()
-    dtypes = dtypes if dtypes is not None else {}
-    dtype_of = lambda node: dtypes.get(f"{node.target}.weight", default_dtype)  # noqa: E731
-    created: list = []
+    known = dtypes if dtypes is not None else {}
+    dtype_of = lambda node: known.get(f"{node.target}.weight", default_dtype)  # noqa: E731
+    replaces: dict = {}
     roots = list(gm.graph.nodes)
     for _ in range(MAX_ROUNDS):  # the views of a merged output can have siblings of their own
-        done, roots = _sweep(gm, roots, report, cost, dtypes, dtype_of)
+        done, roots = _sweep(gm, roots, report, cost, dtype_of)
         if not done:
             break
-        created += done
+        replaces.update(done)
         finish(gm)
-    return PassResult(len(created), tuple(created), shapes_stale=False)
+    return PassResult(len(replaces), tuple(replaces), shapes_stale=False, replaces=replaces)
 
 
-def _sweep(gm: fx.GraphModule, roots: list, report: Report, cost: C.CostModel, dtypes: dict,
-           dtype_of) -> tuple[list, list]:
-    """Merge the siblings on each of ``roots``; (the names of the modules created, the views made)."""
+def _sweep(gm: fx.GraphModule, roots: list, report: Report, cost: C.CostModel, dtype_of) -> tuple[dict, list]:
+    """Merge the siblings on each of ``roots``; ({module created: the sibling targets it replaces}, the views)."""
     lifter = Lifter(gm, Constants(gm))
     modules = dict(gm.named_modules())
     barriers = mutation_barriers(gm).barriers
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    created, views = [], []
+    created, views = {}, []
     for x in roots:
         for group in _groups(x, lifter, modules, barriers, dtype_of):
             for chosen in _decide(gm, group, x, cost, report, lifter):
-                name, rewrite, made = _merge(gm, x, sorted(chosen, key=lambda s: order[s.node]), modules)
+                subset = sorted(chosen, key=lambda s: order[s.node])
+                targets = tuple(str(s.node.target) for s in subset)
+                name, rewrite, made = _merge(gm, x, subset, modules)
                 report.rewrites.append(rewrite)
-                dtype = chosen[0].dtype
-                if dtype is not None:
-                    dtypes.update({f"{name}.{p}": dtype for p, _ in gm.get_submodule(name).named_parameters()})
-                created.append(name)
+                created[name] = targets
                 views += made
     return created, views
 
@@ -106,8 +105,8 @@ def _siblings_of(x: fx.Node, lifter: Lifter, modules: dict, barriers: set, dtype
     for user in x.users:
         if user.op != "call_module" or user in barriers or user.args != (x,) or user.kwargs:
             continue
-        m = modules.get(user.target)
-        if not isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) or isinstance(m, nn.modules.conv._ConvTransposeNd):
+        m = modules.get(str(user.target))
+        if not (is_conv(m) or isinstance(m, nn.Linear)):
             continue
         try:
             op = lifter.lift(user)
@@ -144,7 +143,7 @@ def _decide(gm: fx.GraphModule, group: list, x: fx.Node, cost: C.CostModel, repo
     for subset in subsets:
         if any(s in c for c in chosen for s in subset) or _one_join(subset, lifter):
             continue
-        where = _prefix([s.node for s in subset]) or subset[0].node.name
+        where = block_prefix([s.node for s in subset]) or subset[0].node.name
         try:
             candidate = _candidate(gm, subset, x, where)
         except A.Refusal as r:
@@ -210,16 +209,12 @@ def _channel_dim(a: A.Affine) -> int:
     return -1 if a.layout.channels_last else -(a.nd + 1)
 
 
-def _device(gm: nn.Module):
-    return next((p.device for p in gm.parameters()), torch.device("cpu"))
-
-
 def _kernel(merged: A.Affine, device) -> nn.Module:
     """The one conv / linear computing ``merged`` (the siblings' outputs stacked along channels).
 
     Precondition: symmetric padding (:func:`_candidate` refuses others)."""
-    module = to_module(merged, torch.float64, device)
-    assert isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)), module
+    module = module_for(merged, torch.float64, device)
+    assert is_conv(module) or isinstance(module, nn.Linear), module
     return module
 
 
@@ -244,9 +239,9 @@ def _merge(gm: fx.GraphModule, x: fx.Node, subset: list, modules: dict) -> tuple
     """Replace ``subset`` (in graph order) by one kernel on ``x`` and a view per sibling; (the new module's name,
     the rewrite, the views)."""
     merged_affine = A.concat([s.affine for s in subset])
-    kernel = _kernel(merged_affine, _device(gm))
-    where = _prefix([s.node for s in subset])
-    name = _fresh_name(gm, f"{where}.siblings" if where else "siblings")
+    kernel = _kernel(merged_affine, device_of(gm))
+    where = block_prefix([s.node for s in subset])
+    name = fresh_name(gm, [s.node for s in subset], "siblings")
     gm.add_submodule(name, kernel)
     rewrite = Rewrite(where or subset[0].node.name, _before(subset),
                       f"{merged_affine.describe()}, split into {len(subset)} views", (EVENT,))
@@ -272,13 +267,6 @@ def _merge(gm: fx.GraphModule, x: fx.Node, subset: list, modules: dict) -> tuple
     for s in subset:
         graph.erase_node(s.node)
     return name, rewrite, views
-
-
-def _fresh_name(gm: nn.Module, stem: str) -> str:
-    name, i = stem, 1
-    while _has_path(gm, name):
-        name, i = f"{stem}_{i}", i + 1
-    return name
 
 
 def _layout_escapes(node: fx.Node, modules: dict) -> bool:

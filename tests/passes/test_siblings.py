@@ -338,8 +338,10 @@ def test_dtypes_differ_not_merged_and_merged_module_gets_the_siblings_dtype():
     assert not merge_siblings(gm, Report(), Always(), dtypes)
     dtypes = {f"{targets[0]}.weight": torch.bfloat16}  # the other: a module a pass made, of the default dtype
     assert not merge_siblings(gm, Report(), Always(), dict(dtypes), default_dtype=torch.float32)
-    (name,) = merge_siblings(gm, Report(), Always(), dtypes, default_dtype=torch.bfloat16).created
-    assert dtypes[f"{name}.weight"] == dtypes[f"{name}.bias"] == torch.bfloat16
+    result = merge_siblings(gm, Report(), Always(), dtypes, default_dtype=torch.bfloat16)
+    (name,) = result.created
+    assert result.replaces == {name: tuple(targets)}  # the pipeline gives it the first sibling's dtype
+    assert dtypes == {f"{targets[0]}.weight": torch.bfloat16}  # the pass never writes the pipeline's map
 
     model = Heads(kernels=((1, 0), (1, 0)), outs=(3, 4), bias=(True, True)).eval()
     fused = reparam.fuse(model, (torch.randn(1, 6, 6, 6),), dtype=torch.float16)
