@@ -40,7 +40,7 @@ from ..match import has_attr_path, node_shape
 from ..proofs import REWRITE
 from ..report import Report, Rewrite
 from . import PassResult
-from .mutation import eliminate_dead_code, is_metadata_user, mutation_barriers, real_users
+from .mutation import eliminate_dead_code, is_metadata_user, mutation_barriers, real_users, updated_storage
 from .naming import block_prefix, fresh_name, where
 
 
@@ -85,6 +85,7 @@ class Collapse:
         self.memo: dict[fx.Node, tuple] = {}
         self.order = {node: i for i, node in enumerate(gm.graph.nodes)}
         self.mutations = mutation_barriers(gm)
+        self.updated = updated_storage(gm)
         for node in gm.graph.nodes:
             if node in self.mutations.barriers:
                 continue  # an in-place update could be reordered with it: its position in time matters
@@ -386,6 +387,8 @@ class Collapse:
             if node_shape(replacement) != node_shape(f) and node_shape(f) is not None:
                 return False
             if root in self.mutations.shared:  # f would become an alias of a storage updated in place
+                return False
+            if f in self.updated:  # an in-place update of f would then write into root (the caller's input, say)
                 return False
         else:
             if len(value.ops) < 2:

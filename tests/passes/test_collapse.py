@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import reparam
 from reparam.modules import ChannelAffine
 from reparam.passes.collapse import Collapse
 from reparam.pipeline import MAX_ROUNDS
@@ -372,3 +373,29 @@ def test_a_graph_with_nothing_affine_is_left_as_it_is():
     assert not collapse(case)
     assert case.module_types() == [nn.ReLU, nn.MaxPool2d]
     assert not case.report.rewrites
+
+
+class _UpdatedCopy(nn.Module):
+    """``x1 = x * 1.0`` is a copy the forward then updates in place: aliasing it to ``x`` would write the caller's
+    input."""
+
+    def __init__(self, read_before: bool):
+        super().__init__()
+        self.conv, self.read_before = nn.Conv2d(3, 3, 1), read_before
+
+    def forward(self, x):
+        x1 = x * 1.0
+        y = self.conv(x1) if self.read_before else None
+        x1.add_(1)
+        return (y, x1) if self.read_before else x1
+
+
+@pytest.mark.parametrize("read_before", [True, False])
+def test_an_identity_region_updated_in_place_is_not_aliased_to_its_input(read_before):
+    model = _UpdatedCopy(read_before).eval()
+    x = torch.randn(1, 3, 4, 4)
+    kept = x.clone()
+    fused = reparam.fuse(model, x)
+    got = fused(x)
+    assert torch.equal(x, kept), "the fused model wrote into its input"
+    torch.testing.assert_close(got, model(kept.clone()))
