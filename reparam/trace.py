@@ -20,10 +20,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch.fx.immutable_collections import immutable_dict, immutable_list
-from torch.fx.passes.shape_prop import ShapeProp
 
 from .interface import keep_attributes, restore_state, snapshot_state
 from .match import arg, attr_path, called_module, is_conv
+from .shape_run import record_shapes
 
 
 def _timm_leaves() -> tuple[set, set]:
@@ -197,12 +197,15 @@ class Run:
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Run | None:
     """Record ``meta['tensor_meta']`` on every node by running ``example_inputs``; None if it fails (candidate
     inputs the model does not take; given inputs that fail here fail again, with their error, when the fused
-    model is verified)."""
+    model is verified).
+
+    Convolutions, matrix products and transcendental ops do no arithmetic in this run: zero stand-ins of their
+    outputs' shapes take their place (:func:`reparam.shape_run.record_shapes`), unless the graph reads a value.
+    """
     try:
         with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")  # ShapeProp prints a traceback for a candidate that fails
-            fresh = [t.clone() if isinstance(t, torch.Tensor) else t for t in example_inputs]  # inputs stay as given
-            return Run(_plain(ShapeProp(gm).propagate(*fresh)))
+            warnings.simplefilter("ignore")  # a module's forward may print or warn for a candidate that fails
+            return Run(_plain(record_shapes(gm, example_inputs)))  # inputs stay as given
     except Exception:  # noqa: BLE001  the model's own code on trial inputs: any failure means "these do not run"
         return None
 

@@ -1,0 +1,137 @@
+"""Shapes of every node of a traced graph (``node.meta['tensor_meta']``) from one run of the graph, without the
+arithmetic of its convolutions and matrix products.
+
+The passes need each node's shape and dtype, never its values.  :func:`record_shapes` runs the graph once with
+*stand-ins* for the heavy ops (convolutions, matrix products, attention): their output shape, stride and dtype
+come from the op's meta kernel, their output is zeros.  Everything else runs as usual on those values, so a
+shape run costs the elementwise work only (a float64 ViT-B/16 at 224x224 does 17 GMACs in its matrix
+products).  An op whose output *shape* depends on tensor values (``nonzero``, boolean indexing, ``.item()``
+and anything else reading a value into Python) cannot run on stand-ins: the run is repeated for real, as it is
+when the stand-in run fails in any other way (an op without a meta kernel, say).  (Running everything on the
+meta device would need no stand-ins, but PyTorch's meta kernels of elementwise ops and batch norm are Python
+decompositions, slower than the real ops at these sizes.)
+
+Caches that a module's forward leaves behind during the stand-in run are removed afterwards
+(:func:`reparam.interface.restore_state`): they may hold values computed from zeros.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.shape_prop import TensorMetadata
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+
+from .interface import restore_state, snapshot_state
+
+aten = torch.ops.aten
+
+#: ops replaced by stand-ins: nearly all of a network's arithmetic, none of its shape logic
+HEAVY = frozenset({
+    aten.convolution.default, aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
+    aten._scaled_dot_product_flash_attention_for_cpu.default, aten._scaled_dot_product_attention_math.default,
+})
+#: ops whose output shape (or Python control flow) depends on tensor values: stand-ins cannot feed them
+VALUE_DEPENDENT = frozenset({
+    aten._local_scalar_dense.default, aten.is_nonzero.default, aten.equal.default, aten.nonzero.default,
+    aten.nonzero_static.default, aten.argwhere.default, aten.masked_select.default, aten.unique_dim.default,
+    aten._unique2.default, aten.unique_consecutive.default, aten.bincount.default, aten.histc.default,
+    aten.repeat_interleave.Tensor, aten.allclose.default,
+})
+
+_FORMATS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
+
+
+class NeedsValues(Exception):
+    """The graph read a tensor value (an op of :data:`VALUE_DEPENDENT`): its shapes need a real run."""
+
+
+def tensor_metadata(t: torch.Tensor) -> TensorMetadata:
+    """fx's ``TensorMetadata`` of a dense, unquantized tensor, without the symbolic-shape machinery of
+    ``shape_prop._extract_tensor_metadata`` (which costs about 0.5 ms a tensor)."""
+    if t.is_quantized or t.layout != torch.strided:
+        from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+        return _extract_tensor_metadata(t)
+    fmt = next((f for f in _FORMATS if t.is_contiguous(memory_format=f)), None)
+    return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), fmt, False, {})
+
+
+class ShapeRecorder(fx.Interpreter):
+    """Runs a graph and records ``meta['tensor_meta']`` (and ``meta['type']``) on each node, as fx's ShapeProp."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        found = False
+
+        def extract(obj: Any) -> Any:
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return tensor_metadata(obj)
+            return obj
+
+        meta = fx.node.map_aggregate(value, extract)
+        if found:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(value)
+        return value
+
+
+def _meta_like(t: Any) -> Any:
+    if not isinstance(t, torch.Tensor):
+        return t
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+
+def _zeros_like(t: Any, device: torch.device) -> Any:
+    if not isinstance(t, torch.Tensor):
+        return t
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device).zero_()
+
+
+class StandIns(TorchDispatchMode):
+    """Inside this mode, the ops of :data:`HEAVY` return zeros of the shape, stride and dtype their meta kernel
+    gives, and the ops of :data:`VALUE_DEPENDENT` raise :class:`NeedsValues`; all other ops run as usual."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in VALUE_DEPENDENT or (func is aten.index.Tensor and _boolean_index(args)):
+            raise NeedsValues(str(func))
+        if func in HEAVY:
+            device = next(t.device for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                          if isinstance(t, torch.Tensor))
+            out = func(*tree_map(_meta_like, args), **tree_map(_meta_like, kwargs))
+            return tree_map(lambda t: _zeros_like(t, device), out)
+        return func(*args, **kwargs)
+
+
+def _boolean_index(args: tuple) -> bool:
+    """``x[mask]``: an ``aten.index`` with a boolean index, whose output length is the mask's count."""
+    indices = args[1] if len(args) > 1 else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices)
+
+
+def record_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> Any:
+    """``gm``'s output on ``inputs`` (values computed from stand-ins unless the real run was needed), recording
+    every node's ``tensor_meta``; raises what the real run raises when both fail.  ``inputs`` are not modified.
+
+    before -> after: nodes without ``tensor_meta`` -> every node that produces tensors has it, with the
+    shapes and dtypes a real run on ``inputs`` gives.  Precondition: ``gm`` runs without grad (the caller's
+    ``torch.no_grad()``).
+    """
+    state = snapshot_state(gm)
+    try:
+        with StandIns():
+            return ShapeRecorder(gm).run(*tree_map(_clone, list(inputs)))
+    except Exception:  # noqa: BLE001  NeedsValues, or any failure on stand-in values: run it for real
+        pass
+    finally:
+        restore_state(gm, state)  # caches computed from stand-ins
+    return ShapeRecorder(gm).run(*tree_map(_clone, list(inputs)))
+
+
+def _clone(t: Any) -> Any:
+    return t.clone() if isinstance(t, torch.Tensor) else t
