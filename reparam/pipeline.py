@@ -36,7 +36,7 @@ from .passes.towers import merge_towers
 from .passes.transposed import fold_bn_into_transposed_convs
 from .interface import restore_state, snapshot_state
 from .parts import PartFuser, record_calls, why_untraced
-from .proofs import UnfaithfulTrace, check_fused, pristine_copy, run_quietly, tag_origins
+from .proofs import Pristine, UnfaithfulTrace, check_fused, pristine_copy, run_quietly, tag_origins
 from .report import Report
 from .precision import check_precision
 from .shapes import check_example_inputs
@@ -115,7 +115,7 @@ def rules(remove_residuals: bool = False, cost: CostModel | None = None, dtypes:
 
 def _fuse_graph(gm: fx.GraphModule, inputs: tuple | None, report: Report, dtypes: dict, main: torch.dtype,
                 shapes_known: bool = False, remove_residuals: bool = False, cost: CostModel | None = None,
-                where: str = "") -> fx.GraphModule:
+                where: str = "") -> Pristine:
     """Run the :func:`rules` on ``gm`` (in place), ``where`` naming it in the report; returns its unfused twin
     (for the proofs).  ``dtypes`` gains the dtypes of the modules the rules create."""
     if inputs is not None and not shapes_known:
@@ -185,11 +185,11 @@ def fuse_with_report(model: nn.Module, example_inputs=None, *, check: bool = Tru
     cost = resolve_cost(cost, device if timing_device is None else timing_device, main)
 
     # all folding and checking happens on a private float64 CPU copy; the result goes back to ``device``
-    work = copy.deepcopy(model).eval()
+    work = _float64_copy(model).eval()
     unfused = list(work.modules())  # GraphModules in the result that are not among these are fused ones
     state = snapshot_state(work)  # caches that the float64 runs below leave are undone at the end
     given = _normalise_inputs(example_inputs)
-    check_example_inputs(work, given)  # wrong rank / channels: an error naming the expected shape
+    check_example_inputs(work, _float64_inputs(given))  # wrong rank / channels: an error naming the expected shape
     if dtype is not None and given is not None and dtype != _main_dtype(_dtype_map(model), given):
         check_precision(model, given, dtype)  # overflow in the deploy precision: named before any folding
     try:
@@ -199,7 +199,7 @@ def fuse_with_report(model: nn.Module, example_inputs=None, *, check: bool = Tru
     fuse_graph = _graph_fuser(report, dtypes, main, remove_residuals, cost)
     fused = None
     if gm is not None:
-        inputs = _shapes_then_float64(gm, work, given, _main_dtype(_dtype_map(model), given), device)
+        inputs = _shapes(gm, work, given)
         pristine = _fuse_graph(gm, inputs, report, dtypes, main, True, remove_residuals, cost)
         if not check or inputs is None:
             fused = gm
@@ -213,8 +213,6 @@ def fuse_with_report(model: nn.Module, example_inputs=None, *, check: bool = Tru
                                        "(e.g. an aliased in-place update); fused part by part instead"])
                 fuse_graph = _graph_fuser(report, dtypes, main, remove_residuals, cost)
     if fused is None:
-        if gm is None:
-            _to_float64(work)
         fused, inputs = _fuse_parts(work, given, report, fuse_graph, trace_error, check)
     if check and inputs is None:
         warnings.warn("could not infer example inputs, so the fused model was NOT verified; pass "
@@ -238,7 +236,7 @@ def _made(fused: nn.Module, unfused: list) -> list:
 def _graph_fuser(report: Report, dtypes: dict, main: torch.dtype, remove_residuals: bool, cost=None):
     """``fuse_graph(gm, inputs, path)``: the passes on the traced part at ``path`` of the model."""
 
-    def fuse_graph(gm: fx.GraphModule, inputs: tuple | None, path: str) -> fx.GraphModule:
+    def fuse_graph(gm: fx.GraphModule, inputs: tuple | None, path: str) -> Pristine:
         prefix = f"{path}." if path else ""
         local = {k[len(prefix):]: v for k, v in dtypes.items() if k.startswith(prefix)}
         pristine = _fuse_graph(gm, inputs, report, local, main, remove_residuals=remove_residuals, cost=cost,
@@ -249,7 +247,7 @@ def _graph_fuser(report: Report, dtypes: dict, main: torch.dtype, remove_residua
     return fuse_graph
 
 
-def _check_whole(gm: fx.GraphModule, pristine: fx.GraphModule, reference: nn.Module, inputs: tuple,
+def _check_whole(gm: fx.GraphModule, pristine: Pristine, reference: nn.Module, inputs: tuple,
                  report: Report) -> float:
     """Worst relative error of the fused whole-model graph against the eager original on ``inputs``
     (and on a random twin of constant inputs, which cannot expose wrong weights): :func:`check_fused`."""
@@ -265,7 +263,7 @@ def _fuse_parts(work: nn.Module, given: tuple | None, report: Report, fuse_graph
     """(``work`` (float64) with its traceable parts fused, each proven on the inputs it sees
     (:mod:`reparam.parts`); the float64 inputs of the recording runs, None if none run)."""
     if given is not None:
-        inputs = to_float64(_move(given, "cpu"))
+        inputs = _float64_inputs(given)
         inputs = random_like(inputs) if is_degenerate(inputs) else inputs  # zeros cannot expose wrong weights
     else:  # inferred from the first layer: the first candidate the model runs
         inputs = T.infer_example_inputs(work, None, torch.float64, "cpu")
@@ -304,35 +302,38 @@ def _check_end_to_end(fused: nn.Module, inputs: tuple, want: Any, report: Report
                             "post-processes them data-dependently (top-k, NMS, sorting of near-ties)")
 
 
-def _shapes_then_float64(gm: fx.GraphModule, work: nn.Module, given: tuple | None, native: torch.dtype,
-                         device) -> tuple | None:
-    """Record shapes on ``gm`` (the trace of ``work``), then move both to float64 on the CPU; returns
-    the float64 inputs (``given`` or inferred ones; None if none run).
+def _shapes(gm: fx.GraphModule, work: nn.Module, given: tuple | None) -> tuple | None:
+    """Record shapes on ``gm`` (the trace of ``work``, both float64 on the CPU); returns the float64 inputs
+    (``given`` or inferred ones; None if none run).
 
-    Shapes come from a run in the model's own precision and on its device (float32 convolutions are
-    2-5x faster than float64 ones on a CPU); in float64 only if that fails (float16 on a CPU, say).
+    The shape run costs no convolutions or matrix products (:mod:`reparam.shape_run`), so it runs in float64
+    on the private copy: no second copy of the model in its own precision is needed.
     """
     runs = lambda x: T.propagate_shapes(gm, x) is not None  # noqa: E731
-    if given is not None:
-        shaped = runs(_move(given, device))
-    else:
-        given = T.infer_example_inputs(work, gm, native, device, runs=runs)
-        shaped = given is not None
-    _to_float64(work, gm)
     if given is None:
         return T.infer_example_inputs(work, gm, torch.float64, "cpu", runs=runs)
-    inputs = to_float64(_move(given, "cpu"))
-    if not shaped:  # if float64 fails too, the model fails on these inputs: verification says so
-        runs(inputs)
+    inputs = _float64_inputs(given)
+    runs(inputs)  # if this fails, the model fails on these inputs: verification says so
     return inputs
 
 
-def _to_float64(*modules: nn.Module) -> None:
-    """Floating parameters and buffers of ``modules`` (in place) to float64 on the CPU; a traced
-    GraphModule's own copies of buffers too (``Module.to`` replaces buffer tensors, so a module that
-    shares submodules with another still holds the old ones otherwise)."""
-    for module in modules:
-        module.to(device="cpu", dtype=torch.float64)
+def _float64_copy(model: nn.Module) -> nn.Module:
+    """before -> after: ``model`` (any dtype and device) -> a deep copy whose floating parameters and buffers are
+    float64 CPU tensors; ``model`` untouched.  Each tensor is converted once, straight from the original (a
+    ``copy.deepcopy`` then ``.to(float64)`` clones it first and converts the clone); tensors shared by several
+    modules stay shared.  Integer tensors are copied as they are."""
+    memo: dict = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in memo:
+            dtype = torch.float64 if t.is_floating_point() else t.dtype
+            data = t.detach().to(device="cpu", dtype=dtype, copy=True)
+            memo[id(t)] = nn.Parameter(data, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else data
+    return copy.deepcopy(model, memo)
+
+
+def _float64_inputs(given: tuple | None) -> tuple | None:
+    """Copies of ``given`` on the CPU, floating tensors in float64 (None stays None)."""
+    return None if given is None else to_float64(_move(given, "cpu"))
 
 
 def _move(inputs: tuple, device) -> tuple:
