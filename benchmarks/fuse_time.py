@@ -175,9 +175,9 @@ def time_one(name: str, profile: int = 0) -> dict:
             warnings.simplefilter("ignore")
             if prof:
                 prof.enable()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fused = reparam.fuse(model, x)
-            seconds = time.perf_counter() - t0
+            seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
             if prof:
                 prof.disable()
     except Exception as exc:  # noqa: BLE001  a refusal or a bug: the table says which, the run goes on
@@ -186,7 +186,7 @@ def time_one(name: str, profile: int = 0) -> dict:
     phases["other"] = max(seconds - sum(v for k, v in phases.items() if k != "other"), 0.0)
     report = fused.reparam_report
     parts = any("part by part" in n or "one by one" in n for n in report.notes)
-    row.update(status="ok", seconds=seconds, phases=phases, path="parts" if parts else "whole",
+    row.update(status="ok", seconds=seconds, cpu_s=cpu, phases=phases, path="parts" if parts else "whole",
                error=report.max_rel_error, rewrites=len(report.rewrites))
     if prof:
         import io
@@ -266,15 +266,17 @@ def percentile(values: list, q: float) -> float:
     return ordered[max(math.ceil(q * len(ordered)) - 1, 0)]
 
 
-def distribution(rows: list, max_params: float = MAX_PARAMS, groups: Optional[set] = None) -> Optional[dict]:
-    """Median, p90, max, share within :data:`TARGET_S` and count above :data:`LIMIT_S` over the fused models with
-    at most ``max_params`` parameters (of ``groups`` only, when given)."""
-    timed = [r for r in rows if r.get("status") == "ok" and r["params"] <= max_params
+def distribution(rows: list, max_params: float = MAX_PARAMS, groups: Optional[set] = None,
+                 key: str = "seconds") -> Optional[dict]:
+    """Median, p90, max, share within :data:`TARGET_S` and count above :data:`LIMIT_S` of ``key`` (``seconds``:
+    wall clock, ``cpu_s``: the process's CPU time) over the fused models with at most ``max_params`` parameters
+    (of ``groups`` only, when given)."""
+    timed = [r for r in rows if r.get("status") == "ok" and r["params"] <= max_params and key in r
              and (groups is None or r.get("group") in groups)]
     if not timed:
         return None
-    times = [r["seconds"] for r in timed]
-    slowest = max(timed, key=lambda r: r["seconds"])
+    times = [r[key] for r in timed]
+    slowest = max(timed, key=lambda r: r[key])
     return {"n": len(times), "median": statistics.median(times), "p90": percentile(times, 0.9), "max": max(times),
             "slowest": slowest["model"], "within_target": sum(t <= TARGET_S for t in times) / len(times),
             "over_limit": sum(t > LIMIT_S for t in times)}
@@ -291,7 +293,8 @@ def _summary(d: dict, label: str) -> str:
 def markdown(rows: list, against: Optional[list] = None, max_params: float = MAX_PARAMS) -> str:
     """The per-model table (with ``against``: the baseline's seconds beside) and the distribution line(s)."""
     out = []
-    cols = ["model", "params (M)", "input", "path"] + (["before (s)"] if against else []) + ["fuse (s)"]
+    cols = ["model", "params (M)", "input", "path"] + (["before (s)", "before CPU (s)"] if against else [])
+    cols += ["fuse (s)", "CPU (s)"]
     cols += [p for p in PHASES] + ["max rel. err"]
     out.append("| " + " | ".join(cols) + " |")
     out.append("|---|---:|---|---|" + "---:|" * (len(cols) - 4))
@@ -304,21 +307,24 @@ def markdown(rows: list, against: Optional[list] = None, max_params: float = MAX
         cells = [r["model"] + star, f"{r['params'] / 1e6:.1f}", r["input"], r.get("path", "")]
         if against:
             b = before.get(r["model"], {})
-            cells.append(f"{b['seconds']:.2f}" if b.get("status") == "ok" else b.get("status", "–"))
+            ok = b.get("status") == "ok"
+            cells += [f"{b['seconds']:.2f}" if ok else b.get("status", "–"), f"{b.get('cpu_s', math.nan):.2f}" if ok
+                      else ""]
         if r.get("status") != "ok":
             out.append("| " + " | ".join(cells) + f" | {r['status']} |")
             continue
-        cells.append(f"{r['seconds']:.2f}")
+        cells += [f"{r['seconds']:.2f}", f"{r.get('cpu_s', math.nan):.2f}"]
         cells += [f"{r['phases'].get(p, 0.0):.2f}" for p in PHASES]
         cells.append(f"{r['error']:.1e}" if r.get("error") is not None else "–")
         out.append("| " + " | ".join(cells) + " |")
     out.append("")
     limit = f"≤ {max_params / 1e6:g}M parameters"
-    for label, groups in ((f"all {limit}", None), (f"every k-th timm model, {limit}", {"sample"})):
-        for side, data in (("before", against), ("after" if against else "", rows)):
-            d = distribution(data, max_params, groups) if data else None
-            if d:
-                out.append(f"- {side + ', ' if side else ''}{_summary(d, label + ': ')}")
+    for key, clock in (("seconds", "wall clock"), ("cpu_s", "CPU time")):
+        for label, groups in ((f"all {limit}", None), (f"every k-th timm model, {limit}", {"sample"})):
+            for side, data in (("before", against), ("after" if against else "", rows)):
+                d = distribution(data, max_params, groups, key) if data else None
+                if d:
+                    out.append(f"- {clock}, {side + ', ' if side else ''}{_summary(d, label + ': ')}")
     failed = [r for r in rows if r.get("status") != "ok"]
     if failed:
         out.append(f"{len(failed)} not timed: " + "; ".join(f"{r['model']} {r['status']}" for r in failed))

@@ -3,13 +3,17 @@ arithmetic of its convolutions and matrix products.
 
 The passes need each node's shape and dtype, never its values.  :func:`record_shapes` runs the graph once with
 *stand-ins* for the heavy ops (convolutions, matrix products, attention): their output shape, stride and dtype
-come from the op's meta kernel, their output is zeros.  Everything else runs as usual on those values, so a
-shape run costs the elementwise work only (a float64 ViT-B/16 at 224x224 does 17 GMACs in its matrix
-products).  An op whose output *shape* depends on tensor values (``nonzero``, boolean indexing, ``.item()``
-and anything else reading a value into Python) cannot run on stand-ins: the run is repeated for real, as it is
-when the stand-in run fails in any other way (an op without a meta kernel, say).  (Running everything on the
-meta device would need no stand-ins, but PyTorch's meta kernels of elementwise ops and batch norm are Python
-decompositions, slower than the real ops at these sizes.)
+come from the op's meta kernel, their output is zeros; transcendental unary ops (GELU, SiLU, softmax ...) return
+zeros shaped like their input.  Everything else runs as usual on those values, so a shape run costs the cheap
+elementwise work only (a float64 ViT-B/16 at 224x224 does 17 GMACs in its matrix products).
+
+An op whose output *shape* depends on tensor values (``nonzero``, boolean indexing, ``.item()`` and anything else
+reading a value into Python) cannot run on stand-ins: the run is then repeated for real, as it is when the
+stand-in run fails in any other way (an op without a meta kernel, say).  Strides recorded for stand-ins are
+those of the op's meta kernel, which may differ from the real kernel's (oneDNN returns channels-last outputs
+for some convolutions); reparam reads shapes and dtypes only.  Running everything on the meta device would need
+no stand-ins, but PyTorch's meta kernels of elementwise ops and batch norm are Python decompositions, slower than
+the real ops at these sizes.
 
 Caches that a module's forward leaves behind during the stand-in run are removed afterwards
 (:func:`reparam.interface.restore_state`): they may hold values computed from zeros.
@@ -32,6 +36,17 @@ aten = torch.ops.aten
 HEAVY = frozenset({
     aten.convolution.default, aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
     aten._scaled_dot_product_flash_attention_for_cpu.default, aten._scaled_dot_product_attention_math.default,
+})
+#: floating unary ops whose output has their input's shape, stride and dtype: stand-ins too (a float64 GELU or
+#: softmax over a transformer's activations costs as much as a matrix product there)
+SAME_AS_INPUT = frozenset({
+    aten.gelu.default, aten.silu.default, aten.sigmoid.default, aten.tanh.default, aten.hardswish.default,
+    aten.hardsigmoid.default, aten.mish.default, aten.elu.default, aten.softplus.default, aten.erf.default,
+    aten.exp.default, aten.log.default, aten.sqrt.default, aten.rsqrt.default, aten.reciprocal.default,
+})
+IN_PLACE_SAME = frozenset({
+    aten.gelu_.default, aten.silu_.default, aten.sigmoid_.default, aten.tanh_.default, aten.hardswish_.default,
+    aten.hardsigmoid_.default, aten.mish_.default, aten.elu_.default, aten.erf_.default, aten.exp_.default,
 })
 #: ops whose output shape (or Python control flow) depends on tensor values: stand-ins cannot feed them
 VALUE_DEPENDENT = frozenset({
@@ -105,7 +120,17 @@ class StandIns(TorchDispatchMode):
                           if isinstance(t, torch.Tensor))
             out = func(*tree_map(_meta_like, args), **tree_map(_meta_like, kwargs))
             return tree_map(lambda t: _zeros_like(t, device), out)
+        if func in SAME_AS_INPUT and _floating(args):
+            return _zeros_like(args[0], args[0].device)
+        if func in IN_PLACE_SAME and _floating(args):
+            return args[0]  # its values do not matter here, and it stays the same tensor
+        if func is aten._softmax.default and _floating(args) and not args[2]:  # not half_to_float
+            return _zeros_like(args[0], args[0].device)
         return func(*args, **kwargs)
+
+
+def _floating(args: tuple) -> bool:
+    return bool(args) and isinstance(args[0], torch.Tensor) and args[0].is_floating_point()
 
 
 def _boolean_index(args: tuple) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dis
+import functools
 import inspect
 import io
 import operator
@@ -83,14 +84,22 @@ def _is_size(proxy: fx.Proxy) -> bool:
 
 def _spread_size(proxy: fx.Proxy, frame) -> bool:
     """``frame`` is at ``x.method(*proxy)`` with ``proxy`` a whole size and ``method`` size-taking."""
-    return frame is not None and _spread_into(frame) in _SIZE_METHODS and _is_size(proxy)
+    return frame is not None and _is_size(proxy) and _spread_into(frame) in _SIZE_METHODS  # cheap test first
+
+
+@functools.lru_cache(maxsize=4096)
+def _instructions(code) -> tuple[list, dict]:
+    """(the bytecode instructions of ``code``, offset -> index); disassembled once per code object (a trace
+    asks for the same few forwards thousands of times)."""
+    instructions = list(dis.get_instructions(code))
+    return instructions, {inst.offset: i for i, inst in enumerate(instructions)}
 
 
 def _spread_into(frame) -> str | None:
     """The method name when ``frame`` is at ``obj.method(*s)`` with ``s`` a name, ``y.shape`` or
     ``y.size()`` (the only argument); None otherwise."""
-    code = list(dis.get_instructions(frame.f_code))
-    at = next((i for i, inst in enumerate(code) if inst.offset == frame.f_lasti), None)
+    code, offsets = _instructions(frame.f_code)
+    at = offsets.get(frame.f_lasti)
     if at is None or code[at].opname != "CALL_FUNCTION_EX" or code[at].argval:
         return None
     before = [inst for inst in code[:at] if inst.opname not in ("PRECALL", "CACHE")]
