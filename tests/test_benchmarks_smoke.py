@@ -101,3 +101,42 @@ def test_deploy_coverage_rewrites_its_section(tmp_path, capsys):
     assert text.startswith("# timm table") and "## Detection and segmentation models" in text
     assert _load("coverage").marked_sections(str(doc)) == [text[text.index(deploy.START):text.index(deploy.END)
                                                                 + len(deploy.END)]]
+
+
+def test_latency_timm_deploy_rewrites_its_section(tmp_path, capsys):
+    """``--timm-deploy --out``: the judged table replaces the marked section of a doc, the rest of it stays."""
+    latency = _load("latency")
+    start, end = latency._markers("timm-deploy")
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(f"# Benchmarks\n\nkept above\n\n{start}\nSTALE ROWS\n{end}\n\nkept below\n")
+    argv = ["--timm-deploy", "--models", "repghostnet_050", "--size", "32", "--reps", "2", "--warmup", "1",
+            "--quiet", "--out", str(doc)]
+    assert latency.main(argv) == 0
+    assert "| repghostnet_050 |" in capsys.readouterr().out
+    text = doc.read_text()
+    assert "STALE ROWS" not in text and "kept above" in text and "kept below" in text
+    section = text[text.index(start):text.index(end)]
+    assert "| repghostnet_050 |" in section and "geometric mean" in section
+    assert "python benchmarks/latency.py --timm-deploy" in section and "Measured on" in section
+
+
+def test_fuse_time_tiny(tmp_path, capsys):
+    fuse_time = _load("fuse_time")
+    out = tmp_path / "ft.json"
+    assert fuse_time.main(["--models", "repghostnet_050", "--quiet", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| repghostnet_050 |" in text and "median" in text and "within 1 s" in text
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["status"] == "ok" and row["input"] == "224x224" and set(fuse_time.PHASES) <= set(row["phases"])
+    assert fuse_time.main(["--from-json", str(out)]) == 0  # re-rendered, nothing measured
+    assert "| repghostnet_050 |" in capsys.readouterr().out
+
+
+def test_fuse_time_distribution():
+    fuse_time = _load("fuse_time")
+    rows = [{"model": f"m{i}", "status": "ok", "params": 1e6, "group": "sample", "seconds": s, "cpu_s": s}
+            for i, s in enumerate([0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.99, 1.0, 3.0, 6.0])]
+    d = fuse_time.distribution(rows)
+    assert d["n"] == 10 and d["p90"] == 3.0 and d["max"] == 6.0 and d["slowest"] == "m9"
+    assert d["within_target"] == 0.8 and d["over_limit"] == 1
+    assert fuse_time.distribution(rows, max_params=1e5) is None
