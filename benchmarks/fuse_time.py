@@ -50,6 +50,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compile_time  # noqa: E402  (its PhaseTimer and cProfile helpers)
+import latency  # noqa: E402  (its generated-section writer)
 
 FAMILIES = ("repvgg*", "mobileone*", "fastvit*", "repghost*", "repvit*", "efficientvit*", "levit*", "convnext*")
 EXTRA = ("maxvit_tiny_tf_384", "resnet50", "vit_base_patch16_224", "efficientnet_b0")
@@ -290,12 +291,14 @@ def _summary(d: dict, label: str) -> str:
             f"{'met' if met else 'NOT met'}).")
 
 
-def markdown(rows: list, against: Optional[list] = None, max_params: float = MAX_PARAMS) -> str:
-    """The per-model table (with ``against``: the baseline's seconds beside) and the distribution line(s)."""
+def markdown(rows: list, against: Optional[list] = None, max_params: float = MAX_PARAMS,
+             phases: tuple = PHASES) -> str:
+    """The per-model table (with ``against``: the baseline's seconds beside; ``phases``: the phase columns) and
+    the distribution line(s)."""
     out = []
     cols = ["model", "params (M)", "input", "path"] + (["before (s)", "before CPU (s)"] if against else [])
     cols += ["fuse (s)", "CPU (s)"]
-    cols += [p for p in PHASES] + ["max rel. err"]
+    cols += [p for p in phases] + ["max rel. err"]
     out.append("| " + " | ".join(cols) + " |")
     out.append("|---|---:|---|---|" + "---:|" * (len(cols) - 4))
     before = {r["model"]: r for r in against or []}
@@ -314,7 +317,7 @@ def markdown(rows: list, against: Optional[list] = None, max_params: float = MAX
             out.append("| " + " | ".join(cells) + f" | {r['status']} |")
             continue
         cells += [f"{r['seconds']:.2f}", f"{r.get('cpu_s', math.nan):.2f}"]
-        cells += [f"{r['phases'].get(p, 0.0):.2f}" for p in PHASES]
+        cells += [f"{r['phases'].get(p, 0.0):.2f}" for p in phases]
         cells.append(f"{r['error']:.1e}" if r.get("error") is not None else "–")
         out.append("| " + " | ".join(cells) + " |")
     out.append("")
@@ -338,8 +341,23 @@ def environment() -> dict:
 
     return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
             "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+            "platform": platform.platform(), "processor": latency._cpu_name(), "cpus": os.cpu_count(),
             "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None}
+
+
+def environment_line(env: dict) -> str:
+    load, load_end = env.get("loadavg"), env.get("loadavg_end")
+    loads = f"; load average {load[0]:.1f} at the start, {load_end[0]:.1f} at the end" if load and load_end else ""
+    return (f"Measured on {env.get('processor') or env.get('platform')} ({env.get('platform')}, {env.get('cpus')} "
+            f"logical CPUs), 1 thread (OMP_NUM_THREADS={env.get('omp_num_threads')}), one fuse per model and side; "
+            f"Python {env.get('python')}, torch {env.get('torch')}, timm {env.get('timm')}{loads}.")
+
+
+def write_out(path: str, env: dict, rows: list, against: Optional[list]) -> None:
+    """The ``fuse-time`` section of the Markdown file ``path`` (see ``latency.write_section``)."""
+    tables = markdown(rows, against, env.get("max_params", MAX_PARAMS), phases=("copy", "trace", "shapes", "verify"))
+    latency.write_section(path, "fuse-time", env.get("command", "python benchmarks/fuse_time.py"),
+                          environment_line(env), "\n" + tables, script="fuse_time.py")
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -357,6 +375,9 @@ def parse_args(argv=None):
                    help="also time reparam imported from DIR, interleaved (before/after)")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="print the top N cProfile entries per model")
     p.add_argument("--json", default=None, help="write rows and the environment here")
+    p.add_argument("--out", default=None, metavar="MD",
+                   help="also write the distribution and a compact table (phases copy, trace, shapes, verify) into "
+                   "this Markdown file's generated section 'fuse-time'")
     p.add_argument("--from-json", default=None, help="re-render the tables from a --json file; measure nothing")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -370,7 +391,10 @@ def main(argv=None) -> int:
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     if args.from_json:
         data = json.loads(Path(args.from_json).read_text())
-        print(markdown(data["rows"], data.get("against"), data["environment"].get("max_params", MAX_PARAMS)))
+        env, rows, against = data["environment"], data["rows"], data.get("against")
+        print(markdown(rows, against, env.get("max_params", MAX_PARAMS)))
+        if args.out:
+            write_out(args.out, env, rows, against)
         return 0
     torch.set_num_threads(1)
     env = environment()
@@ -404,7 +428,10 @@ def main(argv=None) -> int:
             for text in row.pop("profile", []):
                 log(f"\n--- cProfile of reparam.fuse({name}) ---\n{text}\n")
     env["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    env["command"] = latency.command_line(argv, "fuse_time.py")
     print(markdown(rows, against or None, args.max_params))
+    if args.out:
+        write_out(args.out, env, rows, against or None)
     if args.json:
         Path(args.json).write_text(json.dumps({"environment": env, "rows": rows, "against": against or None},
                                               indent=1))
