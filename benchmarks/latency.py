@@ -684,13 +684,10 @@ def environment(args) -> dict:
         "warmup": args.warmup,
         "clock": args.clock,
     }
-    for package in ("timm", "onnxruntime", "executorch"):
-        try:
-            from importlib.metadata import version
+    from reparam.packages import package_version
 
-            env[package] = version(package)
-        except Exception:  # noqa: BLE001  not installed: the line leaves it out
-            pass
+    for package in ("timm", "onnxruntime", "executorch"):
+        env[package] = package_version(package)  # None when not installed: the environment line leaves it out
     if args.device == "cuda" and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     return env
