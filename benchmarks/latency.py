@@ -737,11 +737,14 @@ def write_section(path: str, section: str, command: str, env_line: str, tables: 
 
 
 def command_line(argv: Optional[list], script: str = "latency.py") -> str:
-    """The command that reproduces this run (``--out`` and ``--json`` kept: a rerun rewrites the same files)."""
+    """The command that reproduces this run (``--out`` kept: a rerun rewrites the same section; ``--json FILE``
+    and ``--from-json FILE`` left out: the raw numbers are not part of the docs)."""
     import shlex
 
     args = sys.argv[1:] if argv is None else list(argv)
-    return f"python benchmarks/{script} " + " ".join(shlex.quote(a) for a in args)
+    kept = [a for i, a in enumerate(args) if a not in ("--json", "--from-json")
+            and (i == 0 or args[i - 1] not in ("--json", "--from-json"))]
+    return f"python benchmarks/{script} " + " ".join(shlex.quote(a) for a in kept)
 
 
 # ------------------------------------------------------------------------------------------------ main
