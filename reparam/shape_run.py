@@ -37,7 +37,8 @@ HEAVY = frozenset({
     aten.convolution.default, aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
     aten._scaled_dot_product_flash_attention_for_cpu.default, aten._scaled_dot_product_attention_math.default,
 })
-#: floating unary ops whose output has their input's shape, stride and dtype: stand-ins too (a float64 GELU or
+#: floating unary ops whose output has their input's shape and dtype: stand-ins too (and ``_softmax`` without
+#: ``half_to_float``) (a float64 GELU or
 #: softmax over a transformer's activations costs as much as a matrix product there)
 SAME_AS_INPUT = frozenset({
     aten.gelu.default, aten.silu.default, aten.sigmoid.default, aten.tanh.default, aten.hardswish.default,
@@ -107,9 +108,29 @@ def _zeros_like(t: Any, device: torch.device) -> Any:
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device).zero_()
 
 
+#: ``op(bias, a, b, ...)`` -> the op whose meta kernel gives its output layout from ``(a, b)`` alone (PyTorch's meta
+#: kernels of addmm / baddbmm are Python decompositions, 25x slower than mm's / bmm's)
+_WITHOUT_BIAS = {aten.addmm.default: aten.mm.default, aten.baddbmm.default: aten.bmm.default}
+
+
 class StandIns(TorchDispatchMode):
     """Inside this mode, the ops of :data:`HEAVY` return zeros of the shape, stride and dtype their meta kernel
-    gives, and the ops of :data:`VALUE_DEPENDENT` raise :class:`NeedsValues`; all other ops run as usual."""
+    gives, and the ops of :data:`VALUE_DEPENDENT` raise :class:`NeedsValues`; all other ops run as usual.
+
+    Stand-ins of one layout are one zero tensor, handed out again (filling a fresh one costs as much as a
+    cheap op): an op that updates one in place changes values nobody reads, never a shape."""
+
+    def __init__(self):
+        super().__init__()
+        self._zeros: dict = {}
+
+    def _stand_in(self, like: Any, device: torch.device) -> Any:
+        if not isinstance(like, torch.Tensor):
+            return like
+        key = (tuple(like.shape), like.stride(), like.dtype, device)
+        if key not in self._zeros:
+            self._zeros[key] = _zeros_like(like, device)
+        return self._zeros[key]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -118,14 +139,16 @@ class StandIns(TorchDispatchMode):
         if func in HEAVY:
             device = next(t.device for t in torch.utils._pytree.tree_leaves((args, kwargs))
                           if isinstance(t, torch.Tensor))
-            out = func(*tree_map(_meta_like, args), **tree_map(_meta_like, kwargs))
-            return tree_map(lambda t: _zeros_like(t, device), out)
-        if func in SAME_AS_INPUT and _floating(args):
-            return _zeros_like(args[0], args[0].device)
+            if func in _WITHOUT_BIAS and not kwargs:  # bias broadcast to a @ b: same layout as a @ b
+                out = _WITHOUT_BIAS[func](_meta_like(args[1]), _meta_like(args[2]))
+            else:
+                out = func(*tree_map(_meta_like, args), **tree_map(_meta_like, kwargs))
+            return tree_map(lambda t: self._stand_in(t, device), out)
+        if (func in SAME_AS_INPUT or (func is aten._softmax.default and not args[2])) and _floating(args):
+            # the layout elementwise kernels give: the input's strides if it is dense, else contiguous
+            return self._stand_in(torch.empty_like(_meta_like(args[0])), args[0].device)
         if func in IN_PLACE_SAME and _floating(args):
             return args[0]  # its values do not matter here, and it stays the same tensor
-        if func is aten._softmax.default and _floating(args) and not args[2]:  # not half_to_float
-            return _zeros_like(args[0], args[0].device)
         return func(*args, **kwargs)
 
 
