@@ -107,16 +107,29 @@ def match_containers(gm: fx.GraphModule, got: Any, want: Any) -> bool:
 
 
 def snapshot_state(model: nn.Module) -> dict:
-    """Each module's plain attributes before any forward run (to undo what caches a run leaves)."""
-    return {m: {k: v for k, v in vars(m).items() if k not in _MODULE_INTERNALS} for m in model.modules()}
+    """Each module's plain attributes before any forward run (to undo what caches a run leaves), with a shallow
+    copy of the contents of each dict and list among them (caches that a forward fills in place, such as timm's
+    ``attention_bias_cache``)."""
+    return {m: {k: (v, _contents(v)) for k, v in vars(m).items() if k not in _MODULE_INTERNALS}
+            for m in model.modules()}
+
+
+def _contents(value: Any) -> Any:
+    """A shallow copy of a dict's or list's items (None for any other value)."""
+    if type(value) is dict:
+        return dict(value)
+    if type(value) is list:
+        return list(value)
+    return None
 
 
 def restore_state(fused: nn.Module, snapshot: dict) -> None:
     """Put every module of ``fused`` that was in ``snapshot`` back to its state before the runs.
 
     before -> after: ``detect.anchors`` is a float64 tensor cached by a verification run -> the attribute
-    is as it was in the user's model (unset, so the next forward computes it in the model's dtype).
-    Precondition: ``snapshot`` from :func:`snapshot_state` on the same module objects.
+    is as it was in the user's model (unset, so the next forward computes it in the model's dtype); a dict
+    attribute that a run filled in place (``attention_bias_cache["cpu"]``, a float64 tensor) holds again
+    what it held before.  Precondition: ``snapshot`` from :func:`snapshot_state` on the same module objects.
     """
     for module in fused.modules():
         before = snapshot.get(module)
@@ -125,5 +138,22 @@ def restore_state(fused: nn.Module, snapshot: dict) -> None:
         for key in [k for k in vars(module) if k not in _MODULE_INTERNALS]:
             if key not in before:
                 delattr(module, key)
-            elif vars(module)[key] is not before[key]:
-                object.__setattr__(module, key, before[key])
+                continue
+            value, contents = before[key]
+            if vars(module)[key] is not value:
+                object.__setattr__(module, key, value)
+            if contents is not None and _changed(value, contents):
+                value.clear()
+                if type(value) is dict:
+                    value.update(contents)
+                else:
+                    value.extend(contents)
+
+
+def _changed(container: Any, contents: Any) -> bool:
+    """``container`` (a dict or list) no longer holds exactly the objects ``contents`` lists."""
+    if len(container) != len(contents):
+        return True
+    if type(container) is dict:
+        return any(k not in contents or container[k] is not contents[k] for k in container)
+    return any(a is not b for a, b in zip(container, contents, strict=True))

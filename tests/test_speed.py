@@ -1,0 +1,142 @@
+"""What makes a fuse fast must not change what it computes: shapes recorded without arithmetic equal a real run's,
+the fast float64 depthwise convolution equals PyTorch's, the private float64 copy is a faithful copy, and caches
+that the private runs fill in place are emptied again."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from conftest import rel_err
+
+import reparam
+from reparam.float64 import FastFloat64
+from reparam.pipeline import _float64_copy
+from reparam.shape_run import NeedsValues, ShapeRecorder, StandIns, record_shapes
+from reparam.trace import node_shape
+
+
+class Mixed(nn.Module):
+    """Convolutions, a depthwise one, linears, attention, transcendental and cheap elementwise ops, views."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.dw = nn.Conv2d(8, 8, 5, padding=2, groups=8)
+        self.bn = nn.BatchNorm2d(8)
+        self.qkv = nn.Linear(8, 24)
+        self.proj = nn.Linear(8, 8, bias=False)
+
+    def forward(self, x):
+        x = F.gelu(self.bn(self.dw(self.stem(x)))) + x[:, :1].mean()
+        t = x.flatten(2).transpose(1, 2)  # N, HW, C
+        q, k, v = self.qkv(t).chunk(3, dim=-1)
+        a = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
+        return torch.sigmoid(self.proj(a)).softmax(-1) @ t.transpose(1, 2)
+
+
+def _shapes(gm: fx.GraphModule) -> dict:
+    return {n.name: node_shape(n) for n in gm.graph.nodes}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_stand_in_shapes_equal_a_real_run(dtype):
+    model = Mixed().eval().to(dtype)
+    x = torch.randn(2, 3, 16, 12, dtype=dtype)
+    gm = fx.symbolic_trace(model)
+    with torch.no_grad():
+        torch.fx.passes.shape_prop.ShapeProp(gm).propagate(x)
+        real = _shapes(gm)
+        for n in gm.graph.nodes:
+            n.meta.pop("tensor_meta", None)
+        with StandIns():  # no fallback: every op of this graph runs on stand-ins
+            ShapeRecorder(gm).run(x)
+    assert _shapes(gm) == real and sum(s is not None for s in real.values()) >= 15
+
+
+def test_a_value_read_needs_a_real_run():
+    class ReadsAValue(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y[y > 0]  # the output length depends on the convolution's values
+
+    model = ReadsAValue().eval()
+    x = torch.randn(1, 3, 8, 8)
+    gm = fx.symbolic_trace(model)
+    with torch.no_grad(), pytest.raises(NeedsValues), StandIns():
+        gm(x)
+    with torch.no_grad():
+        record_shapes(gm, (x,))  # falls back to a real run: the recorded length is the real one
+        want = model(x).shape
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    assert node_shape(out) == tuple(want)
+
+
+@pytest.mark.parametrize("kernel, stride, padding, dilation, bias", [
+    ((3, 3), (1, 1), (1, 1), (1, 1), True), ((3, 5), (2, 1), (0, 2), (1, 2), False),
+    ((7, 7), (1, 1), (3, 3), (1, 1), True), ((1, 1), (2, 2), (0, 0), (1, 1), True)])
+def test_fast_float64_depthwise_equals_pytorch(kernel, stride, padding, dilation, bias):
+    c = 6
+    x = torch.randn(2, c, 11, 9, dtype=torch.float64)
+    w = torch.randn(c, 1, *kernel, dtype=torch.float64)
+    b = torch.randn(c, dtype=torch.float64) if bias else None
+    want = F.conv2d(x, w, b, stride, padding, dilation, c)
+    with torch.no_grad(), FastFloat64():
+        got = F.conv2d(x, w, b, stride, padding, dilation, c)
+        other = F.conv2d(x.float(), w.float(), None, stride, padding, dilation, c)  # not float64: PyTorch's own
+    assert got.shape == want.shape and got.is_contiguous() and rel_err(got, want) <= 1e-14
+    assert torch.equal(other, F.conv2d(x.float(), w.float(), None, stride, padding, dilation, c))
+
+
+def test_float64_copy_is_a_faithful_private_copy():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.BatchNorm1d(4)).eval()
+    model[2].weight = model[0].weight  # tied
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    work = _float64_copy(model)
+    assert work[2].weight is work[0].weight and work[0].weight is not model[0].weight
+    assert all(t.dtype == torch.float64 for t in work.parameters())
+    assert work[3].num_batches_tracked.dtype == torch.int64
+    with torch.no_grad():
+        work[0].weight.add_(1)
+    assert all(torch.equal(v, model.state_dict()[k]) and v.dtype == before[k].dtype for k, v in before.items())
+
+
+class CachedBias(nn.Module):
+    """Caches a tensor in a dict attribute filled in place during forward, like timm's attention_bias_cache."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.bias = nn.Parameter(torch.randn(3, 1, 1))
+        self.cache = {}
+
+    def forward(self, x):
+        if str(x.device) not in self.cache:
+            self.cache[str(x.device)] = self.bias * 2
+        return self.bn(self.conv(x)) + self.cache[str(x.device)]
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = CachedBias()
+
+    def forward(self, x):
+        if x.sum() > 1e9:  # data-dependent control flow: fused part by part, the block's forward stays eager
+            return x
+        return self.block(x)
+
+
+def test_caches_filled_in_place_by_the_float64_runs_are_emptied():
+    model = Untraceable().eval()
+    x = torch.randn(1, 3, 8, 8)
+    fused = reparam.fuse(model, (x,))
+    assert all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in fused.block.cache.values())
+    with torch.no_grad():
+        assert rel_err(fused(x), model(x)) <= 1e-5
