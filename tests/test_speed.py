@@ -14,7 +14,7 @@ import reparam
 from reparam.float64 import FastFloat64
 from reparam.pipeline import _float64_copy
 from reparam.shape_run import NeedsValues, ShapeRecorder, StandIns, record_shapes
-from reparam.trace import node_shape
+from reparam.match import node_shape
 
 
 class Mixed(nn.Module):
