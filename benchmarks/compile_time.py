@@ -23,6 +23,7 @@ Examples::
     python benchmarks/compile_time.py --models mobileone_s0 --profile 25     # cProfile hot spots
     python benchmarks/compile_time.py --json out.json --plot docs/compile_time.png
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,20 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-TIMM_MODELS = ["repvgg_a0", "repvgg_b0", "mobileone_s0", "mobileone_s1", "fastvit_t8", "fastvit_sa12",
-               "repvit_m0_9", "repvit_m1", "repghostnet_050", "repghostnet_100", "resnet18", "resnet50"]
+TIMM_MODELS = [
+    "repvgg_a0",
+    "repvgg_b0",
+    "mobileone_s0",
+    "mobileone_s1",
+    "fastvit_t8",
+    "fastvit_sa12",
+    "repvit_m0_9",
+    "repvit_m1",
+    "repghostnet_050",
+    "repghostnet_100",
+    "resnet18",
+    "resnet50",
+]
 CHAINS = [25, 50, 100, 200, 400, 1000]
 PHASES = ("copy", "trace", "shapes", "passes", "emit", "recompile", "verify", "other")
 
@@ -108,6 +121,7 @@ class PhaseTimer:
                 self.totals[phase] += dt - nested
                 if self._stack:
                     self._stack[-1] += dt
+
         wrapper.__wrapped__ = fn
         return wrapper
 
@@ -119,9 +133,14 @@ class PhaseTimer:
 
         import torch.fx as fx
 
-        patches = [(trace, "symbolic_trace", "trace"), (trace, "propagate_shapes", "shapes"),
-                   (pipeline, "check_fused", "verify"), (parts, "check_fused", "verify"),
-                   (pipeline, "_check_end_to_end", "verify"), (fx.GraphModule, "recompile", "recompile")]
+        patches = [
+            (trace, "symbolic_trace", "trace"),
+            (trace, "propagate_shapes", "shapes"),
+            (pipeline, "check_fused", "verify"),
+            (parts, "check_fused", "verify"),
+            (pipeline, "_check_end_to_end", "verify"),
+            (fx.GraphModule, "recompile", "recompile"),
+        ]
         collapse = getattr(pipeline, "Collapse", None)
         if collapse is not None and hasattr(collapse, "run"):
             patches.append((collapse, "run", "passes"))
@@ -177,9 +196,13 @@ def timed_fuse(model, inputs, check: bool, profile: int = 0):
 def _trim(report: str) -> str:
     lines = report.splitlines()
     start = next((i for i, line in enumerate(lines) if line.strip().startswith("ncalls")), 0)
-    return "\n".join(line.replace(str(Path(torch.__file__).parent.parent) + "/", "")
-                     .replace(str(Path(__file__).resolve().parent.parent) + "/", "")
-                     for line in lines[start:] if line.strip())
+    return "\n".join(
+        line.replace(str(Path(torch.__file__).parent.parent) + "/", "").replace(
+            str(Path(__file__).resolve().parent.parent) + "/", ""
+        )
+        for line in lines[start:]
+        if line.strip()
+    )
 
 
 def measure(make, inputs, reps: int, check: bool, profile: int, log, label: str) -> dict:
@@ -212,21 +235,26 @@ def markdown(timm_rows: list, chain_rows: list, check: bool) -> str:
         out.append("| model | input | params (M) | fuse (s) | " + " | ".join(PHASES) + " |")
         out.append("|---|---|---:|---:|" + "---:|" * len(PHASES))
         for r in timm_rows:
-            out.append(f"| {r['model']} | {r['input']} | {r['params'] / 1e6:.1f} | {r['seconds']:.2f} | "
-                       f"{_phase_cells(r)} |")
+            out.append(
+                f"| {r['model']} | {r['input']} | {r['params'] / 1e6:.1f} | {r['seconds']:.2f} | {_phase_cells(r)} |"
+            )
     if chain_rows:
         base = chain_rows[0]
         out.append(f"\n#### Synthetic chains of RepVGG-style blocks (check={check}; seconds, median)\n")
         out.append(f"| blocks | fuse (s) | ms / block | × {base['blocks']} blocks | " + " | ".join(PHASES) + " |")
         out.append("|---:|---:|---:|---:|" + "---:|" * len(PHASES))
         for r in chain_rows:
-            out.append(f"| {r['blocks']} | {r['seconds']:.2f} | {r['seconds'] / r['blocks'] * 1e3:.1f} | "
-                       f"{r['seconds'] / base['seconds']:.1f} | {_phase_cells(r)} |")
+            out.append(
+                f"| {r['blocks']} | {r['seconds']:.2f} | {r['seconds'] / r['blocks'] * 1e3:.1f} | "
+                f"{r['seconds'] / base['seconds']:.1f} | {_phase_cells(r)} |"
+            )
         by = {r["blocks"]: r["seconds"] for r in chain_rows}
         if 25 in by and 400 in by:
             ratio = by[400] / by[25]
-            out.append(f"\n400/25 compile-time ratio: {ratio:.1f}× (linear = 16×, target ≤ 24×: "
-                       f"{'met' if ratio <= 24 else 'NOT met'}).")
+            out.append(
+                f"\n400/25 compile-time ratio: {ratio:.1f}× (linear = 16×, target ≤ 24×: "
+                f"{'met' if ratio <= 24 else 'NOT met'})."
+            )
     return "\n".join(out)
 
 
@@ -273,10 +301,20 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=None, help="runs per model (default 1 timm, 3 chains)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--check", default="on", choices=["on", "off"], help="reparam.fuse(check=...)")
-    p.add_argument("--profile", type=int, default=0, metavar="N",
-                   help="cProfile the first fuse of each model and print its top N functions")
-    p.add_argument("--profile-over", type=float, default=None, metavar="S",
-                   help="profile (top 25) only the models whose first fuse took more than S seconds")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="cProfile the first fuse of each model and print its top N functions",
+    )
+    p.add_argument(
+        "--profile-over",
+        type=float,
+        default=None,
+        metavar="S",
+        help="profile (top 25) only the models whose first fuse took more than S seconds",
+    )
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="PNG of the chain scaling (needs matplotlib)")
     p.add_argument("--from-json", default=None, help="re-render tables/plot from a --json file; measure nothing")
@@ -285,8 +323,10 @@ def main(argv=None) -> int:
     if args.from_json:
         data = json.loads(Path(args.from_json).read_text())
         env = data["environment"]
-        print(f"torch {env['torch']}, {env['threads']} thread(s), chains: {env['channels']} channels, "
-              f"{env['hw']}x{env['hw']} input")
+        print(
+            f"torch {env['torch']}, {env['threads']} thread(s), chains: {env['channels']} channels, "
+            f"{env['hw']}x{env['hw']} input"
+        )
         print(markdown(data["timm"], data["chains"], env["check"]))
         if args.plot and data["chains"]:
             plot(data["chains"], args.plot)
@@ -307,6 +347,7 @@ def main(argv=None) -> int:
 
     timm_rows, chain_rows = [], []
     for name in models:
+
         def make(name=name):
             torch.manual_seed(0)
             return timm.create_model(name, pretrained=False).eval()
@@ -332,13 +373,21 @@ def main(argv=None) -> int:
         chain_rows.append(row)
         log(f"  {row['seconds']:.2f} s  " + " ".join(f"{k}={v:.2f}" for k, v in row["phases"].items()))
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), chains: {args.channels} channels, "
-          f"{args.hw}x{args.hw} input")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), chains: {args.channels} channels, "
+        f"{args.hw}x{args.hw} input"
+    )
     print(markdown(timm_rows, chain_rows, check))
     if args.json:
-        env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
-               "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None, "check": check,
-               "channels": args.channels, "hw": args.hw}
+        env = {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "check": check,
+            "channels": args.channels,
+            "hw": args.hw,
+        }
         Path(args.json).write_text(json.dumps({"environment": env, "timm": timm_rows, "chains": chain_rows}, indent=1))
     if args.plot and chain_rows:
         plot(chain_rows, args.plot)

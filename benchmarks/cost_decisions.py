@@ -10,6 +10,7 @@ a fresh cache, so it measures), then times the original, both fused models and t
 ratios, which load on the machine hits alike) and prints a markdown table: what each cost model chose, the
 times, and whether latency picked the single kernel where it is faster and was no slower than macs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,11 +74,17 @@ def run_case(channels: int, size: int, rounds: int, device: str) -> dict:
     single_ratio, latency_ratio = paired_ratio(times[3], times[0]), paired_ratio(times[2], times[1])
     picked_single = convs(by_latency) == 1
     return {
-        "case": f"{channels} ch / {size}x{size}", "macs_convs": convs(by_macs), "latency_convs": convs(by_latency),
-        "original_ms": original, "macs_ms": macs_ms, "latency_ms": latency_ms, "single_ms": single_ms,
+        "case": f"{channels} ch / {size}x{size}",
+        "macs_convs": convs(by_macs),
+        "latency_convs": convs(by_latency),
+        "original_ms": original,
+        "macs_ms": macs_ms,
+        "latency_ms": latency_ms,
+        "single_ms": single_ms,
         "measured": decision and (decision.before_s * 1e3, decision.after_s * 1e3),
         # latency picks the single kernel where it is clearly faster, and keeps three where it is clearly slower
-        "single_ratio": single_ratio, "latency_ratio": latency_ratio,
+        "single_ratio": single_ratio,
+        "latency_ratio": latency_ratio,
         "picks_right": picked_single if single_ratio < 1 - TIE else not picked_single or single_ratio <= 1 + TIE,
         # the same kernels as macs chose are not slower, whatever the clock says
         "not_slower": convs(by_latency) == convs(by_macs) or latency_ratio <= 1 + TIE,
@@ -97,25 +104,35 @@ def parse_case(text: str) -> tuple[int, int]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", nargs="+", type=parse_case, default=[(8, 12), (64, 56)],
-                        metavar="CxS", help="channels x spatial size, e.g. 8x12 64x56 (default)")
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        type=parse_case,
+        default=[(8, 12), (64, 56)],
+        metavar="CxS",
+        help="channels x spatial size, e.g. 8x12 64x56 (default)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=30, help="interleaved timing rounds per case")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"device {args.device}, {args.threads} thread(s), batch 1, {args.rounds} interleaved rounds (medians)\n")
-    print("| block | macs: convs | latency: convs | latency measured (3 convs -> 1) | original | macs | latency "
-          "| single kernel | single / original | latency / macs | latency picks right | latency <= macs |")
+    print(
+        "| block | macs: convs | latency: convs | latency measured (3 convs -> 1) | original | macs | latency "
+        "| single kernel | single / original | latency / macs | latency picks right | latency <= macs |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     ok = True
     for channels, size in args.cases:
         r = run_case(channels, size, args.rounds, args.device)
         measured = "not timed" if not r["measured"] else f"{r['measured'][0]:.3g} -> {r['measured'][1]:.3g} ms"
-        print(f"| {r['case']} | {r['macs_convs']} | {r['latency_convs']} | {measured} | {r['original_ms']:.3g} ms "
-              f"| {r['macs_ms']:.3g} ms | {r['latency_ms']:.3g} ms | {r['single_ms']:.3g} ms "
-              f"| {r['single_ratio']:.2f} | {r['latency_ratio']:.2f} "
-              f"| {'yes' if r['picks_right'] else 'NO'} | {'yes' if r['not_slower'] else 'NO'} |")
+        print(
+            f"| {r['case']} | {r['macs_convs']} | {r['latency_convs']} | {measured} | {r['original_ms']:.3g} ms "
+            f"| {r['macs_ms']:.3g} ms | {r['latency_ms']:.3g} ms | {r['single_ms']:.3g} ms "
+            f"| {r['single_ratio']:.2f} | {r['latency_ratio']:.2f} "
+            f"| {'yes' if r['picks_right'] else 'NO'} | {'yes' if r['not_slower'] else 'NO'} |"
+        )
         ok = ok and r["picks_right"] and r["not_slower"]
     print(f"\nties: within {TIE:.0%}")
     return 0 if ok else 1

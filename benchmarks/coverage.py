@@ -16,6 +16,7 @@ RepViT, GhostNet, LeViT, ...), plus the classic torchvision classification nets.
     python benchmarks/coverage.py --all --out docs/coverage.md --jobs 2
     python benchmarks/coverage.py repvgg_a0 tv:resnet18  # named models (tv: = torchvision)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,17 +50,50 @@ SIZES = (64, 96, 128, 160, 224, 256)  # smallest accepted input side first
 
 # one or two per family: what CI and the default run cover
 SLICE_TIMM = [
-    "repvgg_a0", "repvgg_b1g4", "mobileone_s0", "mobileone_s4", "gernet_s", "resnet51q",
-    "fastvit_t8", "fastvit_sa12", "fastvit_mci0", "repghostnet_050", "repvit_m0_9",
-    "ghostnet_050", "ghostnetv2_100", "ghostnetv3_050", "levit_128s", "levit_conv_128s",
-    "efficientvit_m0", "shvit_s1", "tiny_vit_5m_224", "lcnetv2_small", "nextvit_small",
-    "efficientvim_m1", "iformer_t",
+    "repvgg_a0",
+    "repvgg_b1g4",
+    "mobileone_s0",
+    "mobileone_s4",
+    "gernet_s",
+    "resnet51q",
+    "fastvit_t8",
+    "fastvit_sa12",
+    "fastvit_mci0",
+    "repghostnet_050",
+    "repvit_m0_9",
+    "ghostnet_050",
+    "ghostnetv2_100",
+    "ghostnetv3_050",
+    "levit_128s",
+    "levit_conv_128s",
+    "efficientvit_m0",
+    "shvit_s1",
+    "tiny_vit_5m_224",
+    "lcnetv2_small",
+    "nextvit_small",
+    "efficientvim_m1",
+    "iformer_t",
 ]
 SLICE_TV = [
-    "resnet18", "resnet50", "resnext50_32x4d", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
-    "efficientnet_b0", "efficientnet_v2_s", "regnet_x_400mf", "regnet_y_400mf", "vgg11_bn",
-    "shufflenet_v2_x0_5", "convnext_tiny", "googlenet", "inception_v3", "mnasnet0_5", "densenet121",
-    "squeezenet1_1", "alexnet",
+    "resnet18",
+    "resnet50",
+    "resnext50_32x4d",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "efficientnet_v2_s",
+    "regnet_x_400mf",
+    "regnet_y_400mf",
+    "vgg11_bn",
+    "shufflenet_v2_x0_5",
+    "convnext_tiny",
+    "googlenet",
+    "inception_v3",
+    "mnasnet0_5",
+    "densenet121",
+    "squeezenet1_1",
+    "alexnet",
 ]
 
 
@@ -99,8 +133,11 @@ def timm_families() -> dict:
             module = importlib.import_module(f"timm.models.{module_name}")
         except Exception:  # noqa: BLE001  a sweep over timm's modules: one that does not import has no classes
             continue
-        classes = [c for c in vars(module).values()
-                   if inspect.isclass(c) and issubclass(c, nn.Module) and any(hasattr(c, m) for m in DEPLOY_METHODS)]
+        classes = [
+            c
+            for c in vars(module).values()
+            if inspect.isclass(c) and issubclass(c, nn.Module) and any(hasattr(c, m) for m in DEPLOY_METHODS)
+        ]
         if classes:
             found[module_name] = sorted(names)
     return found
@@ -265,8 +302,14 @@ class Row:
 
     @property
     def exact(self) -> bool:
-        return (not self.error and self.err32 is not None and self.err32 <= FP32_TOL
-                and self.err64 is not None and self.err64 <= FP64_TOL and bool(self.untouched))
+        return (
+            not self.error
+            and self.err32 is not None
+            and self.err32 <= FP32_TOL
+            and self.err64 is not None
+            and self.err64 <= FP64_TOL
+            and bool(self.untouched)
+        )
 
     def vs_timm(self) -> str:
         """'-' no reference, 'beats' fewer conv+BN than the reference deploy path, 'ties', or 'LOSES' (more convs
@@ -287,8 +330,11 @@ def _snapshot(model: nn.Module):
 def _same(model: nn.Module, snap) -> bool:
     training, state = snap
     now = model.state_dict()
-    return model.training == training and now.keys() == state.keys() and all(
-        now[k].dtype == v.dtype and torch.equal(now[k], v) for k, v in state.items())
+    return (
+        model.training == training
+        and now.keys() == state.keys()
+        and all(now[k].dtype == v.dtype and torch.equal(now[k], v) for k, v in state.items())
+    )
 
 
 def measure(name: str, seed: int = 0, max_params: Optional[float] = None) -> Row:
@@ -347,8 +393,10 @@ def _summary(rows: list, ref: str, label: str) -> str:
     mine = [r for r in rows if r.ref == ref and r.vs_timm() != "-"]
     beats = sum(r.vs_timm() == "beats" for r in mine)
     loses = [r.name.removeprefix("tv:") for r in mine if r.vs_timm() == "LOSES"]
-    text = (f"against {label} on the {len(mine)} models it handles: fewer convs+BNs on {beats}, "
-            f"as few on {len(mine) - beats - len(loses)}, more on {len(loses)}")
+    text = (
+        f"against {label} on the {len(mine)} models it handles: fewer convs+BNs on {beats}, "
+        f"as few on {len(mine) - beats - len(loses)}, more on {len(loses)}"
+    )
     return text + (f" ({', '.join(loses)})" if loses else "")
 
 
@@ -363,8 +411,10 @@ def markdown(rows: list, title: str = "", command: str = "", families: Optional[
     lines += [
         f"**{exact}/{len(rows_run)} models fused exactly** (float32 relative error <= {FP32_TOL:g} against the float32 "
         f"original, float64 <= {FP64_TOL:g}, input model untouched); "
-        + _summary(rows, "timm", "timm's own deploy path (`timm.utils.model.reparameterize_model`)") + "; "
-        + _summary(rows, "fx", "PyTorch's conv/BN folding (`torch.fx.experimental.optimization.fuse`)") + "."
+        + _summary(rows, "timm", "timm's own deploy path (`timm.utils.model.reparameterize_model`)")
+        + "; "
+        + _summary(rows, "fx", "PyTorch's conv/BN folding (`torch.fx.experimental.optimization.fuse`)")
+        + "."
         + (f" {len(skipped)} models too large for this machine were skipped." if skipped else ""),
         "",
         "Kernels: executed `aten` ops counted by `reparam.stats.count_kernels`, as `convs/BNs`. Models: random "
@@ -389,7 +439,8 @@ def markdown(rows: list, title: str = "", command: str = "", families: Optional[
         reasons: dict = {}
         for r in losing:
             reasons.setdefault(known_issue(r.name) or r.error or "not yet analysed", []).append(
-                f"`{r.name.removeprefix('tv:')}`")
+                f"`{r.name.removeprefix('tv:')}`"
+            )
         lines += ["Where reparam does worse than the reference, or is not exact:", ""]
         lines += [f"- {', '.join(names)}: {why}." for why, names in reasons.items()]
         lines += [""]
@@ -404,8 +455,10 @@ def markdown(rows: list, title: str = "", command: str = "", families: Optional[
             lines.append(f"| {name} | - | - | - | - | - | - | - | - | - | - | {r.skipped} |")
             continue
         if r.error:
-            lines.append(f"| {name} | {r.source or '-'} | {r.size or '-'} | **error** | - | - | - | - | - | - | - "
-                         f"| {r.error.replace('|', '/')} |")
+            lines.append(
+                f"| {name} | {r.source or '-'} | {r.size or '-'} | **error** | - | - | - | - | - | - | - "
+                f"| {r.error.replace('|', '/')} |"
+            )
             continue
         mark = "yes" if r.exact else "**NO**"
         notes = "; ".join(r.notes)[:240].replace("|", "/")
@@ -414,8 +467,12 @@ def markdown(rows: list, title: str = "", command: str = "", families: Optional[
             f"{_kb(r.after)} | {r.ref or '-'} | {_kb(r.timm)} | {r.vs_timm()} | {r.cpu_s:.1f} ({r.wall_s:.0f}) "
             f"| {notes} |"
         )
-    lines += ["", f"torch {torch.__version__}, {_versions()}, {platform.machine()}; generated by "
-              f"`{command or 'python benchmarks/coverage.py'}`.", ""]
+    lines += [
+        "",
+        f"torch {torch.__version__}, {_versions()}, {platform.machine()}; generated by "
+        f"`{command or 'python benchmarks/coverage.py'}`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -449,18 +506,26 @@ def family_table(rows: list, details: str, command: str) -> str:
         verdicts = [r.vs_timm() for r in ref_rows]
         wall = max((r.wall_s for r in run if r.wall_s is not None), default=None)
         skipped, failed = sum(bool(r.skipped) for r in group), sum(bool(r.error) for r in group)
-        aside = ", ".join(([f"{skipped} too large, skipped"] if skipped else [])
-                          + ([f"{failed} FAILED"] if failed else []))
+        aside = ", ".join(
+            ([f"{skipped} too large, skipped"] if skipped else []) + ([f"{failed} FAILED"] if failed else [])
+        )
         lines.append(
-            f"| {family} | {len(group)}" + (f" ({aside})" if aside else "")
+            f"| {family} | {len(group)}"
+            + (f" ({aside})" if aside else "")
             + f" | {exact}/{len(run)} | {before[0]}/{before[1]} → {after[0]}/{after[1]} | "
             + (f"{ref[0]}/{ref[1]} ({', '.join(refs)}, {len(ref_rows)} models)" if ref_rows else "-")
             + f" | {verdicts.count('beats')} / {verdicts.count('ties')} / {verdicts.count('LOSES')} | "
-            + (f"{wall:.1f}" if wall is not None else "-") + " |")
-    lines += ["", "Fuse time: wall seconds of `reparam.fuse(model, (x,))` with its float64 verification, on the "
-              "smallest square input the model accepts, batch 2. "
-              f"Per-model table: [{details}]({details}); generated by `{command}` "
-              f"(torch {torch.__version__}, {_versions()}).", ""]
+            + (f"{wall:.1f}" if wall is not None else "-")
+            + " |"
+        )
+    lines += [
+        "",
+        "Fuse time: wall seconds of `reparam.fuse(model, (x,))` with its float64 verification, on the "
+        "smallest square input the model accepts, batch 2. "
+        f"Per-model table: [{details}]({details}); generated by `{command}` "
+        f"(torch {torch.__version__}, {_versions()}).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -551,18 +616,30 @@ def measure_parallel(names: list, jobs: int, on_row=None, max_params=None, threa
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", help="model names (tv:NAME for torchvision); default: the slice")
-    parser.add_argument("--all", action="store_true", help="every model of every timm family with a deploy "
-                        "method, and the torchvision classification nets")
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="every model of every timm family with a deploy method, and the torchvision classification nets",
+    )
     parser.add_argument("--out", help="also write the markdown table to this file")
     parser.add_argument("--jobs", type=int, default=1, help="models measured in parallel (one process each)")
-    parser.add_argument("--isolate", action="store_true", help="measure each model in its own process "
-                        "(implied by --jobs > 1)")
-    parser.add_argument("--max-params", type=float, default=150e6, help="skip models with more parameters "
-                        "(float64 copies of giant models exhaust a small machine's memory); default 150e6")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per model (default: all cores "
-                        "with --jobs 1, else 1)")
-    parser.add_argument("--readme", help="also rewrite the per-family summary between the coverage markers "
-                        "of this markdown file (README.md)")
+    parser.add_argument(
+        "--isolate", action="store_true", help="measure each model in its own process (implied by --jobs > 1)"
+    )
+    parser.add_argument(
+        "--max-params",
+        type=float,
+        default=150e6,
+        help="skip models with more parameters "
+        "(float64 copies of giant models exhaust a small machine's memory); default 150e6",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads per model (default: all cores with --jobs 1, else 1)"
+    )
+    parser.add_argument(
+        "--readme",
+        help="also rewrite the per-family summary between the coverage markers of this markdown file (README.md)",
+    )
     parser.add_argument("--list", action="store_true", help="print the model names and exit")
     parser.add_argument("--json", help="also keep the raw rows in this JSON file")
     parser.add_argument("--from-json", help="re-render the table from a --json file instead of measuring")
@@ -574,9 +651,13 @@ def main(argv=None) -> int:
     threads = args.threads or (1 if args.jobs > 1 else os.cpu_count() or 1)
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore")
-    command = "python benchmarks/coverage.py" + (" --all" if args.all else "") + (
-        " " + " ".join(args.models) if args.models else "") + (f" --jobs {args.jobs}" if args.jobs > 1 else "") + (
-        f" --out {args.out}" if args.out else "")
+    command = (
+        "python benchmarks/coverage.py"
+        + (" --all" if args.all else "")
+        + (" " + " ".join(args.models) if args.models else "")
+        + (f" --jobs {args.jobs}" if args.jobs > 1 else "")
+        + (f" --out {args.out}" if args.out else "")
+    )
     if args.from_json:
         with open(args.from_json) as f:
             saved = json.load(f)
@@ -604,11 +685,21 @@ def main(argv=None) -> int:
 
 
 def _progress(row: Row) -> None:
-    status = "exact" if row.exact else (row.skipped or ("ERROR " + row.error) if row.skipped or row.error else
-                                       f"INEXACT {_err(row.err32)}/{_err(row.err64)}")
-    print(f"# {row.name}: {status} {_kb(row.before)} -> {_kb(row.after)} {row.ref or 'ref'} {_kb(row.timm)} "
-          f"{row.vs_timm()} cpu {row.cpu_s or 0:.1f}s wall {row.wall_s or 0:.1f}s {'; '.join(row.notes)[:150]}",
-          file=sys.stderr, flush=True)
+    status = (
+        "exact"
+        if row.exact
+        else (
+            row.skipped or ("ERROR " + row.error)
+            if row.skipped or row.error
+            else f"INEXACT {_err(row.err32)}/{_err(row.err64)}"
+        )
+    )
+    print(
+        f"# {row.name}: {status} {_kb(row.before)} -> {_kb(row.after)} {row.ref or 'ref'} {_kb(row.timm)} "
+        f"{row.vs_timm()} cpu {row.cpu_s or 0:.1f}s wall {row.wall_s or 0:.1f}s {'; '.join(row.notes)[:150]}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

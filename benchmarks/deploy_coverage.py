@@ -21,6 +21,7 @@ every BatchNorm (``torchvision.ops.FrozenBatchNorm2d`` included), small inputs. 
     python benchmarks/deploy_coverage.py --out docs/coverage.md   # rewrite the section between the deploy markers
     python benchmarks/deploy_coverage.py ultralytics:yolov8n.yaml smp:Unet
 """
+
 from __future__ import annotations
 
 import argparse
@@ -132,8 +133,14 @@ def _fcos_resnet18_frozen_bn() -> nn.Module:
     from torchvision.ops import FrozenBatchNorm2d
     from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-    backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, norm_layer=FrozenBatchNorm2d,
-                                   trainable_layers=3, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))
+    backbone = resnet_fpn_backbone(
+        backbone_name="resnet18",
+        weights=None,
+        norm_layer=FrozenBatchNorm2d,
+        trainable_layers=3,
+        returned_layers=[2, 3, 4],
+        extra_blocks=LastLevelP6P7(256, 256),
+    )
     return FCOS(backbone, num_classes=3, min_size=128, max_size=128, score_thresh=1e-3).eval()
 
 
@@ -152,41 +159,123 @@ _HEAD = (("backbone", "output"), ("head", "output"))
 _TV_DET = {"probes": _HEAD, "detections": _torchvision_detections}
 
 CASES = [
-    Case("ultralytics:yolov8n.yaml", "ultralytics", "ultralytics", _ultralytics("yolov8n.yaml"), _images(),
-         peer="ultralytics", slow=False),
-    Case("ultralytics:yolov8n-seg.yaml", "ultralytics", "ultralytics",
-         _ultralytics("yolov8n-seg.yaml", "SegmentationModel"), _images(), peer="ultralytics"),
-    Case("ultralytics:yolov8n-pose.yaml", "ultralytics", "ultralytics", _ultralytics("yolov8n-pose.yaml", "PoseModel"),
-         _images(), peer="ultralytics"),
-    Case("ultralytics:yolo11n.yaml", "ultralytics", "ultralytics", _ultralytics("yolo11n.yaml"), _images(),
-         peer="ultralytics"),
-    Case("ultralytics:yolov9t.yaml", "ultralytics", "ultralytics", _ultralytics("yolov9t.yaml"), _images(),
-         peer="ultralytics"),
-    Case("ultralytics:yolov10n.yaml", "ultralytics", "ultralytics", _ultralytics("yolov10n.yaml"), _images(),
-         peer="ultralytics"),
-    Case("ultralytics:rtdetr-l.yaml", "ultralytics", "ultralytics",
-         _ultralytics("rtdetr-l.yaml", "RTDETRDetectionModel"), _images(), peer="ultralytics",
-         probes=(("model.28", "input"),), detections=_rtdetr_detections),
+    Case(
+        "ultralytics:yolov8n.yaml",
+        "ultralytics",
+        "ultralytics",
+        _ultralytics("yolov8n.yaml"),
+        _images(),
+        peer="ultralytics",
+        slow=False,
+    ),
+    Case(
+        "ultralytics:yolov8n-seg.yaml",
+        "ultralytics",
+        "ultralytics",
+        _ultralytics("yolov8n-seg.yaml", "SegmentationModel"),
+        _images(),
+        peer="ultralytics",
+    ),
+    Case(
+        "ultralytics:yolov8n-pose.yaml",
+        "ultralytics",
+        "ultralytics",
+        _ultralytics("yolov8n-pose.yaml", "PoseModel"),
+        _images(),
+        peer="ultralytics",
+    ),
+    Case(
+        "ultralytics:yolo11n.yaml",
+        "ultralytics",
+        "ultralytics",
+        _ultralytics("yolo11n.yaml"),
+        _images(),
+        peer="ultralytics",
+    ),
+    Case(
+        "ultralytics:yolov9t.yaml",
+        "ultralytics",
+        "ultralytics",
+        _ultralytics("yolov9t.yaml"),
+        _images(),
+        peer="ultralytics",
+    ),
+    Case(
+        "ultralytics:yolov10n.yaml",
+        "ultralytics",
+        "ultralytics",
+        _ultralytics("yolov10n.yaml"),
+        _images(),
+        peer="ultralytics",
+    ),
+    Case(
+        "ultralytics:rtdetr-l.yaml",
+        "ultralytics",
+        "ultralytics",
+        _ultralytics("rtdetr-l.yaml", "RTDETRDetectionModel"),
+        _images(),
+        peer="ultralytics",
+        probes=(("model.28", "input"),),
+        detections=_rtdetr_detections,
+    ),
     Case("smp:Unet", "segmentation_models_pytorch", "segmentation_models_pytorch", _smp("Unet"), _images(), slow=False),
-    *(Case(f"smp:{arch}", "segmentation_models_pytorch", "segmentation_models_pytorch", _smp(arch), _images())
-      for arch in ("FPN", "DeepLabV3Plus", "Linknet", "PSPNet", "UnetPlusPlus")),
-    Case("smp:PAN", "segmentation_models_pytorch", "segmentation_models_pytorch", _smp("PAN"),
-         _images(size=128)),  # its pyramid pools a 64x64 input's 2x2 features to nothing
-    Case("tv:lraspp_mobilenet_v3_large", "torchvision segmentation", "torchvision",
-         _torchvision("lraspp_mobilenet_v3_large"), _images(), slow=False),
-    Case("tv:deeplabv3_mobilenet_v3_large", "torchvision segmentation", "torchvision",
-         _torchvision("deeplabv3_mobilenet_v3_large"), _images()),
+    *(
+        Case(f"smp:{arch}", "segmentation_models_pytorch", "segmentation_models_pytorch", _smp(arch), _images())
+        for arch in ("FPN", "DeepLabV3Plus", "Linknet", "PSPNet", "UnetPlusPlus")
+    ),
+    Case(
+        "smp:PAN", "segmentation_models_pytorch", "segmentation_models_pytorch", _smp("PAN"), _images(size=128)
+    ),  # its pyramid pools a 64x64 input's 2x2 features to nothing
+    Case(
+        "tv:lraspp_mobilenet_v3_large",
+        "torchvision segmentation",
+        "torchvision",
+        _torchvision("lraspp_mobilenet_v3_large"),
+        _images(),
+        slow=False,
+    ),
+    Case(
+        "tv:deeplabv3_mobilenet_v3_large",
+        "torchvision segmentation",
+        "torchvision",
+        _torchvision("deeplabv3_mobilenet_v3_large"),
+        _images(),
+    ),
     Case("tv:fcn_resnet50", "torchvision segmentation", "torchvision", _torchvision("fcn_resnet50"), _images()),
-    Case("tv:ssdlite320_mobilenet_v3_large", "torchvision detection", "torchvision",
-         _torchvision("ssdlite320_mobilenet_v3_large"), _image_list, **_TV_DET, slow=False),
-    Case("tv:fasterrcnn_mobilenet_v3_large_320_fpn", "torchvision detection", "torchvision",
-         _torchvision("fasterrcnn_mobilenet_v3_large_320_fpn"), _image_list,
-         probes=(("backbone", "output"), ("rpn.head", "output")), detections=_torchvision_detections),
-    Case("tv:retinanet_resnet50_fpn", "torchvision detection", "torchvision",
-         _torchvision("retinanet_resnet50_fpn", min_size=128, max_size=128, score_thresh=1e-3), _image_list,
-         **_TV_DET),  # a random head's scores sit near its prior 0.01: the default threshold 0.05 keeps none
-    Case("tv:fcos_resnet18_fpn (FrozenBatchNorm2d)", "torchvision detection", "torchvision", _fcos_resnet18_frozen_bn,
-         _image_list, **_TV_DET),
+    Case(
+        "tv:ssdlite320_mobilenet_v3_large",
+        "torchvision detection",
+        "torchvision",
+        _torchvision("ssdlite320_mobilenet_v3_large"),
+        _image_list,
+        **_TV_DET,
+        slow=False,
+    ),
+    Case(
+        "tv:fasterrcnn_mobilenet_v3_large_320_fpn",
+        "torchvision detection",
+        "torchvision",
+        _torchvision("fasterrcnn_mobilenet_v3_large_320_fpn"),
+        _image_list,
+        probes=(("backbone", "output"), ("rpn.head", "output")),
+        detections=_torchvision_detections,
+    ),
+    Case(
+        "tv:retinanet_resnet50_fpn",
+        "torchvision detection",
+        "torchvision",
+        _torchvision("retinanet_resnet50_fpn", min_size=128, max_size=128, score_thresh=1e-3),
+        _image_list,
+        **_TV_DET,
+    ),  # a random head's scores sit near its prior 0.01: the default threshold 0.05 keeps none
+    Case(
+        "tv:fcos_resnet18_fpn (FrozenBatchNorm2d)",
+        "torchvision detection",
+        "torchvision",
+        _fcos_resnet18_frozen_bn,
+        _image_list,
+        **_TV_DET,
+    ),
 ]
 BY_NAME = {c.name: c for c in CASES}
 
@@ -249,8 +338,9 @@ def run(model: nn.Module, inputs: tuple, probes: tuple = ()) -> tuple[Any, dict]
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise AssertionError(f"{type(model).__name__} has no submodule {name!r} to compare pre-NMS tensors "
-                                 "at") from None
+            raise AssertionError(
+                f"{type(model).__name__} has no submodule {name!r} to compare pre-NMS tensors at"
+            ) from None
         if what == "input":
             hook = lambda m, args, name=name: seen.setdefault(name, clone(args))  # noqa: E731
             handles.append(module.register_forward_pre_hook(hook))
@@ -369,8 +459,11 @@ def kernel_counts(model: nn.Module, inputs: tuple) -> dict:
         warnings.simplefilter("ignore")
         kernels = count_kernels(model, clone(inputs))
         norms = count_norms(model, clone(inputs))
-    return {"conv": kernels["conv"], "norm": norms["batch_norm"] + norms["channel_affine"],
-            "foldable": norms["foldable"]}
+    return {
+        "conv": kernels["conv"],
+        "norm": norms["batch_norm"] + norms["channel_affine"],
+        "foldable": norms["foldable"],
+    }
 
 
 def folding_reference(before: dict) -> dict:
@@ -406,8 +499,13 @@ class Row:
 
     @property
     def exact(self) -> bool:
-        return (not self.error and self.err32 is not None and self.err32 <= FP32_TOL
-                and self.err64 is not None and self.err64 <= FP64_TOL)
+        return (
+            not self.error
+            and self.err32 is not None
+            and self.err32 <= FP32_TOL
+            and self.err64 is not None
+            and self.err64 <= FP64_TOL
+        )
 
 
 def float32_error(case: Case, model: nn.Module, fused: nn.Module, inputs: tuple) -> float:
@@ -491,7 +589,8 @@ def markdown(rows: list, command: str) -> str:
     """The section for docs/coverage.md: one line per model."""
     exact = sum(r.exact for r in rows)
     lines = [
-        "## Detection and segmentation models", "",
+        "## Detection and segmentation models",
+        "",
         f"**{exact}/{len(rows)} fused exactly** (every output tensor within {FP32_TOL:.0e} of the float32 original "
         f"in float32, {FP64_TOL:.0e} of the float64 original in float64, and so are the tensors entering NMS / top-k; "
         "after NMS / top-k, float32 outputs are not compared, float64 detections by what exact score ties cannot "
@@ -500,18 +599,24 @@ def markdown(rows: list, command: str) -> str:
         "channel affines such as FrozenBatchNorm2d). Peer: ultralytics' own `model.fuse()` (its head-branch removal, "
         "which changes the outputs, switched off), else plain conv+BN folding (what "
         "`torch.fx.experimental.optimization.fuse` removes: every norm reading a single-use conv output). Fuse time: "
-        "wall seconds of `reparam.fuse` with its float64 verification, one thread.", "",
+        "wall seconds of `reparam.fuse` with its float64 verification, one thread.",
+        "",
         "| model | family | exact | rel. err fp32 / fp64 | before | after | peer | peer after | fuse s | error |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         mark = "yes" if r.exact else "**NO**"
         fuse = f"{r.fuse_s:.1f}" if r.fuse_s is not None else "-"
-        lines.append(f"| {r.name} | {r.family} | {mark} | {_err(r.err32)} / {_err(r.err64)} | {_counts(r.before)} | "
-                     f"{_counts(r.after)} | {r.peer_label or '-'} | {_counts(r.peer)} | {fuse} | "
-                     f"{r.error.replace('|', '/')} |")
-    lines += ["", f"torch {torch.__version__}, {_coverage()._versions()}, {_package_versions()}; "
-              f"generated by `{command}`.", ""]
+        lines.append(
+            f"| {r.name} | {r.family} | {mark} | {_err(r.err32)} / {_err(r.err64)} | {_counts(r.before)} | "
+            f"{_counts(r.after)} | {r.peer_label or '-'} | {_counts(r.peer)} | {fuse} | "
+            f"{r.error.replace('|', '/')} |"
+        )
+    lines += [
+        "",
+        f"torch {torch.__version__}, {_coverage()._versions()}, {_package_versions()}; generated by `{command}`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -536,9 +641,12 @@ def main(argv=None) -> int:
     for case in cases:
         rows.append(measure(case))
         r = rows[-1]
-        print(f"# {r.name}: {'exact' if r.exact else 'NOT EXACT'} {_err(r.err32)}/{_err(r.err64)} "
-              f"{_counts(r.before)} -> {_counts(r.after)} peer {_counts(r.peer)} {r.error}", file=sys.stderr,
-              flush=True)
+        print(
+            f"# {r.name}: {'exact' if r.exact else 'NOT EXACT'} {_err(r.err32)}/{_err(r.err64)} "
+            f"{_counts(r.before)} -> {_counts(r.after)} peer {_counts(r.peer)} {r.error}",
+            file=sys.stderr,
+            flush=True,
+        )
     table = markdown(rows, "python benchmarks/deploy_coverage.py" + (f" --out {args.out}" if args.out else ""))
     print(table)
     if args.out:

@@ -6,6 +6,7 @@ One thread, batch 1, the three forms timed interleaved (round robin, order alter
 ``nested`` is the same fused model with flattening switched off (its code walks ``self.stages[0].blocks[0]...``),
 ``flat`` what ``reparam.fuse`` returns, ``deploy`` timm's hand-written ``reparameterize_model``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,14 +42,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=60)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(f"{'model':<14} {'nested ms':>10} {'flat ms':>9} {'deploy ms':>10} {'flat/nested':>12} "
-          f"{'nested/deploy':>14} {'flat/deploy':>12}")
+    print(
+        f"{'model':<14} {'nested ms':>10} {'flat ms':>9} {'deploy ms':>10} {'flat/nested':>12} "
+        f"{'nested/deploy':>14} {'flat/deploy':>12}"
+    )
     for name in args.models:
         x, models = forms(name)
         times = interleaved_times_ms(list(models.values()), (x,), warmup=5, rounds=args.rounds, alternate=True)
         nested, flat, deploy = (statistics.median(t) for t in times)
-        print(f"{name:<14} {nested:>10.2f} {flat:>9.2f} {deploy:>10.2f} {flat / nested:>12.3f} "
-              f"{nested / deploy:>14.3f} {flat / deploy:>12.3f}")
+        print(
+            f"{name:<14} {nested:>10.2f} {flat:>9.2f} {deploy:>10.2f} {flat / nested:>12.3f} "
+            f"{nested / deploy:>14.3f} {flat / deploy:>12.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ Examples::
     OMP_NUM_THREADS=1 python benchmarks/fuse_time.py --against /tmp/base --limit 40
     python benchmarks/fuse_time.py --from-json ft.json                     # re-render, measure nothing
 """
+
 from __future__ import annotations
 
 import argparse
@@ -115,9 +116,14 @@ class FusePhases(compile_time.PhaseTimer):
         import reparam.proofs as proofs
         import reparam.verify as verify
 
-        patches = [(pipeline, "record_calls", "record"), (pipeline, "_check_whole", "verify"),
-                   (proofs, "prove", "proof"), (verify, "_noise_floors", "noise"),
-                   (pipeline, "_to_float64", "cast"), (pipeline, "_cast_back", "cast")]
+        patches = [
+            (pipeline, "record_calls", "record"),
+            (pipeline, "_check_whole", "verify"),
+            (proofs, "prove", "proof"),
+            (verify, "_noise_floors", "noise"),
+            (pipeline, "_to_float64", "cast"),
+            (pipeline, "_cast_back", "cast"),
+        ]
 
         @contextlib.contextmanager
         def both():
@@ -187,8 +193,15 @@ def time_one(name: str, profile: int = 0) -> dict:
     phases["other"] = max(seconds - sum(v for k, v in phases.items() if k != "other"), 0.0)
     report = fused.reparam_report
     parts = any("part by part" in n or "one by one" in n for n in report.notes)
-    row.update(status="ok", seconds=seconds, cpu_s=cpu, phases=phases, path="parts" if parts else "whole",
-               error=report.max_rel_error, rewrites=len(report.rewrites))
+    row.update(
+        status="ok",
+        seconds=seconds,
+        cpu_s=cpu,
+        phases=phases,
+        path="parts" if parts else "whole",
+        error=report.max_rel_error,
+        rewrites=len(report.rewrites),
+    )
     if prof:
         import io
         import pstats
@@ -235,11 +248,15 @@ class Worker:
     """A ``--worker`` subprocess importing reparam from ``tree`` (PYTHONPATH first)."""
 
     def __init__(self, tree: str):
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([tree] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
-                   OMP_NUM_THREADS="1")
+        env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join([tree] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
+            OMP_NUM_THREADS="1",
+        )
         self.tree = tree
-        self.proc = subprocess.Popen([sys.executable, __file__, "--worker"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
         self._read()
 
     def _read(self) -> dict:
@@ -267,32 +284,46 @@ def percentile(values: list, q: float) -> float:
     return ordered[max(math.ceil(q * len(ordered)) - 1, 0)]
 
 
-def distribution(rows: list, max_params: float = MAX_PARAMS, groups: Optional[set] = None,
-                 key: str = "seconds") -> Optional[dict]:
+def distribution(
+    rows: list, max_params: float = MAX_PARAMS, groups: Optional[set] = None, key: str = "seconds"
+) -> Optional[dict]:
     """Median, p90, max, share within :data:`TARGET_S` and count above :data:`LIMIT_S` of ``key`` (``seconds``:
     wall clock, ``cpu_s``: the process's CPU time) over the fused models with at most ``max_params`` parameters
     (of ``groups`` only, when given)."""
-    timed = [r for r in rows if r.get("status") == "ok" and r["params"] <= max_params and key in r
-             and (groups is None or r.get("group") in groups)]
+    timed = [
+        r
+        for r in rows
+        if r.get("status") == "ok"
+        and r["params"] <= max_params
+        and key in r
+        and (groups is None or r.get("group") in groups)
+    ]
     if not timed:
         return None
     times = [r[key] for r in timed]
     slowest = max(timed, key=lambda r: r[key])
-    return {"n": len(times), "median": statistics.median(times), "p90": percentile(times, 0.9), "max": max(times),
-            "slowest": slowest["model"], "within_target": sum(t <= TARGET_S for t in times) / len(times),
-            "over_limit": sum(t > LIMIT_S for t in times)}
+    return {
+        "n": len(times),
+        "median": statistics.median(times),
+        "p90": percentile(times, 0.9),
+        "max": max(times),
+        "slowest": slowest["model"],
+        "within_target": sum(t <= TARGET_S for t in times) / len(times),
+        "over_limit": sum(t > LIMIT_S for t in times),
+    }
 
 
 def _summary(d: dict, label: str) -> str:
     met = d["within_target"] >= 0.9 and d["over_limit"] == 0
-    return (f"{label}{d['n']} models: median {d['median']:.2f} s, "
-            f"p90 {d['p90']:.2f} s, max {d['max']:.2f} s ({d['slowest']}); {100 * d['within_target']:.0f} % "
-            f"within {TARGET_S:g} s, {d['over_limit']} above {LIMIT_S:g} s (target: ≥ 90 % and none: "
-            f"{'met' if met else 'NOT met'}).")
+    return (
+        f"{label}{d['n']} models: median {d['median']:.2f} s, "
+        f"p90 {d['p90']:.2f} s, max {d['max']:.2f} s ({d['slowest']}); {100 * d['within_target']:.0f} % "
+        f"within {TARGET_S:g} s, {d['over_limit']} above {LIMIT_S:g} s (target: ≥ 90 % and none: "
+        f"{'met' if met else 'NOT met'})."
+    )
 
 
-def markdown(rows: list, against: Optional[list] = None, max_params: float = MAX_PARAMS,
-             phases: tuple = PHASES) -> str:
+def markdown(rows: list, against: Optional[list] = None, max_params: float = MAX_PARAMS, phases: tuple = PHASES) -> str:
     """The per-model table (with ``against``: the baseline's seconds beside; ``phases``: the phase columns) and
     the distribution line(s)."""
     out = []
@@ -311,8 +342,10 @@ def markdown(rows: list, against: Optional[list] = None, max_params: float = MAX
         if against:
             b = before.get(r["model"], {})
             ok = b.get("status") == "ok"
-            cells += [f"{b['seconds']:.2f}" if ok else b.get("status", "–"), f"{b.get('cpu_s', math.nan):.2f}" if ok
-                      else ""]
+            cells += [
+                f"{b['seconds']:.2f}" if ok else b.get("status", "–"),
+                f"{b.get('cpu_s', math.nan):.2f}" if ok else "",
+            ]
         if r.get("status") != "ok":
             out.append("| " + " | ".join(cells) + f" | {r['status']} |")
             continue
@@ -339,45 +372,66 @@ def markdown(rows: list, against: Optional[list] = None, max_params: float = MAX
 def environment() -> dict:
     import timm
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-            "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "platform": platform.platform(), "processor": latency._cpu_name(), "cpus": os.cpu_count(),
-            "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "platform": platform.platform(),
+        "processor": latency._cpu_name(),
+        "cpus": os.cpu_count(),
+        "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
 
 
 def environment_line(env: dict) -> str:
     load, load_end = env.get("loadavg"), env.get("loadavg_end")
     loads = f"; load average {load[0]:.1f} at the start, {load_end[0]:.1f} at the end" if load and load_end else ""
-    return (f"Measured on {env.get('processor') or env.get('platform')} ({env.get('platform')}, {env.get('cpus')} "
-            f"logical CPUs), 1 thread (OMP_NUM_THREADS={env.get('omp_num_threads')}), one fuse per model and side; "
-            f"Python {env.get('python')}, torch {env.get('torch')}, timm {env.get('timm')}{loads}.")
+    return (
+        f"Measured on {env.get('processor') or env.get('platform')} ({env.get('platform')}, {env.get('cpus')} "
+        f"logical CPUs), 1 thread (OMP_NUM_THREADS={env.get('omp_num_threads')}), one fuse per model and side; "
+        f"Python {env.get('python')}, torch {env.get('torch')}, timm {env.get('timm')}{loads}."
+    )
 
 
 def write_out(path: str, env: dict, rows: list, against: Optional[list]) -> None:
     """The ``fuse-time`` section of the Markdown file ``path`` (see ``latency.write_section``)."""
     tables = markdown(rows, against, env.get("max_params", MAX_PARAMS), phases=("copy", "trace", "shapes", "verify"))
-    latency.write_section(path, "fuse-time", env.get("command", "python benchmarks/fuse_time.py"),
-                          environment_line(env), "\n" + tables, script="fuse_time.py")
+    latency.write_section(
+        path,
+        "fuse-time",
+        env.get("command", "python benchmarks/fuse_time.py"),
+        environment_line(env),
+        "\n" + tables,
+        script="fuse_time.py",
+    )
 
 
 # ------------------------------------------------------------------------------------------------ main
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--models", nargs="+", default=None, help="these timm models instead of the sample")
     p.add_argument("--every", type=int, default=20, help="every k-th name of timm.list_models() (default 20)")
     p.add_argument("--no-families", action="store_true", help="leave the re-parameterizable families out")
     p.add_argument("--max-params", type=float, default=MAX_PARAMS, help="parameter limit (default 60e6)")
     p.add_argument("--limit", type=int, default=None, help="at most this many models (the first of the sample)")
-    p.add_argument("--against", default=None, metavar="DIR",
-                   help="also time reparam imported from DIR, interleaved (before/after)")
+    p.add_argument(
+        "--against", default=None, metavar="DIR", help="also time reparam imported from DIR, interleaved (before/after)"
+    )
     p.add_argument("--profile", type=int, default=0, metavar="N", help="print the top N cProfile entries per model")
     p.add_argument("--json", default=None, help="write rows and the environment here")
-    p.add_argument("--out", default=None, metavar="MD",
-                   help="also write the distribution and a compact table (phases copy, trace, shapes, verify) into "
-                   "this Markdown file's generated section 'fuse-time'")
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="MD",
+        help="also write the distribution and a compact table (phases copy, trace, shapes, verify) into "
+        "this Markdown file's generated section 'fuse-time'",
+    )
     p.add_argument("--from-json", default=None, help="re-render the tables from a --json file; measure nothing")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -403,7 +457,7 @@ def main(argv=None) -> int:
         names = [(n, "given") for n in args.models]
     else:
         names = sample(args.every, not args.no_families, args.max_params, log)
-    names = names[:args.limit] if args.limit else names
+    names = names[: args.limit] if args.limit else names
     log(f"{len(names)} models; torch {env['torch']}, timm {env['timm']}, 1 thread, load {env['loadavg']}")
     rows, against = [], []
     if args.against:
@@ -414,8 +468,10 @@ def main(argv=None) -> int:
                 got = {side: dict(workers[side].time(name), group=group) for side in order}
                 against.append(got["before"])
                 rows.append(got["after"])
-                log(f"{name}: before {got['before'].get('seconds', got['before']['status'])}, "
-                    f"after {got['after'].get('seconds', got['after']['status'])}")
+                log(
+                    f"{name}: before {got['before'].get('seconds', got['before']['status'])}, "
+                    f"after {got['after'].get('seconds', got['after']['status'])}"
+                )
         finally:
             for w in workers.values():
                 w.close()
@@ -433,8 +489,7 @@ def main(argv=None) -> int:
     if args.out:
         write_out(args.out, env, rows, against or None)
     if args.json:
-        Path(args.json).write_text(json.dumps({"environment": env, "rows": rows, "against": against or None},
-                                              indent=1))
+        Path(args.json).write_text(json.dumps({"environment": env, "rows": rows, "against": against or None}, indent=1))
     return 0
 
 

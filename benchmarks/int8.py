@@ -16,6 +16,7 @@
 
 Prints markdown tables (and writes them to ``--out``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -91,17 +92,24 @@ def digits_table(tmp: Path) -> list[str]:
     for equalize in (False, True):
         fused = reparam.fuse(model, (test_x[:2],), equalize=equalize)
         for per_channel in (True, False):
-            for runtime, fn, suffix in (("ONNX Runtime (QDQ)", int8.quantize_onnx, "onnx"),
-                                        ("ExecuTorch (XNNPACK)", int8.quantize_pte, "pte")):
+            for runtime, fn, suffix in (
+                ("ONNX Runtime (QDQ)", int8.quantize_onnx, "onnx"),
+                ("ExecuTorch (XNNPACK)", int8.quantize_pte, "pte"),
+            ):
                 path = tmp / f"digits_{equalize}_{per_channel}.{suffix}"
                 result = fn(fused, calibration, path, per_channel=per_channel, eval_samples=held_out)
                 got = _run_file(path, suffix, held_out)
                 acc = (got.argmax(1) == test_y).double().mean().item()
                 a = result.agreement
-                rows.append(f"| int8, {'equalized' if equalize else 'not equalized'} | {runtime} | "
-                            f"{result.granularity} | {acc:.2%} | {a.top1:.2%} | {a.snr_db:.1f} |")
-    head = ["| model | runtime | weights | held-out accuracy (360 digits) | top-1 agreement with float | "
-            "output SNR vs float, dB |", "|---|---|---|---:|---:|---:|"]
+                rows.append(
+                    f"| int8, {'equalized' if equalize else 'not equalized'} | {runtime} | "
+                    f"{result.granularity} | {acc:.2%} | {a.top1:.2%} | {a.snr_db:.1f} |"
+                )
+    head = [
+        "| model | runtime | weights | held-out accuracy (360 digits) | top-1 agreement with float | "
+        "output SNR vs float, dB |",
+        "|---|---|---|---:|---:|---:|",
+    ]
     return head + rows
 
 
@@ -120,9 +128,12 @@ def _run_file(path: Path, suffix: str, samples: list) -> torch.Tensor:
 
 
 def zoo_table(names: list[str], size: int, tmp: Path) -> list[str]:
-    head = ["| model | equalized | layer pairs (refused) | worst layer per-tensor weight SNR, dB | "
-            "output SNR, int8 weights only (per-tensor), dB | output SNR, ORT int8 per-tensor, dB | "
-            "output SNR, ORT int8 per-channel, dB |", "|---|---|---:|---:|---:|---:|---:|"]
+    head = [
+        "| model | equalized | layer pairs (refused) | worst layer per-tensor weight SNR, dB | "
+        "output SNR, int8 weights only (per-tensor), dB | output SNR, ORT int8 per-tensor, dB | "
+        "output SNR, ORT int8 per-channel, dB |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     rows = []
     g = torch.Generator().manual_seed(0)
     for name in names:
@@ -135,24 +146,39 @@ def zoo_table(names: list[str], size: int, tmp: Path) -> list[str]:
             try:
                 rows.append(_zoo_row(name, model, equalize, x, calibration, evaluate, tmp))
             except Exception as exc:  # noqa: BLE001  one model's failure is a row (with its reason), not the end
-                rows.append(f"| {name} | {'yes' if equalize else 'no'} | failed: {type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0][:120]} | | | | |")
+                rows.append(
+                    f"| {name} | {'yes' if equalize else 'no'} | failed: {type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0][:120]} | | | | |"
+                )
             print(rows[-1], file=sys.stderr, flush=True)
     return head + rows
 
 
-def _zoo_row(name: str, model: nn.Module, equalize: bool, x: torch.Tensor, calibration: calib.Calibration,
-             evaluate: list, tmp: Path) -> str:
+def _zoo_row(
+    name: str,
+    model: nn.Module,
+    equalize: bool,
+    x: torch.Tensor,
+    calibration: calib.Calibration,
+    evaluate: list,
+    tmp: Path,
+) -> str:
     """One row of the zoo table: ``model`` fused without or with equalization, then measured."""
     fused = reparam.fuse(model, (x[:2],), equalize=equalize)
     worst = min(layer.per_tensor_snr_db for layer in quant.analyze_model(fused).layers)
     eq = fused.reparam_report.equalization
     refused = sum("equalization" in r.reason for r in fused.reparam_report.refusals)
     pairs = f"{eq.links} ({refused})" if eq is not None else "–"
-    snrs = [int8.quantize_onnx(fused, calibration, tmp / f"{name.replace(':', '_')}.onnx", per_channel=pc,
-                               eval_samples=evaluate).agreement.snr_db for pc in (False, True)]
-    return (f"| {name} | {'yes' if equalize else 'no'} | {pairs} | {worst:.1f} | "
-            f"{weight_only_snr(fused, x[64:]):.1f} | {snrs[0]:.1f} | {snrs[1]:.1f} |")
+    snrs = [
+        int8.quantize_onnx(
+            fused, calibration, tmp / f"{name.replace(':', '_')}.onnx", per_channel=pc, eval_samples=evaluate
+        ).agreement.snr_db
+        for pc in (False, True)
+    ]
+    return (
+        f"| {name} | {'yes' if equalize else 'no'} | {pairs} | {worst:.1f} | "
+        f"{weight_only_snr(fused, x[64:]):.1f} | {snrs[0]:.1f} | {snrs[1]:.1f} |"
+    )
 
 
 def versions() -> str:
@@ -182,8 +208,11 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     import tempfile
 
-    lines = [f"Measured with `python benchmarks/int8.py {' '.join(argv if argv is not None else sys.argv[1:])}` "
-             f"({versions()}).", ""]
+    lines = [
+        f"Measured with `python benchmarks/int8.py {' '.join(argv if argv is not None else sys.argv[1:])}` "
+        f"({versions()}).",
+        "",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         if args.digits:
             lines += digits_table(Path(tmp)) + [""]

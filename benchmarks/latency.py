@@ -45,6 +45,7 @@ Examples::
     python benchmarks/latency.py --json out.json --plot docs/latency_cpu_b1.png
     python benchmarks/latency.py --from-json out.json --plot docs/latency_cpu_b1.png   # re-render only
 """
+
 from __future__ import annotations
 
 import argparse
@@ -99,23 +100,54 @@ DEPLOY_MODELS = {
     "efficientvim_m1": "EfficientViM",
 }
 # ``--runtimes``: one model per family, every CPU runtime
-RUNTIME_MODELS = ("repvgg_a0", "mobileone_s0", "fastvit_t8", "repghostnet_100", "repvit_m1_0", "efficientvit_m0",
-                  "levit_128s")
+RUNTIME_MODELS = (
+    "repvgg_a0",
+    "mobileone_s0",
+    "fastvit_t8",
+    "repghostnet_100",
+    "repvit_m1_0",
+    "efficientvit_m0",
+    "levit_128s",
+)
 REP_FAMILIES = tuple(dict.fromkeys(f for f in list(MODELS.values()) + list(DEPLOY_MODELS.values()) if f != "ResNet"))
-ALL_VARIANTS = ("train", "fused", "fused_flat", "deploy", "fx_fuse", "ort_train", "ort_fused", "ort_deploy",
-                "et_fused", "et_deploy", "compile_train", "compile_fused", "compile_deploy")
+ALL_VARIANTS = (
+    "train",
+    "fused",
+    "fused_flat",
+    "deploy",
+    "fx_fuse",
+    "ort_train",
+    "ort_fused",
+    "ort_deploy",
+    "et_fused",
+    "et_deploy",
+    "compile_train",
+    "compile_fused",
+    "compile_deploy",
+)
 CPU_DEFAULT = ("train", "fused", "deploy", "fx_fuse", "ort_train", "ort_fused")
 CUDA_DEFAULT = ("train", "fused", "deploy", "fx_fuse", "compile_train", "compile_fused", "compile_deploy")
 PRESETS = {  # --timm-deploy / --runtimes: models, variants, the docs section they regenerate
     "timm_deploy": (tuple(DEPLOY_MODELS), ("fused", "deploy"), "timm-deploy"),
-    "runtimes": (RUNTIME_MODELS, ("train", "fused", "deploy", "compile_train", "ort_fused", "ort_deploy", "et_fused",
-                                  "et_deploy"), "runtimes"),
+    "runtimes": (
+        RUNTIME_MODELS,
+        ("train", "fused", "deploy", "compile_train", "ort_fused", "ort_deploy", "et_fused", "et_deploy"),
+        "runtimes",
+    ),
 }
 LABELS = {
-    "train": "train eager", "fused": "reparam.fuse", "deploy": "timm deploy", "fx_fuse": "fx.fuse",
-    "ort_train": "ORT train", "ort_fused": "ORT fused", "ort_deploy": "ORT deploy",
-    "et_fused": "ExecuTorch fused", "et_deploy": "ExecuTorch deploy",
-    "fused_flat": "fused, flat targets", "compile_train": "compile train", "compile_fused": "compile fused",
+    "train": "train eager",
+    "fused": "reparam.fuse",
+    "deploy": "timm deploy",
+    "fx_fuse": "fx.fuse",
+    "ort_train": "ORT train",
+    "ort_fused": "ORT fused",
+    "ort_deploy": "ORT deploy",
+    "et_fused": "ExecuTorch fused",
+    "et_deploy": "ExecuTorch deploy",
+    "fused_flat": "fused, flat targets",
+    "compile_train": "compile train",
+    "compile_fused": "compile fused",
     "compile_deploy": "compile deploy",
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -127,13 +159,13 @@ class Result:
     family: str
     batch: int
     input_size: list
-    times_ms: dict = field(default_factory=dict)   # variant -> list of per-repetition ms
-    skipped: dict = field(default_factory=dict)    # variant -> reason
-    errors: dict = field(default_factory=dict)     # variant -> relative L2 error vs ``reference``
-    reference: Optional[str] = None                # variant the errors are measured against (train if measured)
-    kernels: dict = field(default_factory=dict)    # variant -> count_kernels dict
-    explain: dict = field(default_factory=dict)    # fused vs deploy evidence (--explain)
-    macs: dict = field(default_factory=dict)       # variant -> MACs
+    times_ms: dict = field(default_factory=dict)  # variant -> list of per-repetition ms
+    skipped: dict = field(default_factory=dict)  # variant -> reason
+    errors: dict = field(default_factory=dict)  # variant -> relative L2 error vs ``reference``
+    reference: Optional[str] = None  # variant the errors are measured against (train if measured)
+    kernels: dict = field(default_factory=dict)  # variant -> count_kernels dict
+    explain: dict = field(default_factory=dict)  # fused vs deploy evidence (--explain)
+    macs: dict = field(default_factory=dict)  # variant -> MACs
     fuse_s: Optional[float] = None
 
     def median(self, v: str) -> Optional[float]:
@@ -379,9 +411,11 @@ def explain(fused: nn.Module, deploy: nn.Module, x: torch.Tensor) -> dict:
             prof.disable()
         st = pstats.Stats(prof)
         calls = {f"{k[0].rsplit('/', 1)[-1]}:{k[2]}": v[1] for k, v in st.stats.items()}
-        out[key] = {"py_calls": st.total_calls,
-                    "module_calls": calls.get("module.py:_call_impl", 0),
-                    "getattr_calls": calls.get("module.py:__getattr__", 0)}
+        out[key] = {
+            "py_calls": st.total_calls,
+            "module_calls": calls.get("module.py:_call_impl", 0),
+            "getattr_calls": calls.get("module.py:__getattr__", 0),
+        }
     out["ops_only_fused"] = dict(ops["fused"] - ops["deploy"])
     out["ops_only_deploy"] = dict(ops["deploy"] - ops["fused"])
     return out
@@ -512,8 +546,10 @@ def markdown_tables(results: list[Result], variants: list, tol: float = 1e-3) ->
             if flat:
                 cells.append(_fmt(r.paired("fused_flat", "fused"), ".3f"))
             if compiled:
-                cells.append(f"{_fmt(r.ratio('compile_fused', 'compile_deploy'), '.3f')} "
-                             f"({_fmt(r.paired('compile_fused', 'compile_deploy'), '.3f')})")
+                cells.append(
+                    f"{_fmt(r.ratio('compile_fused', 'compile_deploy'), '.3f')} "
+                    f"({_fmt(r.paired('compile_fused', 'compile_deploy'), '.3f')})"
+                )
             if "train" in cols:
                 speedup = r.ratio("train", "fused")
                 cells.append(_fmt(speedup, ".2f") + ("×" if speedup else ""))
@@ -527,18 +563,25 @@ def markdown_tables(results: list[Result], variants: list, tol: float = 1e-3) ->
             n = sum(1 for r in rep if r.ratio("fused", "deploy"))
             families = ", ".join(dict.fromkeys(r.family for r in rep if r.ratio("fused", "deploy")))
             over = sum(1 for r in rep if (r.ratio("fused", "deploy") or 0) > 1.05)
-            out.append(f"\nfused/deploy at batch {b} over {n} models ({families}): geometric mean "
-                       f"{g:.3f} (paired {gp:.3f}); worst {worst.ratio('fused', 'deploy'):.3f} ({worst.model}), "
-                       f"worst paired {worst_p.paired('fused', 'deploy'):.3f} ({worst_p.model}); "
-                       f"{over} above 1.05.")
-        for fused_v, deploy_v in (("ort_fused", "ort_deploy"), ("et_fused", "et_deploy"),
-                                  ("compile_fused", "compile_deploy")):
+            out.append(
+                f"\nfused/deploy at batch {b} over {n} models ({families}): geometric mean "
+                f"{g:.3f} (paired {gp:.3f}); worst {worst.ratio('fused', 'deploy'):.3f} ({worst.model}), "
+                f"worst paired {worst_p.paired('fused', 'deploy'):.3f} ({worst_p.model}); "
+                f"{over} above 1.05."
+            )
+        for fused_v, deploy_v in (
+            ("ort_fused", "ort_deploy"),
+            ("et_fused", "et_deploy"),
+            ("compile_fused", "compile_deploy"),
+        ):
             gr = geomean([r.ratio(fused_v, deploy_v) for r in rep])
             if gr is not None:
                 wr = max(rep, key=lambda r, a=fused_v, d=deploy_v: r.ratio(a, d) or 0)
-                out.append(f"{LABELS[fused_v]} / {LABELS[deploy_v]}, geometric mean {gr:.3f} (paired "
-                           f"{geomean([r.paired(fused_v, deploy_v) for r in rep]):.3f}); worst "
-                           f"{wr.ratio(fused_v, deploy_v):.3f} ({wr.model}).")
+                out.append(
+                    f"{LABELS[fused_v]} / {LABELS[deploy_v]}, geometric mean {gr:.3f} (paired "
+                    f"{geomean([r.paired(fused_v, deploy_v) for r in rep]):.3f}); worst "
+                    f"{wr.ratio(fused_v, deploy_v):.3f} ({wr.model})."
+                )
         gf = geomean([r.paired("fused_flat", "fused") for r in rep])
         if gf is not None:
             out.append(f"fused with flat call targets vs fused (paired), geometric mean: {gf:.3f}.")
@@ -547,33 +590,43 @@ def markdown_tables(results: list[Result], variants: list, tol: float = 1e-3) ->
         out.append("\nSkipped: " + "; ".join(f"{m} {LABELS[v]}: {why}" for (m, v), why in sorted(skips.items())))
     bad = [(r.model, r.batch, v, e) for r in results for v, e in r.errors.items() if not e <= tol]
     if bad:
-        out.append(f"\nOutput mismatches (rel. L2 > {tol:g} vs train, or vs deploy when train is not measured): "
-                   + "; ".join(f"{m} b{b} {v}: {e:.1e}" for m, b, v, e in bad))
+        out.append(
+            f"\nOutput mismatches (rel. L2 > {tol:g} vs train, or vs deploy when train is not measured): "
+            + "; ".join(f"{m} b{b} {v}: {e:.1e}" for m, b, v, e in bad)
+        )
     struct = [r for r in results if r.kernels]
     if struct:
         out.append("\n#### What runs (ATen ops per forward pass, from `reparam.stats.count_kernels`)\n")
-        out.append("| model | convs train / fused / deploy / fx.fuse | BNs train / fused / deploy / fx.fuse "
-                   "| adds fused / deploy | ops fused / deploy | GMACs fused / deploy | reparam.fuse (s) "
-                   "| max rel. err fused |")
+        out.append(
+            "| model | convs train / fused / deploy / fx.fuse | BNs train / fused / deploy / fx.fuse "
+            "| adds fused / deploy | ops fused / deploy | GMACs fused / deploy | reparam.fuse (s) "
+            "| max rel. err fused |"
+        )
         out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
         seen = set()
         for r in struct:
             if r.model in seen:
                 continue
             seen.add(r.model)
+
             def trio(key, vs=("train", "fused", "deploy", "fx_fuse"), k=r.kernels):
                 return " / ".join(str(k[v][key]) if v in k else "–" for v in vs)
 
             macs = " / ".join(f"{r.macs[v] / 1e9:.3f}" if v in r.macs else "–" for v in ("fused", "deploy"))
-            out.append(f"| {r.model} | {trio('conv')} | {trio('batch_norm')} | {trio('add', ('fused', 'deploy'))} "
-                       f"| {trio('total', ('fused', 'deploy'))} | {macs} | {_fmt(r.fuse_s, '.1f')} "
-                       f"| {_fmt(r.errors.get('fused'), '.1e')} |")
+            out.append(
+                f"| {r.model} | {trio('conv')} | {trio('batch_norm')} | {trio('add', ('fused', 'deploy'))} "
+                f"| {trio('total', ('fused', 'deploy'))} | {macs} | {_fmt(r.fuse_s, '.1f')} "
+                f"| {_fmt(r.errors.get('fused'), '.1e')} |"
+            )
     expl = [r for r in results if r.explain]
     if expl:
         out.append("\n#### fused vs deploy: what differs per forward pass (`--explain`)\n")
-        out.append("| model | ATen ops only in fused | ATen ops only in deploy | Python calls fused / deploy "
-                   "| Module calls fused / deploy | `Module.__getattr__` fused / deploy |")
+        out.append(
+            "| model | ATen ops only in fused | ATen ops only in deploy | Python calls fused / deploy "
+            "| Module calls fused / deploy | `Module.__getattr__` fused / deploy |"
+        )
         out.append("|---|---|---|---:|---:|---:|")
+
         def ops(d):
             return ", ".join(f"{k}×{v}" for k, v in sorted(d.items())) or "none"
 
@@ -583,8 +636,10 @@ def markdown_tables(results: list[Result], variants: list, tol: float = 1e-3) ->
             def pair(k, e=e):
                 return f"{e['fused'][k]} / {e['deploy'][k]}"
 
-            out.append(f"| {r.model} | {ops(e['ops_only_fused'])} | {ops(e['ops_only_deploy'])} | {pair('py_calls')} "
-                       f"| {pair('module_calls')} | {pair('getattr_calls')} |")
+            out.append(
+                f"| {r.model} | {ops(e['ops_only_fused'])} | {ops(e['ops_only_deploy'])} | {pair('py_calls')} "
+                f"| {pair('module_calls')} | {pair('getattr_calls')} |"
+            )
     return "\n".join(out)
 
 
@@ -603,8 +658,12 @@ def print_rich(results: list[Result], variants: list) -> None:
         for r in rows:
             ratio = r.ratio("fused", "deploy")
             style = "red" if ratio and ratio > 1.10 else ("yellow" if ratio and ratio > 1.03 else "")
-            table.add_row(r.model, *[_fmt(r.median(v)) for v in cols], f"[{style}]{_fmt(ratio, '.3f')}[/]" if style
-                          else _fmt(ratio, ".3f"), _fmt(r.paired("fused", "deploy"), ".3f"))
+            table.add_row(
+                r.model,
+                *[_fmt(r.median(v)) for v in cols],
+                f"[{style}]{_fmt(ratio, '.3f')}[/]" if style else _fmt(ratio, ".3f"),
+                _fmt(r.paired("fused", "deploy"), ".3f"),
+            )
         console.print(table)
 
 
@@ -640,10 +699,18 @@ def plot(results: list[Result], variants: list, path: str, title: str) -> None:
         for k, b in enumerate(batches):
             rows = {r.model: r for r in results if r.batch == b}
             xs = [j + (k - (len(batches) - 1) / 2) * 0.3 for j in range(len(models))]
-            ax.plot(xs, [rows[m].ratio("fused", "deploy") if m in rows else None for m in models], "o",
-                    label=f"median ratio, batch {b}")
-            ax.plot(xs, [rows[m].paired("fused", "deploy") if m in rows else None for m in models], "x",
-                    label=f"paired ratio, batch {b}")
+            ax.plot(
+                xs,
+                [rows[m].ratio("fused", "deploy") if m in rows else None for m in models],
+                "o",
+                label=f"median ratio, batch {b}",
+            )
+            ax.plot(
+                xs,
+                [rows[m].paired("fused", "deploy") if m in rows else None for m in models],
+                "x",
+                label=f"paired ratio, batch {b}",
+            )
         for y, style in ((1.0, "-"), (1.03, "--"), (1.10, ":")):
             ax.axhline(y, color="grey", linestyle=style, linewidth=1)
         ax.set_xticks(range(len(models)))
@@ -697,8 +764,11 @@ def environment(args) -> dict:
 
 
 def _markers(section: str, script: str = "latency.py") -> tuple[str, str]:
-    return (f"<!-- generated by benchmarks/{script}, section {section}: rerun the command below to replace "
-            "everything up to the end marker -->", f"<!-- end of benchmarks/{script} section {section} -->")
+    return (
+        f"<!-- generated by benchmarks/{script}, section {section}: rerun the command below to replace "
+        "everything up to the end marker -->",
+        f"<!-- end of benchmarks/{script} section {section} -->",
+    )
 
 
 def environment_line(env: dict) -> str:
@@ -706,13 +776,15 @@ def environment_line(env: dict) -> str:
     versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "timm", "onnxruntime", "executorch") if env.get(k))
     load = env.get("loadavg")
     load_end = env.get("loadavg_end")
-    loads = (f"; load average {load[0]:.1f} at the start, {load_end[0]:.1f} at the end" if load and load_end else "")
+    loads = f"; load average {load[0]:.1f} at the start, {load_end[0]:.1f} at the end" if load and load_end else ""
     clock = "CPU time of the process per pass" if env.get("clock") == "cpu" else "wall clock per pass"
     where = env.get("gpu") or env.get("processor") or env.get("platform", "")
     cpus = f", {env['cpus']} logical CPUs" if env.get("cpus") else ""
-    return (f"Measured on {where} ({env.get('platform', '')}{cpus}), {env.get('device', 'cpu')} "
-            f"{env.get('dtype', 'fp32')}, {env.get('threads')} thread(s), {env.get('reps')} interleaved repetitions "
-            f"after {env.get('warmup')} warm-up ones, {clock}; Python {env.get('python')}, {versions}{loads}.")
+    return (
+        f"Measured on {where} ({env.get('platform', '')}{cpus}), {env.get('device', 'cpu')} "
+        f"{env.get('dtype', 'fp32')}, {env.get('threads')} thread(s), {env.get('reps')} interleaved repetitions "
+        f"after {env.get('warmup')} warm-up ones, {clock}; Python {env.get('python')}, {versions}{loads}."
+    )
 
 
 def _bold_headings(tables: str) -> str:
@@ -720,17 +792,19 @@ def _bold_headings(tables: str) -> str:
     return re.sub(r"^#### (.+)$", r"**\1**", tables, flags=re.M)
 
 
-def write_section(path: str, section: str, command: str, env_line: str, tables: str,
-                  script: str = "latency.py") -> None:
+def write_section(
+    path: str, section: str, command: str, env_line: str, tables: str, script: str = "latency.py"
+) -> None:
     """Replace the generated ``section`` of the Markdown file ``path`` (between its markers; appended at the end
     when the file has none) with the command, ``env_line`` (where and how it was measured) and ``tables``."""
     start, end = _markers(section, script)
-    body = (f"{start}\n\n<!-- doc-test: slow -->\n```bash\n{command}\n```\n\n{env_line}\n"
-            f"{_bold_headings(tables)}\n\n{end}")
+    body = (
+        f"{start}\n\n<!-- doc-test: slow -->\n```bash\n{command}\n```\n\n{env_line}\n{_bold_headings(tables)}\n\n{end}"
+    )
     doc = Path(path)
     text = doc.read_text(encoding="utf-8") if doc.exists() else ""
     if start in text and end in text:
-        text = text[:text.index(start)] + body + text[text.index(end) + len(end):]
+        text = text[: text.index(start)] + body + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip("\n") + ("\n\n" if text else "") + body + "\n"
     doc.write_text(text, encoding="utf-8")
@@ -742,8 +816,11 @@ def command_line(argv: Optional[list], script: str = "latency.py") -> str:
     import shlex
 
     args = sys.argv[1:] if argv is None else list(argv)
-    kept = [a for i, a in enumerate(args) if a not in ("--json", "--from-json")
-            and (i == 0 or args[i - 1] not in ("--json", "--from-json"))]
+    kept = [
+        a
+        for i, a in enumerate(args)
+        if a not in ("--json", "--from-json") and (i == 0 or args[i - 1] not in ("--json", "--from-json"))
+    ]
     return f"python benchmarks/{script} " + " ".join(shlex.quote(a) for a in kept)
 
 
@@ -751,42 +828,76 @@ def command_line(argv: Optional[list], script: str = "latency.py") -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=None, help="timm model names (default: the %d of MODELS, or the "
-                   "preset's)" % len(MODELS))
-    p.add_argument("--timm-deploy", action="store_true",
-                   help="the judged comparison: reparam.fuse vs timm's hand-written deploy model on the %d models of "
-                   "DEPLOY_MODELS, interleaved (variants fused,deploy; 30 reps)" % len(DEPLOY_MODELS))
-    p.add_argument("--runtimes", action="store_true",
-                   help="one model per family on every CPU runtime: eager, torch.compile of the training-time model, "
-                   "ONNX Runtime and ExecuTorch/XNNPACK of fused and deploy")
-    p.add_argument("--clock", default="wall", choices=list(CLOCKS),
-                   help="wall (default) or cpu: the process's CPU time per pass (what a pass costs on a machine "
-                   "shared with other jobs; CUDA always uses wall)")
-    p.add_argument("--out", default=None, metavar="MD",
-                   help="also write the tables into this Markdown file, replacing its generated section (--section)")
-    p.add_argument("--section", default=None,
-                   help="name of the generated section --out replaces (default: the preset's, else 'latency')")
-    p.add_argument("--batch", nargs="+", type=int, default=[1],
-                   help="batch sizes (default 1; add 64 for the large batch)")
-    p.add_argument("--reps", type=int, default=None, help="interleaved timed repetitions (default 20; 30 with "
-                   "--timm-deploy)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        help="timm model names (default: the %d of MODELS, or the preset's)" % len(MODELS),
+    )
+    p.add_argument(
+        "--timm-deploy",
+        action="store_true",
+        help="the judged comparison: reparam.fuse vs timm's hand-written deploy model on the %d models of "
+        "DEPLOY_MODELS, interleaved (variants fused,deploy; 30 reps)" % len(DEPLOY_MODELS),
+    )
+    p.add_argument(
+        "--runtimes",
+        action="store_true",
+        help="one model per family on every CPU runtime: eager, torch.compile of the training-time model, "
+        "ONNX Runtime and ExecuTorch/XNNPACK of fused and deploy",
+    )
+    p.add_argument(
+        "--clock",
+        default="wall",
+        choices=list(CLOCKS),
+        help="wall (default) or cpu: the process's CPU time per pass (what a pass costs on a machine "
+        "shared with other jobs; CUDA always uses wall)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="MD",
+        help="also write the tables into this Markdown file, replacing its generated section (--section)",
+    )
+    p.add_argument(
+        "--section",
+        default=None,
+        help="name of the generated section --out replaces (default: the preset's, else 'latency')",
+    )
+    p.add_argument(
+        "--batch", nargs="+", type=int, default=[1], help="batch sizes (default 1; add 64 for the large batch)"
+    )
+    p.add_argument(
+        "--reps", type=int, default=None, help="interleaved timed repetitions (default 20; 30 with --timm-deploy)"
+    )
     p.add_argument("--warmup", type=int, default=3, help="untimed interleaved repetitions first (default 3)")
     p.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime intra-op threads (default 1)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     p.add_argument("--channels-last", action="store_true", help="models and inputs in channels_last")
-    p.add_argument("--variants", default=None,
-                   help="comma-separated subset of %s (default: %s on CPU, %s on CUDA)"
-                   % (",".join(ALL_VARIANTS), ",".join(CPU_DEFAULT), ",".join(CUDA_DEFAULT)))
+    p.add_argument(
+        "--variants",
+        default=None,
+        help="comma-separated subset of %s (default: %s on CPU, %s on CUDA)"
+        % (",".join(ALL_VARIANTS), ",".join(CPU_DEFAULT), ",".join(CUDA_DEFAULT)),
+    )
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's default)")
     p.add_argument("--size", type=int, default=None, help="override the input resolution (quick runs)")
-    p.add_argument("--explain", action="store_true",
-                   help="also compare fused and deploy op by op and count Python calls (load-independent)")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="also compare fused and deploy op by op and count Python calls (load-independent)",
+    )
     p.add_argument("--no-structure", action="store_true", help="skip the kernel/MAC count table")
-    p.add_argument("--tolerance", type=float, default=None,
-                   help="warn when a variant's output differs more than this from train's (1e-3 fp32, 3e-2 fp16/bf16)")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="warn when a variant's output differs more than this from train's (1e-3 fp32, 3e-2 fp16/bf16)",
+    )
     p.add_argument("--format", default="markdown", choices=["markdown", "rich"])
     p.add_argument("--json", default=None, help="write raw per-repetition times and the environment here")
     p.add_argument("--plot", default=None, help="write a bar chart (PNG; needs matplotlib)")
@@ -837,8 +948,10 @@ def main(argv=None) -> int:
         warnings.filterwarnings("ignore", category=UserWarning)
         env = environment(args)
         env["command"] = command_line(argv)
-        log(f"torch {env['torch']}, {args.threads} thread(s), device {args.device} {args.dtype}"
-            f"{' channels_last' if args.channels_last else ''}, load average {env['loadavg']}")
+        log(
+            f"torch {env['torch']}, {args.threads} thread(s), device {args.device} {args.dtype}"
+            f"{' channels_last' if args.channels_last else ''}, load average {env['loadavg']}"
+        )
         results = []
         for name in args.models:
             log(f"{name}:")
@@ -846,8 +959,9 @@ def main(argv=None) -> int:
         variants = args.variants
         env["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     if args.json and not args.from_json:
-        Path(args.json).write_text(json.dumps({"environment": env, "variants": variants,
-                                               "results": [asdict(r) for r in results]}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"environment": env, "variants": variants, "results": [asdict(r) for r in results]}, indent=1)
+        )
     if args.format == "rich":
         print_rich(results, variants)
     tol = args.tolerance if not args.from_json else (1e-3 if env.get("dtype", "fp32") == "fp32" else 3e-2)
@@ -857,8 +971,10 @@ def main(argv=None) -> int:
         write_section(args.out, args.section, env.get("command") or command_line(argv), environment_line(env), tables)
         log(f"wrote section {args.section} of {args.out}")
     if args.plot:
-        title = args.title or (f"{env.get('device', 'cpu')} {env.get('dtype', 'fp32')}, {env.get('threads')} thread(s)"
-                               f"{', channels_last' if env.get('channels_last') else ''}")
+        title = args.title or (
+            f"{env.get('device', 'cpu')} {env.get('dtype', 'fp32')}, {env.get('threads')} thread(s)"
+            f"{', channels_last' if env.get('channels_last') else ''}"
+        )
         plot(results, variants, args.plot, title)
         log(f"wrote {args.plot}")
     return 0

@@ -5,6 +5,7 @@
 The explicit split-transform-merge block (n paths of 1x1 -> 3x3 -> 1x1) is written the readable way;
 `reparam.fuse` turns it into 1x1 -> grouped 3x3 -> 1x1.  Prints a markdown table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,9 +21,15 @@ class Path(nn.Module):
     def __init__(self, channels: int, width: int, stride: int):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(channels, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, channels, 1, bias=False), nn.BatchNorm2d(channels))
+            nn.Conv2d(channels, width, 1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, channels, 1, bias=False),
+            nn.BatchNorm2d(channels),
+        )
 
     def forward(self, x):
         return self.body(x)
@@ -47,8 +54,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     model = MultiPathBlock(args.channels, args.width, args.paths).eval()
     x = torch.randn(1, args.channels, args.size, args.size)
-    variants = {"multi-path (train form)": model, "reparam.fuse (grouped)": reparam.fuse(model, (x,)),
-                "reparam.fuse remove_residuals": reparam.fuse(model, (x,), remove_residuals=True)}
+    variants = {
+        "multi-path (train form)": model,
+        "reparam.fuse (grouped)": reparam.fuse(model, (x,)),
+        "reparam.fuse remove_residuals": reparam.fuse(model, (x,), remove_residuals=True),
+    }
     latency = stats.latencies_ms(list(variants.values()), (x,), warmup=3, repeats=args.repeats)
     print(f"block: {args.paths} paths x width {args.width}, {args.channels} channels, input {args.size}x{args.size}\n")
     print("| variant | convs | adds | GMACs | latency (ms) |")

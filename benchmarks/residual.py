@@ -5,6 +5,7 @@
 Prints a markdown table: params, MACs, convs/adds executed and median latency (interleaved, batch 1,
 eager CPU) for the original model, `reparam.fuse` and `reparam.fuse(remove_residuals=True)`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,13 +32,18 @@ def main(argv=None) -> None:
     print("|---|---|---:|---:|---:|---:|---:|")
     for name in args.models.split(","):
         model = getattr(torchvision.models, name)().eval()
-        variants = {"original": model, "fused": reparam.fuse(model, (x,)),
-                    "plain (remove_residuals)": reparam.fuse(model, (x,), remove_residuals=True)}
+        variants = {
+            "original": model,
+            "fused": reparam.fuse(model, (x,)),
+            "plain (remove_residuals)": reparam.fuse(model, (x,), remove_residuals=True),
+        }
         latency = stats.latencies_ms(list(variants.values()), (x,), warmup=3, repeats=args.repeats)
         for (label, m), ms in zip(variants.items(), latency, strict=True):
             k = stats.count_kernels(m, (x,))
-            print(f"| {name} | {label} | {stats.count_params(m) / 1e6:.2f} | {stats.count_macs(m, (x,)) / 1e9:.2f} "
-                  f"| {k['conv']} | {k['add']} | {ms:.2f} |")
+            print(
+                f"| {name} | {label} | {stats.count_params(m) / 1e6:.2f} | {stats.count_macs(m, (x,)) / 1e9:.2f} "
+                f"| {k['conv']} | {k['add']} | {ms:.2f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -105,7 +105,9 @@ def main() -> None:
     parser.add_argument("--load", type=Path, help="skip training and load this state dict")
     parser.add_argument("--save", type=Path, help="save the trained state dict here")
     parser.add_argument(
-        "--threads", type=int, default=1,
+        "--threads",
+        type=int,
+        default=1,
         help="CPU threads (default 1: the net is too small to split, and a fixed count keeps training reproducible)",
     )
     args = parser.parse_args()

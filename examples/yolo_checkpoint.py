@@ -7,6 +7,7 @@ The checkpoint is laid out as ultralytics' trainer saves ``runs/detect/train/wei
 ``ema`` entry is the pickled model in float16 with its hyperparameters attached, ``model`` None, ``train_args``.
 BatchNorm statistics are randomised so that folding them is not trivial.  Needs ``pip install ultralytics``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,13 @@ def build(cfg: str, imgsz: int) -> torch.nn.Module:
     from ultralytics.nn import tasks
 
     task = guess_model_task(yaml_model_load(cfg))
-    model_class = {"detect": tasks.DetectionModel, "segment": tasks.SegmentationModel, "pose": tasks.PoseModel,
-                   "obb": tasks.OBBModel, "classify": tasks.ClassificationModel}[task]
+    model_class = {
+        "detect": tasks.DetectionModel,
+        "segment": tasks.SegmentationModel,
+        "pose": tasks.PoseModel,
+        "obb": tasks.OBBModel,
+        "classify": tasks.ClassificationModel,
+    }[task]
     torch.manual_seed(0)
     model = model_class(cfg, verbose=False)
     g = torch.Generator().manual_seed(0)
@@ -48,9 +54,21 @@ def main() -> None:
     if args.state_dict:
         torch.save(model.state_dict(), args.out)
     else:
-        torch.save({"epoch": -1, "best_fitness": None, "model": None, "ema": copy.deepcopy(model).half(),
-                    "updates": 0, "optimizer": None, "train_args": dict(vars(model.args)),
-                    "train_metrics": {}, "date": None, "version": None}, args.out)
+        torch.save(
+            {
+                "epoch": -1,
+                "best_fitness": None,
+                "model": None,
+                "ema": copy.deepcopy(model).half(),
+                "updates": 0,
+                "optimizer": None,
+                "train_args": dict(vars(model.args)),
+                "train_metrics": {},
+                "date": None,
+                "version": None,
+            },
+            args.out,
+        )
     print(f"wrote {args.out} ({args.cfg}, random weights)")
 
 

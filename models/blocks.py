@@ -436,8 +436,9 @@ class StagedClassifier(nn.Module):
 
     num_stages: int
 
-    def _add_stages(self, stem: nn.Module, stem_width: int, rows: Sequence[tuple], make_stage: StageMaker,
-                    num_classes: int) -> None:
+    def _add_stages(
+        self, stem: nn.Module, stem_width: int, rows: Sequence[tuple], make_stage: StageMaker, num_classes: int
+    ) -> None:
         """``stem`` as ``stage0``; ``nn.Sequential(*make_stage(i, channels, row)[0])`` as ``stage{i}`` for each row
         of ``rows`` (``channels``: the previous stage's output, ``stem_width`` for the first); then ``gap`` and a
         ``linear`` classifier on the last stage's output channels."""
@@ -456,4 +457,3 @@ class StagedClassifier(nn.Module):
             x = getattr(self, f"stage{index}")(x)
         x = self.gap(x)
         return self.linear(torch.flatten(x, 1))
-

@@ -80,9 +80,7 @@ def official_mobileone(
     """An official MobileOne configuration: depths ``[2, 8, 10, 1]``, widths ``64·w1, 128·w2, 256·w3, 512·w4``."""
     widths = official_widths(multipliers)
     se_units = [0, 0, DEPTHS[2] // 2, DEPTHS[3]] if use_se else None
-    return MobileOne(
-        DEPTHS, widths, num_classes, num_conv_branches=num_conv_branches, se_units=se_units, **kwargs
-    )
+    return MobileOne(DEPTHS, widths, num_classes, num_conv_branches=num_conv_branches, se_units=se_units, **kwargs)
 
 
 # registry name -> (width multipliers, conv branches, squeeze-excitation)
@@ -100,7 +98,11 @@ SE_CONVS = 2 * 2 * (DEPTHS[2] // 2 + DEPTHS[3])  # with squeeze-excitation: 2 bl
 
 for _name, (_multipliers, _branches, _use_se) in OFFICIAL_CONFIGS.items():
     _variant = _name.split("_")[1]
-    register_variant(_name, f"MobileOne-{_variant.upper()}, training-time form "
-                     f"(``mobileone_{_variant}_unfused.pth.tar`` keys).", partial(official_mobileone, _multipliers),
-                     num_conv_branches=_branches, use_se=_use_se,
-                     deploy_convs=PLAIN_CONVS + (SE_CONVS if _use_se else 0))
+    register_variant(
+        _name,
+        f"MobileOne-{_variant.upper()}, training-time form (``mobileone_{_variant}_unfused.pth.tar`` keys).",
+        partial(official_mobileone, _multipliers),
+        num_conv_branches=_branches,
+        use_se=_use_se,
+        deploy_convs=PLAIN_CONVS + (SE_CONVS if _use_se else 0),
+    )

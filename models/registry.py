@@ -59,8 +59,9 @@ def register(
     return decorate
 
 
-def register_variant(name: str, doc: str, build: Callable[..., nn.Module], *, deploy_convs: int,
-                     **options: Any) -> None:
+def register_variant(
+    name: str, doc: str, build: Callable[..., nn.Module], *, deploy_convs: int, **options: Any
+) -> None:
     """Register one named configuration of a family's builder: ``name`` builds
     ``build(num_classes, **options, **kwargs)`` (``build`` is, say, ``official_repvgg`` with its depths and widths
     bound), ``doc`` is its docstring (the first line is its description) and ``deploy_convs`` goes to

@@ -110,10 +110,15 @@ OFFICIAL_CONFIGS = {
 
 
 for _name, (_official, _depths, _multipliers, _groups, _use_se) in OFFICIAL_CONFIGS.items():
-    register_variant(_name, f"{_official}, training-time form (official layout, ``{_official}-train.pth`` keys).",
-                     partial(official_repvgg, _depths, _multipliers), groups=_groups, use_se=_use_se,
-                     # squeeze-excitation adds two 1x1 convs to every block
-                     deploy_convs=(3 if _use_se else 1) * (1 + sum(_depths)))
+    register_variant(
+        _name,
+        f"{_official}, training-time form (official layout, ``{_official}-train.pth`` keys).",
+        partial(official_repvgg, _depths, _multipliers),
+        groups=_groups,
+        use_se=_use_se,
+        # squeeze-excitation adds two 1x1 convs to every block
+        deploy_convs=(3 if _use_se else 1) * (1 + sum(_depths)),
+    )
 
 
 DIGITS_DEPTHS = (2, 2)

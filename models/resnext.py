@@ -31,12 +31,16 @@ class ResNeXtPath(nn.Module):
 class MultiPathBottleneck(nn.Module):
     """``relu(sum_i path_i(x) + shortcut(x))`` with ``cardinality`` paths of ``width`` channels."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, cardinality: int = 8,
-                 width: int = 4) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: int = 1, cardinality: int = 8, width: int = 4
+    ) -> None:
         super().__init__()
         self.paths = nn.ModuleList(ResNeXtPath(in_channels, width, out_channels, stride) for _ in range(cardinality))
-        self.shortcut = (ConvBN(in_channels, out_channels, 1, stride)
-                         if stride != 1 or in_channels != out_channels else nn.Identity())
+        self.shortcut = (
+            ConvBN(in_channels, out_channels, 1, stride)
+            if stride != 1 or in_channels != out_channels
+            else nn.Identity()
+        )
         self.act = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,15 +53,16 @@ class MultiPathBottleneck(nn.Module):
 class MultiPathResNeXt(nn.Module):
     """A small ResNeXt: stem, three stages of multi-path bottlenecks, global pool, linear head."""
 
-    def __init__(self, num_classes: int = 1000, widths=(64, 128, 256), depths=(1, 1, 1), cardinality: int = 8,
-                 width: int = 4) -> None:
+    def __init__(
+        self, num_classes: int = 1000, widths=(64, 128, 256), depths=(1, 1, 1), cardinality: int = 8, width: int = 4
+    ) -> None:
         super().__init__()
         self.stem = ConvBN(3, 32, 3, 2, activation=nn.ReLU())
         blocks, channels = [], 32
         for i, (out, depth) in enumerate(zip(widths, depths, strict=True)):  # one width and one depth per stage
             for j in range(depth):
                 stride = 2 if j == 0 and i > 0 else 1
-                blocks.append(MultiPathBottleneck(channels, out, stride, cardinality, width * 2 ** i))
+                blocks.append(MultiPathBottleneck(channels, out, stride, cardinality, width * 2**i))
                 channels = out
         self.blocks = nn.Sequential(*blocks)
         self.pool = nn.AdaptiveAvgPool2d(1)

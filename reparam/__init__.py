@@ -8,16 +8,37 @@ The compiler (:mod:`reparam.pipeline`, :mod:`reparam.equalization`: they need to
 its names, so that
 ``import reparam`` — and ``reparam --help`` — stay fast.
 """
+
 from .errors import EquivalenceError, ReparamError
 from .report import Report
 
-__all__ = ["fuse", "equalize", "fuse_with_report", "explain", "Report", "ReparamError", "EquivalenceError",
-           "TrainingModeWarning", "VerificationSkippedWarning", "MacCost", "LatencyCost", "LatencyCache"]
+__all__ = [
+    "fuse",
+    "equalize",
+    "fuse_with_report",
+    "explain",
+    "Report",
+    "ReparamError",
+    "EquivalenceError",
+    "TrainingModeWarning",
+    "VerificationSkippedWarning",
+    "MacCost",
+    "LatencyCost",
+    "LatencyCache",
+]
 __version__ = "0.1.0"
 
-_LAZY = {"fuse": "pipeline", "fuse_with_report": "pipeline", "explain": "pipeline", "TrainingModeWarning": "pipeline",
-         "VerificationSkippedWarning": "pipeline", "equalize": "equalization", "MacCost": "cost", "LatencyCost": "cost",
-         "LatencyCache": "latency_cache"}
+_LAZY = {
+    "fuse": "pipeline",
+    "fuse_with_report": "pipeline",
+    "explain": "pipeline",
+    "TrainingModeWarning": "pipeline",
+    "VerificationSkippedWarning": "pipeline",
+    "equalize": "equalization",
+    "MacCost": "cost",
+    "LatencyCost": "cost",
+    "LatencyCache": "latency_cache",
+}
 
 
 def __getattr__(name: str):

@@ -11,6 +11,7 @@ the caller leaves that part of the graph exact and unmerged.
 
 Weights are expected in float64 (the pipeline folds on a float64 copy of the model).
 """
+
 from __future__ import annotations
 
 import math
@@ -241,8 +242,7 @@ def identity(channels: int, layout: Layout, dtype=torch.float64, device=None) ->
 
 def channelwise(scale: torch.Tensor, shift: torch.Tensor | None, layout: Layout) -> Affine:
     """``y = scale[c] * x + shift[c]`` (BatchNorm, layer scale, per-channel bias)."""
-    return _unit(layout, scale.numel(), scale.reshape(-1), None if shift is None else shift.reshape(-1),
-                 Kind.DIAGONAL)
+    return _unit(layout, scale.numel(), scale.reshape(-1), None if shift is None else shift.reshape(-1), Kind.DIAGONAL)
 
 
 def batchnorm(mean, var, weight, bias, eps: float, layout: Layout) -> Affine:
@@ -381,17 +381,22 @@ def _align(branches: Sequence[Affine], same_input: bool = True) -> _Grid:
     lo = tuple(max(a.pad_lo[i] for a in branches) for i in range(nd))
     offsets = [tuple(lo[i] - a.pad_lo[i] for i in range(nd)) for a in branches]
     extent = tuple(max(o[i] + a.extent[i] for o, a in zip(offsets, branches, strict=True)) for i in range(nd))
-    dil = tuple(reduce(math.gcd, [a.dilation[i] for a in branches if a.kernel[i] > 1] + [o[i] for o in offsets], 0)
-                or 1 for i in range(nd))
+    dil = tuple(
+        reduce(math.gcd, [a.dilation[i] for a in branches if a.kernel[i] > 1] + [o[i] for o in offsets], 0) or 1
+        for i in range(nd)
+    )
     kernel = tuple((e - 1) // d + 1 for e, d in zip(extent, dil, strict=True))
     hi = tuple(right[0][i] + extent[i] - 1 - lo[i] for i in range(nd))
     groups = reduce(math.gcd, [a.groups for a in branches])
-    geometry = dict(stride=first.stride, pad_lo=lo, pad_hi=hi, dilation=dil, groups=groups,
-                    layout=first.layout, padding_mode=mode)
-    return _Grid(geometry, kernel,
-                 [tuple(o // d for o, d in zip(off, dil, strict=True)) for off in offsets],
-                 [tuple(ad // d if k > 1 else 1 for ad, d, k in zip(a.dilation, dil, a.kernel, strict=True))
-                  for a in branches])
+    geometry = dict(
+        stride=first.stride, pad_lo=lo, pad_hi=hi, dilation=dil, groups=groups, layout=first.layout, padding_mode=mode
+    )
+    return _Grid(
+        geometry,
+        kernel,
+        [tuple(o // d for o, d in zip(off, dil, strict=True)) for off in offsets],
+        [tuple(ad // d if k > 1 else 1 for ad, d, k in zip(a.dilation, dil, a.kernel, strict=True)) for a in branches],
+    )
 
 
 def _scatter_diagonal(weight: torch.Tensor, a: Affine, groups: int, offset: tuple) -> None:
@@ -412,7 +417,8 @@ def _on_grid(a: Affine, grid: _Grid, offset: tuple, step: tuple, groups: int) ->
 def _accumulate(weight: torch.Tensor, a: Affine, offset: tuple, step: tuple, groups: int) -> None:
     """``weight[taps of a] += a`` in place, without building ``a`` on the full kernel."""
     index = (slice(None), slice(None)) + tuple(
-        slice(o, o + s * (k - 1) + 1, s) for o, s, k in zip(offset, step, a.kernel, strict=True))
+        slice(o, o + s * (k - 1) + 1, s) for o, s, k in zip(offset, step, a.kernel, strict=True)
+    )
     weight[index] += regroup(a, groups).weight
 
 
@@ -458,8 +464,9 @@ def concat(branches: Sequence[Affine]) -> Affine:
     grid = _align(branches)
 
     def stacked() -> torch.Tensor:
-        return torch.cat([_on_grid(a, grid, off, st, 1)
-                          for a, off, st in zip(branches, grid.offsets, grid.steps, strict=True)])
+        return torch.cat(
+            [_on_grid(a, grid, off, st, 1) for a, off, st in zip(branches, grid.offsets, grid.steps, strict=True)]
+        )
 
     biases = [a.bias if a.bias is not None else torch.zeros(a.out_channels, dtype=torch.float64) for a in branches]
     bias = None if all(a.bias is None for a in branches) else torch.cat(biases)
@@ -524,11 +531,14 @@ def direct_sum(a: Affine, b: Affine) -> Affine:
         wb = _on_grid(b, grid, grid.offsets[1], grid.steps[1], 1)
         weight = wa.new_zeros((a.out_channels + b.out_channels, a.in_channels + b.in_channels) + grid.kernel)
         weight[: a.out_channels, : a.in_channels] = wa
-        weight[a.out_channels:, a.in_channels:] = wb
+        weight[a.out_channels :, a.in_channels :] = wb
         groups = 1
     zeros = lambda t: torch.zeros(t.out_channels, dtype=torch.float64)  # noqa: E731
-    bias = None if a.bias is None and b.bias is None else torch.cat(
-        [a.bias if a.bias is not None else zeros(a), b.bias if b.bias is not None else zeros(b)])
+    bias = (
+        None
+        if a.bias is None and b.bias is None
+        else torch.cat([a.bias if a.bias is not None else zeros(a), b.bias if b.bias is not None else zeros(b)])
+    )
     return Affine(weight, bias, **dict(grid.geometry, groups=groups))
 
 
@@ -582,8 +592,11 @@ def compose(a: Affine, b: Affine) -> Affine:
     if b.kind is Kind.IDENTITY:
         return a
     if a.kind is Kind.PAD and b.kind is Kind.PAD:  # pads of pads: one pad
-        return replace(a, pad_lo=tuple(x + y for x, y in zip(a.pad_lo, b.pad_lo, strict=True)),
-                       pad_hi=tuple(x + y for x, y in zip(a.pad_hi, b.pad_hi, strict=True)))
+        return replace(
+            a,
+            pad_lo=tuple(x + y for x, y in zip(a.pad_lo, b.pad_lo, strict=True)),
+            pad_hi=tuple(x + y for x, y in zip(a.pad_hi, b.pad_hi, strict=True)),
+        )
     mode = b.padding_mode if b.pads and b.padding_mode != "zeros" else a.padding_mode
     if b.kind is Kind.DIAGONAL:  # channelwise after: scale rows
         scale = b.weight.reshape(-1)
@@ -623,8 +636,17 @@ def _compose_general(a: Affine, b: Affine, mode: str) -> Affine:
         summed = b.weight.sum(spatial) if spatial else b.weight
         bias = _add_bias(_grouped_matvec(regroup_2d(summed, b, groups), a.bias, groups), b.bias)
     shape = (b.out_channels, a.in_channels // groups) + kernel
-    return Affine(Lazy(shape, lambda: _composite_weight(a, b, groups, step, dil)), bias, stride, lo, hi, dil,
-                  groups, a.layout, mode)
+    return Affine(
+        Lazy(shape, lambda: _composite_weight(a, b, groups, step, dil)),
+        bias,
+        stride,
+        lo,
+        hi,
+        dil,
+        groups,
+        a.layout,
+        mode,
+    )
 
 
 def regroup_2d(summed: torch.Tensor, b: Affine, groups: int) -> torch.Tensor:
@@ -640,8 +662,11 @@ def _composite_weight(a: Affine, b: Affine, groups: int, step: tuple, dil: tuple
     nd = a.nd
     out, mid, in_g = b.out_channels, a.out_channels, a.w.shape[1]
     if nd == 0:
-        return torch.einsum("gom,gmi->goi", b.weight.reshape(groups, out // groups, mid // groups),
-                            a.weight.reshape(groups, mid // groups, in_g)).reshape(out, in_g)
+        return torch.einsum(
+            "gom,gmi->goi",
+            b.weight.reshape(groups, out // groups, mid // groups),
+            a.weight.reshape(groups, mid // groups, in_g),
+        ).reshape(out, in_g)
     wa = a.weight
     if any(d != 1 for d in a.dilation):  # spell A's taps out at dilation 1
         wa = _embed(wa, nd, (0,) * nd, a.dilation, a.extent)
@@ -695,7 +720,7 @@ class RowMap:
         r = self.groups // g
         if r == 1:
             return self.dense
-        return torch.stack([torch.block_diag(*self.dense[k * r:(k + 1) * r]) for k in range(g)])
+        return torch.stack([torch.block_diag(*self.dense[k * r : (k + 1) * r]) for k in range(g)])
 
     def times(self, v: torch.Tensor) -> torch.Tensor:
         """``M @ v``."""

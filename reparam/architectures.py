@@ -33,11 +33,17 @@ def build_model(arch: str, num_classes: int | None = None, **kwargs: Any) -> tor
     an unknown name.
     """
     source, _, name = arch.partition(":") if ":" in arch else ("", "", arch)
-    builders = {"": _build_zoo, "timm": _build_timm, "torchvision": _build_torchvision,
-                "ultralytics": _build_ultralytics}
+    builders = {
+        "": _build_zoo,
+        "timm": _build_timm,
+        "torchvision": _build_torchvision,
+        "ultralytics": _build_ultralytics,
+    }
     if source not in builders:
-        raise UnknownArchError(f"unknown architecture source {source!r} in {arch!r}. "
-                               "Use a reparam.models name, timm:NAME, torchvision:NAME or ultralytics:CFG.yaml")
+        raise UnknownArchError(
+            f"unknown architecture source {source!r} in {arch!r}. "
+            "Use a reparam.models name, timm:NAME, torchvision:NAME or ultralytics:CFG.yaml"
+        )
     if not name:
         raise UnknownArchError(f"missing model name in {arch!r}. Write it as {source}:NAME")
     extra = {} if num_classes is None else {"num_classes": num_classes}
@@ -64,8 +70,9 @@ def zoo_names() -> list[str]:
 def _build_zoo(name: str, extra: dict, kwargs: dict) -> torch.nn.Module:
     known = zoo_names()
     if name not in known:
-        raise _unknown(name, known, "Run `reparam list` to see the available architectures, "
-                       "or use timm:NAME / torchvision:NAME")
+        raise _unknown(
+            name, known, "Run `reparam list` to see the available architectures, or use timm:NAME / torchvision:NAME"
+        )
     from reparam import models
 
     return models.create(name, **extra, **kwargs)
@@ -77,8 +84,9 @@ def require(module: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise UnknownArchError(f"{module} is not installed ({one_line(exc)}). "
-                               f"Install it with `pip install {module}`") from exc
+        raise UnknownArchError(
+            f"{module} is not installed ({one_line(exc)}). Install it with `pip install {module}`"
+        ) from exc
 
 
 def _build_timm(name: str, extra: dict, kwargs: dict) -> torch.nn.Module:
@@ -92,8 +100,9 @@ def _build_torchvision(name: str, extra: dict, kwargs: dict) -> torch.nn.Module:
     torchvision = require("torchvision")
     known = torchvision.models.list_models()
     if name not in known:
-        raise _unknown(f"torchvision:{name}", known,
-                       "See torchvision.models.list_models() for the names torchvision knows")
+        raise _unknown(
+            f"torchvision:{name}", known, "See torchvision.models.list_models() for the names torchvision knows"
+        )
     return torchvision.models.get_model(name, weights=None, **extra, **kwargs)
 
 
@@ -119,4 +128,3 @@ def default_input_shape(arch: str, model: torch.nn.Module | None = None) -> tupl
         cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
         size = tuple(cfg.get("input_size", ())) or None
     return (1, *size) if size else None
-

@@ -29,18 +29,25 @@ def planned_outputs(checkpoint: Path, out_dir: Path, formats: tuple[str, ...]) -
 
 def _check_plan(args: argparse.Namespace) -> None:
     """Refuse what would go wrong for every checkpoint: single-file options, a missing directory, name clashes."""
-    single = [flag for flag, value in (("-o", args.output), ("--onnx", args.onnx), ("--pte", args.pte),
-                                       ("--coreml", args.coreml)) if value is not None]
+    single = [
+        flag
+        for flag, value in (("-o", args.output), ("--onnx", args.onnx), ("--pte", args.pte), ("--coreml", args.coreml))
+        if value is not None
+    ]
     if single:
-        raise UsageError(f"{', '.join(single)} names one file, but --out-dir writes one per checkpoint. Leave out "
-                         f"{single[0]} and choose the formats with --formats (e.g. --formats pt2,onnx)")
+        raise UsageError(
+            f"{', '.join(single)} names one file, but --out-dir writes one per checkpoint. Leave out "
+            f"{single[0]} and choose the formats with --formats (e.g. --formats pt2,onnx)"
+        )
     if not args.out_dir.is_dir():
         raise UsageError(f"--out-dir {args.out_dir} is not a directory. Create it first (mkdir -p {args.out_dir})")
     stems: dict[str, Path] = {}
     for checkpoint in args.checkpoints:
         if checkpoint.stem in stems and stems[checkpoint.stem] != checkpoint:
-            raise UsageError(f"{stems[checkpoint.stem]} and {checkpoint} would both be written as "
-                             f"{checkpoint.stem}_deploy.*. Rename one of them")
+            raise UsageError(
+                f"{stems[checkpoint.stem]} and {checkpoint} would both be written as "
+                f"{checkpoint.stem}_deploy.*. Rename one of them"
+            )
         stems[checkpoint.stem] = checkpoint
 
 
@@ -52,8 +59,15 @@ def convert_all(args: argparse.Namespace, ui: Any, convert_one: Callable[..., di
 
     _check_plan(args)
     results: list[dict] = []
-    progress = Progress(TextColumn("{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TextColumn("[dim]{task.fields[step]}"), console=ui.err, transient=True)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(bar_width=20),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("[dim]{task.fields[step]}"),
+        console=ui.err,
+        transient=True,
+    )
     with progress:
         task = progress.add_task("Converting", total=len(args.checkpoints), step="")
         ui.progress = (progress, task)
@@ -69,8 +83,9 @@ def convert_all(args: argparse.Namespace, ui: Any, convert_one: Callable[..., di
                 except Exception as exc:  # noqa: BLE001  one checkpoint's failure, whatever it is, is its line in
                     # the summary (its one-line message and exit code); the next checkpoint still runs
                     message, code = _error_line(exc)
-                    entry = getattr(exc, "reparam_result", None) or jsonout.new_result("convert", args.arch,
-                                                                                        checkpoint, args.device)
+                    entry = getattr(exc, "reparam_result", None) or jsonout.new_result(
+                        "convert", args.arch, checkpoint, args.device
+                    )
                     entry.update(status="failed", error=message, exit_code=code)
                 results.append(entry)
                 progress.advance(task)
@@ -86,8 +101,13 @@ def convert_all(args: argparse.Namespace, ui: Any, convert_one: Callable[..., di
 
 def _print_summary(ui: Any, results: list[dict]) -> None:
     """One row per checkpoint: status, speed figure, files written or the error."""
-    table = terminal.table(f"converted {sum(r['status'] == 'ok' for r in results)} of {len(results)} checkpoints",
-                           "checkpoint", "status", ("speed", "right"), "written / error")
+    table = terminal.table(
+        f"converted {sum(r['status'] == 'ok' for r in results)} of {len(results)} checkpoints",
+        "checkpoint",
+        "status",
+        ("speed", "right"),
+        "written / error",
+    )
     for entry in results:
         name = Path(entry["checkpoint"]).name
         if entry["status"] == "ok":

@@ -15,6 +15,7 @@ Fewer than :data:`MIN_SAMPLES` samples draws a warning (activation ranges estima
 clip real data).  Public API: :class:`Calibration`, :func:`from_images`, :func:`from_npy`, :func:`from_random`,
 :func:`preprocessing`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -27,14 +28,24 @@ import torch.nn as nn
 
 from .errors import InputError
 
-__all__ = ["MIN_SAMPLES", "IMAGE_SUFFIXES", "Calibration", "Preprocessing", "preprocessing", "from_images",
-           "from_npy", "from_random"]
+__all__ = [
+    "MIN_SAMPLES",
+    "IMAGE_SUFFIXES",
+    "Calibration",
+    "Preprocessing",
+    "preprocessing",
+    "from_images",
+    "from_npy",
+    "from_random",
+]
 
 #: Fewer calibration samples than this draws a warning.
 MIN_SAMPLES = 32
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-RANDOM_WARNING = ("random calibration inputs: smoke test, not an accuracy measurement (random inputs do not have "
-                  "the activation ranges of real data)")
+RANDOM_WARNING = (
+    "random calibration inputs: smoke test, not an accuracy measurement (random inputs do not have "
+    "the activation ranges of real data)"
+)
 
 
 @dataclass
@@ -48,13 +59,16 @@ class Calibration:
 
     def __post_init__(self) -> None:
         if not self.samples:
-            raise InputError(f"no calibration samples in {self.source}. Give images, a non-empty .npy array, or "
-                             "--calib-random N")
+            raise InputError(
+                f"no calibration samples in {self.source}. Give images, a non-empty .npy array, or --calib-random N"
+            )
         if self.random:
             self.warnings.append(RANDOM_WARNING)
         if len(self.samples) < MIN_SAMPLES:
-            self.warnings.append(f"only {len(self.samples)} calibration samples (< {MIN_SAMPLES}): activation "
-                                 "ranges may not cover real data; use a few hundred representative inputs")
+            self.warnings.append(
+                f"only {len(self.samples)} calibration samples (< {MIN_SAMPLES}): activation "
+                "ranges may not cover real data; use a few hundred representative inputs"
+            )
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -72,20 +86,29 @@ class Preprocessing:
     crop_pct: float = 0.875
 
 
-def preprocessing(model: nn.Module, example_shape: Sequence[int], mean: Optional[Sequence[float]] = None,
-                  std: Optional[Sequence[float]] = None,
-                  input_size: Optional[Sequence[int]] = None) -> Preprocessing:
+def preprocessing(
+    model: nn.Module,
+    example_shape: Sequence[int],
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    input_size: Optional[Sequence[int]] = None,
+) -> Preprocessing:
     """The given ``mean`` / ``std`` / ``input_size``, else the model's timm ``pretrained_cfg`` values, else the
     example input's size and no normalization."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    size = tuple(input_size) if input_size else (tuple(cfg["input_size"][-2:]) if "input_size" in cfg
-                                                 else tuple(example_shape[-2:]))
+    size = (
+        tuple(input_size)
+        if input_size
+        else (tuple(cfg["input_size"][-2:]) if "input_size" in cfg else tuple(example_shape[-2:]))
+    )
     if len(size) == 1:
         size = (size[0], size[0])
-    return Preprocessing(size=(int(size[0]), int(size[1])),
-                         mean=tuple(mean) if mean else (tuple(cfg["mean"]) if "mean" in cfg else None),
-                         std=tuple(std) if std else (tuple(cfg["std"]) if "std" in cfg else None),
-                         crop_pct=float(cfg.get("crop_pct", 0.875) or 0.875))
+    return Preprocessing(
+        size=(int(size[0]), int(size[1])),
+        mean=tuple(mean) if mean else (tuple(cfg["mean"]) if "mean" in cfg else None),
+        std=tuple(std) if std else (tuple(cfg["std"]) if "std" in cfg else None),
+        crop_pct=float(cfg.get("crop_pct", 0.875) or 0.875),
+    )
 
 
 def _image_tensor(path: Path, channels: int, prep: Preprocessing) -> torch.Tensor:
@@ -95,8 +118,9 @@ def _image_tensor(path: Path, channels: int, prep: Preprocessing) -> torch.Tenso
         image = image.convert("RGB" if channels == 3 else "L")
         h, w = prep.size
         scale = min(h, w) / prep.crop_pct / min(image.size)
-        resized = image.resize((max(w, round(image.size[0] * scale)), max(h, round(image.size[1] * scale))),
-                               Image.BILINEAR)
+        resized = image.resize(
+            (max(w, round(image.size[0] * scale)), max(h, round(image.size[1] * scale))), Image.BILINEAR
+        )
         left, top = (resized.size[0] - w) // 2, (resized.size[1] - h) // 2
         pixels = np.asarray(resized.crop((left, top, left + w, top + h)), dtype=np.float32) / 255.0
     x = torch.from_numpy(pixels.reshape(h, w, -1)).permute(2, 0, 1)
@@ -113,19 +137,24 @@ def from_images(directory: Path, channels: int, prep: Preprocessing, limit: Opti
         raise InputError(f"images give 1 or 3 channels, but the model takes {channels}. Pass a .npy tensor to --calib")
     files = sorted(p for p in Path(directory).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
-        raise InputError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {directory}. Point --calib at a folder "
-                         "of images or a .npy file")
+        raise InputError(
+            f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {directory}. Point --calib at a folder "
+            "of images or a .npy file"
+        )
     samples = []
     for path in files[:limit]:
         try:
             samples.append(_image_tensor(path, channels, prep))
         except Exception as exc:
-            raise InputError(f"cannot read calibration image {path} ({type(exc).__name__}: {exc}). Remove it or "
-                             "fix it") from exc
+            raise InputError(
+                f"cannot read calibration image {path} ({type(exc).__name__}: {exc}). Remove it or fix it"
+            ) from exc
     calibration = Calibration(samples, f"{directory} ({len(samples)} images, {prep.size[0]}x{prep.size[1]})")
     if prep.mean is None or prep.std is None:
-        calibration.warnings.append("no mean/std known for this model: pixels scaled to [0, 1] only; pass --mean "
-                                    "and --std as the model was trained with")
+        calibration.warnings.append(
+            "no mean/std known for this model: pixels scaled to [0, 1] only; pass --mean "
+            "and --std as the model was trained with"
+        )
     return calibration
 
 
@@ -134,14 +163,17 @@ def from_npy(path: Path, example_shape: Sequence[int]) -> Calibration:
     try:
         array = np.load(path, allow_pickle=False)
     except Exception as exc:
-        raise InputError(f"cannot read {path} as a .npy array ({type(exc).__name__}: {exc}). Save it with "
-                         "numpy.save") from exc
+        raise InputError(
+            f"cannot read {path} as a .npy array ({type(exc).__name__}: {exc}). Save it with numpy.save"
+        ) from exc
     if array.ndim == len(example_shape) - 1:
         array = array[None]
     if array.ndim != len(example_shape) or array.shape[1] != example_shape[1]:
         layout = ",".join(["N", str(example_shape[1])] + ["H", "W", "D"][: len(example_shape) - 2])
-        raise InputError(f"{path} holds an array of shape {tuple(array.shape)}; the model takes {layout}. Save the "
-                         "preprocessed inputs in that layout")
+        raise InputError(
+            f"{path} holds an array of shape {tuple(array.shape)}; the model takes {layout}. Save the "
+            "preprocessed inputs in that layout"
+        )
     if not np.issubdtype(array.dtype, np.number):
         raise InputError(f"{path} holds {array.dtype} values, not numbers")
     tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
@@ -152,5 +184,6 @@ def from_random(n: int, example_shape: Sequence[int], seed: int = 0) -> Calibrat
     """``n`` standard-normal samples of ``example_shape`` (batch 1): a smoke test (module docstring)."""
     generator = torch.Generator().manual_seed(seed)
     shape = (1, *example_shape[1:])
-    return Calibration([torch.randn(shape, generator=generator) for _ in range(n)],
-                       f"random normal inputs ({n} samples)", random=True)
+    return Calibration(
+        [torch.randn(shape, generator=generator) for _ in range(n)], f"random normal inputs ({n} samples)", random=True
+    )

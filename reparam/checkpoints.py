@@ -123,8 +123,9 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {path} as safetensors ({one_line(exc)}). "
-                              "The file may be corrupt or truncated") from exc
+        raise CheckpointError(
+            f"cannot read {path} as safetensors ({one_line(exc)}). The file may be corrupt or truncated"
+        ) from exc
 
 
 def _load_pickle(path: Path, trust: bool) -> Any:
@@ -150,16 +151,25 @@ def _corrupt_error(path: Path, exc: BaseException) -> CheckpointError:
     what = _sniff(path)
     if what is None:
         reason = one_line(exc)
-        what = ("it is not a pickle torch can read" if "weights_only" in reason or "weights only" in reason.lower()
-                else f"{type(exc).__name__}: {reason}")
+        what = (
+            "it is not a pickle torch can read"
+            if "weights_only" in reason or "weights only" in reason.lower()
+            else f"{type(exc).__name__}: {reason}"
+        )
     return CheckpointError(
         f"cannot read {path} as a PyTorch checkpoint ({what}). "
         "The file may be corrupt, truncated or in another format (.safetensors, .pt, .pth are supported)"
     )
 
 
-_MAGIC = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"\x1f\x8b": "a gzip file",
-          b"\x89HDF": "an HDF5 file (Keras .h5?)", b"\x93NUMPY": "a NumPy .npy file", b"%PDF": "a PDF document"}
+_MAGIC = {
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"\x1f\x8b": "a gzip file",
+    b"\x89HDF": "an HDF5 file (Keras .h5?)",
+    b"\x93NUMPY": "a NumPy .npy file",
+    b"%PDF": "a PDF document",
+}
 
 
 def _sniff(path: Path) -> str | None:
@@ -197,18 +207,29 @@ def _refusal(path: Path, exc: BaseException) -> CheckpointError:
     Garbage that merely fails the safe unpickler (it is no pickle at all) is reported as corrupt instead.
     """
     # deterministic order: the model's own classes (outside torch) first, then torch's, each sorted
-    found = sorted(dict.fromkeys(scanned_globals(path) or _GLOBAL_NAME.findall(str(exc))),
-                   key=lambda name: (name.startswith(("torch.", "collections.", "builtins.")), name))
+    found = sorted(
+        dict.fromkeys(scanned_globals(path) or _GLOBAL_NAME.findall(str(exc))),
+        key=lambda name: (name.startswith(("torch.", "collections.", "builtins.")), name),
+    )
     if found:
         shown = ", ".join(found[:8]) + (f" and {len(found) - 8} more" if len(found) > 8 else "")
-        return UnsafeCheckpointError(f"refusing to load {path}: its pickle needs code from {shown}. {TRUST_HINT}",
-                                     found)
+        return UnsafeCheckpointError(
+            f"refusing to load {path}: its pickle needs code from {shown}. {TRUST_HINT}", found
+        )
     if not zipfile.is_zipfile(path) and not _parses_as_pickle(path):
         return _corrupt_error(path, exc)
-    detail = next((line.strip() for line in str(exc).splitlines()[1:]
-                   if line.strip() and "error" not in line.lower() and "documentation" not in line.lower()), "")
-    return UnsafeCheckpointError(f"refusing to load {path}: it cannot be loaded with weights_only=True "
-                                 f"({detail or 'unsupported pickle'}). {TRUST_HINT}")
+    detail = next(
+        (
+            line.strip()
+            for line in str(exc).splitlines()[1:]
+            if line.strip() and "error" not in line.lower() and "documentation" not in line.lower()
+        ),
+        "",
+    )
+    return UnsafeCheckpointError(
+        f"refusing to load {path}: it cannot be loaded with weights_only=True "
+        f"({detail or 'unsupported pickle'}). {TRUST_HINT}"
+    )
 
 
 def _parses_as_pickle(path: Path) -> bool:
@@ -243,8 +264,10 @@ def _unwrap(obj: Any, fmt: str, prefer_ema: bool, path: Path) -> tuple[dict[str,
     """Find the state dict inside a loaded checkpoint object; returns ``(state_dict, source, notes)``."""
     found = _find_state_dict(obj, fmt, prefer_ema, depth=0)
     if found is None:
-        raise CheckpointError(f"no model weights found in {path} ({describe(obj)}). Expected a state dict, "
-                              f"or one under one of the keys {', '.join(STATE_DICT_KEYS + EMA_KEYS)}")
+        raise CheckpointError(
+            f"no model weights found in {path} ({describe(obj)}). Expected a state dict, "
+            f"or one under one of the keys {', '.join(STATE_DICT_KEYS + EMA_KEYS)}"
+        )
     return found
 
 
@@ -284,7 +307,7 @@ def _strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> tuple[dict[s
         changed = False
         for prefix in WRAPPER_PREFIXES:
             if all(k.startswith(prefix) for k in state_dict):
-                state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+                state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
                 stripped.append(prefix)
                 changed = True
     return state_dict, stripped
@@ -292,8 +315,9 @@ def _strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> tuple[dict[s
 
 # ---------------------------------------------------------------------------------------------- num classes
 
-_HEAD_NAMES = frozenset({"fc", "head", "classifier", "linear", "last_linear", "logits", "fc_out", "cls_head",
-                         "head_fc"})
+_HEAD_NAMES = frozenset(
+    {"fc", "head", "classifier", "linear", "last_linear", "logits", "fc_out", "cls_head", "head_fc"}
+)
 
 
 def infer_num_classes(state_dict: Mapping[str, torch.Tensor]) -> int | None:
@@ -316,6 +340,7 @@ def infer_num_classes(state_dict: Mapping[str, torch.Tensor]) -> int | None:
     candidates = heads or linears
     return int(candidates[-1].shape[0]) if candidates else None
 
+
 # -------------------------------------------------------------------------------------------- strict loading
 
 
@@ -337,13 +362,15 @@ def load_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) 
         if k in expected and tuple(v.shape) != tuple(expected[k].shape)
     ]
     if missing or unexpected or mismatched:
-        raise StateDictMismatchError(_mismatch_message(missing, unexpected, mismatched), missing, unexpected,
-                                     mismatched)
+        raise StateDictMismatchError(
+            _mismatch_message(missing, unexpected, mismatched), missing, unexpected, mismatched
+        )
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:  # e.g. a num_batches_tracked that a module refuses to fill in
-        raise StateDictMismatchError(f"checkpoint does not match the model ({one_line(exc)}). "
-                                     "Check the architecture and the number of classes") from exc
+        raise StateDictMismatchError(
+            f"checkpoint does not match the model ({one_line(exc)}). Check the architecture and the number of classes"
+        ) from exc
     return model
 
 
@@ -371,6 +398,8 @@ def _mismatch_message(missing: list, unexpected: list, mismatched: list, shown: 
     if mismatched:
         described = [f"{k}: checkpoint {list(c)} vs model {list(m)}" for k, c, m in mismatched]
         parts.append(f"{len(mismatched)} key{'s' * (len(mismatched) != 1)} of the wrong shape ({names(described)})")
-    return ("checkpoint does not match the model: " + "; ".join(parts)
-            + ". Check the architecture and the number of classes")
-
+    return (
+        "checkpoint does not match the model: "
+        + "; ".join(parts)
+        + ". Check the architecture and the number of classes"
+    )

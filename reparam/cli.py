@@ -78,11 +78,14 @@ def input_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(p) for p in parts)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid shape {text!r}: expected comma-separated integers like "
-                                         "1,3,224,224") from None
+        raise argparse.ArgumentTypeError(
+            f"invalid shape {text!r}: expected comma-separated integers like 1,3,224,224"
+        ) from None
     if len(shape) < 2 or any(s <= 0 for s in shape):
-        raise argparse.ArgumentTypeError(f"invalid shape {text!r}: expected a batch size and at least one more "
-                                         "dimension, all positive, like 1,3,224,224")
+        raise argparse.ArgumentTypeError(
+            f"invalid shape {text!r}: expected a batch size and at least one more "
+            "dimension, all positive, like 1,3,224,224"
+        )
     return shape
 
 
@@ -99,39 +102,69 @@ def positive_int(text: str) -> int:
 
 def _model_options(parser: argparse.ArgumentParser, checkpoint_required: bool) -> None:
     """Options shared by ``convert`` and ``inspect``: where the model and its weights come from."""
-    weights_help = ("weights: a torch.save file (.pt/.pth, a plain or wrapped state dict) or .safetensors; an "
-                    "ultralytics checkpoint (e.g. yolov8n.pt, no --arch needed) or model yaml (e.g. yolov8n.yaml: "
-                    "random weights)")
+    weights_help = (
+        "weights: a torch.save file (.pt/.pth, a plain or wrapped state dict) or .safetensors; an "
+        "ultralytics checkpoint (e.g. yolov8n.pt, no --arch needed) or model yaml (e.g. yolov8n.yaml: "
+        "random weights)"
+    )
     if checkpoint_required:  # convert: one or more checkpoints (several: see --out-dir)
-        parser.add_argument("checkpoints", nargs="*", type=Path, metavar="CHECKPOINT",
-                            help=weights_help + "; several are converted one after the other (with --out-dir); "
-                            "none: random weights of --arch ultralytics:CFG.yaml")
+        parser.add_argument(
+            "checkpoints",
+            nargs="*",
+            type=Path,
+            metavar="CHECKPOINT",
+            help=weights_help + "; several are converted one after the other (with --out-dir); "
+            "none: random weights of --arch ultralytics:CFG.yaml",
+        )
     else:
-        parser.add_argument("checkpoint", nargs="?", type=Path, metavar="CHECKPOINT",
-                            help=weights_help + "; omitted: random weights")
-    parser.add_argument("--arch", metavar="NAME",
-                        help="architecture: a reparam.models name (see `reparam list`), timm:NAME, torchvision:NAME "
-                        "or ultralytics:CFG.yaml (required unless CHECKPOINT is an ultralytics checkpoint or yaml)")
-    parser.add_argument("--input-shape", type=input_shape, metavar="N,C,H,W",
-                        help="example input shape, batch first (default: the architecture's, else 1,3,224,224)")
-    parser.add_argument("--num-classes", type=positive_int, metavar="N",
-                        help="classifier outputs (default: read from the checkpoint's classifier, else the "
-                        "architecture's)")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="allow a pickle checkpoint to run code while loading (only for files you trust)")
+        parser.add_argument(
+            "checkpoint", nargs="?", type=Path, metavar="CHECKPOINT", help=weights_help + "; omitted: random weights"
+        )
+    parser.add_argument(
+        "--arch",
+        metavar="NAME",
+        help="architecture: a reparam.models name (see `reparam list`), timm:NAME, torchvision:NAME "
+        "or ultralytics:CFG.yaml (required unless CHECKPOINT is an ultralytics checkpoint or yaml)",
+    )
+    parser.add_argument(
+        "--input-shape",
+        type=input_shape,
+        metavar="N,C,H,W",
+        help="example input shape, batch first (default: the architecture's, else 1,3,224,224)",
+    )
+    parser.add_argument(
+        "--num-classes",
+        type=positive_int,
+        metavar="N",
+        help="classifier outputs (default: read from the checkpoint's classifier, else the architecture's)",
+    )
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow a pickle checkpoint to run code while loading (only for files you trust)",
+    )
     parser.add_argument("--ema", action="store_true", help="use the EMA weights when the checkpoint has both")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="also write everything the command found (rewrites, "
-                        "refusals, notes, counts, errors, timings) as JSON to FILE, or to stdout with `-` "
-                        "(schema: docs/report-schema.json)")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        metavar="FILE",
+        help="also write everything the command found (rewrites, "
+        "refusals, notes, counts, errors, timings) as JSON to FILE, or to stdout with `-` "
+        "(schema: docs/report-schema.json)",
+    )
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
 
 def _cost_option(parser: argparse.ArgumentParser) -> None:
     """``--cost``: how a doubtful merge is decided (passed to reparam.fuse as ``cost``)."""
-    parser.add_argument("--cost", choices=("macs", "latency"), default="macs",
-                        help="decide each doubtful merge (more MACs or more kernels after it) by multiply-accumulates "
-                        "(macs, default: merge when it costs no more) or by timing both forms on the device in the "
-                        "deploy dtype (latency; timings cached in $REPARAM_CACHE_DIR, default ~/.cache/reparam)")
+    parser.add_argument(
+        "--cost",
+        choices=("macs", "latency"),
+        default="macs",
+        help="decide each doubtful merge (more MACs or more kernels after it) by multiply-accumulates "
+        "(macs, default: merge when it costs no more) or by timing both forms on the device in the "
+        "deploy dtype (latency; timings cached in $REPARAM_CACHE_DIR, default ~/.cache/reparam)",
+    )
 
 
 def device_name(text: str) -> str:
@@ -152,74 +185,141 @@ def format_list(text: str) -> tuple[str, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``reparam`` command."""
-    parser = _Parser(prog=PROG, description="Structural re-parameterization: fuse multi-branch training-time "
-                     "networks into plain deploy models, exactly.")
+    parser = _Parser(
+        prog=PROG,
+        description="Structural re-parameterization: fuse multi-branch training-time "
+        "networks into plain deploy models, exactly.",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("--debug", action="store_true", default=False, help="show tracebacks")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    convert = commands.add_parser("convert", help="fuse a checkpoint into a verified deploy model "
-                                  "(.pt2 / .onnx / .pte / .mlpackage)",
-                                  description="Load CHECKPOINT into --arch, fuse it, verify it and write deploy files. "
-                                  "Without -o/--onnx/--pte/--coreml, writes <checkpoint stem>_deploy.pt2 next to the "
-                                  "checkpoint.")
+    convert = commands.add_parser(
+        "convert",
+        help="fuse a checkpoint into a verified deploy model (.pt2 / .onnx / .pte / .mlpackage)",
+        description="Load CHECKPOINT into --arch, fuse it, verify it and write deploy files. "
+        "Without -o/--onnx/--pte/--coreml, writes <checkpoint stem>_deploy.pt2 next to the "
+        "checkpoint.",
+    )
     _model_options(convert, checkpoint_required=True)
     convert.add_argument("-o", "--output", type=Path, metavar="OUT.pt2", help="write a torch.export program here")
     convert.add_argument("--onnx", type=Path, metavar="OUT.onnx", help="write an ONNX model here (dynamic batch axis)")
     convert.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset, 17 or later (default 18)")
-    convert.add_argument("--pte", type=Path, metavar="OUT.pte", help="write an ExecuTorch program lowered to XNNPACK "
-                         f"here, verified in ExecuTorch's runtime (needs {_MOBILE_HINT})")
-    convert.add_argument("--coreml", type=Path, metavar="OUT.mlpackage", help="write a Core ML package here "
-                         f"(conversion only: not run off macOS; needs coremltools, e.g. {_MOBILE_HINT})")
-    convert.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="precision of the deploy model and "
-                         "files (folded in float64, rounded once; default: the model's own). Exported files then take "
-                         "inputs of this dtype (a Core ML package still takes float32 inputs and computes in float16). "
-                         "Checked first: a model whose activations overflow the dtype, or that loses too much accuracy "
-                         "in it, is refused with the module where it happens (see reparam.precision)")
-    convert.add_argument("--no-check", action="store_true",
-                         help="report but do not fail on differences between the original, fused and exported models")
-    convert.add_argument("--remove-residuals", action="store_true",
-                         help="also merge identity residuals into convolutions where exact (passed to reparam.fuse)")
-    convert.add_argument("--force", action="store_true", help="replace output files that exist already (they are "
-                         "replaced only once every output is written and verified)")
-    convert.add_argument("--out-dir", type=Path, metavar="DIR", help="write each checkpoint's deploy files into DIR "
-                         "as <checkpoint stem>_deploy.<format> (needed for several checkpoints; one progress bar and "
-                         "a summary table; a bad file is reported and the others still converted)")
-    convert.add_argument("--formats", type=format_list, default=("pt2",), metavar="LIST",
-                         help=f"with --out-dir: the formats to write, some of {','.join(FORMATS)} (default pt2)")
-    convert.add_argument("--device", type=device_name, default="cpu", metavar="DEVICE", help="cpu, cuda or cuda:N: "
-                         "fold (still in float64), verify and time there; the deploy files hold weights for it "
-                         "(default cpu)")
-    convert.add_argument("--no-bench", action="store_true", help="skip the speed comparison of the original and the "
-                         "fused model (a few seconds)")
+    convert.add_argument(
+        "--pte",
+        type=Path,
+        metavar="OUT.pte",
+        help="write an ExecuTorch program lowered to XNNPACK "
+        f"here, verified in ExecuTorch's runtime (needs {_MOBILE_HINT})",
+    )
+    convert.add_argument(
+        "--coreml",
+        type=Path,
+        metavar="OUT.mlpackage",
+        help="write a Core ML package here "
+        f"(conversion only: not run off macOS; needs coremltools, e.g. {_MOBILE_HINT})",
+    )
+    convert.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default=None,
+        help="precision of the deploy model and "
+        "files (folded in float64, rounded once; default: the model's own). Exported files then take "
+        "inputs of this dtype (a Core ML package still takes float32 inputs and computes in float16). "
+        "Checked first: a model whose activations overflow the dtype, or that loses too much accuracy "
+        "in it, is refused with the module where it happens (see reparam.precision)",
+    )
+    convert.add_argument(
+        "--no-check",
+        action="store_true",
+        help="report but do not fail on differences between the original, fused and exported models",
+    )
+    convert.add_argument(
+        "--remove-residuals",
+        action="store_true",
+        help="also merge identity residuals into convolutions where exact (passed to reparam.fuse)",
+    )
+    convert.add_argument(
+        "--force",
+        action="store_true",
+        help="replace output files that exist already (they are "
+        "replaced only once every output is written and verified)",
+    )
+    convert.add_argument(
+        "--out-dir",
+        type=Path,
+        metavar="DIR",
+        help="write each checkpoint's deploy files into DIR "
+        "as <checkpoint stem>_deploy.<format> (needed for several checkpoints; one progress bar and "
+        "a summary table; a bad file is reported and the others still converted)",
+    )
+    convert.add_argument(
+        "--formats",
+        type=format_list,
+        default=("pt2",),
+        metavar="LIST",
+        help=f"with --out-dir: the formats to write, some of {','.join(FORMATS)} (default pt2)",
+    )
+    convert.add_argument(
+        "--device",
+        type=device_name,
+        default="cpu",
+        metavar="DEVICE",
+        help="cpu, cuda or cuda:N: "
+        "fold (still in float64), verify and time there; the deploy files hold weights for it "
+        "(default cpu)",
+    )
+    convert.add_argument(
+        "--no-bench",
+        action="store_true",
+        help="skip the speed comparison of the original and the fused model (a few seconds)",
+    )
     _cost_option(convert)
     int8_convert.add_options(convert)
     convert.set_defaults(func=cmd_convert)
 
-    inspect = commands.add_parser("inspect", help="show what will merge, what will not and why",
-                                  description="Explain the branch structure of --arch (with CHECKPOINT's weights, if "
-                                  "given): every merge reparam will do and every merge it refuses, with the reason.")
+    inspect = commands.add_parser(
+        "inspect",
+        help="show what will merge, what will not and why",
+        description="Explain the branch structure of --arch (with CHECKPOINT's weights, if "
+        "given): every merge reparam will do and every merge it refuses, with the reason.",
+    )
     _model_options(inspect, checkpoint_required=False)
-    inspect.add_argument("--graph", type=Path, metavar="FILE", help="draw one block before and after fusion "
-                         "(.svg/.png/.pdf with Graphviz or matplotlib; .dot writes Graphviz source)")
+    inspect.add_argument(
+        "--graph",
+        type=Path,
+        metavar="FILE",
+        help="draw one block before and after fusion "
+        "(.svg/.png/.pdf with Graphviz or matplotlib; .dot writes Graphviz source)",
+    )
     inspect.add_argument("--force", action="store_true", help="replace the --graph or --json file if it exists")
-    inspect.add_argument("--block", metavar="NAME",
-                         help="the submodule to draw (default: the first multi-branch block)")
-    inspect.add_argument("--quant", action="store_true", help="report how each fused conv/linear layer's weights "
-                         "survive int8 quantization (range, outliers, per-tensor / per-channel SNR) and flag the "
-                         "layers that will hurt (see docs/quantization.md)")
+    inspect.add_argument(
+        "--block", metavar="NAME", help="the submodule to draw (default: the first multi-branch block)"
+    )
+    inspect.add_argument(
+        "--quant",
+        action="store_true",
+        help="report how each fused conv/linear layer's weights "
+        "survive int8 quantization (range, outliers, per-tensor / per-channel SNR) and flag the "
+        "layers that will hurt (see docs/quantization.md)",
+    )
     _cost_option(inspect)
     inspect.set_defaults(func=cmd_inspect)
 
-    listing = commands.add_parser("list", help="list the available architectures",
-                                  description="List the reparam.models architectures and the timm:/torchvision: "
-                                  "sources.")
+    listing = commands.add_parser(
+        "list",
+        help="list the available architectures",
+        description="List the reparam.models architectures and the timm:/torchvision: sources.",
+    )
     listing.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     listing.set_defaults(func=cmd_list)
 
-    explain = commands.add_parser("explain", help="say what a rewrite, op or refusal kind of the report means",
-                                  description="Print what KIND (a word of the report: fold_bn, merge_parallel, shift, "
-                                  "no-op, zero-padding ...) means; without KIND, every kind.")
+    explain = commands.add_parser(
+        "explain",
+        help="say what a rewrite, op or refusal kind of the report means",
+        description="Print what KIND (a word of the report: fold_bn, merge_parallel, shift, "
+        "no-op, zero-padding ...) means; without KIND, every kind.",
+    )
     explain.add_argument("kind", nargs="?", metavar="KIND", help="the word to explain")
     explain.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     explain.set_defaults(func=cmd_explain)
@@ -304,16 +404,22 @@ def _source(args: argparse.Namespace, weights_required: bool) -> Source:
     checkpoint, arch = args.checkpoint, args.arch
     if yolo.is_config(checkpoint):  # reparam convert yolov8n.yaml
         if arch is not None:
-            raise UsageError(f"{checkpoint} is a model config, which replaces --arch. Leave out --arch {arch}, or give "
-                             f"--arch {yolo.PREFIX}{checkpoint} and a weights file")
+            raise UsageError(
+                f"{checkpoint} is a model config, which replaces --arch. Leave out --arch {arch}, or give "
+                f"--arch {yolo.PREFIX}{checkpoint} and a weights file"
+            )
         return Source(f"{yolo.PREFIX}{checkpoint}", None, True)
     if arch is None:
         if checkpoint is None:
-            raise UsageError("the following arguments are required: --arch (or an ultralytics CHECKPOINT / model "
-                             "yaml). Pass --arch NAME")
+            raise UsageError(
+                "the following arguments are required: --arch (or an ultralytics CHECKPOINT / model "
+                "yaml). Pass --arch NAME"
+            )
         if not yolo.is_checkpoint(checkpoints.check_checkpoint_path(checkpoint)):
-            raise UsageError(f"the following arguments are required: --arch ({checkpoint.name} is not an ultralytics "
-                             "checkpoint, the one kind that names its own architecture). Pass --arch NAME")
+            raise UsageError(
+                f"the following arguments are required: --arch ({checkpoint.name} is not an ultralytics "
+                "checkpoint, the one kind that names its own architecture). Pass --arch NAME"
+            )
         return Source("ultralytics", checkpoint, True)
     is_yolo = arch.startswith(yolo.PREFIX)
     if checkpoint is None and weights_required and not is_yolo:
@@ -354,8 +460,12 @@ def _load_weights(args: argparse.Namespace, source: Source, ui: Ui) -> tuple[tor
         return model, _RANDOM, num_classes
     if args.ema and not _has_ema(checkpoint):
         checkpoint.notes.append("no EMA weights in it: used the plain weights")
-        ui.err.print(f"note: --ema: {source.weights.name} has no EMA weights (none of "
-                     f"{', '.join(checkpoints.EMA_KEYS)}); using the plain weights", highlight=False, soft_wrap=True)
+        ui.err.print(
+            f"note: --ema: {source.weights.name} has no EMA weights (none of "
+            f"{', '.join(checkpoints.EMA_KEYS)}); using the plain weights",
+            highlight=False,
+            soft_wrap=True,
+        )
     return model, " ".join([checkpoint.source] + [f"({n})" for n in checkpoint.notes]), num_classes
 
 
@@ -369,8 +479,10 @@ def _load_ultralytics(args: argparse.Namespace, source: Source, ui: Ui):
     if source.arch == "ultralytics":  # the checkpoint's own model
         model, arch = loaded.model, _config_name(loaded.model)
         if args.num_classes is not None and args.num_classes != yolo.num_classes(model):
-            raise UsageError(f"--num-classes {args.num_classes} does not match the checkpoint's model, which has "
-                             f"{yolo.num_classes(model)} classes. Leave out --num-classes")
+            raise UsageError(
+                f"--num-classes {args.num_classes} does not match the checkpoint's model, which has "
+                f"{yolo.num_classes(model)} classes. Leave out --num-classes"
+            )
         where = loaded.source
     elif loaded is not None:  # --arch ultralytics:CFG and an ultralytics checkpoint: its weights, strictly
         with ui.step(f"Building {source.arch}"):
@@ -403,20 +515,26 @@ def _check_runs(model: torch.nn.Module, example: torch.Tensor, arch: str) -> Non
     try:
         shapes.run_checked(model, example)
     except shapes.InputShapeError as exc:
-        raise shapes.InputShapeError(f"{arch} cannot run on an input of shape {shape}: {exc.reason}. Pass "
-                                     f"--input-shape {','.join(exc.layout)} with numbers, e.g. "
-                                     f"{_example_shape(exc.layout, example.shape)}", exc.shape, exc.reason,
-                                     exc.layout) from exc
+        raise shapes.InputShapeError(
+            f"{arch} cannot run on an input of shape {shape}: {exc.reason}. Pass "
+            f"--input-shape {','.join(exc.layout)} with numbers, e.g. "
+            f"{_example_shape(exc.layout, example.shape)}",
+            exc.shape,
+            exc.reason,
+            exc.layout,
+        ) from exc
     except Exception as exc:
-        raise UsageError(f"{arch} cannot run on an input of shape {shape} ({type(exc).__name__}: "
-                         f"{one_line(exc, _MORE)}). Pass the right --input-shape") from exc
+        raise UsageError(
+            f"{arch} cannot run on an input of shape {shape} ({type(exc).__name__}: "
+            f"{one_line(exc, _MORE)}). Pass the right --input-shape"
+        ) from exc
 
 
 def _example_shape(layout: tuple[str, ...], given: Sequence[int]) -> str:
     """``layout`` (``N, 1, H, W``) filled in: the given batch (when the rank fits) and trailing sizes, else 1 and
     224."""
     spatial = len(layout) - 2
-    sizes = list(given[len(given) - spatial:]) if 0 < spatial <= len(given) else [224] * spatial
+    sizes = list(given[len(given) - spatial :]) if 0 < spatial <= len(given) else [224] * spatial
     batch = given[0] if len(given) == len(layout) else 1
     return ",".join(map(str, [batch, layout[1], *sizes]))
 
@@ -482,16 +600,20 @@ class Measures:
 
 def _measure(model: torch.nn.Module, example: torch.Tensor) -> Measures:
     """Parameters, MACs and executed kernels of ``model`` on ``example``."""
-    return Measures(params=stats.count_params(model), macs=stats.count_macs(model, example),
-                    kernels=stats.count_kernels(model, example))
+    return Measures(
+        params=stats.count_params(model),
+        macs=stats.count_macs(model, example),
+        kernels=stats.count_kernels(model, example),
+    )
 
 
 def _bench(original: torch.nn.Module, fused: torch.nn.Module, example: torch.Tensor) -> Any:
     """The speed figure (:mod:`reparam.timing`): interleaved rounds after warm-up, one CPU thread."""
     from reparam import timing
 
-    return timing.compare(original, fused, example, rounds=LATENCY_REPEATS, warmup=LATENCY_WARMUP,
-                          budget_s=LATENCY_BUDGET_S)
+    return timing.compare(
+        original, fused, example, rounds=LATENCY_REPEATS, warmup=LATENCY_WARMUP, budget_s=LATENCY_BUDGET_S
+    )
 
 
 def _check_device(name: str) -> None:
@@ -500,12 +622,16 @@ def _check_device(name: str) -> None:
         return
     if not torch.cuda.is_available():
         built = "built without CUDA" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, but no GPU found"
-        raise UsageError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}, "
-                         f"{built}). Use --device cpu")
+        raise UsageError(
+            f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}, "
+            f"{built}). Use --device cpu"
+        )
     index = int(name.split(":")[1]) if ":" in name else 0
     if index >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: this machine has {_plural(torch.cuda.device_count(), 'CUDA device')} "
-                         f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}). Choose one of them")
+        raise UsageError(
+            f"--device {name}: this machine has {_plural(torch.cuda.device_count(), 'CUDA device')} "
+            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}). Choose one of them"
+        )
 
 
 @dataclass
@@ -537,20 +663,27 @@ def _outputs(args: argparse.Namespace, source: Source) -> Outputs:
         what = {".onnx": "ONNX", ".pte": "an ExecuTorch program", ".mlpackage": "a Core ML package"}[pt2.suffix.lower()]
         raise UsageError(f"-o writes a torch.export program, not {what} ({pt2}). Use {option} {pt2} for that")
     if pte is not None and pte.suffix.lower() != ".pte":
-        raise UsageError(f"--pte writes an ExecuTorch program, whose file name ends in .pte ({pte}). "
-                         f"Name it {pte.with_suffix('.pte').name}")
+        raise UsageError(
+            f"--pte writes an ExecuTorch program, whose file name ends in .pte ({pte}). "
+            f"Name it {pte.with_suffix('.pte').name}"
+        )
     if coreml is not None and coreml.suffix.lower() != ".mlpackage":
-        raise UsageError(f"--coreml writes a Core ML package, a directory whose name ends in .mlpackage ({coreml}). "
-                         f"Name it {coreml.with_suffix('.mlpackage').name}")
+        raise UsageError(
+            f"--coreml writes a Core ML package, a directory whose name ends in .mlpackage ({coreml}). "
+            f"Name it {coreml.with_suffix('.mlpackage').name}"
+        )
     derived = pt2 is None and onnx_path is None and pte is None and coreml is None
     if derived:  # reparam's own choice of name: rerunning the same command replaces it, with a notice
         pt2 = _default_output(source)
     if args.opset is not None and onnx_path is None:
         raise UsageError("--opset only applies to ONNX output. Add --onnx OUT.onnx")
-    named = [(flag, path) for flag, path in (("-o", pt2), ("--onnx", onnx_path), ("--pte", pte), ("--coreml", coreml))
-             if path is not None]
+    named = [
+        (flag, path)
+        for flag, path in (("-o", pt2), ("--onnx", onnx_path), ("--pte", pte), ("--coreml", coreml))
+        if path is not None
+    ]
     for i, (flag_a, a) in enumerate(named):
-        for flag_b, b in named[i + 1:]:
+        for flag_b, b in named[i + 1 :]:
             if io.same_file(a, b):
                 raise UsageError(f"{flag_a} and {flag_b} name the same file {a}. Give them different names")
     inputs = [source.weights] if source.weights is not None else []
@@ -569,8 +702,10 @@ def _refuse_existing(named: Sequence[tuple[str, Path]], force: bool) -> None:
     """Without ``--force``, an output that exists already is a usage error (nothing is replaced by surprise)."""
     for flag, path in named:
         if not force and (path.exists() or path.is_symlink()):
-            raise UsageError(f"{flag} {path} exists already. Pass --force to replace it (replaced only once every "
-                             "output is written and verified), or choose another path")
+            raise UsageError(
+                f"{flag} {path} exists already. Pass --force to replace it (replaced only once every "
+                "output is written and verified), or choose another path"
+            )
 
 
 def _check_dtype(args: argparse.Namespace, outputs: Outputs) -> torch.dtype | None:
@@ -579,8 +714,10 @@ def _check_dtype(args: argparse.Namespace, outputs: Outputs) -> torch.dtype | No
         return None
     dtype = getattr(torch, args.dtype)
     if dtype == torch.bfloat16 and outputs.onnx is not None:
-        raise UsageError("ONNX has no bfloat16 convolution, so ONNX Runtime cannot run a bfloat16 model. "
-                         "Use --dtype float16 for --onnx, or leave out --onnx")
+        raise UsageError(
+            "ONNX has no bfloat16 convolution, so ONNX Runtime cannot run a bfloat16 model. "
+            "Use --dtype float16 for --onnx, or leave out --onnx"
+        )
     if outputs.pte is not None or outputs.coreml is not None:
         from reparam import mobile
 
@@ -611,11 +748,14 @@ def cmd_convert(args: argparse.Namespace, ui: Ui) -> int:
     from reparam import export
 
     if args.opset is not None and args.opset < export.MIN_OPSET:
-        raise UsageError(f"ONNX opset {args.opset} is too old. Use --opset {export.MIN_OPSET} or later "
-                         f"(default {export.DEFAULT_OPSET})")
+        raise UsageError(
+            f"ONNX opset {args.opset} is too old. Use --opset {export.MIN_OPSET} or later "
+            f"(default {export.DEFAULT_OPSET})"
+        )
     if args.out_dir is None and len(args.checkpoints) > 1:
-        raise UsageError(f"{len(args.checkpoints)} checkpoints given: several are converted into a directory. "
-                         "Add --out-dir DIR")
+        raise UsageError(
+            f"{len(args.checkpoints)} checkpoints given: several are converted into a directory. Add --out-dir DIR"
+        )
     if args.out_dir is None and args.formats != ("pt2",):
         raise UsageError("--formats chooses what --out-dir writes. Add --out-dir DIR, or use -o/--onnx/--pte/--coreml")
     _check_json_path(args, ui)
@@ -749,27 +889,38 @@ def _convert_into(args: argparse.Namespace, ui: Ui, entry: dict, print_report: b
                 program = export.export_program(fused, deploy_example)
         if outputs.pt2 is not None:
             with ui.step(f"Writing and verifying {outputs.pt2.name}"):
-                results.append(export.export_pt2(fused, deploy_example, stage.path(outputs.pt2), original=original,
-                                                 program=program, check=check))
+                results.append(
+                    export.export_pt2(
+                        fused, deploy_example, stage.path(outputs.pt2), original=original, program=program, check=check
+                    )
+                )
         if outputs.onnx is not None and not args.int8:
             with ui.step(f"Writing and verifying {outputs.onnx.name} in ONNX Runtime"):
-                results.append(export.export_onnx(fused, deploy_example, stage.path(outputs.onnx),
-                                                  args.opset or export.DEFAULT_OPSET, original=original,
-                                                  program=program, check=check))
+                results.append(
+                    export.export_onnx(
+                        fused,
+                        deploy_example,
+                        stage.path(outputs.onnx),
+                        args.opset or export.DEFAULT_OPSET,
+                        original=original,
+                        program=program,
+                        check=check,
+                    )
+                )
         if args.int8:
             results += int8_convert.write(fused, model, calibration, args, stage, ui, outputs.onnx, outputs.pte)
         if outputs.pte is not None and not args.int8:
             from reparam import mobile
 
             with ui.step(f"Lowering to ExecuTorch (XNNPACK), writing and verifying {outputs.pte.name}"):
-                results.append(mobile.export_pte(fused, deploy_example, stage.path(outputs.pte), original=original,
-                                                 check=check))
+                results.append(
+                    mobile.export_pte(fused, deploy_example, stage.path(outputs.pte), original=original, check=check)
+                )
         if outputs.coreml is not None:
             from reparam import mobile
 
             with ui.step(f"Converting to Core ML, writing {outputs.coreml.name}"):
-                results.append(mobile.export_coreml(fused, example, stage.path(outputs.coreml),
-                                                    precision=deploy_dtype))
+                results.append(mobile.export_coreml(fused, example, stage.path(outputs.coreml), precision=deploy_dtype))
         targets = [path for path in (outputs.pt2, outputs.onnx, outputs.pte, outputs.coreml) if path is not None]
         replaced = stage.commit()
     for result, target in zip(results, targets, strict=True):
@@ -792,14 +943,17 @@ def _cast_inputs(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return CastInputs(model, dtype)
 
 
-def _print_convert_report(ui, args, loaded, before: Measures, after: Measures, fused_error: float, results, report,
-                          speed: Any = None) -> None:
+def _print_convert_report(
+    ui, args, loaded, before: Measures, after: Measures, fused_error: float, results, report, speed: Any = None
+) -> None:
     weights = loaded.weights.name if loaded.weights is not None else "random weights"
-    table = terminal.table(f"{loaded.arch}: {weights} → deploy", "", ("before", "right"),
-                           ("after", "right"), ("change", "right"))
+    table = terminal.table(
+        f"{loaded.arch}: {weights} → deploy", "", ("before", "right"), ("after", "right"), ("change", "right")
+    )
     table.columns[0].style = "bold"
-    table.add_row("parameters", _fmt_count(before.params), _fmt_count(after.params),
-                  _change(before.params, after.params))
+    table.add_row(
+        "parameters", _fmt_count(before.params), _fmt_count(after.params), _change(before.params, after.params)
+    )
     table.add_row("MACs", _fmt_count(before.macs), _fmt_count(after.macs), _change(before.macs, after.macs))
     for key, label in _KERNEL_LABELS:
         b, a = before.kernels[key], after.kernels[key]
@@ -811,8 +965,12 @@ def _print_convert_report(ui, args, loaded, before: Measures, after: Measures, f
         change = _change(ckpt_size, result.size) if ckpt_size is not None else ""
         table.add_row(f"file size (.{result.format})", "", _fmt_bytes(result.size), change)
     if speed is not None:
-        table.add_row(f"latency, input {','.join(map(str, loaded.example.shape))}", f"{speed.before_ms:.2f} ms",
-                      f"{speed.after_ms:.2f} ms", _speedup(speed.ratio))
+        table.add_row(
+            f"latency, input {','.join(map(str, loaded.example.shape))}",
+            f"{speed.before_ms:.2f} ms",
+            f"{speed.after_ms:.2f} ms",
+            _speedup(speed.ratio),
+        )
     table.add_section()  # errors: relative L2 vs the original model on the example input (and another batch size)
     table.add_row("rel. error, fused model", "", f"{fused_error:.1e}", "")
     for result in results:
@@ -824,24 +982,32 @@ def _print_convert_report(ui, args, loaded, before: Measures, after: Measures, f
     say = lambda text: terminal.paragraph(ui.out, text)  # noqa: E731
     if speed is not None:
         threads = f"{_plural(speed.threads, 'thread')}, " if speed.threads else ""
-        say(f"speed: {speed.text()} on {speed.device} ({threads}{speed.passes} passes per run, interleaved after "
-            "warm-up; --no-bench skips it)")
+        say(
+            f"speed: {speed.text()} on {speed.device} ({threads}{speed.passes} passes per run, interleaved after "
+            "warm-up; --no-bench skips it)"
+        )
         if speed.warning():
             say(f"note: {speed.warning()}")
     say(f"weights: {loaded.source}; classes: {loaded.num_classes or 'architecture default'}")
     if report is not None and getattr(report, "rewrites", None) is not None:
         counts = report.counts() if hasattr(report, "counts") else {}
         detail = ", ".join(f"{k} ×{v}" for k, v in sorted(counts.items()))
-        say(f"rewrites: {len(report.rewrites)} regions ({detail or 'none'}); refused: {len(report.refusals)} "
-            "(see `reparam inspect`)")
+        say(
+            f"rewrites: {len(report.rewrites)} regions ({detail or 'none'}); refused: {len(report.refusals)} "
+            "(see `reparam inspect`)"
+        )
         decisions = getattr(report, "decisions", ())
         if decisions:
-            say(f"cost decisions: {len(decisions)} doubtful merges weighed, {sum(d.merged for d in decisions)} "
-                f"merged (--cost {getattr(args, 'cost', 'macs')}; `reparam inspect` lists them)")
+            say(
+                f"cost decisions: {len(decisions)} doubtful merges weighed, {sum(d.merged for d in decisions)} "
+                f"merged (--cost {getattr(args, 'cost', 'macs')}; `reparam inspect` lists them)"
+            )
         _print_legend(ui, report.rewrites, (), groups=("rewrite",))
     if getattr(args, "dtype", None) is not None:
-        say(f"precision: {args.dtype} (folded in float64, rounded once; errors are against the "
-            f"{dtypes.dtype_name(loaded.example.dtype)} original)")
+        say(
+            f"precision: {args.dtype} (folded in float64, rounded once; errors are against the "
+            f"{dtypes.dtype_name(loaded.example.dtype)} original)"
+        )
     if args.no_check:
         ui.out.print("[yellow]--no-check: differences were reported, not enforced[/]")
     for result in results:
@@ -910,8 +1076,10 @@ def _inspect_into(args: argparse.Namespace, ui: Ui, entry: dict) -> None:
         with ui.step("Fusing and analysing weight quantization"):
             fused = reparam.fuse(loaded.model, (loaded.example,), cost=getattr(args, "cost", "macs"))
             analysis = quant.analyze_model(fused)
-        entry["quant"] = [{"layer": layer.name, "kind": layer.kind, "flags": list(layer.flags),
-                           "advice": layer.advice or None} for layer in analysis.layers]
+        entry["quant"] = [
+            {"layer": layer.name, "kind": layer.kind, "flags": list(layer.flags), "advice": layer.advice or None}
+            for layer in analysis.layers
+        ]
         _print_quant_report(ui, analysis)
     if args.graph is not None:
         with ui.step(f"Drawing {args.graph.name}"):
@@ -946,22 +1114,26 @@ def _print_inspect_report(ui: Ui, args, loaded: LoadedModel, kernels: dict, repo
 
 
 def _print_decisions(ui: Ui, decisions: Sequence) -> None:
-    """The merges the cost model weighed: kernels, MACs and (with --cost latency) both measured times, and the choice."""
+    """The merges the cost model weighed: kernels, MACs, both measured times (with --cost latency), the choice."""
     if not decisions:
         return
-    table = terminal.table(f"cost decisions ({len(decisions)})", "where", "kind", "kernels", "MACs", "time",
-                           "chosen")
+    table = terminal.table(f"cost decisions ({len(decisions)})", "where", "kind", "kernels", "MACs", "time", "chosen")
     for d in decisions:
         timed = d.before_s is not None and d.after_s is not None
-        table.add_row(d.where, d.kind, f"{d.before_kernels} -> {d.after_kernels}",
-                      f"{_fmt_count(d.before_macs)} -> {_fmt_count(d.after_macs)}",
-                      f"{d.before_s * 1e3:.3g} -> {d.after_s * 1e3:.3g} ms" if timed else "not timed",
-                      "merged" if d.merged else "kept")
+        table.add_row(
+            d.where,
+            d.kind,
+            f"{d.before_kernels} -> {d.after_kernels}",
+            f"{_fmt_count(d.before_macs)} -> {_fmt_count(d.after_macs)}",
+            f"{d.before_s * 1e3:.3g} -> {d.after_s * 1e3:.3g} ms" if timed else "not timed",
+            "merged" if d.merged else "kept",
+        )
     ui.out.print(table)
 
 
-def _print_legend(ui: Ui, rewrites: Sequence, refusals: Sequence,
-                  groups: Sequence[str] = ("rewrite", "op", "refusal")) -> None:
+def _print_legend(
+    ui: Ui, rewrites: Sequence, refusals: Sequence, groups: Sequence[str] = ("rewrite", "op", "refusal")
+) -> None:
     """Each kind of rewrite, op and refusal (of ``groups``) the report above uses, explained once."""
     from reparam import glossary
 
@@ -981,39 +1153,69 @@ def _print_quant_report(ui: Ui, analysis: Any) -> None:
     """The per-layer table of :func:`reparam.quant.analyze_model` and a summary of the flagged layers."""
     from reparam import quant
 
-    table = terminal.table(f"int{analysis.bits} weight quantization of the fused model "
-                           f"({_plural(len(analysis.layers), 'conv/linear layer')}; SNR in dB, ⚠ flagged)",
-                           "layer", "kind", ("max\n|w|", "right"), ("max|w|\n/std", "right"),
-                           ("channel\nspread", "right"), ("SNR per\ntensor", "right"), ("worst\nchannel", "right"),
-                           ("SNR per\nchannel", "right"), "", compact=True)
+    table = terminal.table(
+        f"int{analysis.bits} weight quantization of the fused model "
+        f"({_plural(len(analysis.layers), 'conv/linear layer')}; SNR in dB, ⚠ flagged)",
+        "layer",
+        "kind",
+        ("max\n|w|", "right"),
+        ("max|w|\n/std", "right"),
+        ("channel\nspread", "right"),
+        ("SNR per\ntensor", "right"),
+        ("worst\nchannel", "right"),
+        ("SNR per\nchannel", "right"),
+        "",
+        compact=True,
+    )
     for column in table.columns[2:]:  # numbers are never folded; the layer names give way first
         column.no_wrap = True
     for layer in analysis.layers:
         style = "red" if layer.advice == "keep in higher precision" else ("yellow" if layer.flagged else None)
-        table.add_row(layer.name, layer.kind, f"{max(abs(layer.w_min), abs(layer.w_max)):.3g}",
-                      f"{layer.outlier_ratio:.1f}",
-                      f"{layer.channel_spread:.1f}", _fmt_db(layer.per_tensor_snr_db),
-                      _fmt_db(layer.per_tensor_worst_channel_snr_db), _fmt_db(layer.per_channel_snr_db),
-                      "⚠" if layer.advice else "", style=style)  # the advice: in the lines below the table
+        table.add_row(
+            layer.name,
+            layer.kind,
+            f"{max(abs(layer.w_min), abs(layer.w_max)):.3g}",
+            f"{layer.outlier_ratio:.1f}",
+            f"{layer.channel_spread:.1f}",
+            _fmt_db(layer.per_tensor_snr_db),
+            _fmt_db(layer.per_tensor_worst_channel_snr_db),
+            _fmt_db(layer.per_channel_snr_db),
+            "⚠" if layer.advice else "",
+            style=style,
+        )  # the advice: in the lines below the table
     ui.out.print(table)
     flagged = analysis.flagged
-    rule = (f"flagged: per-tensor SNR < {analysis.snr_threshold_db:g} dB, a channel's SNR < "
-            f"{analysis.channel_snr_threshold_db:g} dB or max|w|/std > {analysis.outlier_threshold:g}")
+    rule = (
+        f"flagged: per-tensor SNR < {analysis.snr_threshold_db:g} dB, a channel's SNR < "
+        f"{analysis.channel_snr_threshold_db:g} dB or max|w|/std > {analysis.outlier_threshold:g}"
+    )
     if not flagged:
-        terminal.paragraph(ui.out, f"quantization: no layer flagged ({rule}); symmetric int{analysis.bits} weights "
-                           "should be fine")
+        terminal.paragraph(
+            ui.out, f"quantization: no layer flagged ({rule}); symmetric int{analysis.bits} weights should be fine"
+        )
         return
-    terminal.paragraph(ui.out, f"quantization: {len(flagged)} of {_plural(len(analysis.layers), 'layer')} flagged "
-                       f"({rule})")
+    terminal.paragraph(
+        ui.out, f"quantization: {len(flagged)} of {_plural(len(analysis.layers), 'layer')} flagged ({rule})"
+    )
     for layer in flagged:
-        fix = ("quantize it per channel" if layer.advice == "per-channel"
-               else "keep it in float16/float32 or clip its outliers: per-channel quantization is not enough")
-        terminal.paragraph(ui.out, f"  {layer.name}: {'; '.join(layer.flags)}; with per-channel scales: SNR "
-                           f"{_fmt_db(layer.per_channel_snr_db)} dB, worst channel "
-                           f"{_fmt_db(layer.per_channel_worst_channel_snr_db)} dB → {fix}", indent="    ")
-    terminal.paragraph(ui.out, "see docs/quantization.md for remedies (per-channel scales, QARepVGG-style training, "
-                       f"clipping, mixed precision); thresholds: reparam.quant (SNR_THRESHOLD_DB = "
-                       f"{quant.SNR_THRESHOLD_DB:g})")
+        fix = (
+            "quantize it per channel"
+            if layer.advice == "per-channel"
+            else "keep it in float16/float32 or clip its outliers: per-channel quantization is not enough"
+        )
+        terminal.paragraph(
+            ui.out,
+            f"  {layer.name}: {'; '.join(layer.flags)}; with per-channel scales: SNR "
+            f"{_fmt_db(layer.per_channel_snr_db)} dB, worst channel "
+            f"{_fmt_db(layer.per_channel_worst_channel_snr_db)} dB → {fix}",
+            indent="    ",
+        )
+    terminal.paragraph(
+        ui.out,
+        "see docs/quantization.md for remedies (per-channel scales, QARepVGG-style training, "
+        f"clipping, mixed precision); thresholds: reparam.quant (SNR_THRESHOLD_DB = "
+        f"{quant.SNR_THRESHOLD_DB:g})",
+    )
 
 
 def _rewrite_cells(rewrite: Any) -> tuple[str, str, str, str]:
@@ -1036,8 +1238,9 @@ def _submodule(model: torch.nn.Module, name: str) -> torch.nn.Module:
         return model.get_submodule(name)
     except AttributeError:
         children = ", ".join(n for n, _ in list(model.named_children())[:6])
-        raise UsageError(f"no submodule {name!r} in the model. Give a dotted module name, e.g. one of: "
-                         f"{children}") from None
+        raise UsageError(
+            f"no submodule {name!r} in the model. Give a dotted module name, e.g. one of: {children}"
+        ) from None
 
 
 def _draw_block(loaded: LoadedModel, name: str | None, path: Path) -> tuple[str, str]:
@@ -1064,8 +1267,9 @@ def _draw_block(loaded: LoadedModel, name: str | None, path: Path) -> tuple[str,
     try:
         before = fx.symbolic_trace(block)
     except Exception as exc:
-        raise UsageError(f"block {name!r} cannot be traced by torch.fx ({type(exc).__name__}). Name another one "
-                         "with --block") from exc
+        raise UsageError(
+            f"block {name!r} cannot be traced by torch.fx ({type(exc).__name__}). Name another one with --block"
+        ) from exc
     after = reparam.fuse(block, seen[0])
     if not isinstance(after, fx.GraphModule):
         after = fx.symbolic_trace(after)
@@ -1084,8 +1288,11 @@ def cmd_list(args: argparse.Namespace, ui: Ui) -> int:
     archs = catalog.ARCHITECTURES
     name_width = max(len(a.name) for a in archs)
     size_width = max(len(",".join(map(str, a.input_size))) for a in archs)
-    ui.out.print("reparam.models architectures (use the name with --arch; input C,H,W; default classes):",
-                 highlight=False, markup=False)
+    ui.out.print(
+        "reparam.models architectures (use the name with --arch; input C,H,W; default classes):",
+        highlight=False,
+        markup=False,
+    )
     for arch in archs:
         size = ",".join(map(str, arch.input_size))
         head = f"  {arch.name:<{name_width}}  {size:<{size_width}}  {arch.num_classes:>4}  "
@@ -1094,14 +1301,18 @@ def cmd_list(args: argparse.Namespace, ui: Ui) -> int:
         for line in lines[1:]:
             ui.out.print(" " * len(head) + line, highlight=False, markup=False, soft_wrap=True)
     ui.out.print("", highlight=False)
-    for prefix, package, how in (("timm:", "timm", "timm.list_models()"),
-                                 ("torchvision:", "torchvision", "torchvision.models.list_models()"),
-                                 ("ultralytics:", "ultralytics",
-                                  "the yamls in ultralytics/cfg/models, e.g. yolov8n.yaml")):
+    for prefix, package, how in (
+        ("timm:", "timm", "timm.list_models()"),
+        ("torchvision:", "torchvision", "torchvision.models.list_models()"),
+        ("ultralytics:", "ultralytics", "the yamls in ultralytics/cfg/models, e.g. yolov8n.yaml"),
+    ):
         version = package_version(package)
         state = f"{package} {version} installed" if version else f"{package} not installed: pip install {package}"
-        terminal.paragraph(ui.out, f"{prefix}NAME  any {package} model, random init, no download ({state}; "
-                           f"names: {how})", indent="    ")
+        terminal.paragraph(
+            ui.out,
+            f"{prefix}NAME  any {package} model, random init, no download ({state}; names: {how})",
+            indent="    ",
+        )
     return EXIT_OK
 
 
@@ -1110,8 +1321,11 @@ def cmd_explain(args: argparse.Namespace, ui: Ui) -> int:
     from reparam import glossary
 
     if args.kind is None:
-        for group, title in (("rewrite", "rewrite kinds"), ("op", "what a region held (the before column)"),
-                             ("refusal", "kinds of refusal (the why column)")):
+        for group, title in (
+            ("rewrite", "rewrite kinds"),
+            ("op", "what a region held (the before column)"),
+            ("refusal", "kinds of refusal (the why column)"),
+        ):
             ui.out.print(f"{title}:", highlight=False, markup=False)
             for name, entry in glossary.GLOSSARY.items():
                 if entry.group == group:
@@ -1137,12 +1351,16 @@ def _error_line(exc: BaseException) -> tuple[str, int]:
         return message, EXIT_FAILURE
     if isinstance(exc, OSError):  # an I/O failure nothing above turned into an InputError: still not a verification one
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-        return (f"I/O error{where}: {exc.strerror or message}. Check the path, the free space and the permissions, "
-                "or re-run with --debug"), EXIT_USAGE
+        return (
+            f"I/O error{where}: {exc.strerror or message}. Check the path, the free space and the permissions, "
+            "or re-run with --debug"
+        ), EXIT_USAGE
     if isinstance(exc, ReparamError):
         return f"{message.rstrip('.')}. Re-run with --debug for details", EXIT_FAILURE
-    return (f"unexpected {type(exc).__name__}: {message.rstrip('.')}. Re-run with --debug for the traceback "
-            "and please report it"), EXIT_FAILURE
+    return (
+        f"unexpected {type(exc).__name__}: {message.rstrip('.')}. Re-run with --debug for the traceback "
+        "and please report it"
+    ), EXIT_FAILURE
 
 
 class Interrupted(KeyboardInterrupt):
@@ -1204,8 +1422,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return args.func(args, ui)
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", signal.SIGINT)
-        ui.err.print(f"error: interrupted by {signal.Signals(signum).name}. Temporary files were removed; outputs are "
-                     "only ever written whole", highlight=False)
+        ui.err.print(
+            f"error: interrupted by {signal.Signals(signum).name}. Temporary files were removed; outputs are "
+            "only ever written whole",
+            highlight=False,
+        )
         return 128 + signum
     except Exception as exc:  # noqa: BLE001  the command's boundary: every failure ends as its one-line message
         if debug:  # (with its exit code, and a traceback with --debug)

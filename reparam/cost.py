@@ -14,6 +14,7 @@ MACs are counted in one currency everywhere: what :class:`torch.utils.flop_count
 (convolutions and matrix products; BatchNorms, channel-wise ops, pads, pools and adds cost none), so that under
 ``cost="macs"`` ``reparam.stats.count_macs(fused) <= count_macs(original)``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -92,8 +93,11 @@ class MacCost:
         before, after = _macs(candidate.before_macs), _macs(candidate.after_macs)
         if not candidate.more_macs:
             return Decision(True, f"{after} MACs, not more than {before}")
-        return Decision(False, f"kept {_kernels(candidate.before_kernels)}: merging would cost more MACs than it "
-                               f"saves ({before} -> {after})")
+        return Decision(
+            False,
+            f"kept {_kernels(candidate.before_kernels)}: merging would cost more MACs than it "
+            f"saves ({before} -> {after})",
+        )
 
 
 Measure = Callable[[nn.Module, nn.Module, tuple], tuple[float, float]]
@@ -110,8 +114,14 @@ class LatencyCost:
 
     name = "latency"
 
-    def __init__(self, device=None, dtype: torch.dtype = torch.float32, cache=None, measure: Optional[Measure] = None,
-                 noise: float = NOISE):
+    def __init__(
+        self,
+        device=None,
+        dtype: torch.dtype = torch.float32,
+        cache=None,
+        measure: Optional[Measure] = None,
+        noise: float = NOISE,
+    ):
         self.device = torch.device("cpu" if device is None else device)
         self.dtype = dtype
         self.cache = cache if isinstance(cache, LatencyCache) else LatencyCache.at(cache)
@@ -121,15 +131,24 @@ class LatencyCost:
 
     def decide(self, candidate: Candidate) -> Decision:
         if candidate.certain:
-            return Decision(True, f"{_kernels(candidate.before_kernels)} -> {_kernels(candidate.after_kernels)}, "
-                                  f"{_macs(candidate.after_macs)} MACs, not more than "
-                                  f"{_macs(candidate.before_macs)}: not timed")
+            return Decision(
+                True,
+                f"{_kernels(candidate.before_kernels)} -> {_kernels(candidate.after_kernels)}, "
+                f"{_macs(candidate.after_macs)} MACs, not more than "
+                f"{_macs(candidate.before_macs)}: not timed",
+            )
         forms = self._forms(candidate)
         if isinstance(forms, str):  # cannot be timed: the MAC rule decides, and says why
             return self._untimed(candidate, forms)
-        key = "|".join((device_name(self.device), str(self.dtype).replace("torch.", ""),
-                        "x".join(",".join(map(str, s)) for s in candidate.input_shapes),
-                        signature(forms[0]), signature(forms[1])))
+        key = "|".join(
+            (
+                device_name(self.device),
+                str(self.dtype).replace("torch.", ""),
+                "x".join(",".join(map(str, s)) for s in candidate.input_shapes),
+                signature(forms[0]),
+                signature(forms[1]),
+            )
+        )
         entry = self.cache.get(key)
         if entry is None:
             inputs = tuple(torch.randn(tuple(s), device=self.device, dtype=self.dtype) for s in candidate.input_shapes)
@@ -139,8 +158,11 @@ class LatencyCost:
             except Exception as err:  # noqa: BLE001 - any failure to run a form alone: the MAC rule decides, says why
                 return self._untimed(candidate, f"{type(err).__name__}: {err}")
             self.measured += 1
-            entry = {"before_s": float(before_s), "after_s": float(after_s),
-                     "merge": self._faster_merged(candidate, before_s, after_s)}
+            entry = {
+                "before_s": float(before_s),
+                "after_s": float(after_s),
+                "merge": self._faster_merged(candidate, before_s, after_s),
+            }
             self.cache.put(key, entry)
         return self._decision(candidate, entry)
 
@@ -186,8 +208,13 @@ class LatencyCost:
         tie = f"a tie within {self.noise:.0%}, and merging costs {'more' if candidate.more_macs else 'no more'} MACs"
         if merge:
             verdict = tie if self._tie(before_s, after_s) else "measured faster"
-            return Decision(True, f"merged {_kernels(candidate.before_kernels)} into "
-                                  f"{_kernels(candidate.after_kernels)}: {verdict} ({times})", before_s, after_s)
+            return Decision(
+                True,
+                f"merged {_kernels(candidate.before_kernels)} into "
+                f"{_kernels(candidate.after_kernels)}: {verdict} ({times})",
+                before_s,
+                after_s,
+            )
         verdict = tie if self._tie(before_s, after_s) else "merging is measured slower"
         return Decision(False, f"kept {_kernels(candidate.before_kernels)}: {verdict} ({times})", before_s, after_s)
 
@@ -201,8 +228,10 @@ def resolve_cost(cost, device=None, dtype: torch.dtype = torch.float32):
         return LatencyCost(_device(device), dtype)
     if not isinstance(cost, str) and callable(getattr(cost, "decide", None)):
         return cost
-    raise ReparamError(f"cost must be one of {', '.join(map(repr, COST_NAMES))} or a cost model with a "
-                       f"decide(candidate) method, got {cost!r}")
+    raise ReparamError(
+        f"cost must be one of {', '.join(map(repr, COST_NAMES))} or a cost model with a "
+        f"decide(candidate) method, got {cost!r}"
+    )
 
 
 def _device(device) -> torch.device:
@@ -217,10 +246,18 @@ def ask(model: CostModel, candidate: Candidate, report=None) -> Decision:
     was timed) is listed in ``report.decisions``, so the report says why every doubtful merge went as it did."""
     decision = model.decide(candidate)
     if report is not None and (not candidate.certain or decision.before_s is not None):
-        report.decide(where=candidate.where, kind=candidate.kind, merged=decision.merge, reason=decision.reason,
-                      before_kernels=candidate.before_kernels, after_kernels=candidate.after_kernels,
-                      before_macs=float(candidate.before_macs), after_macs=float(candidate.after_macs),
-                      before_s=decision.before_s, after_s=decision.after_s)
+        report.decide(
+            where=candidate.where,
+            kind=candidate.kind,
+            merged=decision.merge,
+            reason=decision.reason,
+            before_kernels=candidate.before_kernels,
+            after_kernels=candidate.after_kernels,
+            before_macs=float(candidate.before_macs),
+            after_macs=float(candidate.after_macs),
+            before_s=decision.before_s,
+            after_s=decision.after_s,
+        )
     return decision
 
 
@@ -306,8 +343,10 @@ def signature(module: nn.Module) -> str:
                 what = getattr(node.target, "__name__", str(node.target))
             lines.append(f"{node.op}:{what}{args}")
         return "graph(" + "; ".join(lines) + ")"
-    tensors = ",".join(f"{n}={_tensor_signature(t)}" for n, t in
-                       list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)))
+    tensors = ",".join(
+        f"{n}={_tensor_signature(t)}"
+        for n, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+    )
     children = ",".join(signature(c) for c in module.children())
     return f"{type(module).__name__}({module.extra_repr()})[{tensors}]{{{children}}}"
 
@@ -319,8 +358,16 @@ def _tensor_signature(t) -> str:
 # ---------------------------------------------------------------------------------------------- timing
 
 
-def interleaved_seconds(before: nn.Module, after: nn.Module, inputs: tuple, warmup: int = 3, rounds: int = 15,
-                        sample_s: float = 1e-3, max_rounds: int = 60, batch: int = 5) -> tuple[float, float]:
+def interleaved_seconds(
+    before: nn.Module,
+    after: nn.Module,
+    inputs: tuple,
+    warmup: int = 3,
+    rounds: int = 15,
+    sample_s: float = 1e-3,
+    max_rounds: int = 60,
+    batch: int = 5,
+) -> tuple[float, float]:
     """Seconds per run of each form, timed alternately (A B, B A, ...) after ``warmup`` rounds, on the caller's
     thread count (synchronising CUDA after each run): ``before`` the median of its rounds, ``after`` that times the
     median of the rounds' after/before ratios (each round's two samples are neighbours in time, so a burst of other
@@ -338,8 +385,9 @@ def interleaved_seconds(before: nn.Module, after: nn.Module, inputs: tuple, warm
     times: list = [[], []]
     margin = 3 * NOISE
     while True:
-        more = interleaved_times_ms([before, after], inputs, warmup=0, rounds=batch, passes=passes, alternate=True,
-                                    best=True)
+        more = interleaved_times_ms(
+            [before, after], inputs, warmup=0, rounds=batch, passes=passes, alternate=True, best=True
+        )
         times = [t + m for t, m in zip(times, more, strict=True)]
         ratios = [x / y for x, y in zip(times[1], times[0], strict=True)]
         b = statistics.median(times[0]) / 1e3
@@ -384,4 +432,3 @@ def _macs(n: float) -> str:
         if n >= size:
             return f"{n / size:.3g}{unit}"
     return f"{n:.3g}"
-

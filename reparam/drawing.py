@@ -96,8 +96,10 @@ def _edges(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
 
 def graph_to_dot(graphs: Mapping[str, fx.GraphModule]) -> str:
     """Graphviz source drawing each graph of ``graphs`` (title -> GraphModule) side by side, as clusters."""
-    lines = ["digraph reparam {",
-             '  rankdir=TB; node [shape=box, style="rounded,filled", fillcolor="#eef3fb", fontname="Helvetica"];']
+    lines = [
+        "digraph reparam {",
+        '  rankdir=TB; node [shape=box, style="rounded,filled", fillcolor="#eef3fb", fontname="Helvetica"];',
+    ]
     for index, (title, gm) in enumerate(graphs.items()):
         ids = {n: f"g{index}_{i}" for i, n in enumerate(_drawable_nodes(gm))}
         lines.append(f'  subgraph cluster_{index} {{ label="{_escape(title)}"; fontname="Helvetica";')
@@ -150,26 +152,31 @@ def graph_renderer(path: str | os.PathLike) -> str:
     if fmt == "dot":
         return "graphviz source"
     if fmt not in _RENDER_FORMATS:
-        raise GraphDrawingError(f"cannot draw to {Path(path).name}: unknown file type. "
-                                "Use a .svg, .png, .pdf or .dot file name")
+        raise GraphDrawingError(
+            f"cannot draw to {Path(path).name}: unknown file type. Use a .svg, .png, .pdf or .dot file name"
+        )
     if shutil.which("dot") is not None:
         return "graphviz"
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise GraphDrawingError("drawing a graph needs Graphviz or matplotlib, and neither is installed. "
-                                "Install one (`apt install graphviz` or `pip install matplotlib`), "
-                                "or write Graphviz source with --graph FILE.dot") from None
+        raise GraphDrawingError(
+            "drawing a graph needs Graphviz or matplotlib, and neither is installed. "
+            "Install one (`apt install graphviz` or `pip install matplotlib`), "
+            "or write Graphviz source with --graph FILE.dot"
+        ) from None
     return "matplotlib"
 
 
 def _run_dot(dot: str, fmt: str, source: str, out: Path) -> None:
-    result = subprocess.run([dot, f"-T{fmt}", "-o", str(out)], input=source, text=True, capture_output=True,
-                            timeout=120)
+    result = subprocess.run(
+        [dot, f"-T{fmt}", "-o", str(out)], input=source, text=True, capture_output=True, timeout=120
+    )
     if result.returncode != 0:
         reason = result.stderr.strip().splitlines()[0] if result.stderr.strip() else f"exit code {result.returncode}"
-        raise GraphDrawingError(f"Graphviz failed ({reason}). Write the source with --graph FILE.dot and render it "
-                                "yourself")
+        raise GraphDrawingError(
+            f"Graphviz failed ({reason}). Write the source with --graph FILE.dot and render it yourself"
+        )
 
 
 def _layout(gm: fx.GraphModule) -> dict[fx.Node, tuple[float, float]]:
@@ -198,11 +205,19 @@ def _draw_matplotlib(graphs: Mapping[str, fx.GraphModule], out: Path, fmt: str) 
         positions = layouts[title]
         for a, b in _edges(gm):
             (x0, y0), (x1, y1) = positions[a], positions[b]
-            ax.annotate("", xy=(x1, y1 + 0.18), xytext=(x0, y0 - 0.18),
-                        arrowprops={"arrowstyle": "->", "color": "#555"})
+            ax.annotate(
+                "", xy=(x1, y1 + 0.18), xytext=(x0, y0 - 0.18), arrowprops={"arrowstyle": "->", "color": "#555"}
+            )
         for node, (x, y) in positions.items():
-            ax.text(x, y, _node_label(gm, node), ha="center", va="center", fontsize=8,
-                    bbox={"boxstyle": "round", "facecolor": "#eef3fb", "edgecolor": "#4a6fa5"})
+            ax.text(
+                x,
+                y,
+                _node_label(gm, node),
+                ha="center",
+                va="center",
+                fontsize=8,
+                bbox={"boxstyle": "round", "facecolor": "#eef3fb", "edgecolor": "#4a6fa5"},
+            )
         ax.set_xlim(-width / 2 - 0.5, width / 2 + 0.5)
         ax.set_ylim(lowest - 0.6, 0.6)
         ax.set_title(title)

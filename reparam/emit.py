@@ -1,4 +1,5 @@
 """Affine -> a plain torch.nn module (ConvNd, Linear, ChannelAffine), built without default init."""
+
 from __future__ import annotations
 
 import torch
@@ -57,9 +58,17 @@ def to_module(a: A.Affine, dtype: torch.dtype, device: torch.device | str) -> nn
     if not symmetric and a.padding_mode != "zeros":
         return None
     with torch.device("meta"):
-        m = _CONVS[a.nd](a.in_channels, a.out_channels, a.kernel, a.stride,
-                         a.pad_lo if symmetric else 0, a.dilation, a.groups,
-                         bias=a.bias is not None, padding_mode=a.padding_mode)
+        m = _CONVS[a.nd](
+            a.in_channels,
+            a.out_channels,
+            a.kernel,
+            a.stride,
+            a.pad_lo if symmetric else 0,
+            a.dilation,
+            a.groups,
+            bias=a.bias is not None,
+            padding_mode=a.padding_mode,
+        )
     m.weight = _param(a.weight, dtype, device)
     if a.bias is not None:
         m.bias = _param(a.bias, dtype, device)

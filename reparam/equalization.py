@@ -12,6 +12,7 @@ Every layer whose weights changed gets a report rewrite ``where: int8 per-tensor
 ``equalize``; SNR as defined in :mod:`reparam.quant`); every producer left alone gets a refusal with the
 reason.  The numbers are also at ``report.equalization`` (an :class:`Equalization`; ``fused.reparam_report``).
 """
+
 from __future__ import annotations
 
 import copy
@@ -68,10 +69,15 @@ class Equalization:
         return min((r.after_db for r in self.layers), default=math.inf)
 
     def __str__(self) -> str:
-        lines = [f"equalization: {self.links} layer pairs, {self.rounds} rounds; worst per-tensor int8 weight SNR "
-                 f"{self.worst_before_db:.1f} -> {self.worst_after_db:.1f} dB"]
-        lines += [f"  {r.name}: {r.before_db:.1f} -> {r.after_db:.1f} dB (worst channel "
-                  f"{r.before_worst_channel_db:.1f} -> {r.after_worst_channel_db:.1f} dB)" for r in self.layers]
+        lines = [
+            f"equalization: {self.links} layer pairs, {self.rounds} rounds; worst per-tensor int8 weight SNR "
+            f"{self.worst_before_db:.1f} -> {self.worst_after_db:.1f} dB"
+        ]
+        lines += [
+            f"  {r.name}: {r.before_db:.1f} -> {r.after_db:.1f} dB (worst channel "
+            f"{r.before_worst_channel_db:.1f} -> {r.after_worst_channel_db:.1f} dB)"
+            for r in self.layers
+        ]
         if self.max_rel_error is not None:
             lines.append(f"  verified: relative error {self.max_rel_error:.1e} (float64)")
         return "\n".join(lines)
@@ -88,8 +94,11 @@ def _graphs(model: nn.Module) -> list[tuple[str, fx.GraphModule]]:
 
 def _weights(model: nn.Module) -> dict:
     """Copies of every module's ``weight``, by the name :func:`reparam.quant.analyze_model` gives the layer."""
-    return {name or "(model)": m.weight.detach().clone() for name, m in model.named_modules()
-            if isinstance(getattr(m, "weight", None), torch.Tensor)}
+    return {
+        name or "(model)": m.weight.detach().clone()
+        for name, m in model.named_modules()
+        if isinstance(getattr(m, "weight", None), torch.Tensor)
+    }
 
 
 def _run(model: nn.Module, inputs: tuple):
@@ -117,22 +126,43 @@ def equalize_in_place(model: nn.Module, inputs: tuple | None, report: Report, ch
         result.links += len(done)
         result.rounds, result.last_change = max(result.rounds, rounds), max(result.last_change, change)
     if result.last_change >= CONVERGED:
-        report.notes.append(f"equalization stopped after {MAX_ROUNDS} rounds with scales still moving by up to "
-                            f"{result.last_change:.1e} (not fully balanced; still exact)")
+        report.notes.append(
+            f"equalization stopped after {MAX_ROUNDS} rounds with scales still moving by up to "
+            f"{result.last_change:.1e} (not fully balanced; still exact)"
+        )
     after_w = _weights(model)
     for row in analyze_model(model).layers:
         old = before.get(row.name)
         if old is None or torch.equal(before_w[row.name], after_w[row.name]):
             continue
-        result.layers.append(LayerSNR(row.name, old.per_tensor_snr_db, row.per_tensor_snr_db,
-                                      old.per_tensor_worst_channel_snr_db, row.per_tensor_worst_channel_snr_db))
-        report.rewrites.append(Rewrite(row.name, f"int8 per-tensor SNR {old.per_tensor_snr_db:.1f} dB",
-                                       f"{row.per_tensor_snr_db:.1f} dB", ("equalize",)))
+        result.layers.append(
+            LayerSNR(
+                row.name,
+                old.per_tensor_snr_db,
+                row.per_tensor_snr_db,
+                old.per_tensor_worst_channel_snr_db,
+                row.per_tensor_worst_channel_snr_db,
+            )
+        )
+        report.rewrites.append(
+            Rewrite(
+                row.name,
+                f"int8 per-tensor SNR {old.per_tensor_snr_db:.1f} dB",
+                f"{row.per_tensor_snr_db:.1f} dB",
+                ("equalize",),
+            )
+        )
     if reference is not None:
         x = random_like(inputs) if is_degenerate(inputs) else inputs
         noisy = perturbed(reference)
-        result.max_rel_error = compare_outputs(_run(model, x), _run(reference, x), "equalized output", EXACT,
-                                               noise=lambda: _run(noisy, x), notes=report.notes)
+        result.max_rel_error = compare_outputs(
+            _run(model, x),
+            _run(reference, x),
+            "equalized output",
+            EXACT,
+            noise=lambda: _run(noisy, x),
+            notes=report.notes,
+        )
     elif check:
         report.notes.append("equalization not verified: no example inputs")
     report.notes.append(str(result).splitlines()[0])
@@ -155,8 +185,10 @@ def equalize(model: nn.Module, example_inputs=None, *, check: bool = True) -> nn
         try:
             work = T.symbolic_trace(work)
         except Exception as err:  # noqa: BLE001  tracing the user's code: any failure is reported, chained
-            raise ReparamError(f"{type(model).__name__} does not trace with torch.fx ({type(err).__name__}); "
-                               "fuse it first: reparam.fuse(model, equalize=True)") from err
+            raise ReparamError(
+                f"{type(model).__name__} does not trace with torch.fx ({type(err).__name__}); "
+                "fuse it first: reparam.fuse(model, equalize=True)"
+            ) from err
     dtypes = {n: t.dtype for n, t in list(work.named_parameters()) + list(work.named_buffers())}
     device = next((p.device for p in work.parameters()), torch.device("cpu"))
     work.to(device="cpu", dtype=torch.float64)

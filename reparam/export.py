@@ -100,8 +100,9 @@ def _batch_size(args: tuple) -> int | None:
     return sizes.pop() if len(sizes) == 1 else None
 
 
-def export_program(model: torch.nn.Module, example_inputs: Any,
-                   dynamic_batch: bool = True) -> torch.export.ExportedProgram:
+def export_program(
+    model: torch.nn.Module, example_inputs: Any, dynamic_batch: bool = True
+) -> torch.export.ExportedProgram:
     """``torch.export.export`` of ``model`` in eval semantics, with a dynamic batch axis when possible.
 
     torch.export specialises a batch of 1, so the trace uses the example inputs repeated to a batch of 2.  When
@@ -119,8 +120,10 @@ def export_program(model: torch.nn.Module, example_inputs: Any,
     try:
         return torch.export.export(model, args)
     except Exception as exc:
-        raise ExportError(f"torch.export could not trace the model ({type(exc).__name__}: {one_line(exc)}). "
-                          "Re-run with --debug for the full error") from exc
+        raise ExportError(
+            f"torch.export could not trace the model ({type(exc).__name__}: {one_line(exc)}). "
+            "Re-run with --debug for the full error"
+        ) from exc
 
 
 def _is_dynamic(program: torch.export.ExportedProgram) -> bool:
@@ -174,9 +177,11 @@ def _verify(
     bad = {name: err for name, err in errors.items() if not err <= tolerance}
     if bad and check:
         detail = ", ".join(f"{err:.3g} vs the {name} model" for name, err in bad.items())
-        raise ExportMismatchError(f"the {what} disagrees with the model it was exported from: relative error "
-                                  f"{detail} (tolerance {tolerance:g}). Re-run with --no-check to keep the file anyway "
-                                  "and inspect it, or report the model")
+        raise ExportMismatchError(
+            f"the {what} disagrees with the model it was exported from: relative error "
+            f"{detail} (tolerance {tolerance:g}). Re-run with --no-check to keep the file anyway "
+            "and inspect it, or report the model"
+        )
     return errors, abs_errors
 
 
@@ -236,8 +241,10 @@ def export_pt2(
     program = program if program is not None else export_program(model, args)
     foreign = foreign_references(program)
     if foreign:
-        raise ExportError(f"the exported program calls reparam code ({', '.join(foreign[:3])}), so it would not load "
-                          "without reparam. This is a bug in reparam; please report it")
+        raise ExportError(
+            f"the exported program calls reparam code ({', '.join(foreign[:3])}), so it would not load "
+            "without reparam. This is a bug in reparam; please report it"
+        )
     dynamic = _is_dynamic(program)
     tol = tolerance if tolerance is not None else default_tolerance(_output_dtype(model, args))
 
@@ -293,8 +300,9 @@ def export_onnx(
 
     try:
         with contextlib.redirect_stdout(_io.StringIO()):
-            onnx_program = torch.onnx.export(program, opset_version=opset, input_names=input_names,
-                                             output_names=output_names, verbose=False)
+            onnx_program = torch.onnx.export(
+                program, opset_version=opset, input_names=input_names, output_names=output_names, verbose=False
+            )
     except Exception as exc:
         raise _onnx_failure(exc) from exc
 
@@ -304,8 +312,14 @@ def export_onnx(
             onnx.checker.check_model(str(tmp), full_check=True)
         except Exception as exc:
             raise _onnx_failure(exc) from exc
-        written_opset = max((o.version for o in onnx.load(str(tmp), load_external_data=False).opset_import
-                             if o.domain in ("", "ai.onnx")), default=opset)
+        written_opset = max(
+            (
+                o.version
+                for o in onnx.load(str(tmp), load_external_data=False).opset_import
+                if o.domain in ("", "ai.onnx")
+            ),
+            default=opset,
+        )
         session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         names = [i.name for i in session.get_inputs()]
 
@@ -313,8 +327,14 @@ def export_onnx(
             feeds = [t for t in a if isinstance(t, torch.Tensor)]
             return session.run(None, {n: t.detach().cpu().numpy() for n, t in zip(names, feeds, strict=False)})
 
-        errors, abs_errors = _verify(run, _references(model, original), _verification_inputs(args, dynamic), tol, check,
-                                     "ONNX file (run in ONNX Runtime)")
+        errors, abs_errors = _verify(
+            run,
+            _references(model, original),
+            _verification_inputs(args, dynamic),
+            tol,
+            check,
+            "ONNX file (run in ONNX Runtime)",
+        )
         return errors, abs_errors, written_opset
 
     errors, abs_errors, written_opset = atomic_write(path, write)
@@ -323,5 +343,7 @@ def export_onnx(
 
 
 def _onnx_failure(exc: BaseException) -> ExportError:
-    return ExportError(f"ONNX export failed ({type(exc).__name__}: {one_line(exc)}). "
-                       "Re-run with --debug for the full error, or export only the .pt2 file")
+    return ExportError(
+        f"ONNX export failed ({type(exc).__name__}: {one_line(exc)}). "
+        "Re-run with --debug for the full error, or export only the .pt2 file"
+    )

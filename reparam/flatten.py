@@ -11,6 +11,7 @@ and tensors shared before stay shared.  Parameters stay parameters and buffers s
 State-dict keys of the GraphModule change accordingly (``stages.0.blocks.0.conv.reparam.weight`` ->
 ``stages_0_blocks_0_conv_reparam.weight``); the report, written before this step, names the original paths.
 """
+
 from __future__ import annotations
 
 import re

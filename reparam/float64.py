@@ -9,6 +9,7 @@ the speed.  Every other op, and every depthwise convolution this does not cover 
 multipliers, other dtypes and devices), runs as PyTorch has it.  (Autograd sits above this mode: a gradient
 through such a convolution is still PyTorch's own.)
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,9 +20,18 @@ aten = torch.ops.aten
 
 
 def _is_plain_depthwise(x, w, transposed: bool, groups: int) -> bool:
-    return (isinstance(x, torch.Tensor) and x.dtype == torch.float64 and x.device.type == "cpu" and x.dim() == 4
-            and not transposed and groups > 1 and x.shape[1] == groups and w.shape[0] == groups
-            and w.shape[1] == 1 and w.dtype == torch.float64)
+    return (
+        isinstance(x, torch.Tensor)
+        and x.dtype == torch.float64
+        and x.device.type == "cpu"
+        and x.dim() == 4
+        and not transposed
+        and groups > 1
+        and x.shape[1] == groups
+        and w.shape[0] == groups
+        and w.shape[1] == 1
+        and w.dtype == torch.float64
+    )
 
 
 def depthwise_conv2d(x: torch.Tensor, w: torch.Tensor, bias, stride, padding, dilation) -> torch.Tensor:
@@ -37,7 +47,7 @@ def depthwise_conv2d(x: torch.Tensor, w: torch.Tensor, bias, stride, padding, di
     out = torch.zeros(n, ho, wo, c, dtype=x.dtype)
     for i in range(kh):
         for j in range(kw):
-            window = padded[:, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw, :]
+            window = padded[:, i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw, :]
             out.addcmul_(window, taps[i * kw + j])
     if bias is not None:
         out += bias

@@ -20,6 +20,7 @@ evaluation inputs (the calibration samples unless others are given) before it ge
 the float model there (:class:`Agreement`: output SNR, top-1 agreement, max abs error).  Quantization changes
 the function, so nothing is enforced but finite outputs; the numbers and the calibration warnings are reported.
 """
+
 from __future__ import annotations
 
 import os
@@ -95,33 +96,65 @@ def _float_outputs(model: nn.Module, samples: Sequence[torch.Tensor]) -> torch.T
         return torch.cat([model(x) for x in samples])
 
 
-def _finish(path: Path, fmt: str, got: torch.Tensor, want: torch.Tensor, original: Optional[torch.Tensor],
-            runtime: str, per_channel: bool, calibration: Calibration, dynamic: bool, **extra) -> Int8Result:
+def _finish(
+    path: Path,
+    fmt: str,
+    got: torch.Tensor,
+    want: torch.Tensor,
+    original: Optional[torch.Tensor],
+    runtime: str,
+    per_channel: bool,
+    calibration: Calibration,
+    dynamic: bool,
+    **extra,
+) -> Int8Result:
     """The :class:`Int8Result` of a written file; raises :class:`ExportError` on non-finite outputs."""
     if not torch.isfinite(got).all():
-        raise ExportError(f"the int8 {fmt} program returns non-finite values in {runtime}. Check the calibration "
-                          "inputs (they set the activation ranges)")
+        raise ExportError(
+            f"the int8 {fmt} program returns non-finite values in {runtime}. Check the calibration "
+            "inputs (they set the activation ranges)"
+        )
     agree = agreement(got, want)
     warnings = list(calibration.warnings)
     if agree.snr_db < LOW_SNR_DB:
-        warnings.append(f"int8 {fmt} output SNR {agree.snr_db:.1f} dB < {LOW_SNR_DB:g} dB against the float model"
-                        + ("" if per_channel else "; per-channel weights usually do better") +
-                        "; see docs/quantization.md (equalization, mixed precision)")
+        warnings.append(
+            f"int8 {fmt} output SNR {agree.snr_db:.1f} dB < {LOW_SNR_DB:g} dB against the float model"
+            + ("" if per_channel else "; per-channel weights usually do better")
+            + "; see docs/quantization.md (equalization, mixed precision)"
+        )
     errors, abs_errors = {"fused": relative_error(got, want)}, {"fused": agree.max_abs}
     if original is not None:
         errors["original"] = relative_error(got, original)
         abs_errors["original"] = float((got.double() - original.double()).abs().max())
-    return Int8Result(path, fmt, path.stat().st_size, dynamic, errors, abs_errors, runtime=runtime,
-                      per_channel=per_channel, agreement=agree, calibration=calibration.source, warnings=warnings,
-                      verified_in=runtime, **extra)
+    return Int8Result(
+        path,
+        fmt,
+        path.stat().st_size,
+        dynamic,
+        errors,
+        abs_errors,
+        runtime=runtime,
+        per_channel=per_channel,
+        agreement=agree,
+        calibration=calibration.source,
+        warnings=warnings,
+        verified_in=runtime,
+        **extra,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ ExecuTorch
 
 
-def quantize_pte(model: nn.Module, calibration: Calibration, path: str | os.PathLike, *, per_channel: bool = True,
-                 eval_samples: Optional[Sequence[torch.Tensor]] = None,
-                 original: Optional[nn.Module] = None) -> Int8Result:
+def quantize_pte(
+    model: nn.Module,
+    calibration: Calibration,
+    path: str | os.PathLike,
+    *,
+    per_channel: bool = True,
+    eval_samples: Optional[Sequence[torch.Tensor]] = None,
+    original: Optional[nn.Module] = None,
+) -> Int8Result:
     """Quantize ``model`` (float32) with the PT2E flow for XNNPACK and write the ExecuTorch program (module
     docstring); returns how its outputs, run in ExecuTorch's runtime, agree with ``model``'s (and
     ``original``'s, when given)."""
@@ -133,7 +166,9 @@ def quantize_pte(model: nn.Module, calibration: Calibration, path: str | os.Path
     try:
         with _quiet_python(), torch.no_grad():
             from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-                XNNPACKQuantizer, get_symmetric_quantization_config)
+                XNNPACKQuantizer,
+                get_symmetric_quantization_config,
+            )
             from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
             quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=per_channel))
@@ -146,9 +181,11 @@ def quantize_pte(model: nn.Module, calibration: Calibration, path: str | os.Path
             delegated, total = _delegation(et["get_delegation_info"], edge)
             buffer = edge.to_executorch().buffer
     except Exception as exc:
-        raise ExportError(f"int8 quantization for ExecuTorch failed ({type(exc).__name__}: "
-                          f"{one_line(exc)}). Re-run with --debug "
-                          "for the full error") from exc
+        raise ExportError(
+            f"int8 quantization for ExecuTorch failed ({type(exc).__name__}: "
+            f"{one_line(exc)}). Re-run with --debug "
+            "for the full error"
+        ) from exc
     want = _float_outputs(model, samples)
     reference = _float_outputs(original, samples) if original is not None else None
 
@@ -159,8 +196,19 @@ def quantize_pte(model: nn.Module, calibration: Calibration, path: str | os.Path
             return torch.cat([method.execute([x.contiguous()])[0] for x in samples])
 
     got = atomic_write(path, write)
-    return _finish(Path(path), "pte", got, want, reference, f"ExecuTorch {et['version'] or ''} (XNNPACK)".strip(),
-                   per_channel, calibration, False, delegated=delegated, total_ops=total)
+    return _finish(
+        Path(path),
+        "pte",
+        got,
+        want,
+        reference,
+        f"ExecuTorch {et['version'] or ''} (XNNPACK)".strip(),
+        per_channel,
+        calibration,
+        False,
+        delegated=delegated,
+        total_ops=total,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ ONNX Runtime
@@ -180,9 +228,16 @@ def _reader(name: str, samples: Sequence[torch.Tensor]):
     return Reader()
 
 
-def quantize_onnx(model: nn.Module, calibration: Calibration, path: str | os.PathLike, *, per_channel: bool = True,
-                  opset: int = DEFAULT_OPSET, eval_samples: Optional[Sequence[torch.Tensor]] = None,
-                  original: Optional[nn.Module] = None) -> Int8Result:
+def quantize_onnx(
+    model: nn.Module,
+    calibration: Calibration,
+    path: str | os.PathLike,
+    *,
+    per_channel: bool = True,
+    opset: int = DEFAULT_OPSET,
+    eval_samples: Optional[Sequence[torch.Tensor]] = None,
+    original: Optional[nn.Module] = None,
+) -> Int8Result:
     """Export ``model`` to ONNX, quantize it statically to QDQ int8 with ONNX Runtime and write it (module
     docstring); returns how its outputs, run in ONNX Runtime, agree with ``model``'s (and ``original``'s)."""
     import onnxruntime
@@ -199,19 +254,34 @@ def quantize_onnx(model: nn.Module, calibration: Calibration, path: str | os.Pat
 
         def write(tmp: Path) -> torch.Tensor:
             with _quiet_python():
-                quantize_static(str(float_path), str(tmp), _reader("input", calibration.samples),
-                                quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                                calibrate_method=CalibrationMethod.MinMax)
+                quantize_static(
+                    str(float_path),
+                    str(tmp),
+                    _reader("input", calibration.samples),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=per_channel,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax,
+                )
             session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
             spec = session.get_inputs()[0]
             batches = [torch.cat(samples)] if not isinstance(spec.shape[0], int) else samples  # static batch: 1
-            return torch.cat([torch.from_numpy(session.run(None, {spec.name: np.ascontiguousarray(b.numpy())})[0])
-                              for b in batches])
+            return torch.cat(
+                [torch.from_numpy(session.run(None, {spec.name: np.ascontiguousarray(b.numpy())})[0]) for b in batches]
+            )
 
         got = atomic_write(path, write)
-    result = _finish(Path(path), "onnx", got, want, reference, f"ONNX Runtime {onnxruntime.__version__}", per_channel,
-                     calibration, float_result.dynamic_batch)
+    result = _finish(
+        Path(path),
+        "onnx",
+        got,
+        want,
+        reference,
+        f"ONNX Runtime {onnxruntime.__version__}",
+        per_channel,
+        calibration,
+        float_result.dynamic_batch,
+    )
     result.opset = float_result.opset
     return result
-

@@ -8,6 +8,7 @@ output (torchvision's backbones return an ``OrderedDict``; fx's generated code b
 Modules that cache tensors during a forward (ultralytics' ``Detect`` keeps ``anchors`` / ``strides``)
 must not keep what reparam's private float64 runs left behind.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -110,8 +111,9 @@ def snapshot_state(model: nn.Module) -> dict:
     """Each module's plain attributes before any forward run (to undo what caches a run leaves), with a shallow
     copy of the contents of each dict and list among them (caches that a forward fills in place, such as timm's
     ``attention_bias_cache``)."""
-    return {m: {k: (v, _contents(v)) for k, v in vars(m).items() if k not in _MODULE_INTERNALS}
-            for m in model.modules()}
+    return {
+        m: {k: (v, _contents(v)) for k, v in vars(m).items() if k not in _MODULE_INTERNALS} for m in model.modules()
+    }
 
 
 def _contents(value: Any) -> Any:

@@ -121,8 +121,9 @@ def _scratch(path: Path, directory: bool) -> Iterator[Path]:
             os.close(fd)
             scratch = Path(name)
     except OSError as exc:
-        raise OutputPathError(f"cannot write to {path.parent} ({exc.strerror or exc}). "
-                              "Choose another output path") from exc
+        raise OutputPathError(
+            f"cannot write to {path.parent} ({exc.strerror or exc}). Choose another output path"
+        ) from exc
     try:
         yield scratch
     except OSError as exc:

@@ -24,32 +24,59 @@ SCHEMA = "reparam-report/1"
 
 def new_result(command: str, arch: str, checkpoint: Path | None, device: str = "cpu") -> dict:
     """An entry of ``results`` with every key, filled in as the command goes."""
-    return {"command": command, "arch": arch, "checkpoint": None if checkpoint is None else str(checkpoint),
-            "checkpoint_size": None, "weights": None, "input_shape": None, "device": device, "status": "running",
-            "exit_code": None, "error": None, "report": None, "measures": None, "speed": None, "errors": {},
-            "outputs": [], "steps": []}
+    return {
+        "command": command,
+        "arch": arch,
+        "checkpoint": None if checkpoint is None else str(checkpoint),
+        "checkpoint_size": None,
+        "weights": None,
+        "input_shape": None,
+        "device": device,
+        "status": "running",
+        "exit_code": None,
+        "error": None,
+        "report": None,
+        "measures": None,
+        "speed": None,
+        "errors": {},
+        "outputs": [],
+        "steps": [],
+    }
 
 
 def document(command: str, results: list[dict], exit_code: int) -> dict:
     """The whole ``--json`` document."""
     from reparam import __version__
 
-    return {"schema": SCHEMA, "reparam_version": __version__, "command": command, "exit_code": exit_code,
-            "results": results}
+    return {
+        "schema": SCHEMA,
+        "reparam_version": __version__,
+        "command": command,
+        "exit_code": exit_code,
+        "results": results,
+    }
 
 
 def measures_entry(measures: Any) -> dict:
     """Parameters, MACs and executed kernels of one model (a ``cli.Measures``)."""
-    return {"params": int(measures.params), "macs": int(measures.macs),
-            "kernels": {k: int(v) for k, v in measures.kernels.items()}}
+    return {
+        "params": int(measures.params),
+        "macs": int(measures.macs),
+        "kernels": {k: int(v) for k, v in measures.kernels.items()},
+    }
 
 
 def export_entry(result: Any) -> dict:
     """One written file (an :class:`reparam.export.ExportResult` or a mobile result)."""
-    entry = {"format": result.format, "path": str(result.path), "size": int(result.size),
-             "dynamic_batch": bool(result.dynamic_batch), "opset": getattr(result, "opset", None),
-             "errors": {k: float(v) for k, v in (result.errors or {}).items()},
-             "abs_errors": {k: float(v) for k, v in (getattr(result, "abs_errors", None) or {}).items()}}
+    entry = {
+        "format": result.format,
+        "path": str(result.path),
+        "size": int(result.size),
+        "dynamic_batch": bool(result.dynamic_batch),
+        "opset": getattr(result, "opset", None),
+        "errors": {k: float(v) for k, v in (result.errors or {}).items()},
+        "abs_errors": {k: float(v) for k, v in (getattr(result, "abs_errors", None) or {}).items()},
+    }
     for extra in ("precision", "delegated", "total_ops", "verified_in"):
         value = getattr(result, extra, None)
         if value is not None:

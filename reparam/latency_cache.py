@@ -7,6 +7,7 @@ explicitly.  It is written atomically (:func:`reparam.io.atomic_write`) after ea
 other processes wrote meanwhile.  A corrupt or unreadable file is ignored with a :class:`LatencyCacheWarning` (the
 cache then starts empty); a file that cannot be written leaves the cache in memory only, with one warning.
 """
+
 from __future__ import annotations
 
 import json
@@ -77,8 +78,11 @@ class LatencyCache:
             return {}
         except (OSError, ValueError) as err:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
             if warn:
-                warnings.warn(f"reparam: ignoring the latency cache {self.path} ({err}); timings start afresh",
-                              LatencyCacheWarning, stacklevel=4)
+                warnings.warn(
+                    f"reparam: ignoring the latency cache {self.path} ({err}); timings start afresh",
+                    LatencyCacheWarning,
+                    stacklevel=4,
+                )
             return {}
 
     def _write(self) -> None:
@@ -92,10 +96,16 @@ class LatencyCache:
             atomic_write(self.path, lambda tmp: tmp.write_text(text))
         except (OSError, ReparamError) as err:
             self._write_failed = True
-            warnings.warn(f"reparam: cannot write the latency cache {self.path} ({err}); it is kept in memory only",
-                          LatencyCacheWarning, stacklevel=4)
+            warnings.warn(
+                f"reparam: cannot write the latency cache {self.path} ({err}); it is kept in memory only",
+                LatencyCacheWarning,
+                stacklevel=4,
+            )
 
 
 def _valid(entry) -> bool:
-    return (isinstance(entry, dict) and isinstance(entry.get("merge"), bool)
-            and all(isinstance(entry.get(k), (int, float)) for k in ("before_s", "after_s")))
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("merge"), bool)
+        and all(isinstance(entry.get(k), (int, float)) for k in ("before_s", "after_s"))
+    )

@@ -18,6 +18,7 @@ e.g. weight standardisation, are folded too).
 The matcher vocabulary the passes share (:mod:`reparam.match`: ``is_conv``, ``conv_affine``, ``arg``,
 ``node_shape``, the op sets ...) is re-exported here.
 """
+
 from __future__ import annotations
 
 import operator
@@ -32,18 +33,61 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import affine as A
-from .match import (ADD_FUNCTIONS, ADD_FUNCTIONS_WITH_INPLACE, CONCAT_FUNCTIONS, MUL_FUNCTIONS, arg, as_float64,
-                    attr_path, called_conv, called_module, conv_affine, has_attr_path, is_conv, is_transposed_conv,
-                    node_dtype, node_name, node_rank, node_shape, shape_meta)
+from .match import (
+    ADD_FUNCTIONS,
+    ADD_FUNCTIONS_WITH_INPLACE,
+    CONCAT_FUNCTIONS,
+    MUL_FUNCTIONS,
+    arg,
+    as_float64,
+    attr_path,
+    called_conv,
+    called_module,
+    conv_affine,
+    has_attr_path,
+    is_conv,
+    is_transposed_conv,
+    node_dtype,
+    node_name,
+    node_rank,
+    node_shape,
+    shape_meta,
+)
 
 __all__ = [
-    "NOT_CONSTANT", "OpKind", "Unary", "Sum", "Concat", "Op", "op_sources", "NotAffine", "CannotLift", "Constants",
+    "NOT_CONSTANT",
+    "OpKind",
+    "Unary",
+    "Sum",
+    "Concat",
+    "Op",
+    "op_sources",
+    "NotAffine",
+    "CannotLift",
+    "Constants",
     "Lifter",
-    "pad_pairs", "is_reshape", "reshape_source",
+    "pad_pairs",
+    "is_reshape",
+    "reshape_source",
     # the matcher vocabulary, from reparam.match
-    "ADD_FUNCTIONS", "ADD_FUNCTIONS_WITH_INPLACE", "MUL_FUNCTIONS", "CONCAT_FUNCTIONS", "is_conv",
-    "is_transposed_conv", "called_module", "called_conv", "as_float64", "conv_affine", "arg", "node_name", "node_shape",
-    "node_rank", "node_dtype", "shape_meta", "attr_path", "has_attr_path",
+    "ADD_FUNCTIONS",
+    "ADD_FUNCTIONS_WITH_INPLACE",
+    "MUL_FUNCTIONS",
+    "CONCAT_FUNCTIONS",
+    "is_conv",
+    "is_transposed_conv",
+    "called_module",
+    "called_conv",
+    "as_float64",
+    "conv_affine",
+    "arg",
+    "node_name",
+    "node_shape",
+    "node_rank",
+    "node_dtype",
+    "shape_meta",
+    "attr_path",
+    "has_attr_path",
 ]
 
 NOT_CONSTANT = object()
@@ -110,8 +154,20 @@ class CannotLift(NotAffine, A.Refusal):
     unknown, a ceil-mode window ...): not lifted, like any :class:`NotAffine`, and a refusal the passes report."""
 
 
-_RANDOM = ("rand", "normal", "bernoulli", "dropout", "multinomial", "poisson", "empty", "uniform",
-           "exponential", "geometric", "cauchy", "seed")
+_RANDOM = (
+    "rand",
+    "normal",
+    "bernoulli",
+    "dropout",
+    "multinomial",
+    "poisson",
+    "empty",
+    "uniform",
+    "exponential",
+    "geometric",
+    "cauchy",
+    "seed",
+)
 
 
 class Constants:
@@ -186,8 +242,16 @@ def pad_pairs(pad: Any, nd: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return lo, hi
 
 
-def _pool(source: fx.Node, kernel: Any, stride: Any, padding: Any, ceil_mode: Any, count_include_pad: Any,
-          divisor: Any, nd: int) -> Unary:
+def _pool(
+    source: fx.Node,
+    kernel: Any,
+    stride: Any,
+    padding: Any,
+    ceil_mode: Any,
+    count_include_pad: Any,
+    divisor: Any,
+    nd: int,
+) -> Unary:
     shape = node_shape(source)
     if shape is None:
         raise CannotLift("average pool input shape unknown (no shapes)")
@@ -286,16 +350,32 @@ class Lifter:
             if m.training:
                 raise CannotLift("BatchNorm in training mode uses batch statistics")
             if not m.track_running_stats or m.running_mean is None:
-                raise A.Refusal("BatchNorm without running statistics (track_running_stats=False) uses batch "
-                                "statistics")
-            return _bn(src, m.running_mean, m.running_var, m.weight if m.affine else None,
-                       m.bias if m.affine else None, m.eps, _BATCH_NORM_ND.get(type(m)))
+                raise A.Refusal(
+                    "BatchNorm without running statistics (track_running_stats=False) uses batch statistics"
+                )
+            return _bn(
+                src,
+                m.running_mean,
+                m.running_var,
+                m.weight if m.affine else None,
+                m.bias if m.affine else None,
+                m.eps,
+                _BATCH_NORM_ND.get(type(m)),
+            )
         if isinstance(m, nn.Linear):
             return Unary(src, OpKind.LINEAR, A.from_linear(as_float64(m.weight), as_float64(m.bias)))
         if type(m) in _AVG_POOL_ND:  # exact types: a subclass may pool otherwise
             assert isinstance(m, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d))
-            return _pool(src, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad,
-                         getattr(m, "divisor_override", None), _AVG_POOL_ND[type(m)])
+            return _pool(
+                src,
+                m.kernel_size,
+                m.stride,
+                m.padding,
+                m.ceil_mode,
+                m.count_include_pad,
+                getattr(m, "divisor_override", None),
+                _AVG_POOL_ND[type(m)],
+            )
         if isinstance(m, nn.Identity) or (isinstance(m, _NO_OPS) and not m.training):
             return Unary(src, OpKind.IDENTITY)
         if isinstance(m, nn.modules.padding._ConstantPadNd):
@@ -324,40 +404,64 @@ class Lifter:
 
     def conv(self, node: fx.Node) -> Op:
         src = self._input(node)
-        weight, bias = self._constants(node, ((1, "weight", None), (2, "bias", None)),
-                                       "conv weight is computed from the input")
-        hyper = self._constants(node, ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1), (6, "groups", 1)),
-                                "conv hyper-parameters depend on the input")
+        weight, bias = self._constants(
+            node, ((1, "weight", None), (2, "bias", None)), "conv weight is computed from the input"
+        )
+        hyper = self._constants(
+            node,
+            ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1), (6, "groups", 1)),
+            "conv hyper-parameters depend on the input",
+        )
         return Unary(src, OpKind.CONV, A.from_conv(as_float64(weight), as_float64(bias), *hyper))
 
     def batch_norm(self, node: fx.Node) -> Op:
         src = self._input(node)
         mean, var, weight, bias, training, eps = self._constants(
-            node, ((1, "running_mean", None), (2, "running_var", None), (3, "weight", None), (4, "bias", None),
-                   (5, "training", False), (7, "eps", 1e-5)), "BatchNorm parameters depend on the input")
+            node,
+            (
+                (1, "running_mean", None),
+                (2, "running_var", None),
+                (3, "weight", None),
+                (4, "bias", None),
+                (5, "training", False),
+                (7, "eps", 1e-5),
+            ),
+            "BatchNorm parameters depend on the input",
+        )
         if training:
             raise A.Refusal("BatchNorm in training mode (training=True) uses batch statistics")
         return _bn(src, mean, var, weight, bias, eps, None)
 
     def linear(self, node: fx.Node) -> Op:
         src = self._input(node)
-        weight, bias = self._constants(node, ((1, "weight", None), (2, "bias", None)),
-                                       "linear weight is computed from the input")
+        weight, bias = self._constants(
+            node, ((1, "weight", None), (2, "bias", None)), "linear weight is computed from the input"
+        )
         return Unary(src, OpKind.LINEAR, A.from_linear(as_float64(weight), as_float64(bias)))
 
     def avg_pool(self, node: fx.Node) -> Op:
         nd = _AVG_POOL_FUNCTION_ND[node.target]
         src = self._input(node)
         kernel, stride, padding, ceil_mode, count_include_pad, divisor = self._constants(
-            node, ((1, "kernel_size", None), (2, "stride", None), (3, "padding", 0), (4, "ceil_mode", False),
-                   (5, "count_include_pad", True), (6, "divisor_override", None)),
-            "pool arguments depend on the input")
+            node,
+            (
+                (1, "kernel_size", None),
+                (2, "stride", None),
+                (3, "padding", 0),
+                (4, "ceil_mode", False),
+                (5, "count_include_pad", True),
+                (6, "divisor_override", None),
+            ),
+            "pool arguments depend on the input",
+        )
         return _pool(src, kernel, stride, padding, ceil_mode, count_include_pad, divisor, nd)
 
     def pad(self, node: fx.Node) -> Op:
         src = self._input(node)
-        pad, mode, value = (self.const(arg(node, i, n, d)) for i, n, d in
-                            ((1, "pad", None), (2, "mode", "constant"), (3, "value", None)))
+        pad, mode, value = (
+            self.const(arg(node, i, n, d))
+            for i, n, d in ((1, "pad", None), (2, "mode", "constant"), (3, "value", None))
+        )
         if NOT_CONSTANT in (pad, mode, value) or mode != "constant" or (value or 0) != 0:
             raise NotAffine("padding is not a constant zero pad")
         return self._pad(src, pad)
@@ -525,15 +629,21 @@ def _shift(src: fx.Node, scale: float, shift: Any, layout: A.Layout | None) -> U
 
 
 _RESHAPE_METHODS = {"flatten", "view", "reshape", "unflatten", "squeeze", "unsqueeze", "reshape_as", "view_as"}
-_RESHAPE_FUNCTIONS: set[Callable[..., Any]] = {torch.flatten, torch.reshape, torch.unflatten, torch.squeeze,
-                                               torch.unsqueeze}
+_RESHAPE_FUNCTIONS: set[Callable[..., Any]] = {
+    torch.flatten,
+    torch.reshape,
+    torch.unflatten,
+    torch.squeeze,
+    torch.unsqueeze,
+}
 _SHAPE_READS = {"ndim", "dtype", "device", "is_cuda", "layout", "shape"}
 
 
 def is_reshape(node: fx.Node) -> bool:
     """``node`` reshapes a tensor keeping its row-major order (flatten, view, reshape, (un)squeeze ...)."""
     return (node.op == "call_method" and node.target in _RESHAPE_METHODS) or (
-        node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS)
+        node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS
+    )
 
 
 def reshape_source(node: fx.Node) -> Any:
@@ -553,8 +663,12 @@ def _value_users(node: fx.Node) -> list[fx.Node]:
     """Users that read ``node``'s values (not only its shape: ``x.shape``, ``y.reshape_as(x)``...)."""
     out = []
     for user in node.users:
-        if user.op == "call_function" and user.target is getattr and len(user.args) > 1 \
-                and user.args[1] in _SHAPE_READS:
+        if (
+            user.op == "call_function"
+            and user.target is getattr
+            and len(user.args) > 1
+            and user.args[1] in _SHAPE_READS
+        ):
             continue
         if user.op == "call_method" and user.target in ("size", "dim", "ndimension") and user.args[0] is node:
             continue
@@ -573,17 +687,30 @@ def _method(fn: Callable[..., Op], **kw: bool) -> Handler:
 
 _FUNCTIONS: dict[Callable[..., Any], Handler] = {
     **dict.fromkeys((F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d), Lifter.conv),
-    F.batch_norm: Lifter.batch_norm, torch.batch_norm: Lifter.batch_norm,
+    F.batch_norm: Lifter.batch_norm,
+    torch.batch_norm: Lifter.batch_norm,
     F.linear: Lifter.linear,
-    F.avg_pool1d: Lifter.avg_pool, F.avg_pool2d: Lifter.avg_pool, F.avg_pool3d: Lifter.avg_pool,
-    F.pad: Lifter.pad, torch._C._nn.pad: Lifter.pad,
-    F.dropout: Lifter.dropout, F.dropout1d: Lifter.dropout, F.dropout2d: Lifter.dropout, F.dropout3d: Lifter.dropout,
-    **dict.fromkeys(ADD_FUNCTIONS, Lifter.add), operator.iadd: _method(Lifter.add, inplace=True),
-    operator.sub: Lifter.sub, torch.sub: Lifter.sub, operator.isub: _method(Lifter.sub, inplace=True),
-    **dict.fromkeys(MUL_FUNCTIONS, Lifter.mul), operator.imul: _method(Lifter.mul, inplace=True),
-    operator.truediv: _method(Lifter.mul, divide=True), torch.div: _method(Lifter.mul, divide=True),
+    F.avg_pool1d: Lifter.avg_pool,
+    F.avg_pool2d: Lifter.avg_pool,
+    F.avg_pool3d: Lifter.avg_pool,
+    F.pad: Lifter.pad,
+    torch._C._nn.pad: Lifter.pad,
+    F.dropout: Lifter.dropout,
+    F.dropout1d: Lifter.dropout,
+    F.dropout2d: Lifter.dropout,
+    F.dropout3d: Lifter.dropout,
+    **dict.fromkeys(ADD_FUNCTIONS, Lifter.add),
+    operator.iadd: _method(Lifter.add, inplace=True),
+    operator.sub: Lifter.sub,
+    torch.sub: Lifter.sub,
+    operator.isub: _method(Lifter.sub, inplace=True),
+    **dict.fromkeys(MUL_FUNCTIONS, Lifter.mul),
+    operator.imul: _method(Lifter.mul, inplace=True),
+    operator.truediv: _method(Lifter.mul, divide=True),
+    torch.div: _method(Lifter.mul, divide=True),
     operator.itruediv: _method(Lifter.mul, inplace=True, divide=True),
-    operator.neg: Lifter.neg, torch.neg: Lifter.neg,
+    operator.neg: Lifter.neg,
+    torch.neg: Lifter.neg,
     **dict.fromkeys(CONCAT_FUNCTIONS, Lifter.cat),
     **dict.fromkeys(_RESHAPE_FUNCTIONS, Lifter.reshape),
 }
@@ -591,10 +718,15 @@ if hasattr(torch._C._nn, "linear"):
     _FUNCTIONS[torch._C._nn.linear] = Lifter.linear
 
 _METHODS: dict[str, Handler] = {
-    "add": Lifter.add, "add_": _method(Lifter.add, inplace=True),
-    "sub": Lifter.sub, "sub_": _method(Lifter.sub, inplace=True),
-    "mul": Lifter.mul, "mul_": _method(Lifter.mul, inplace=True),
-    "div": _method(Lifter.mul, divide=True), "div_": _method(Lifter.mul, inplace=True, divide=True),
-    "neg": Lifter.neg, "contiguous": Lifter.contiguous,
+    "add": Lifter.add,
+    "add_": _method(Lifter.add, inplace=True),
+    "sub": Lifter.sub,
+    "sub_": _method(Lifter.sub, inplace=True),
+    "mul": Lifter.mul,
+    "mul_": _method(Lifter.mul, inplace=True),
+    "div": _method(Lifter.mul, divide=True),
+    "div_": _method(Lifter.mul, inplace=True, divide=True),
+    "neg": Lifter.neg,
+    "contiguous": Lifter.contiguous,
     **dict.fromkeys(_RESHAPE_METHODS, Lifter.reshape),
 }

@@ -11,6 +11,7 @@ these words, so that "is this a convolution?" or "is this an add?" has one answe
   :func:`shape_meta`;
 - attribute paths: :func:`attr_path` / :func:`has_attr_path` (``"stage1.0.conv"`` walked from a root).
 """
+
 from __future__ import annotations
 
 import operator
@@ -25,9 +26,24 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from . import affine as A
 
 __all__ = [
-    "ADD_FUNCTIONS", "ADD_FUNCTIONS_WITH_INPLACE", "MUL_FUNCTIONS", "CONCAT_FUNCTIONS",
-    "is_conv", "is_transposed_conv", "called_module", "called_conv", "as_float64", "conv_affine",
-    "arg", "node_name", "node_shape", "node_rank", "node_dtype", "shape_meta", "attr_path", "has_attr_path",
+    "ADD_FUNCTIONS",
+    "ADD_FUNCTIONS_WITH_INPLACE",
+    "MUL_FUNCTIONS",
+    "CONCAT_FUNCTIONS",
+    "is_conv",
+    "is_transposed_conv",
+    "called_module",
+    "called_conv",
+    "as_float64",
+    "conv_affine",
+    "arg",
+    "node_name",
+    "node_shape",
+    "node_rank",
+    "node_dtype",
+    "shape_meta",
+    "attr_path",
+    "has_attr_path",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -81,8 +97,15 @@ def as_float64(t: Any) -> Any:
 
 def conv_affine(conv: _ConvNd) -> A.Affine:
     """A convolution module -> its :class:`~reparam.affine.Affine` (weights in float64; padding as the module's)."""
-    return A.from_conv(as_float64(conv.weight), as_float64(conv.bias), conv.stride, conv.padding, conv.dilation,
-                       conv.groups, conv.padding_mode)
+    return A.from_conv(
+        as_float64(conv.weight),
+        as_float64(conv.bias),
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        conv.padding_mode,
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -94,8 +94,11 @@ class MobileResult(ExportResult):
 @contextlib.contextmanager
 def _quiet_python() -> Iterator[None]:
     """Silence Python-level chatter (progress bars, warnings, log records) of a third-party step."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(_io.StringIO()), \
-            contextlib.redirect_stderr(_io.StringIO()):
+    with (
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(_io.StringIO()),
+        contextlib.redirect_stderr(_io.StringIO()),
+    ):
         warnings.simplefilter("ignore")
         previous = logging.root.manager.disable
         logging.disable(logging.WARNING)
@@ -146,17 +149,26 @@ def _import_executorch() -> dict[str, Any]:
             from executorch.runtime import Runtime
     except Exception as exc:  # ImportError, or an ABI mismatch with this torch (OSError, RuntimeError...)
         if version is None:
-            raise MissingPackageError("writing a .pte file needs ExecuTorch (the executorch package), which is not "
-                                      f"installed. Install it with {INSTALL_HINT}") from exc
-        raise MissingPackageError(f"executorch {version} is installed but cannot be imported beside torch "
-                                  f"{torch.__version__} ({type(exc).__name__}: {one_line(exc)}). Reinstall a matching "
-                                  f"version with {INSTALL_HINT}") from exc
+            raise MissingPackageError(
+                "writing a .pte file needs ExecuTorch (the executorch package), which is not "
+                f"installed. Install it with {INSTALL_HINT}"
+            ) from exc
+        raise MissingPackageError(
+            f"executorch {version} is installed but cannot be imported beside torch "
+            f"{torch.__version__} ({type(exc).__name__}: {one_line(exc)}). Reinstall a matching "
+            f"version with {INSTALL_HINT}"
+        ) from exc
     try:
         from executorch.devtools.backend_debug import get_delegation_info
     except (ImportError, OSError, RuntimeError):  # devtools are optional for us: only the delegation count is lost
         get_delegation_info = None
-    return {"XnnpackPartitioner": XnnpackPartitioner, "to_edge_transform_and_lower": to_edge_transform_and_lower,
-            "Runtime": Runtime, "get_delegation_info": get_delegation_info, "version": version}
+    return {
+        "XnnpackPartitioner": XnnpackPartitioner,
+        "to_edge_transform_and_lower": to_edge_transform_and_lower,
+        "Runtime": Runtime,
+        "get_delegation_info": get_delegation_info,
+        "version": version,
+    }
 
 
 def _import_coremltools() -> Any:
@@ -166,10 +178,14 @@ def _import_coremltools() -> Any:
             import coremltools
     except Exception as exc:
         if version is None:
-            raise MissingPackageError("writing a .mlpackage needs coremltools, which is not installed. Install it "
-                                      f"with {INSTALL_HINT} (or pip install coremltools)") from exc
-        raise MissingPackageError(f"coremltools {version} is installed but cannot be imported ({type(exc).__name__}: "
-                                  f"{one_line(exc)}). Reinstall it with {INSTALL_HINT}") from exc
+            raise MissingPackageError(
+                "writing a .mlpackage needs coremltools, which is not installed. Install it "
+                f"with {INSTALL_HINT} (or pip install coremltools)"
+            ) from exc
+        raise MissingPackageError(
+            f"coremltools {version} is installed but cannot be imported ({type(exc).__name__}: "
+            f"{one_line(exc)}). Reinstall it with {INSTALL_HINT}"
+        ) from exc
     return coremltools
 
 
@@ -202,15 +218,19 @@ def coreml_status() -> tuple[bool, str]:
 def check_pte_dtype(dtype: torch.dtype) -> None:
     """Raise :class:`UnsupportedDtypeError` unless ExecuTorch's XNNPACK backend delegates models of ``dtype``."""
     if dtype not in (torch.float32, torch.float16):
-        raise UnsupportedDtypeError(f"a .pte file in {dtype_name(dtype)} would not run on XNNPACK (it delegates "
-                                    "float32 and float16 only). Use --dtype float16 or float32 for --pte")
+        raise UnsupportedDtypeError(
+            f"a .pte file in {dtype_name(dtype)} would not run on XNNPACK (it delegates "
+            "float32 and float16 only). Use --dtype float16 or float32 for --pte"
+        )
 
 
 def check_coreml_dtype(dtype: torch.dtype) -> None:
     """Raise :class:`UnsupportedDtypeError` unless Core ML can compute in ``dtype``."""
     if dtype not in (torch.float32, torch.float16):
-        raise UnsupportedDtypeError(f"Core ML computes in float32 or float16, not {dtype_name(dtype)}. "
-                                    "Use --dtype float16 or float32 for --coreml")
+        raise UnsupportedDtypeError(
+            f"Core ML computes in float32 or float16, not {dtype_name(dtype)}. "
+            "Use --dtype float16 or float32 for --coreml"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ ExecuTorch
@@ -243,16 +263,20 @@ def export_pte(
         with _quiet_python(), torch.no_grad():
             program = torch.export.export(model, args)
     except Exception as exc:
-        raise ExportError(f"torch.export could not trace the model for ExecuTorch ({type(exc).__name__}: "
-                          f"{one_line(exc)}). Re-run with --debug for the full error") from exc
+        raise ExportError(
+            f"torch.export could not trace the model for ExecuTorch ({type(exc).__name__}: "
+            f"{one_line(exc)}). Re-run with --debug for the full error"
+        ) from exc
     try:
         with _quiet_python():
             edge = et["to_edge_transform_and_lower"](program, partitioner=[et["XnnpackPartitioner"]()])
             delegated, total = _delegation(et["get_delegation_info"], edge)
             buffer = edge.to_executorch().buffer
     except Exception as exc:
-        raise ExportError(f"ExecuTorch lowering failed ({type(exc).__name__}: {one_line(exc)}). Re-run with "
-                          "--debug for the full error, or export only the .pt2 / .onnx file") from exc
+        raise ExportError(
+            f"ExecuTorch lowering failed ({type(exc).__name__}: {one_line(exc)}). Re-run with "
+            "--debug for the full error, or export only the .pt2 / .onnx file"
+        ) from exc
 
     def write(tmp: Path) -> tuple[dict, dict]:
         tmp.write_bytes(buffer)
@@ -269,9 +293,18 @@ def export_pte(
 
     errors, abs_errors = atomic_write(path, write)
     path = Path(path)
-    return MobileResult(path, "pte", path.stat().st_size, False, errors, abs_errors, delegated=delegated,
-                        total_ops=total, verified_in=f"ExecuTorch {et['version'] or ''}".strip(),
-                        precision=dtype_name(dtype))
+    return MobileResult(
+        path,
+        "pte",
+        path.stat().st_size,
+        False,
+        errors,
+        abs_errors,
+        delegated=delegated,
+        total_ops=total,
+        verified_in=f"ExecuTorch {et['version'] or ''}".strip(),
+        precision=dtype_name(dtype),
+    )
 
 
 def _delegation(get_delegation_info: Any, edge: Any) -> tuple[int | None, int | None]:
@@ -314,10 +347,13 @@ def export_coreml(
     check_coreml_dtype(precision)
     path = Path(path)
     if path.suffix.lower() != ".mlpackage":
-        raise OutputPathError(f"a Core ML mlprogram is a .mlpackage directory, not {path.name}. "
-                              f"Name it {path.with_suffix('.mlpackage').name}")
-    args = tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                 for a in as_args(example_inputs))
+        raise OutputPathError(
+            f"a Core ML mlprogram is a .mlpackage directory, not {path.name}. "
+            f"Name it {path.with_suffix('.mlpackage').name}"
+        )
+    args = tuple(
+        a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in as_args(example_inputs)
+    )
     model32 = model if (floating_dtype(model) or torch.float32) == torch.float32 else _float_copy(model)
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     input_names = ["input"] if len(tensors) == 1 else [f"input_{i}" for i in range(len(tensors))]
@@ -328,8 +364,10 @@ def export_coreml(
     if minimum_deployment_target is not None:
         target = getattr(ct.target, minimum_deployment_target, None)
         if target is None:
-            raise InputError(f"unknown Core ML deployment target {minimum_deployment_target!r}. Use a "
-                             "coremltools.target name such as iOS16 or macOS13")
+            raise InputError(
+                f"unknown Core ML deployment target {minimum_deployment_target!r}. Use a "
+                "coremltools.target name such as iOS16 or macOS13"
+            )
         options["minimum_deployment_target"] = target
     try:
         with _quiet_python(), torch.no_grad():
@@ -343,8 +381,10 @@ def export_coreml(
                 **options,
             )
     except Exception as exc:
-        raise ExportError(f"Core ML conversion failed ({type(exc).__name__}: {one_line(exc)}). Re-run with "
-                          "--debug for the full error, or export only the .pt2 / .onnx / .pte file") from exc
+        raise ExportError(
+            f"Core ML conversion failed ({type(exc).__name__}: {one_line(exc)}). Re-run with "
+            "--debug for the full error, or export only the .pt2 / .onnx / .pte file"
+        ) from exc
 
     def write(staged: Path) -> None:
         with _quiet_python():
@@ -353,12 +393,15 @@ def export_coreml(
         got_in = [i.name for i in spec.description.input]
         got_out = [o.name for o in spec.description.output]
         if got_in != input_names or got_out != output_names:
-            raise ExportError(f"the Core ML package names inputs {got_in} and outputs {got_out}, expected "
-                              f"{input_names} and {output_names}. This is a bug in reparam; please report it")
+            raise ExportError(
+                f"the Core ML package names inputs {got_in} and outputs {got_out}, expected "
+                f"{input_names} and {output_names}. This is a bug in reparam; please report it"
+            )
 
     atomic_write_dir(path, write)
-    return MobileResult(path, "mlpackage", _tree_size(path), False, {}, {}, verified_in=None,
-                        precision=dtype_name(precision))
+    return MobileResult(
+        path, "mlpackage", _tree_size(path), False, {}, {}, verified_in=None, precision=dtype_name(precision)
+    )
 
 
 def _float_copy(model: nn.Module) -> nn.Module:

@@ -4,6 +4,7 @@
 - :class:`CastInputs`: a model fed inputs of another floating dtype (a float16 deploy model's inputs given to its
   float32 original, to compare the two on the same inputs).
 """
+
 from __future__ import annotations
 
 from typing import Any

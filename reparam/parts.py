@@ -11,6 +11,7 @@ faithful to its eager self is replaced by its own parts.
 Because each part is checked where it is used, a detector whose outputs pass top-k / NMS is never
 refused for reordered ties: the proof is local, before any data-dependent post-processing.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -42,8 +43,9 @@ class Call:
 
 
 def _signature(args: tuple, kwargs: dict) -> tuple:
-    return tuple((tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else repr(t)
-                 for t in tree_leaves((args, kwargs)))
+    return tuple(
+        (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else repr(t) for t in tree_leaves((args, kwargs))
+    )
 
 
 def record_calls(model: nn.Module, inputs: tuple, only: set | None = None) -> tuple[dict, Any, set]:
@@ -73,7 +75,7 @@ def record_calls(model: nn.Module, inputs: tuple, only: set | None = None) -> tu
             calls.setdefault(module, []).append(Call(args0, kwargs0, fresh(output)))
 
     handles = [m.register_forward_pre_hook(mark) for m in model.modules()]
-    for m in (model.modules() if only is None else only):
+    for m in model.modules() if only is None else only:
         handles.append(m.register_forward_pre_hook(before, with_kwargs=True))
         handles.append(m.register_forward_hook(after, with_kwargs=True))
     try:
@@ -92,7 +94,7 @@ def _positional(gm: fx.GraphModule, call: Call) -> tuple | None:
     if any(str(n.target).startswith("*") for n in placeholders) or len(call.args) > len(placeholders):
         return None
     values = list(call.args)
-    for node in placeholders[len(call.args):]:
+    for node in placeholders[len(call.args) :]:
         if node.target in call.kwargs:
             values.append(call.kwargs[node.target])
         elif node.args:  # the default value fx recorded
@@ -174,8 +176,10 @@ class PartFuser:
 
     def _note_untraced(self, module: nn.Module, path: str, err: Exception) -> None:
         if not path:
-            self.report.notes.append(f"{type(module).__name__} does not trace as a whole ({why_untraced(err)}): its "
-                                     "parts are fused one by one, each checked on the inputs it sees")
+            self.report.notes.append(
+                f"{type(module).__name__} does not trace as a whole ({why_untraced(err)}): its "
+                "parts are fused one by one, each checked on the inputs it sees"
+            )
         elif list(module.children()):
             self.report.notes.append(f"{path}: {why_untraced(err)}; its parts fused separately")
         else:
@@ -192,8 +196,17 @@ class PartFuser:
             return None, None
         try:
             for call in calls:
-                err = check_fused(gm, pristine, slot.module, call.args, call.kwargs, call.output, slot.path,
-                                  self.report.notes, _positional(pristine, call))
+                err = check_fused(
+                    gm,
+                    pristine,
+                    slot.module,
+                    call.args,
+                    call.kwargs,
+                    call.output,
+                    slot.path,
+                    self.report.notes,
+                    _positional(pristine, call),
+                )
                 self.worst = max(self.worst, err)
         except UnfaithfulTrace as err:
             del self.report.rewrites[before:]

@@ -5,6 +5,7 @@ in float64 (also for float16/bfloat16 models) and the result is cast back to eac
 When the whole model does not trace, the largest traceable submodules are fused instead, and the
 report names the parts left alone.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -67,8 +68,9 @@ def _main_dtype(dtypes: dict, inputs: tuple | None = None) -> torch.dtype:
     if floats:
         return max(set(floats), key=floats.count)
     leaves = torch.utils._pytree.tree_leaves(inputs) if inputs is not None else []
-    return next((t.dtype for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()),
-                torch.get_default_dtype())
+    return next(
+        (t.dtype for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()), torch.get_default_dtype()
+    )
 
 
 def _normalise_inputs(example_inputs) -> tuple | None:
@@ -97,8 +99,12 @@ class Rule:
     after_change: bool = False
 
 
-def rules(remove_residuals: bool = False, cost: CostModel | None = None, dtypes: dict | None = None,
-          main: torch.dtype | None = None) -> tuple[Rule, ...]:
+def rules(
+    remove_residuals: bool = False,
+    cost: CostModel | None = None,
+    dtypes: dict | None = None,
+    main: torch.dtype | None = None,
+) -> tuple[Rule, ...]:
     """The rewrite rules, in the order they run (``cost``: what collapse and the sibling merge ask whether a merge
     pays; ``dtypes`` / ``main``: the dtypes tensors are cast back to, so siblings of different dtypes stay apart)."""
     collapse_regions = Rule("collapse", partial(collapse, cost=cost), to_fixed_point=True)
@@ -116,9 +122,17 @@ def rules(remove_residuals: bool = False, cost: CostModel | None = None, dtypes:
     )
 
 
-def _fuse_graph(gm: fx.GraphModule, inputs: tuple | None, report: Report, dtypes: dict, main: torch.dtype,
-                shapes_known: bool = False, remove_residuals: bool = False, cost: CostModel | None = None,
-                where: str = "") -> Pristine:
+def _fuse_graph(
+    gm: fx.GraphModule,
+    inputs: tuple | None,
+    report: Report,
+    dtypes: dict,
+    main: torch.dtype,
+    shapes_known: bool = False,
+    remove_residuals: bool = False,
+    cost: CostModel | None = None,
+    where: str = "",
+) -> Pristine:
     """Run the :func:`rules` on ``gm`` (in place), ``where`` naming it in the report; returns its unfused twin
     (for the proofs).  ``dtypes`` gains the dtypes of the modules the rules create."""
     if inputs is not None and not shapes_known:
@@ -138,8 +152,9 @@ def _fuse_graph(gm: fx.GraphModule, inputs: tuple | None, report: Report, dtypes
     return pristine
 
 
-def _apply(rule: Rule, gm: fx.GraphModule, inputs: tuple | None, report: Report, dtypes: dict,
-           main: torch.dtype, where: str) -> PassResult:
+def _apply(
+    rule: Rule, gm: fx.GraphModule, inputs: tuple | None, report: Report, dtypes: dict, main: torch.dtype, where: str
+) -> PassResult:
     """``rule`` on ``gm`` (to its fixed point if it has one), with the bookkeeping its results ask for: dtypes of
     the modules it creates, shapes propagated again when they went stale."""
     total = PassResult()
@@ -153,8 +168,10 @@ def _apply(rule: Rule, gm: fx.GraphModule, inputs: tuple | None, report: Report,
             break
     else:
         if rule.to_fixed_point:
-            report.notes.append(f"{where}: {rule.name} still rewrote in its last of {MAX_ROUNDS} rounds and stopped "
-                                "there (the result is exact, but may merge less than it could)")
+            report.notes.append(
+                f"{where}: {rule.name} still rewrote in its last of {MAX_ROUNDS} rounds and stopped "
+                "there (the result is exact, but may merge less than it could)"
+            )
     return total
 
 
@@ -167,9 +184,17 @@ def _record_dtypes(gm: fx.GraphModule, result: PassResult, dtypes: dict, fallbac
         dtypes.update({f"{name}.{p}": dtype for p, _ in gm.get_submodule(name).named_parameters()})
 
 
-def fuse_with_report(model: nn.Module, example_inputs=None, *, check: bool = True,
-                     remove_residuals: bool = False, dtype: torch.dtype | None = None,
-                     equalize: bool = False, cost="macs", device=None) -> tuple[nn.Module, Report]:
+def fuse_with_report(
+    model: nn.Module,
+    example_inputs=None,
+    *,
+    check: bool = True,
+    remove_residuals: bool = False,
+    dtype: torch.dtype | None = None,
+    equalize: bool = False,
+    cost="macs",
+    device=None,
+) -> tuple[nn.Module, Report]:
     """:func:`reparam.fuse` that also returns the :class:`Report`."""
     with _no_full_collections(), FastFloat64():  # FastFloat64: 1.5-3x faster float64 depthwise convolutions
         return _fuse_with_report(model, example_inputs, check, remove_residuals, dtype, equalize, cost, device)
@@ -185,20 +210,32 @@ def _no_full_collections():
     of a few thousand nodes).
     """
     thresholds = gc.get_threshold()
-    gc.set_threshold(thresholds[0], thresholds[1], 10 ** 9)
+    gc.set_threshold(thresholds[0], thresholds[1], 10**9)
     try:
         yield
     finally:
         gc.set_threshold(*thresholds)
 
 
-def _fuse_with_report(model: nn.Module, example_inputs, check: bool, remove_residuals: bool,
-                      dtype: torch.dtype | None, equalize: bool, cost, device) -> tuple[nn.Module, Report]:
+def _fuse_with_report(
+    model: nn.Module,
+    example_inputs,
+    check: bool,
+    remove_residuals: bool,
+    dtype: torch.dtype | None,
+    equalize: bool,
+    cost,
+    device,
+) -> tuple[nn.Module, Report]:
     if not isinstance(model, nn.Module):
         raise ReparamError(f"reparam.fuse expects an nn.Module, got {type(model).__name__}")
     if model.training:
-        warnings.warn("model is in training mode: fusing with inference semantics (BatchNorm uses running "
-                      "statistics); the input model is left in training mode", TrainingModeWarning, stacklevel=4)
+        warnings.warn(
+            "model is in training mode: fusing with inference semantics (BatchNorm uses running "
+            "statistics); the input model is left in training mode",
+            TrainingModeWarning,
+            stacklevel=4,
+        )
     if dtype is not None and not dtype.is_floating_point:
         raise ReparamError(f"dtype must be a floating dtype such as torch.float16, got {dtype}")
     report = Report()
@@ -235,14 +272,22 @@ def _fuse_with_report(model: nn.Module, example_inputs, check: bool, remove_resi
                 fused = gm
             except UnfaithfulTrace as err:
                 trace_error = err
-                report = Report(notes=[f"{type(model).__name__}: torch.fx traces it unfaithfully "
-                                       "(e.g. an aliased in-place update); fused part by part instead"])
+                report = Report(
+                    notes=[
+                        f"{type(model).__name__}: torch.fx traces it unfaithfully "
+                        "(e.g. an aliased in-place update); fused part by part instead"
+                    ]
+                )
                 fuse_graph = _graph_fuser(report, dtypes, main, remove_residuals, cost)
     if fused is None:
         fused, inputs = _fuse_parts(work, given, report, fuse_graph, trace_error, check)
     if check and inputs is None:
-        warnings.warn("could not infer example inputs, so the fused model was NOT verified; pass "
-                      "example_inputs=(x,) to reparam.fuse", VerificationSkippedWarning, stacklevel=4)
+        warnings.warn(
+            "could not infer example inputs, so the fused model was NOT verified; pass "
+            "example_inputs=(x,) to reparam.fuse",
+            VerificationSkippedWarning,
+            stacklevel=4,
+        )
         report.notes.append("verification skipped: no example inputs")
     if equalize:  # cross-layer equalization of the fused float64 model, checked against it (reparam.equalization)
         equalize_in_place(fused, inputs, report, check)
@@ -264,17 +309,17 @@ def _graph_fuser(report: Report, dtypes: dict, main: torch.dtype, remove_residua
 
     def fuse_graph(gm: fx.GraphModule, inputs: tuple | None, path: str) -> Pristine:
         prefix = f"{path}." if path else ""
-        local = {k[len(prefix):]: v for k, v in dtypes.items() if k.startswith(prefix)}
-        pristine = _fuse_graph(gm, inputs, report, local, main, remove_residuals=remove_residuals, cost=cost,
-                               where=path)
+        local = {k[len(prefix) :]: v for k, v in dtypes.items() if k.startswith(prefix)}
+        pristine = _fuse_graph(
+            gm, inputs, report, local, main, remove_residuals=remove_residuals, cost=cost, where=path
+        )
         dtypes.update({prefix + k: v for k, v in local.items()})  # dtypes of the modules it created
         return pristine
 
     return fuse_graph
 
 
-def _check_whole(gm: fx.GraphModule, pristine: Pristine, reference: nn.Module, inputs: tuple,
-                 report: Report) -> float:
+def _check_whole(gm: fx.GraphModule, pristine: Pristine, reference: nn.Module, inputs: tuple, report: Report) -> float:
     """Worst relative error of the fused whole-model graph against the eager original on ``inputs``
     (and on a random twin of constant inputs, which cannot expose wrong weights): :func:`check_fused`."""
     worst = 0.0
@@ -284,8 +329,9 @@ def _check_whole(gm: fx.GraphModule, pristine: Pristine, reference: nn.Module, i
     return worst
 
 
-def _fuse_parts(work: nn.Module, given: tuple | None, report: Report, fuse_graph, trace_error,
-                check: bool) -> tuple[nn.Module, tuple | None]:
+def _fuse_parts(
+    work: nn.Module, given: tuple | None, report: Report, fuse_graph, trace_error, check: bool
+) -> tuple[nn.Module, tuple | None]:
     """(``work`` (float64) with its traceable parts fused, each proven on the inputs it sees
     (:mod:`reparam.parts`); the float64 inputs of the recording runs, None if none run)."""
     if given is not None:
@@ -294,8 +340,10 @@ def _fuse_parts(work: nn.Module, given: tuple | None, report: Report, fuse_graph
     else:  # inferred from the first layer: the first candidate the model runs
         inputs = T.infer_example_inputs(work, None, torch.float64, "cpu")
     if inputs is None:
-        report.notes.append(f"{type(work).__name__} left unfused: it does not trace ({why_untraced(trace_error)}) and "
-                            "no example inputs run it")
+        report.notes.append(
+            f"{type(work).__name__} left unfused: it does not trace ({why_untraced(trace_error)}) and "
+            "no example inputs run it"
+        )
         return work, None
     parts = PartFuser(report, fuse_graph, lambda model, modules: record_calls(model, inputs, modules))
     fused = parts.fuse(work, trace_error)
@@ -315,17 +363,21 @@ def _check_end_to_end(fused: nn.Module, inputs: tuple, want: Any, report: Report
     got = run_quietly(fused, inputs)
     got_spec, want_spec = tree_structure(got), tree_structure(want)
     if got_spec != want_spec:
-        raise EquivalenceError(f"output: the fused model returns a different output structure ({got_spec} vs "
-                               f"{want_spec}); this is a reparam bug, please report the model")
+        raise EquivalenceError(
+            f"output: the fused model returns a different output structure ({got_spec} vs "
+            f"{want_spec}); this is a reparam bug, please report the model"
+        )
     try:
         err = compare_outputs(got, want, tolerance=math.inf)
         detail = f"relative error {err:.1e}"
     except EquivalenceError as disagreement:  # e.g. another number of detections after NMS
         err, detail = math.inf, str(disagreement).split(";")[0]
     if err > TOLERANCE:
-        report.notes.append(f"end-to-end outputs differ ({detail}) although every fused part matches its "
-                            f"original on the inputs it sees (largest error {local_worst:.1e}): the model "
-                            "post-processes them data-dependently (top-k, NMS, sorting of near-ties)")
+        report.notes.append(
+            f"end-to-end outputs differ ({detail}) although every fused part matches its "
+            f"original on the inputs it sees (largest error {local_worst:.1e}): the model "
+            "post-processes them data-dependently (top-k, NMS, sorting of near-ties)"
+        )
 
 
 def _shapes(gm: fx.GraphModule, work: nn.Module, given: tuple | None) -> tuple | None:
@@ -391,8 +443,17 @@ def _cast_back(fused: nn.Module, dtypes: dict, main: torch.dtype, device) -> Non
             t.data = t.data.to(dtype=want, device=device)
 
 
-def fuse(model: nn.Module, example_inputs=None, *, check: bool = True, remove_residuals: bool = False,
-         dtype: torch.dtype | None = None, equalize: bool = False, cost="macs", device=None) -> nn.Module:
+def fuse(
+    model: nn.Module,
+    example_inputs=None,
+    *,
+    check: bool = True,
+    remove_residuals: bool = False,
+    dtype: torch.dtype | None = None,
+    equalize: bool = False,
+    cost="macs",
+    device=None,
+) -> nn.Module:
     """Return a new module computing the same function as ``model`` with fewer, larger kernels.
 
     Inference semantics (BatchNorm with running statistics); same dtype and device; the input model is
@@ -406,8 +467,16 @@ def fuse(model: nn.Module, example_inputs=None, *, check: bool = True, remove_re
     :mod:`reparam.latency_cache`) or a :class:`reparam.cost.CostModel`; ``report.decisions`` lists what it weighed.
     The report of rewrites and refusals is at ``fused.reparam_report``.
     """
-    return fuse_with_report(model, example_inputs, check=check, remove_residuals=remove_residuals, dtype=dtype,
-                            equalize=equalize, cost=cost, device=device)[0]
+    return fuse_with_report(
+        model,
+        example_inputs,
+        check=check,
+        remove_residuals=remove_residuals,
+        dtype=dtype,
+        equalize=equalize,
+        cost=cost,
+        device=device,
+    )[0]
 
 
 def explain(model: nn.Module, example_inputs=None, *, cost="macs", device=None) -> Report:

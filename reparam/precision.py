@@ -94,8 +94,9 @@ def accuracy_limit(dtype: torch.dtype) -> float:
 def _cast(module: nn.Module, inputs: tuple, dtype: torch.dtype) -> tuple[nn.Module, tuple]:
     """A copy of ``module`` and copies of the floating ``inputs`` in ``dtype``, on the module's device."""
     device = next((t.device for t in list(module.parameters()) + list(module.buffers())), torch.device("cpu"))
-    cast = tuple(a.to(device=device, dtype=dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                 for a in inputs)
+    cast = tuple(
+        a.to(device=device, dtype=dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in inputs
+    )
     return copy.deepcopy(module).eval().to(dtype), cast
 
 
@@ -115,8 +116,11 @@ def _run(model: nn.Module, inputs: tuple) -> Any:
 
 
 def _worst_error(got: Any, want: Any) -> float:
-    pairs = [(a, b) for a, b in zip(tree_leaves(got), tree_leaves(want), strict=True)  # one model, two dtypes
-             if isinstance(b, torch.Tensor) and b.is_floating_point() and isinstance(a, torch.Tensor)]
+    pairs = [
+        (a, b)
+        for a, b in zip(tree_leaves(got), tree_leaves(want), strict=True)  # one model, two dtypes
+        if isinstance(b, torch.Tensor) and b.is_floating_point() and isinstance(a, torch.Tensor)
+    ]
     return max((relative_error(a, b) if torch.isfinite(a).all() else math.inf for a, b in pairs), default=0.0)
 
 
@@ -140,12 +144,15 @@ def check_precision(model: nn.Module, inputs: Any, dtype: torch.dtype) -> None:
     where = f"{peak.module} ({peak.kind})"
     if peak.value > largest:
         first = "" if peak.first_beyond in (None, peak.module) else f", first exceeded in {peak.first_beyond}"
-        raise PrecisionError(f"the model's activations reach {peak.value:.3g} in {where}, beyond {name}'s largest "
-                             f"finite value {largest:.6g}{first}: in {name} they overflow to inf. Deploy in "
-                             f"{_instead(dtype, 'range')}")
+        raise PrecisionError(
+            f"the model's activations reach {peak.value:.3g} in {where}, beyond {name}'s largest "
+            f"finite value {largest:.6g}{first}: in {name} they overflow to inf. Deploy in "
+            f"{_instead(dtype, 'range')}"
+        )
     want = peak.output
-    if not all(torch.isfinite(t).all() for t in tree_leaves(want) if isinstance(t, torch.Tensor)
-               and t.is_floating_point()):
+    if not all(
+        torch.isfinite(t).all() for t in tree_leaves(want) if isinstance(t, torch.Tensor) and t.is_floating_point()
+    ):
         return
     try:
         got = _run(*_cast(model, args, dtype))
@@ -153,6 +160,8 @@ def check_precision(model: nn.Module, inputs: Any, dtype: torch.dtype) -> None:
         return
     error, limit = _worst_error(got, want), accuracy_limit(dtype)
     if not error <= limit:
-        raise PrecisionError(f"the model loses too much accuracy in {name}: run in {name} it differs from its "
-                             f"float64 run by relative error {error:.3g} (limit {limit:g}); its largest activation "
-                             f"is {peak.value:.3g} in {where}. Deploy in {_instead(dtype, 'accuracy')}")
+        raise PrecisionError(
+            f"the model loses too much accuracy in {name}: run in {name} it differs from its "
+            f"float64 run by relative error {error:.3g} (limit {limit:g}); its largest activation "
+            f"is {peak.value:.3g} in {where}. Deploy in {_instead(dtype, 'accuracy')}"
+        )

@@ -11,6 +11,7 @@ so a rounding difference never travels and every disagreement points at the regi
 Tolerance per region: ``NOISE_FACTOR`` times the original subgraph's own float64 noise there, measured by
 the same run of a differently rounded twin (weights scaled by ``1 + 4 ulp``), and at least ``LOCAL_FLOOR``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -67,8 +68,9 @@ class Pristine:
     def __init__(self, gm: fx.GraphModule):
         self.graph = copy.deepcopy(gm.graph)
         self._name = type(gm).__name__
-        self._refs = {n.target: _attribute(gm, n.target) for n in self.graph.nodes
-                      if n.op in ("call_module", "get_attr")}
+        self._refs = {
+            n.target: _attribute(gm, n.target) for n in self.graph.nodes if n.op in ("call_module", "get_attr")
+        }
         self._module: fx.GraphModule | None = None
 
     def module(self) -> fx.GraphModule:
@@ -102,8 +104,10 @@ class Disproof:
     def __str__(self) -> str:
         why = ", from the original's own float64 noise there" if self.allowed > LOCAL_FLOOR else ""
         what = f" ({self.rewrite})" if self.rewrite else ""
-        return (f"region {self.where}{what}: the fused kernel disagrees with the subgraph it replaces, relative "
-                f"error {self.error:.3e} on the activations it receives (allowed {self.allowed:.1e}{why})")
+        return (
+            f"region {self.where}{what}: the fused kernel disagrees with the subgraph it replaces, relative "
+            f"error {self.error:.3e} on the activations it receives (allowed {self.allowed:.1e}{why})"
+        )
 
 
 class _Recorder(fx.Interpreter):
@@ -188,8 +192,17 @@ def run_quietly(module, args: tuple, kwargs: dict | None = None) -> Any:
         return module(*fresh(args), **fresh(kwargs or {}))
 
 
-def check_fused(fused: fx.GraphModule, pristine: Pristine | None, original: nn.Module, args: tuple,
-                kwargs: dict, want: Any, where: str, notes: list, positional: tuple | None = None) -> float:
+def check_fused(
+    fused: fx.GraphModule,
+    pristine: Pristine | None,
+    original: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    want: Any,
+    where: str,
+    notes: list,
+    positional: tuple | None = None,
+) -> float:
     """Worst relative error of ``fused`` (the rewritten trace of ``original``) against ``want``, the
     eager original's output on ``args`` / ``kwargs`` (float64).
 
@@ -203,8 +216,9 @@ def check_fused(fused: fx.GraphModule, pristine: Pristine | None, original: nn.M
     try:
         got = run_quietly(fused, args, kwargs)
     except Exception as err:  # Python control flow on an argument was traced for another call's value
-        raise UnfaithfulTrace(f"{where}: its trace does not run this call ({type(err).__name__}: "
-                              f"{one_line(err)[:100]})") from err
+        raise UnfaithfulTrace(
+            f"{where}: its trace does not run this call ({type(err).__name__}: {one_line(err)[:100]})"
+        ) from err
     try:
         if match_containers(fused, got, want):  # what the patched graph now returns, without a rerun
             got = restore_containers(got, tree_structure(want))
@@ -225,13 +239,15 @@ def check_fused(fused: fx.GraphModule, pristine: Pristine | None, original: nn.M
             if where != "output":  # a part of a model: the region's path in the whole model
                 first = Disproof(f"{where}.{first.where}", first.error, first.allowed, first.rewrite)
             leaf, err = worst_leaf(got, want, where) if mismatch is None else (where, math.inf)
-            raise EquivalenceError(f"{first}; {leaf} is off by {err:.1e} (relative); this is a "
-                                   "reparam bug, please report the model")
+            raise EquivalenceError(
+                f"{first}; {leaf} is off by {err:.1e} (relative); this is a reparam bug, please report the model"
+            )
     try:
         if mismatch is not None:
             raise mismatch
-        return compare_outputs(got, want, where, noise=lambda: run_quietly(perturbed(original), args, kwargs),
-                               notes=notes)
+        return compare_outputs(
+            got, want, where, noise=lambda: run_quietly(perturbed(original), args, kwargs), notes=notes
+        )
     except EquivalenceError as err:
         if not _faithful(original, args, kwargs, want):
             raise UnfaithfulTrace(f"{where}: torch.fx traces it unfaithfully") from err

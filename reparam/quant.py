@@ -64,8 +64,7 @@ CHANNEL_SNR_THRESHOLD_DB = 20.0
 #: ``max|w| / std(w)`` above which a layer is flagged (per-tensor SNR ≈ 27 dB at this ratio).
 OUTLIER_THRESHOLD = 20.0
 
-_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-                nn.Linear)
+_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 
 
 def quantize_symmetric(weight: torch.Tensor, bits: int = 8, per_channel: bool = False, axis: int = 0) -> torch.Tensor:
@@ -134,8 +133,10 @@ class LayerQuant:
         """``""`` (fine), ``"per-channel"`` or ``"keep in higher precision"``."""
         if not self.flags:
             return ""
-        if (self.per_channel_snr_db >= self.snr_threshold_db
-                and self.per_channel_worst_channel_snr_db >= self.channel_snr_threshold_db):
+        if (
+            self.per_channel_snr_db >= self.snr_threshold_db
+            and self.per_channel_worst_channel_snr_db >= self.channel_snr_threshold_db
+        ):
             return "per-channel"
         return "keep in higher precision"
 
@@ -177,10 +178,17 @@ def _worst_channel_snr_db(w: torch.Tensor, q: torch.Tensor, axis: int) -> float:
     return min(snr_db(wc, qc) for wc, qc in zip(w, q, strict=True))
 
 
-def analyze_weight(weight: torch.Tensor, name: str = "", kind: str = "", *, bits: int = 8, channel_axis: int = 0,
-                   snr_threshold_db: float = SNR_THRESHOLD_DB,
-                   channel_snr_threshold_db: float = CHANNEL_SNR_THRESHOLD_DB,
-                   outlier_threshold: float = OUTLIER_THRESHOLD) -> LayerQuant:
+def analyze_weight(
+    weight: torch.Tensor,
+    name: str = "",
+    kind: str = "",
+    *,
+    bits: int = 8,
+    channel_axis: int = 0,
+    snr_threshold_db: float = SNR_THRESHOLD_DB,
+    channel_snr_threshold_db: float = CHANNEL_SNR_THRESHOLD_DB,
+    outlier_threshold: float = OUTLIER_THRESHOLD,
+) -> LayerQuant:
     """Statistics and per-tensor / per-channel symmetric quantization SNR of one weight tensor.
 
     ``channel_axis`` is the output-channel axis (0 for ``Conv*d`` and ``Linear``, 1 for ``ConvTranspose*d``).
@@ -207,16 +215,33 @@ def analyze_weight(weight: torch.Tensor, name: str = "", kind: str = "", *, bits
         flags.append(f"worst channel SNR {worst_tensor:.1f} dB < {channel_snr_threshold_db:g} dB")
     if outlier > outlier_threshold:
         flags.append(f"max|w|/std {outlier:.1f} > {outlier_threshold:g}")
-    return LayerQuant(name=name, kind=kind, shape=tuple(w.shape), w_min=float(w.min()), w_max=float(w.max()), std=std,
-                      outlier_ratio=outlier, channel_spread=spread, per_tensor_snr_db=per_tensor,
-                      per_channel_snr_db=per_channel, per_tensor_worst_channel_snr_db=worst_tensor,
-                      per_channel_worst_channel_snr_db=worst_channel, flags=flags, snr_threshold_db=snr_threshold_db,
-                      channel_snr_threshold_db=channel_snr_threshold_db)
+    return LayerQuant(
+        name=name,
+        kind=kind,
+        shape=tuple(w.shape),
+        w_min=float(w.min()),
+        w_max=float(w.max()),
+        std=std,
+        outlier_ratio=outlier,
+        channel_spread=spread,
+        per_tensor_snr_db=per_tensor,
+        per_channel_snr_db=per_channel,
+        per_tensor_worst_channel_snr_db=worst_tensor,
+        per_channel_worst_channel_snr_db=worst_channel,
+        flags=flags,
+        snr_threshold_db=snr_threshold_db,
+        channel_snr_threshold_db=channel_snr_threshold_db,
+    )
 
 
-def analyze_model(model: nn.Module, *, bits: int = 8, snr_threshold_db: float = SNR_THRESHOLD_DB,
-                  channel_snr_threshold_db: float = CHANNEL_SNR_THRESHOLD_DB,
-                  outlier_threshold: float = OUTLIER_THRESHOLD) -> QuantReport:
+def analyze_model(
+    model: nn.Module,
+    *,
+    bits: int = 8,
+    snr_threshold_db: float = SNR_THRESHOLD_DB,
+    channel_snr_threshold_db: float = CHANNEL_SNR_THRESHOLD_DB,
+    outlier_threshold: float = OUTLIER_THRESHOLD,
+) -> QuantReport:
     """:func:`analyze_weight` for every conv / linear layer of ``model`` (each shared module once).
 
     Run it on the *fused* model (``reparam.fuse(model)``): that is the model a quantizer sees.  Other
@@ -233,8 +258,16 @@ def analyze_model(model: nn.Module, *, bits: int = 8, snr_threshold_db: float = 
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.numel() == 0:
             continue
         axis = 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
-        layers.append(analyze_weight(weight, name or "(model)", _kind(module), bits=bits, channel_axis=axis,
-                                     snr_threshold_db=snr_threshold_db,
-                                     channel_snr_threshold_db=channel_snr_threshold_db,
-                                     outlier_threshold=outlier_threshold))
+        layers.append(
+            analyze_weight(
+                weight,
+                name or "(model)",
+                _kind(module),
+                bits=bits,
+                channel_axis=axis,
+                snr_threshold_db=snr_threshold_db,
+                channel_snr_threshold_db=channel_snr_threshold_db,
+                outlier_threshold=outlier_threshold,
+            )
+        )
     return QuantReport(layers, bits, snr_threshold_db, channel_snr_threshold_db, outlier_threshold)

@@ -1,4 +1,5 @@
 """What the compiler did: every rewrite, every merge refused and why, and verification numbers."""
+
 from __future__ import annotations
 
 import json
@@ -77,9 +78,12 @@ class Report:
     def to_dict(self) -> dict:
         """Everything in the report as JSON-ready data (schema: ``docs/report-schema.json``, ``$defs/report``)."""
         return {
-            "rewrites": [{"where": r.where, "before": r.before, "after": r.after, "events": list(r.events)}
-                         if isinstance(r, Rewrite) else {"where": str(r), "before": "", "after": "", "events": []}
-                         for r in self.rewrites],
+            "rewrites": [
+                {"where": r.where, "before": r.before, "after": r.after, "events": list(r.events)}
+                if isinstance(r, Rewrite)
+                else {"where": str(r), "before": "", "after": "", "events": []}
+                for r in self.rewrites
+            ],
             "refusals": [{"where": r.where, "reason": r.reason} for r in self.refusals],
             "decisions": [asdict(d) for d in self.decisions],
             "notes": [str(n) for n in self.notes],

@@ -18,6 +18,7 @@ the real ops at these sizes.
 Caches that a module's forward leaves behind during the stand-in run are removed afterwards
 (:func:`reparam.interface.restore_state`): they may hold values computed from zeros.
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -33,29 +34,72 @@ from .interface import restore_state, snapshot_state
 aten = torch.ops.aten
 
 #: ops replaced by stand-ins: nearly all of a network's arithmetic, none of its shape logic
-HEAVY = frozenset({
-    aten.convolution.default, aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
-    aten._scaled_dot_product_flash_attention_for_cpu.default, aten._scaled_dot_product_attention_math.default,
-})
+HEAVY = frozenset(
+    {
+        aten.convolution.default,
+        aten.mm.default,
+        aten.addmm.default,
+        aten.bmm.default,
+        aten.baddbmm.default,
+        aten._scaled_dot_product_flash_attention_for_cpu.default,
+        aten._scaled_dot_product_attention_math.default,
+    }
+)
 #: floating unary ops whose output has their input's shape and dtype: stand-ins too (and ``_softmax`` without
 #: ``half_to_float``) (a float64 GELU or
 #: softmax over a transformer's activations costs as much as a matrix product there)
-SAME_AS_INPUT = frozenset({
-    aten.gelu.default, aten.silu.default, aten.sigmoid.default, aten.tanh.default, aten.hardswish.default,
-    aten.hardsigmoid.default, aten.mish.default, aten.elu.default, aten.softplus.default, aten.erf.default,
-    aten.exp.default, aten.log.default, aten.sqrt.default, aten.rsqrt.default, aten.reciprocal.default,
-})
-IN_PLACE_SAME = frozenset({
-    aten.gelu_.default, aten.silu_.default, aten.sigmoid_.default, aten.tanh_.default, aten.hardswish_.default,
-    aten.hardsigmoid_.default, aten.mish_.default, aten.elu_.default, aten.erf_.default, aten.exp_.default,
-})
+SAME_AS_INPUT = frozenset(
+    {
+        aten.gelu.default,
+        aten.silu.default,
+        aten.sigmoid.default,
+        aten.tanh.default,
+        aten.hardswish.default,
+        aten.hardsigmoid.default,
+        aten.mish.default,
+        aten.elu.default,
+        aten.softplus.default,
+        aten.erf.default,
+        aten.exp.default,
+        aten.log.default,
+        aten.sqrt.default,
+        aten.rsqrt.default,
+        aten.reciprocal.default,
+    }
+)
+IN_PLACE_SAME = frozenset(
+    {
+        aten.gelu_.default,
+        aten.silu_.default,
+        aten.sigmoid_.default,
+        aten.tanh_.default,
+        aten.hardswish_.default,
+        aten.hardsigmoid_.default,
+        aten.mish_.default,
+        aten.elu_.default,
+        aten.erf_.default,
+        aten.exp_.default,
+    }
+)
 #: ops whose output shape (or Python control flow) depends on tensor values: stand-ins cannot feed them
-VALUE_DEPENDENT = frozenset({
-    aten._local_scalar_dense.default, aten.is_nonzero.default, aten.equal.default, aten.nonzero.default,
-    aten.nonzero_static.default, aten.argwhere.default, aten.masked_select.default, aten.unique_dim.default,
-    aten._unique2.default, aten.unique_consecutive.default, aten.bincount.default, aten.histc.default,
-    aten.repeat_interleave.Tensor, aten.allclose.default,
-})
+VALUE_DEPENDENT = frozenset(
+    {
+        aten._local_scalar_dense.default,
+        aten.is_nonzero.default,
+        aten.equal.default,
+        aten.nonzero.default,
+        aten.nonzero_static.default,
+        aten.argwhere.default,
+        aten.masked_select.default,
+        aten.unique_dim.default,
+        aten._unique2.default,
+        aten.unique_consecutive.default,
+        aten.bincount.default,
+        aten.histc.default,
+        aten.repeat_interleave.Tensor,
+        aten.allclose.default,
+    }
+)
 
 _FORMATS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
 
@@ -137,8 +181,9 @@ class StandIns(TorchDispatchMode):
         if func in VALUE_DEPENDENT or (func is aten.index.Tensor and _boolean_index(args)):
             raise NeedsValues(str(func))
         if func in HEAVY:
-            device = next(t.device for t in torch.utils._pytree.tree_leaves((args, kwargs))
-                          if isinstance(t, torch.Tensor))
+            device = next(
+                t.device for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+            )
             if func in _WITHOUT_BIAS and not kwargs:  # bias broadcast to a @ b: same layout as a @ b
                 out = _WITHOUT_BIAS[func](_meta_like(args[1]), _meta_like(args[2]))
             else:

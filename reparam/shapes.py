@@ -112,8 +112,13 @@ def run_checked(model: nn.Module, inputs: Any) -> Any:
             raise
         shape = tuple(tensor.shape)
         layout = _layout(layer[1])
-        raise InputShapeError(f"the example input of shape {_shape(shape)} does not fit the model: {reason}, so it "
-                              f"expects {_shape(layout)}. Pass inputs of that shape", shape, reason, layout) from exc
+        raise InputShapeError(
+            f"the example input of shape {_shape(shape)} does not fit the model: {reason}, so it "
+            f"expects {_shape(layout)}. Pass inputs of that shape",
+            shape,
+            reason,
+            layout,
+        ) from exc
     finally:
         for handle in handles:
             handle.remove()

@@ -86,8 +86,10 @@ class Staging:
         except BaseException as exc:
             self._roll_back(done)
             if isinstance(exc, OSError):
-                raise OutputPathError(f"cannot move {staged.name} into place ({exc.strerror or exc}), so no "
-                                      "output was written. Choose another output path") from exc
+                raise OutputPathError(
+                    f"cannot move {staged.name} into place ({exc.strerror or exc}), so no "
+                    "output was written. Choose another output path"
+                ) from exc
             raise
         return [target for _, target, backup in done if backup is not None]
 

@@ -222,8 +222,11 @@ class _NormCounter(TorchDispatchMode):
                 self.normed.append(id(x))
         written = self._tensors(out)
         if any(id(t) in self.dependent for t in read):  # outputs, and inputs written in place (copy_, add_ ...)
-            mutated = [a for a, spec in zip(args, func._schema.arguments, strict=False)  # trailing defaults left out
-                       if isinstance(a, torch.Tensor) and spec.alias_info is not None and spec.alias_info.is_write]
+            mutated = [
+                a
+                for a, spec in zip(args, func._schema.arguments, strict=False)  # trailing defaults left out
+                if isinstance(a, torch.Tensor) and spec.alias_info is not None and spec.alias_info.is_write
+            ]
             self.dependent.update(id(t) for t in written + mutated)
         if func.overloadpacket.__name__ in _CONV_OPS:
             self.conv_uses.update((id(t), 0) for t in written)
@@ -298,17 +301,25 @@ def latency_ms(
     return statistics.median(times)
 
 
-def latencies_ms(models: list, example_inputs: Any, warmup: int = 3, repeats: int = 10,
-                 budget_s: float | None = None) -> list[float]:
+def latencies_ms(
+    models: list, example_inputs: Any, warmup: int = 3, repeats: int = 10, budget_s: float | None = None
+) -> list[float]:
     """Median latency (ms) of each model, timed interleaved (round-robin) so that load on the machine
     hits every model alike; ``budget_s`` bounds the total timed seconds (at least one round runs)."""
     rounds = interleaved_times_ms(models, example_inputs, warmup=warmup, rounds=repeats, budget_s=budget_s)
     return [statistics.median(t) for t in rounds]
 
 
-def interleaved_times_ms(models: list, example_inputs: Any, warmup: int = 3, rounds: int = 10, passes: int = 1,
-                         budget_s: float | None = None, alternate: bool = False,
-                         best: bool = False) -> list[list[float]]:
+def interleaved_times_ms(
+    models: list,
+    example_inputs: Any,
+    warmup: int = 3,
+    rounds: int = 10,
+    passes: int = 1,
+    budget_s: float | None = None,
+    alternate: bool = False,
+    best: bool = False,
+) -> list[list[float]]:
     """Per-round times (ms) of each model, the models timed in turn within every round.
 
     Each round runs every model ``passes`` times in a row and records the median of those passes (with ``best``,

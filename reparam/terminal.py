@@ -49,8 +49,9 @@ def table(title: str | None, *columns: str | tuple[str, str], compact: bool = Fa
     """
     from rich import box
 
-    options = ({"box": box.SIMPLE_HEAD, "padding": (0, 1), "pad_edge": False, "collapse_padding": True}
-               if compact else {})
+    options = (
+        {"box": box.SIMPLE_HEAD, "padding": (0, 1), "pad_edge": False, "collapse_padding": True} if compact else {}
+    )
     result = Table(title=title, title_justify="left", expand=False, **options)
     for column in columns:
         name, justify = (column, "left") if isinstance(column, str) else column
@@ -64,8 +65,9 @@ def wrap(text: str, columns: int, indent: str = "  ") -> list[str]:
     A word (a path) is never split, unless it is longer than a whole line: then it continues on the next line,
     every character kept.
     """
-    return textwrap.wrap(text, width=max(20, columns), subsequent_indent=indent, break_long_words=True,
-                         break_on_hyphens=False) or [""]
+    return textwrap.wrap(
+        text, width=max(20, columns), subsequent_indent=indent, break_long_words=True, break_on_hyphens=False
+    ) or [""]
 
 
 def paragraph(console: Console, text: str, indent: str = "  ") -> None:

@@ -51,15 +51,17 @@ class SpeedFigure:
         """``5.2× faster (4.9–5.6×, 9 runs)`` (or ``slower``)."""
         if self.ratio >= 1:
             return f"{self.ratio:.2f}× faster ({self.low:.2f}–{self.high:.2f}×, {self.runs} runs)"
-        return (f"{1 / self.ratio:.2f}× slower ({1 / self.high:.2f}–{1 / self.low:.2f}×, {self.runs} runs)")
+        return f"{1 / self.ratio:.2f}× slower ({1 / self.high:.2f}–{1 / self.low:.2f}×, {self.runs} runs)"
 
     def warning(self) -> str | None:
         """Why the figure should not be trusted, or None."""
         if self.trustworthy:
             return None
         load = f" (load average {self.load:.1f})" if self.load is not None else ""
-        return (f"the speed figure's runs disagree ({self.low:.2f}–{self.high:.2f}×): the machine is busy{load}; "
-                "rerun on an idle machine before trusting it")
+        return (
+            f"the speed figure's runs disagree ({self.low:.2f}–{self.high:.2f}×): the machine is busy{load}; "
+            "rerun on an idle machine before trusting it"
+        )
 
     def to_dict(self) -> dict:
         """JSON-ready fields, with ``trustworthy``."""
@@ -73,8 +75,16 @@ def _load_average() -> float | None:
         return None
 
 
-def compare(original: Any, fused: Any, example_inputs: Any, *, rounds: int = ROUNDS, warmup: int = WARMUP,
-            budget_s: float = BUDGET_S, threads: int = THREADS) -> SpeedFigure:
+def compare(
+    original: Any,
+    fused: Any,
+    example_inputs: Any,
+    *,
+    rounds: int = ROUNDS,
+    warmup: int = WARMUP,
+    budget_s: float = BUDGET_S,
+    threads: int = THREADS,
+) -> SpeedFigure:
     """Time ``original`` against ``fused`` (see the module docstring) and return the :class:`SpeedFigure`."""
     import torch
 
@@ -97,13 +107,23 @@ def compare(original: Any, fused: Any, example_inputs: Any, *, rounds: int = ROU
             stats._synchronize(args)
             one = max(time.perf_counter() - start, 1e-6)
         passes = max(1, int(budget_s / max(rounds, 1) / one))
-        before, after = stats.interleaved_times_ms([original, fused], args, warmup=0, rounds=rounds,
-                                                   passes=passes, alternate=True, best=True)
+        before, after = stats.interleaved_times_ms(
+            [original, fused], args, warmup=0, rounds=rounds, passes=passes, alternate=True, best=True
+        )
     finally:
         if not on_cuda:
             torch.set_num_threads(previous)
     ratios = [b / a for b, a in zip(before, after, strict=True) if a > 0]  # one time of each per round
     device = str(next((a.device for a in args if isinstance(a, torch.Tensor)), "cpu"))
-    return SpeedFigure(ratio=statistics.median(ratios), low=min(ratios), high=max(ratios), runs=len(ratios),
-                       passes=passes, threads=None if on_cuda else threads, device=device,
-                       before_ms=statistics.median(before), after_ms=statistics.median(after), load=_load_average())
+    return SpeedFigure(
+        ratio=statistics.median(ratios),
+        low=min(ratios),
+        high=max(ratios),
+        runs=len(ratios),
+        passes=passes,
+        threads=None if on_cuda else threads,
+        device=device,
+        before_ms=statistics.median(before),
+        after_ms=statistics.median(after),
+        load=_load_average(),
+    )

@@ -4,6 +4,7 @@ Leaf policy: torch.nn modules are leaves (fx's default), plus any module timm ma
 Parameter and buffer look-ups are resolved from a dictionary built once, so tracing stays linear in
 model size (fx's stock tracer scans every parameter for each functional access).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -258,8 +259,14 @@ def _first_consumer_channels(gm: fx.GraphModule, placeholder: fx.Node) -> tuple[
     return None
 
 
-_FUNCTIONAL_CONVS = {torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d, torch.conv2d,
-                     torch.conv1d, torch.conv3d}
+_FUNCTIONAL_CONVS = {
+    torch.nn.functional.conv1d,
+    torch.nn.functional.conv2d,
+    torch.nn.functional.conv3d,
+    torch.conv2d,
+    torch.conv1d,
+    torch.conv3d,
+}
 
 
 def _configured_size(model: torch.nn.Module) -> int | None:
@@ -293,8 +300,7 @@ def _first_layer_channels(model: torch.nn.Module) -> tuple[int, int] | None:
     return None if found is None else input_spec(found[1])
 
 
-def infer_example_inputs(model: torch.nn.Module, gm: fx.GraphModule | None, dtype, device,
-                         runs=None) -> tuple | None:
+def infer_example_inputs(model: torch.nn.Module, gm: fx.GraphModule | None, dtype, device, runs=None) -> tuple | None:
     """Random inputs a forward pass accepts, from the first conv/linear the inputs reach (``gm``:
     the traced model; None for a model that does not trace: one input, for its first layer).
 

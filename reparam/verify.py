@@ -4,6 +4,7 @@
 check, the proofs, the exported files' checks through :func:`reparam.stats.relative_error`); :func:`random_like`
 the one way to draw fresh inputs shaped like given ones.
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,8 +22,8 @@ TOLERANCE = 1e-8  # float64 folding error is ~1e-15 per op; deep random nets amp
 def to_float64(inputs: Any) -> Any:
     """Copies of the floating tensors in ``inputs`` (any pytree) in float64; the rest untouched."""
     return torch.utils._pytree.tree_map(
-        lambda t: t.to(torch.float64, copy=True) if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
-        inputs)
+        lambda t: t.to(torch.float64, copy=True) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, inputs
+    )
 
 
 def fresh(inputs: Any) -> Any:
@@ -34,17 +35,27 @@ def fresh(inputs: Any) -> Any:
 def is_degenerate(inputs: Any) -> bool:
     """Some floating input is constant (``torch.zeros(1, 3, 224, 224)``): it cannot expose wrong weights."""
     leaves = torch.utils._pytree.tree_leaves(inputs)
-    return any(isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() > 0
-               and bool((t == t.reshape(-1)[0]).all()) for t in leaves)
+    return any(
+        isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() > 0 and bool((t == t.reshape(-1)[0]).all())
+        for t in leaves
+    )
 
 
 def random_like(inputs: Sequence[Any], seed: int = 1) -> tuple:
     """``inputs`` (a sequence of arguments, each any pytree) with every floating tensor replaced by a fresh
     standard-normal one of its shape, dtype and device, drawn from a generator seeded with ``seed``; the rest kept."""
     g = torch.Generator().manual_seed(seed)
-    return tuple(torch.utils._pytree.tree_map(
-        lambda t: torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device)
-        if isinstance(t, torch.Tensor) and t.is_floating_point() else t, x) for x in inputs)
+    return tuple(
+        torch.utils._pytree.tree_map(
+            lambda t: (
+                torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device)
+                if isinstance(t, torch.Tensor) and t.is_floating_point()
+                else t
+            ),
+            x,
+        )
+        for x in inputs
+    )
 
 
 def relative_error(y: torch.Tensor, ref: torch.Tensor, *, absolute_at_zero: bool = False) -> float:
@@ -66,7 +77,7 @@ def relative_error(y: torch.Tensor, ref: torch.Tensor, *, absolute_at_zero: bool
 
 
 NOISE_FACTOR = 100  # how far past the reference's own float64 noise a fused model may be
-NOISE_EPSILON = 2.0 ** -50  # relative perturbation of every weight (4 float64 ulps) that measures that noise
+NOISE_EPSILON = 2.0**-50  # relative perturbation of every weight (4 float64 ulps) that measures that noise
 
 
 def perturbed(module: torch.nn.Module, seed: int = 2) -> torch.nn.Module:
@@ -87,16 +98,24 @@ def perturbed(module: torch.nn.Module, seed: int = 2) -> torch.nn.Module:
     return twin
 
 
-def compare_outputs(got: Any, want: Any, where: str = "output", tolerance: float = TOLERANCE,
-                    noise: Optional[Callable[[], Any]] = None, notes: Optional[list] = None) -> float:
+def compare_outputs(
+    got: Any,
+    want: Any,
+    where: str = "output",
+    tolerance: float = TOLERANCE,
+    noise: Optional[Callable[[], Any]] = None,
+    notes: Optional[list] = None,
+) -> float:
     """Worst relative error of ``got`` against ``want`` (pytrees of the same structure), or raise
     :class:`EquivalenceError` naming the leaf.  ``noise()``: the reference's output rounded differently
     (:func:`perturbed`), computed only when some leaf is over ``tolerance``."""
     got_leaves, got_spec = tree_flatten_with_path(got)
     want_leaves, want_spec = tree_flatten_with_path(want)
     if got_spec != want_spec:
-        raise EquivalenceError(f"{where}: fused model returns a different output structure "
-                               f"({_spec_summary(got_spec)} vs {_spec_summary(want_spec)})")
+        raise EquivalenceError(
+            f"{where}: fused model returns a different output structure "
+            f"({_spec_summary(got_spec)} vs {_spec_summary(want_spec)})"
+        )
     errors = []
     for (path, a), (_, b) in zip(got_leaves, want_leaves, strict=True):  # one structure: checked above
         leaf = where + keystr(path)
@@ -120,10 +139,13 @@ def compare_outputs(got: Any, want: Any, where: str = "output", tolerance: float
                 own = f"; the original's own float64 noise there is {floor:.1e}" if floor else ""
                 raise EquivalenceError(
                     f"{leaf}: fused model disagrees with the original, relative error {err:.3e} "
-                    f"(tolerance {tolerance:.0e}{own}); this is a reparam bug, please report the model")
+                    f"(tolerance {tolerance:.0e}{own}); this is a reparam bug, please report the model"
+                )
             if notes is not None:
-                notes.append(f"{leaf}: fused {err:.1e} vs the model's own float64 noise {floor:.1e} "
-                             f"(accepted: within {NOISE_FACTOR}x of it)")
+                notes.append(
+                    f"{leaf}: fused {err:.1e} vs the model's own float64 noise {floor:.1e} "
+                    f"(accepted: within {NOISE_FACTOR}x of it)"
+                )
     return max((err for _, err in errors), default=0.0)
 
 
@@ -131,8 +153,7 @@ def worst_leaf(got: Any, want: Any, where: str = "output") -> tuple[str, float]:
     """(path, relative error) of the floating leaf where ``got`` is furthest from ``want`` (same structure)."""
     worst = (where, 0.0)
     for (path, a), (_, b) in zip(tree_flatten_with_path(got)[0], tree_flatten_with_path(want)[0], strict=False):
-        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape \
-                and b.is_floating_point():
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and b.is_floating_point():
             err = relative_error(a, b)
             if not err <= worst[1]:
                 worst = (where + keystr(path), err)
@@ -149,13 +170,14 @@ def _noise_floors(noise: Callable[[], Any], want_leaves: list, notes: Optional[l
         twin_leaves, _ = tree_flatten_with_path(noise())
     except Exception as exc:  # noqa: BLE001  the twin runs the user's own model: whatever it raises, there is no
         if notes is not None:  # noise floor, and the check falls back to the plain tolerance (the reason is noted)
-            notes.append(f"the model's own float64 noise could not be measured ({type(exc).__name__}: "
-                         f"{one_line(exc)}); the plain tolerance applied")
+            notes.append(
+                f"the model's own float64 noise could not be measured ({type(exc).__name__}: "
+                f"{one_line(exc)}); the plain tolerance applied"
+            )
         return {}
     floors = {}
     for i, ((_, a), (_, b)) in enumerate(zip(twin_leaves, want_leaves, strict=False)):
-        if isinstance(b, torch.Tensor) and isinstance(a, torch.Tensor) and a.shape == b.shape \
-                and b.is_floating_point():
+        if isinstance(b, torch.Tensor) and isinstance(a, torch.Tensor) and a.shape == b.shape and b.is_floating_point():
             floor = relative_error(a, b, absolute_at_zero=True)
             if not math.isinf(floor):
                 floors[i] = floor

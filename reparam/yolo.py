@@ -15,6 +15,7 @@ loaded safely, heads prepared for export as ``yolo export`` prepares them.
 
 Every failure a user can cause raises an :class:`reparam.errors.InputError` (the CLI exits with code 2).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -31,8 +32,19 @@ from reparam import architectures, checkpoints
 from reparam.dtypes import dtype_name
 from reparam.errors import CheckpointError, UnknownArchError, UnsafeCheckpointError, one_line
 
-__all__ = ["PREFIX", "DATA_TYPES", "is_config", "build", "is_checkpoint", "allowed_globals", "load_checkpoint",
-           "prepare", "input_size", "num_classes", "Loaded"]
+__all__ = [
+    "PREFIX",
+    "DATA_TYPES",
+    "is_config",
+    "build",
+    "is_checkpoint",
+    "allowed_globals",
+    "load_checkpoint",
+    "prepare",
+    "input_size",
+    "num_classes",
+    "Loaded",
+]
 
 PREFIX = "ultralytics:"
 CONFIG_SUFFIXES = (".yaml", ".yml")
@@ -58,8 +70,13 @@ def is_config(name: str | os.PathLike | None) -> bool:
     return name is not None and str(name).lower().endswith(CONFIG_SUFFIXES)
 
 
-_TASK_CLASSES = {"detect": "DetectionModel", "segment": "SegmentationModel", "pose": "PoseModel",
-                 "obb": "OBBModel", "classify": "ClassificationModel"}
+_TASK_CLASSES = {
+    "detect": "DetectionModel",
+    "segment": "SegmentationModel",
+    "pose": "PoseModel",
+    "obb": "OBBModel",
+    "classify": "ClassificationModel",
+}
 
 
 def build(cfg: str, num_classes: int | None = None, **kwargs: Any) -> nn.Module:
@@ -75,14 +92,17 @@ def build(cfg: str, num_classes: int | None = None, **kwargs: Any) -> nn.Module:
     try:
         spec = tasks.yaml_model_load(cfg)
     except Exception as exc:  # FileNotFoundError from check_yaml, yaml errors
-        raise UnknownArchError(f"cannot read the ultralytics config {cfg!r} ({one_line(exc)}). Give a "
-                               "config shipped with ultralytics (e.g. yolov8n.yaml, yolo11n-seg.yaml) or the "
-                               "path of a model yaml") from exc
+        raise UnknownArchError(
+            f"cannot read the ultralytics config {cfg!r} ({one_line(exc)}). Give a "
+            "config shipped with ultralytics (e.g. yolov8n.yaml, yolo11n-seg.yaml) or the "
+            "path of a model yaml"
+        ) from exc
     task = tasks.guess_model_task(spec)
     name = "RTDETRDetectionModel" if "rtdetr" in Path(str(cfg)).stem.lower() else _TASK_CLASSES.get(task)
     if name is None:
-        raise UnknownArchError(f"{cfg}: ultralytics task {task!r} is not supported. Use a detect, segment, pose, "
-                               "obb or classify config")
+        raise UnknownArchError(
+            f"{cfg}: ultralytics task {task!r} is not supported. Use a detect, segment, pose, obb or classify config"
+        )
     if num_classes is not None:
         kwargs["nc"] = num_classes
     model = getattr(tasks, name)(cfg, verbose=False, **kwargs)
@@ -98,8 +118,10 @@ def _named_globals(path: Path) -> list[str]:
     if not zipfile.is_zipfile(path):
         return []
     if not hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):  # torch < 2.6
-        raise CheckpointError(f"cannot read {path} safely with torch {torch.__version__}: scanning a checkpoint's "
-                              "pickle needs torch 2.6 or later. Upgrade torch, or pass --arch and a state dict")
+        raise CheckpointError(
+            f"cannot read {path} safely with torch {torch.__version__}: scanning a checkpoint's "
+            "pickle needs torch 2.6 or later. Upgrade torch, or pass --arch and a state dict"
+        )
     return checkpoints.scanned_globals(path)
 
 
@@ -139,8 +161,11 @@ def allowed_globals(names: list[str], path: Path) -> list[type]:
         (allowed if obj is not None else refused).append(obj if obj is not None else name)
     if refused:
         shown = ", ".join(sorted(refused)[:8]) + (f" and {len(refused) - 8} more" if len(refused) > 8 else "")
-        raise UnsafeCheckpointError(f"refusing to load {path}: besides ultralytics and torch.nn modules, its "
-                                    f"pickle needs {shown}. {checkpoints.TRUST_HINT}", refused)
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: besides ultralytics and torch.nn modules, its "
+            f"pickle needs {shown}. {checkpoints.TRUST_HINT}",
+            refused,
+        )
     return allowed
 
 
@@ -163,8 +188,10 @@ def _read(path: Path, trust: bool) -> Any:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"cannot read {path} as an ultralytics checkpoint ({type(exc).__name__}: "
-                              f"{one_line(exc)}). {checkpoints.TRUST_HINT}") from exc
+        raise CheckpointError(
+            f"cannot read {path} as an ultralytics checkpoint ({type(exc).__name__}: "
+            f"{one_line(exc)}). {checkpoints.TRUST_HINT}"
+        ) from exc
 
 
 def load_checkpoint(path: str | os.PathLike, trust: bool = False, prefer_ema: bool = True) -> Loaded:
@@ -176,21 +203,28 @@ def load_checkpoint(path: str | os.PathLike, trust: bool = False, prefer_ema: bo
     """
     path = checkpoints.check_checkpoint_path(path)
     if not is_checkpoint(path):
-        raise CheckpointError(f"{path} is not an ultralytics checkpoint (its pickle names no ultralytics "
-                              "class). Give a .pt file written by ultralytics, or a model yaml")
+        raise CheckpointError(
+            f"{path} is not an ultralytics checkpoint (its pickle names no ultralytics "
+            "class). Give a .pt file written by ultralytics, or a model yaml"
+        )
     _ultralytics()
     ckpt = _read(path, trust)
     keys = MODEL_KEYS if prefer_ema else MODEL_KEYS[::-1]
     found = [k for k in keys if isinstance(ckpt, dict) and isinstance(ckpt.get(k), nn.Module)]
     if not found:
-        raise CheckpointError(f"no model in {path} ({checkpoints.describe(ckpt)}). Expected an ultralytics "
-                              "checkpoint with a pickled model under 'ema' or 'model'")
+        raise CheckpointError(
+            f"no model in {path} ({checkpoints.describe(ckpt)}). Expected an ultralytics "
+            "checkpoint with a pickled model under 'ema' or 'model'"
+        )
     model = ckpt[found[0]]
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
     cast = "" if dtype == torch.float32 else f", {dtype_name(dtype)} → float32"
     args = ckpt.get("train_args") or {}
-    return Loaded(model.float().eval(), f"checkpoint[{found[0]!r}] (a pickled {type(model).__name__}{cast})",
-                  _imgsz(args.get("imgsz") if isinstance(args, dict) else None))
+    return Loaded(
+        model.float().eval(),
+        f"checkpoint[{found[0]!r}] (a pickled {type(model).__name__}{cast})",
+        _imgsz(args.get("imgsz") if isinstance(args, dict) else None),
+    )
 
 
 def _imgsz(value: Any) -> int | None:

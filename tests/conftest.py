@@ -4,6 +4,7 @@ full disk; ``read_only_dir``; ``tmpfs``).
 
 Import them as ``from conftest import ...`` (pytest puts ``tests/`` on ``sys.path``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -68,8 +69,11 @@ def bn2d(c: int) -> nn.BatchNorm2d:
 
 
 _BN_OPS = ("batch_norm",)
-_POINTWISE = {f"{op}{suffix}" for op in ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "neg", "neg_",
-                                          "addcmul", "addcmul_") for suffix in ("", ".Tensor", ".Scalar", ".default")}
+_POINTWISE = {
+    f"{op}{suffix}"
+    for op in ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "neg", "neg_", "addcmul", "addcmul_")
+    for suffix in ("", ".Tensor", ".Scalar", ".default")
+}
 
 
 class OpCounter(TorchDispatchMode):
@@ -193,8 +197,9 @@ def tmpfs(path, options: str):
     """
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs on {path} ({done.stderr.strip() or 'mount failed'}): needs root with "
-                    "CAP_SYS_ADMIN")
+        pytest.skip(
+            f"cannot mount a tmpfs on {path} ({done.stderr.strip() or 'mount failed'}): needs root with CAP_SYS_ADMIN"
+        )
     try:
         yield path
     finally:
@@ -225,6 +230,8 @@ def read_only_dir(tmp_path):
         return
     with tmpfs(path, "ro,size=64k"):
         yield path
+
+
 # ------------------------------------------------------------------------------------------- command line
 
 
@@ -250,8 +257,12 @@ def run_cli(*argv) -> CliRun:
     from reparam import cli
 
     out, err = StringIO(), StringIO()
-    with mock.patch.dict(os.environ, {"COLUMNS": "200"}), redirect_stdout(out), redirect_stderr(err), \
-            mock.patch.multiple(cli, LATENCY_WARMUP=0, LATENCY_REPEATS=1):
+    with (
+        mock.patch.dict(os.environ, {"COLUMNS": "200"}),
+        redirect_stdout(out),
+        redirect_stderr(err),
+        mock.patch.multiple(cli, LATENCY_WARMUP=0, LATENCY_REPEATS=1),
+    ):
         code = cli.main([str(a) for a in argv])
     return CliRun(code, out.getvalue(), err.getvalue())
 

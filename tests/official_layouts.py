@@ -7,6 +7,7 @@ is what the compiler has to see through (``BNAndPadLayer`` writes its border in 
 its branches with ``+=``, the identity of ``IdentityBasedConv1x1`` is a plain tensor attribute).
 The deploy forms are re-derived here with :mod:`reparam.affine`, independently of the graph passes.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -63,8 +64,18 @@ class BNAndPadLayer(nn.Module):
     ``border`` (not upstream) picks what is written, for the negative tests: "bn0" (upstream),
     "zeros", "bias" (the BN's bias alone, not BN(0)); ``sides`` which of top, bottom, left, right."""
 
-    def __init__(self, pad_pixels: int, num_features: int, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, *, border: str = "bn0", sides: str = "tblr"):
+    def __init__(
+        self,
+        pad_pixels: int,
+        num_features: int,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        track_running_stats=True,
+        *,
+        border: str = "bn0",
+        sides: str = "tblr",
+    ):
         super().__init__()
         self.bn = nn.BatchNorm2d(num_features, eps, momentum, affine, track_running_stats)
         self.pad_pixels = pad_pixels
@@ -104,8 +115,21 @@ class DiverseBranchBlock(nn.Module):
     pool -> ``avgbn``, no ``dbb_1x1``, internal width ``2 * in``.  ``border``/``sides`` go to every
     BNAndPadLayer (tests only)."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
-                 internal_channels_1x1_3x3=None, nonlinear=None, *, border: str = "bn0", sides: str = "tblr"):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups=1,
+        internal_channels_1x1_3x3=None,
+        nonlinear=None,
+        *,
+        border: str = "bn0",
+        sides: str = "tblr",
+    ):
         super().__init__()
         assert padding == kernel_size // 2
         self.nonlinear = nn.Identity() if nonlinear is None else nonlinear
@@ -130,7 +154,9 @@ class DiverseBranchBlock(nn.Module):
         else:
             self.dbb_1x1_kxk.add_module("conv1", nn.Conv2d(in_channels, internal, 1, 1, 0, groups=groups, bias=False))
         self.dbb_1x1_kxk.add_module("bn1", BNAndPadLayer(padding, internal, affine=True, **bn_pad))
-        self.dbb_1x1_kxk.add_module("conv2", nn.Conv2d(internal, out_channels, kernel_size, stride, 0, groups=groups, bias=False))
+        self.dbb_1x1_kxk.add_module(
+            "conv2", nn.Conv2d(internal, out_channels, kernel_size, stride, 0, groups=groups, bias=False)
+        )
         self.dbb_1x1_kxk.add_module("bn2", nn.BatchNorm2d(out_channels))
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -145,7 +171,9 @@ class DiverseBranchBlock(nn.Module):
 class ConvBN(nn.Module):
     """``convnet_utils.ConvBN``: ``nonlinear(bn(conv(x)))`` with keys ``conv.weight``, ``bn.*``."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, nonlinear=None):
+    def __init__(
+        self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, nonlinear=None
+    ):
         super().__init__()
         self.nonlinear = nn.Identity() if nonlinear is None else nonlinear
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=False)
@@ -189,7 +217,9 @@ class ResNet(nn.Module):
         self.stage0.add_module("conv1", _conv_block(3, self.in_planes, 7, 2, 3, nonlinear=nn.ReLU()))
         self.stage0.add_module("maxpool", nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
         for index, (planes, stride) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2), strict=False), start=1):
-            self.add_module(f"stage{index}", self._make_stage(int(planes * width_multiplier), num_blocks[index - 1], stride))
+            self.add_module(
+                f"stage{index}", self._make_stage(int(planes * width_multiplier), num_blocks[index - 1], stride)
+            )
         self.gap = nn.AdaptiveAvgPool2d(output_size=1)
         self.linear = nn.Linear(int(512 * width_multiplier), num_classes)
 
@@ -240,13 +270,22 @@ def dbb_equivalent(block: DiverseBranchBlock) -> A.Affine:
     avg, avgbn = block.dbb_avg.avg, _bn(block.dbb_avg.avgbn)
     channels = block.out_channels
     if hasattr(block.dbb_avg, "conv"):
-        branches.append(_chain(_conv(block.dbb_avg.conv, padding=p), _bn(block.dbb_avg.bn.bn),
-                               A.avgpool(channels, k, avg.stride, 0, _2D), avgbn))
+        branches.append(
+            _chain(
+                _conv(block.dbb_avg.conv, padding=p),
+                _bn(block.dbb_avg.bn.bn),
+                A.avgpool(channels, k, avg.stride, 0, _2D),
+                avgbn,
+            )
+        )
     else:
         branches.append(_chain(A.avgpool(channels, k, avg.stride, avg.padding, _2D), avgbn))
     seq = block.dbb_1x1_kxk
-    first = (_conv(seq.idconv1, seq.idconv1.get_actual_kernel(), padding=p) if hasattr(seq, "idconv1")
-             else _conv(seq.conv1, padding=p))
+    first = (
+        _conv(seq.idconv1, seq.idconv1.get_actual_kernel(), padding=p)
+        if hasattr(seq, "idconv1")
+        else _conv(seq.conv1, padding=p)
+    )
     branches.append(_chain(first, _bn(seq.bn1.bn), _conv(seq.conv2), _bn(seq.bn2)))
     return A.add(branches)
 
@@ -312,8 +351,9 @@ class RepMLPBlock(nn.Module):
     plus the local branches ``repconv{k}`` (conv-BN over each ``(S, h, w)`` partition, groups S),
     summed in place, re-assembled and gated by the global perceptron ``gp``."""
 
-    def __init__(self, in_channels, out_channels, h, w, reparam_conv_k=None, globalperceptron_reduce=4,
-                 num_sharesets=1):
+    def __init__(
+        self, in_channels, out_channels, h, w, reparam_conv_k=None, globalperceptron_reduce=4, num_sharesets=1
+    ):
         super().__init__()
         assert in_channels == out_channels
         self.C, self.O, self.S, self.h, self.w = in_channels, out_channels, num_sharesets, h, w
@@ -364,7 +404,9 @@ class FFNBlock(nn.Module):
 class RepMLPNetUnit(nn.Module):
     def __init__(self, channels, h, w, reparam_conv_k, globalperceptron_reduce, ffn_expand=4, num_sharesets=1):
         super().__init__()
-        self.repmlp_block = RepMLPBlock(channels, channels, h, w, reparam_conv_k, globalperceptron_reduce, num_sharesets)
+        self.repmlp_block = RepMLPBlock(
+            channels, channels, h, w, reparam_conv_k, globalperceptron_reduce, num_sharesets
+        )
         self.ffn_block = FFNBlock(channels, channels * ffn_expand)
         self.prebn1 = nn.BatchNorm2d(channels)
         self.prebn2 = nn.BatchNorm2d(channels)
@@ -378,15 +420,28 @@ class RepMLPNet(nn.Module):
     """``conv_embedding`` -> stages of RepMLPNetUnits with ``embeds`` (2x2 stride-2 conv-BN-ReLU)
     between them -> ``head_norm`` -> global mean -> ``head``."""
 
-    def __init__(self, in_channels=3, num_class=1000, patch_size=(4, 4), num_blocks=(2, 2, 6, 2),
-                 channels=(192, 384, 768, 1536), hs=(64, 32, 16, 8), ws=(64, 32, 16, 8),
-                 sharesets_nums=(4, 8, 16, 32), reparam_conv_k=(3,), globalperceptron_reduce=4):
+    def __init__(
+        self,
+        in_channels=3,
+        num_class=1000,
+        patch_size=(4, 4),
+        num_blocks=(2, 2, 6, 2),
+        channels=(192, 384, 768, 1536),
+        hs=(64, 32, 16, 8),
+        ws=(64, 32, 16, 8),
+        sharesets_nums=(4, 8, 16, 32),
+        reparam_conv_k=(3,),
+        globalperceptron_reduce=4,
+    ):
         super().__init__()
         self.conv_embedding = conv_bn_relu(in_channels, channels[0], patch_size, patch_size, 0)
         self.stages = nn.ModuleList(
             nn.ModuleList(RepMLPNetUnit(c, h, w, reparam_conv_k, globalperceptron_reduce, 4, s) for _ in range(n))
-            for n, c, h, w, s in zip(num_blocks, channels, hs, ws, sharesets_nums, strict=False))
-        self.embeds = nn.ModuleList(conv_bn_relu(a, b, 2, 2, 0) for a, b in zip(channels[:-1], channels[1:], strict=False))
+            for n, c, h, w, s in zip(num_blocks, channels, hs, ws, sharesets_nums, strict=False)
+        )
+        self.embeds = nn.ModuleList(
+            conv_bn_relu(a, b, 2, 2, 0) for a, b in zip(channels[:-1], channels[1:], strict=False)
+        )
         self.head_norm = nn.BatchNorm2d(channels[-1])
         self.head = nn.Linear(channels[-1], num_class)
 
@@ -414,8 +469,12 @@ def local_injected_fc3(block: RepMLPBlock) -> tuple[torch.Tensor, torch.Tensor]:
     weight = block.fc3.weight.detach().double() * scale.reshape(-1, 1, 1, 1)
     bias = shift
     if block.reparam_conv_k:
-        local = A.add([_chain(_conv(getattr(block, f"repconv{k}").conv), _bn(getattr(block, f"repconv{k}").bn))
-                       for k in block.reparam_conv_k])
+        local = A.add(
+            [
+                _chain(_conv(getattr(block, f"repconv{k}").conv), _bn(getattr(block, f"repconv{k}").bn))
+                for k in block.reparam_conv_k
+            ]
+        )
         basis = torch.eye(hw, dtype=torch.float64).repeat(1, S).reshape(hw, S, block.h, block.w)
         zero = A.apply(local, torch.zeros_like(basis[:1]))  # the bias, per output value
         matrix = (A.apply(local, basis) - zero).reshape(hw, S * hw).t()  # (S*h*w out, h*w in per set)

@@ -7,6 +7,7 @@ PyTorch (``F.conv*``, ``nn.Conv*`` with its padding_mode, ``F.batch_norm``, ``F.
 ``F.pad``, ``F.linear``) or the composition of ``apply`` calls, never the formula under test.
 Tolerance: relative L2 error <= 1e-10 in float64.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,8 +54,9 @@ def close(got: torch.Tensor, want: torch.Tensor, tol: float = TOL) -> None:
 def assert_kind_consistent(a: A.Affine) -> None:
     """The symbolic ``kind`` must describe the weights: emitters trust it without looking at them
     (a "pad" is emitted as a bare ConstantPad, "identity" / "diagonal" as a channel affine)."""
-    unit = all(k == 1 for k in a.kernel) and all(s == 1 for s in a.stride) \
-        and a.groups == a.in_channels == a.out_channels
+    unit = (
+        all(k == 1 for k in a.kernel) and all(s == 1 for s in a.stride) and a.groups == a.in_channels == a.out_channels
+    )
     if a.kind in ("identity", "pad"):
         assert unit and a.bias_is_zero() and bool(torch.all(a.weight == 1)), f"{a.kind} that is not one"
     if a.kind == "identity":
@@ -109,12 +111,21 @@ def conv_case(draw, nd: int):
     else:
         padding, pads = "valid", (0,) * nd
     # size: the kernel must fit, and reflect/circular need pad < size
-    size = tuple(
-        max(e - 2 * p, p + 1, 1) + draw(st.integers(0, nmax - 4)) for e, p in zip(extent, pads, strict=True)
-    )
+    size = tuple(max(e - 2 * p, p + 1, 1) + draw(st.integers(0, nmax - 4)) for e, p in zip(extent, pads, strict=True))
     bias = draw(st.booleans())
-    return dict(cin=cin, cout=cout, kernel=kernel, stride=stride, padding=padding, dilation=dilation,
-                groups=groups, mode=mode, bias=bias, size=size, seed=draw(st.integers(0, 2**31)))
+    return dict(
+        cin=cin,
+        cout=cout,
+        kernel=kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        mode=mode,
+        bias=bias,
+        size=size,
+        seed=draw(st.integers(0, 2**31)),
+    )
 
 
 @pytest.mark.parametrize("nd", [1, 2, 3])
@@ -123,15 +134,31 @@ def conv_case(draw, nd: int):
 def test_from_conv_apply_matches_conv_module(nd, data):
     c = data.draw(conv_case(nd))
     g = gen(c["seed"])
-    m = MODULE[nd](c["cin"], c["cout"], c["kernel"], c["stride"], c["padding"], c["dilation"], c["groups"],
-                   bias=c["bias"], padding_mode=c["mode"]).double()
+    m = MODULE[nd](
+        c["cin"],
+        c["cout"],
+        c["kernel"],
+        c["stride"],
+        c["padding"],
+        c["dilation"],
+        c["groups"],
+        bias=c["bias"],
+        padding_mode=c["mode"],
+    ).double()
     with torch.no_grad():
         m.weight.copy_(randn(g, *m.weight.shape))
         if m.bias is not None:
             m.bias.copy_(randn(g, *m.bias.shape))
     x = randn(g, 2, c["cin"], *c["size"])
-    a = A.from_conv(m.weight.detach(), None if m.bias is None else m.bias.detach(), m.stride, m.padding,
-                    m.dilation, m.groups, m.padding_mode)
+    a = A.from_conv(
+        m.weight.detach(),
+        None if m.bias is None else m.bias.detach(),
+        m.stride,
+        m.padding,
+        m.dilation,
+        m.groups,
+        m.padding_mode,
+    )
     want = m(x)
     close(A.apply(a, x), want)
     assert a.out_size(c["size"]) == tuple(want.shape[2:])
@@ -153,8 +180,13 @@ def test_same_padding_with_stride_refuses():
         A.from_conv(torch.zeros(2, 2, 3, 3, dtype=F64), None, 2, "same")
 
 
-@given(seed=st.integers(0, 2**31), rank=st.integers(2, 4), cin=st.integers(1, 6), cout=st.integers(1, 6),
-       bias=st.booleans())
+@given(
+    seed=st.integers(0, 2**31),
+    rank=st.integers(2, 4),
+    cin=st.integers(1, 6),
+    cout=st.integers(1, 6),
+    bias=st.booleans(),
+)
 @core_settings(30)
 def test_from_linear_apply_matches_linear(seed, rank, cin, cout, bias):
     g = gen(seed)
@@ -184,8 +216,10 @@ def test_identity_channelwise_batchnorm(nd, seed, channels, eps):
     bn, (mean, var, w, b, eps) = random_bn_affine(g, channels, layout, eps)
     close(A.apply(bn, x), F.batch_norm(x, mean, var, w, b, False, 0.0, eps))
     # affine=False BatchNorm
-    close(A.apply(A.batchnorm(mean, var, None, None, eps, layout), x),
-          F.batch_norm(x, mean, var, None, None, False, 0.0, eps))
+    close(
+        A.apply(A.batchnorm(mean, var, None, None, eps, layout), x),
+        F.batch_norm(x, mean, var, None, None, False, 0.0, eps),
+    )
 
 
 @pytest.mark.parametrize("nd", [1, 2, 3])
@@ -254,8 +288,7 @@ def branch(draw, g, nd: int, cin: int, cout: int, stride: tuple, right: tuple, a
     groups = draw(st.sampled_from(divisors(common)))
     shape = draw(st.sampled_from(["kxk", "1xk", "kx1", "free"])) if nd >= 2 else "free"
     k = draw(st.integers(1, 5))
-    kernel = (tuple(draw(st.integers(1, 4)) for _ in range(nd)) if shape == "free"
-              else kernel_of_shape(shape, k, nd))
+    kernel = tuple(draw(st.integers(1, 4)) for _ in range(nd)) if shape == "free" else kernel_of_shape(shape, k, nd)
     dilation = tuple(draw(st.integers(1, 3)) for _ in range(nd))
     extent = tuple(d * (kk - 1) + 1 for kk, d in zip(kernel, dilation, strict=True))
     # lo anywhere that keeps hi = right + extent - 1 - lo >= 0
@@ -316,8 +349,12 @@ def test_concat_of_branches_equals_cat_of_applies(nd, data):
     assert merged.out_channels == sum(a.out_channels for a in branches)
 
 
-@given(seed=st.integers(0, 2**31), cin=st.integers(1, 5), couts=st.lists(st.integers(1, 5), min_size=1, max_size=4),
-       with_identity=st.booleans())
+@given(
+    seed=st.integers(0, 2**31),
+    cin=st.integers(1, 5),
+    couts=st.lists(st.integers(1, 5), min_size=1, max_size=4),
+    with_identity=st.booleans(),
+)
 @core_settings(30)
 def test_channels_last_add_concat(seed, cin, couts, with_identity):
     g = gen(seed)
@@ -438,8 +475,12 @@ def compose_case(draw, nd: int):
             return random_bn_affine(g, c, layout)[0]
         if kind == "pad0":
             return A.zero_pad(c, (0,) * nd, (0,) * nd, layout)
-        return A.zero_pad(c, tuple(draw(st.integers(0, 2)) for _ in range(nd)),
-                          tuple(draw(st.integers(0, 2)) for _ in range(nd)), layout)
+        return A.zero_pad(
+            c,
+            tuple(draw(st.integers(0, 2)) for _ in range(nd)),
+            tuple(draw(st.integers(0, 2)) for _ in range(nd)),
+            layout,
+        )
 
     shape = draw(st.sampled_from(["conv-conv"] * 4 + ["unit-conv", "conv-unit", "unit-unit"]))
     if shape.startswith("unit"):
@@ -449,8 +490,10 @@ def compose_case(draw, nd: int):
     b = unit(a.out_channels) if shape.endswith("unit") else conv(a.out_channels)
     # A's output size
     need = tuple(max(1, e - low - high) for e, low, high in zip(b.extent, b.pad_lo, b.pad_hi, strict=True))
-    base = tuple((m - 1) * s + e - low - high
-                 for m, s, e, low, high in zip(need, a.stride, a.extent, a.pad_lo, a.pad_hi, strict=True))
+    base = tuple(
+        (m - 1) * s + e - low - high
+        for m, s, e, low, high in zip(need, a.stride, a.extent, a.pad_lo, a.pad_hi, strict=True)
+    )
     size = tuple(max(1, n) + draw(st.integers(0, 4)) for n in base)
     x = randn(g, 2, a.in_channels, *size)
     return a, b, x
@@ -711,12 +754,20 @@ def block_diagonal(weight: torch.Tensor, groups: int) -> torch.Tensor:
     dense = weight.new_zeros((out, per_in * groups, *weight.shape[2:]))
     per_out = out // groups
     for gi in range(groups):
-        dense[gi * per_out:(gi + 1) * per_out, gi * per_in:(gi + 1) * per_in] = weight[gi * per_out:(gi + 1) * per_out]
+        dense[gi * per_out : (gi + 1) * per_out, gi * per_in : (gi + 1) * per_in] = weight[
+            gi * per_out : (gi + 1) * per_out
+        ]
     return dense
 
 
-@given(seed=st.integers(0, 2**31), groups=st.sampled_from([2, 3, 4, 6, 12]), per_in=st.integers(1, 2),
-       per_out=st.integers(1, 2), nd=st.integers(0, 2), data=st.data())
+@given(
+    seed=st.integers(0, 2**31),
+    groups=st.sampled_from([2, 3, 4, 6, 12]),
+    per_in=st.integers(1, 2),
+    per_out=st.integers(1, 2),
+    nd=st.integers(0, 2),
+    data=st.data(),
+)
 @core_settings(40)
 def test_regroup(seed, groups, per_in, per_out, nd, data):
     g = gen(seed)

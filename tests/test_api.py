@@ -5,6 +5,7 @@ The blocks (RepVGG, MobileOne, ...) and ``check_fuse`` are test_passes.py's, whe
 
 (``remove_residuals`` is deliberately not tested here: its behaviour is still being decided.)
 """
+
 from __future__ import annotations
 
 import collections
@@ -20,8 +21,21 @@ import torch.nn.functional as F
 
 import reparam
 from conftest import count_ops, random_bn, rel_err
-from test_passes import (F32_TOL, F64_TOL, ACNet, LayerScale, LoneBNBranches, MobileOne, RepVGG, assert_untouched, bn,
-                         check_fuse, no_bn_no_add, outputs_close, snapshot)
+from test_passes import (
+    F32_TOL,
+    F64_TOL,
+    ACNet,
+    LayerScale,
+    LoneBNBranches,
+    MobileOne,
+    RepVGG,
+    assert_untouched,
+    bn,
+    check_fuse,
+    no_bn_no_add,
+    outputs_close,
+    snapshot,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -61,8 +75,16 @@ def x():
 
 
 def test_public_names():
-    for name in ("fuse", "fuse_with_report", "explain", "Report", "ReparamError", "EquivalenceError",
-                 "TrainingModeWarning", "VerificationSkippedWarning"):
+    for name in (
+        "fuse",
+        "fuse_with_report",
+        "explain",
+        "Report",
+        "ReparamError",
+        "EquivalenceError",
+        "TrainingModeWarning",
+        "VerificationSkippedWarning",
+    ):
         assert hasattr(reparam, name), name
         assert name in reparam.__all__
     assert issubclass(reparam.EquivalenceError, reparam.ReparamError)
@@ -187,8 +209,9 @@ def test_explain_lists_rewrites_and_refusals_with_readable_reasons(model, x):
         assert isinstance(r.where, str) and r.where
         assert isinstance(r.reason, str) and 10 < len(r.reason) < 300
         assert "\n" not in r.reason and "Traceback" not in r.reason
-    assert any("seq" in r.where and "bias" in r.reason and "pads with zeros" in r.reason for r in report.refusals), \
+    assert any("seq" in r.where and "bias" in r.reason and "pads with zeros" in r.reason for r in report.refusals), (
         report.refusals
+    )
     # the model is untouched
     assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
 
@@ -417,8 +440,13 @@ def test_equivalence_error_names_the_region_and_the_output(monkeypatch):
     import reparam.affine as A
 
     real = A.batchnorm
-    monkeypatch.setattr(A, "batchnorm", lambda *a: A.compose(real(*a), A.channelwise(
-        torch.full((a[0].numel(),), 2.0, dtype=torch.float64), None, a[-1])))
+    monkeypatch.setattr(
+        A,
+        "batchnorm",
+        lambda *a: A.compose(
+            real(*a), A.channelwise(torch.full((a[0].numel(),), 2.0, dtype=torch.float64), None, a[-1])
+        ),
+    )
     model = StructuredOutputs().double().eval()
     with pytest.raises(reparam.EquivalenceError) as info:
         reparam.fuse(model, (torch.randn(2, 4, 6, 5, dtype=torch.float64),))
@@ -472,6 +500,7 @@ def test_tensor_constants_in_forward_trace_and_fold():
     """``x * torch.tensor([2.])`` is traced to a ``_tensor_constant`` the GraphModule keeps (the state restore after
     tracing used to delete it first, so such models were fused part by part, i.e. not at all); the user's model gains
     no attribute."""
+
     class Doubled(nn.Module):
         def __init__(self):
             super().__init__()

@@ -47,4 +47,3 @@ def test_missing_third_party_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)
     with pytest.raises(errors.UnknownArchError, match="timm is not installed.*pip install timm"):
         architectures.build_model("timm:resnet18")
-

@@ -3,6 +3,7 @@
 Nothing here asserts on a timing: only that the scripts run, print their tables and write their JSON and PNG
 (matplotlib, timm and onnxruntime come with `pip install -e '.[test]'`: a missing one fails, it is not skipped).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -43,8 +44,23 @@ def _keep_threads():
 def test_compile_time_tiny(tmp_path, capsys):
     compile_time = _load("compile_time")
     out = tmp_path / "ct.json"
-    argv = ["--no-timm", "--chains", "2", "4", "--channels", "4", "--hw", "4", "--reps", "2", "--quiet",
-            "--json", str(out), "--plot", str(tmp_path / "ct.png")]
+    argv = [
+        "--no-timm",
+        "--chains",
+        "2",
+        "4",
+        "--channels",
+        "4",
+        "--hw",
+        "4",
+        "--reps",
+        "2",
+        "--quiet",
+        "--json",
+        str(out),
+        "--plot",
+        str(tmp_path / "ct.png"),
+    ]
     assert compile_time.main(argv) == 0
     text = capsys.readouterr().out
     assert "| blocks | fuse (s)" in text and "| 4 |" in text
@@ -71,8 +87,24 @@ def test_latency_tiny(tmp_path, capsys):
     latency = _load("latency")
     out = tmp_path / "lat.json"
     variants = "train,fused,fused_flat,deploy,fx_fuse,ort_fused"
-    argv = ["--models", "repghostnet_050", "--size", "32", "--reps", "2", "--warmup", "1", "--quiet",
-            "--variants", variants, "--explain", "--json", str(out), "--plot", str(tmp_path / "lat.png")]
+    argv = [
+        "--models",
+        "repghostnet_050",
+        "--size",
+        "32",
+        "--reps",
+        "2",
+        "--warmup",
+        "1",
+        "--quiet",
+        "--variants",
+        variants,
+        "--explain",
+        "--json",
+        str(out),
+        "--plot",
+        str(tmp_path / "lat.png"),
+    ]
     assert latency.main(argv) == 0
     text = capsys.readouterr().out
     assert "#### Batch 1: median latency (ms)" in text and "repghostnet_050" in text
@@ -99,8 +131,9 @@ def test_deploy_coverage_rewrites_its_section(tmp_path, capsys):
     text = doc.read_text()
     assert "STALE ROWS" not in text and "| smp:Unet | segmentation_models_pytorch |" in text
     assert text.startswith("# timm table") and "## Detection and segmentation models" in text
-    assert _load("coverage").marked_sections(str(doc)) == [text[text.index(deploy.START):text.index(deploy.END)
-                                                                + len(deploy.END)]]
+    assert _load("coverage").marked_sections(str(doc)) == [
+        text[text.index(deploy.START) : text.index(deploy.END) + len(deploy.END)]
+    ]
 
 
 def test_latency_timm_deploy_rewrites_its_section(tmp_path, capsys):
@@ -109,13 +142,25 @@ def test_latency_timm_deploy_rewrites_its_section(tmp_path, capsys):
     start, end = latency._markers("timm-deploy")
     doc = tmp_path / "benchmarks.md"
     doc.write_text(f"# Benchmarks\n\nkept above\n\n{start}\nSTALE ROWS\n{end}\n\nkept below\n")
-    argv = ["--timm-deploy", "--models", "repghostnet_050", "--size", "32", "--reps", "2", "--warmup", "1",
-            "--quiet", "--out", str(doc)]
+    argv = [
+        "--timm-deploy",
+        "--models",
+        "repghostnet_050",
+        "--size",
+        "32",
+        "--reps",
+        "2",
+        "--warmup",
+        "1",
+        "--quiet",
+        "--out",
+        str(doc),
+    ]
     assert latency.main(argv) == 0
     assert "| repghostnet_050 |" in capsys.readouterr().out
     text = doc.read_text()
     assert "STALE ROWS" not in text and "kept above" in text and "kept below" in text
-    section = text[text.index(start):text.index(end)]
+    section = text[text.index(start) : text.index(end)]
     assert "| repghostnet_050 |" in section and "geometric mean" in section
     assert "python benchmarks/latency.py --timm-deploy" in section and "Measured on" in section
 
@@ -134,8 +179,10 @@ def test_fuse_time_tiny(tmp_path, capsys):
 
 def test_fuse_time_distribution():
     fuse_time = _load("fuse_time")
-    rows = [{"model": f"m{i}", "status": "ok", "params": 1e6, "group": "sample", "seconds": s, "cpu_s": s}
-            for i, s in enumerate([0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.99, 1.0, 3.0, 6.0])]
+    rows = [
+        {"model": f"m{i}", "status": "ok", "params": 1e6, "group": "sample", "seconds": s, "cpu_s": s}
+        for i, s in enumerate([0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.99, 1.0, 3.0, 6.0])
+    ]
     d = fuse_time.distribution(rows)
     assert d["n"] == 10 and d["p90"] == 3.0 and d["max"] == 6.0 and d["slowest"] == "m9"
     assert d["within_target"] == 0.8 and d["over_limit"] == 1

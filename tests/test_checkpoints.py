@@ -32,7 +32,6 @@ class MarkerPayload:
         return (open, (self.marker, "w"))
 
 
-
 # ---------------------------------------------------------------------------------------------- formats
 
 
@@ -108,8 +107,11 @@ def test_safetensors_by_suffix_and_by_content(tmp_path):
 def test_code_in_a_pickle_is_never_run(tmp_path, legacy):
     marker = tmp_path / "MARKER"
     _, sd = small_state_dict()
-    torch.save({"state_dict": sd, "payload": MarkerPayload(marker)}, tmp_path / "evil.pt",
-               _use_new_zipfile_serialization=not legacy)
+    torch.save(
+        {"state_dict": sd, "payload": MarkerPayload(marker)},
+        tmp_path / "evil.pt",
+        _use_new_zipfile_serialization=not legacy,
+    )
     with pytest.raises(errors.UnsafeCheckpointError) as info:
         checkpoints.load_state_dict(tmp_path / "evil.pt")
     assert not marker.exists()
@@ -160,8 +162,9 @@ def test_directory(tmp_path):
         checkpoints.load_state_dict(tmp_path)
 
 
-@pytest.mark.parametrize("content", [b"", b"certainly not a checkpoint" * 9, bytes(range(256)), b"\x89PNG\r\n",
-                                     "truncated"])
+@pytest.mark.parametrize(
+    "content", [b"", b"certainly not a checkpoint" * 9, bytes(range(256)), b"\x89PNG\r\n", "truncated"]
+)
 def test_corrupt_file(tmp_path, content):
     path = tmp_path / "bad.pt"
     if content == "truncated":
@@ -233,5 +236,3 @@ def test_load_strict_names_the_mismatch():
     assert message.endswith("Check the architecture and the number of classes")
     assert len(err.missing) == 4 and err.unexpected == ["extra.weight"] and err.mismatched[0][0] == "3.weight"
     assert same(model.state_dict(), fresh)  # nothing loaded on failure
-
-

@@ -30,8 +30,6 @@ from conftest import run_cli as run
 ARCH = "repvgg_digits"
 
 
-
-
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
@@ -73,8 +71,20 @@ def outputs_match(pt2_path, reference, shape=(3, 1, 8, 8)):
 def converted(tmp_path_factory, ckpt):
     """One real end-to-end conversion with every output option."""
     out = tmp_path_factory.mktemp("out")
-    result = run("convert", ckpt, "--arch", ARCH, "-o", out / "d.pt2", "--onnx", out / "d.onnx", "--opset", "18",
-                 "--input-shape", "2x1x8x8")
+    result = run(
+        "convert",
+        ckpt,
+        "--arch",
+        ARCH,
+        "-o",
+        out / "d.pt2",
+        "--onnx",
+        out / "d.onnx",
+        "--opset",
+        "18",
+        "--input-shape",
+        "2x1x8x8",
+    )
     return result, out
 
 
@@ -144,8 +154,10 @@ def test_convert_num_classes(tmp_path, ckpt, copy_fuse):
     assert result.code == 0 and "classes: 3" in result.out  # inferred from linear.weight
     result = run("convert", ckpt, "--arch", ARCH, "--num-classes", "5", "-o", tmp_path / "b.pt2")
     assert result.code == 2
-    assert ("2 keys of the wrong shape (linear.weight: checkpoint [10, 64] vs model [5, 64], linear.bias: "
-            "checkpoint [10] vs model [5])") in result.error_line
+    assert (
+        "2 keys of the wrong shape (linear.weight: checkpoint [10, 64] vs model [5, 64], linear.bias: "
+        "checkpoint [10] vs model [5])"
+    ) in result.error_line
     assert not (tmp_path / "b.pt2").exists()
 
 
@@ -180,8 +192,9 @@ def test_equivalence_error_exits_1(tmp_path, ckpt, monkeypatch):
     monkeypatch.setattr(reparam, "fuse", failing)
     result = run("convert", ckpt, "--arch", ARCH, "-o", tmp_path / "x.pt2")
     assert result.code == 1
-    assert result.error_line == ("error: output: fused model disagrees with the original, relative error 3e-2; "
-                                 "please report")
+    assert result.error_line == (
+        "error: output: fused model disagrees with the original, relative error 3e-2; please report"
+    )
     result = run("convert", ckpt, "--arch", ARCH, "-o", tmp_path / "x.pt2", "--debug")
     assert result.code == 1 and "Traceback" in result.err and "EquivalenceError" in result.err
     assert list(tmp_path.iterdir()) == []
@@ -247,12 +260,18 @@ def failure_cases(ckpt, tmp):
     return {
         "missing file": (["convert", tmp / "nope.pth", "--arch", ARCH], "checkpoint not found"),
         "corrupt file": (["convert", corrupt, "--arch", ARCH], "cannot read .* as a PyTorch checkpoint"),
-        "wrong arch": (["convert", ckpt, "--arch", "repvgg_a0"],
-                       r"does not match the model: \d+ missing keys .*wrong shape"),
-        "unknown arch": (["convert", ckpt, "--arch", "repvgg_digit"],
-                         "unknown architecture 'repvgg_digit'. Did you mean repvgg_digits"),
-        "unknown timm arch": (["convert", ckpt, "--arch", "timm:no_such_model"],
-                              "unknown architecture 'timm:no_such_model'"),
+        "wrong arch": (
+            ["convert", ckpt, "--arch", "repvgg_a0"],
+            r"does not match the model: \d+ missing keys .*wrong shape",
+        ),
+        "unknown arch": (
+            ["convert", ckpt, "--arch", "repvgg_digit"],
+            "unknown architecture 'repvgg_digit'. Did you mean repvgg_digits",
+        ),
+        "unknown timm arch": (
+            ["convert", ckpt, "--arch", "timm:no_such_model"],
+            "unknown architecture 'timm:no_such_model'",
+        ),
         "unknown source": (["convert", ckpt, "--arch", "keras:vgg"], "unknown architecture source 'keras'"),
         "output = input": (base + ["-o", ckpt], "is the input file"),
         "onnx output = input": (base + ["--onnx", ckpt], "is the input file"),
@@ -274,20 +293,45 @@ def failure_cases(ckpt, tmp):
         "unknown option": (base + ["--fast"], "unrecognized arguments: --fast"),
         "unknown command": (["compile", ckpt], "invalid choice: 'compile'"),
         "inspect --block without --graph": (["inspect", "--arch", ARCH, "--block", "stage0"], "Add --graph"),
-        "inspect unknown block": (["inspect", "--arch", ARCH, "--block", "nope", "--graph", tmp / "g.dot"],
-                                  "no submodule 'nope'"),
+        "inspect unknown block": (
+            ["inspect", "--arch", ARCH, "--block", "nope", "--graph", tmp / "g.dot"],
+            "no submodule 'nope'",
+        ),
         "inspect graph type": (["inspect", "--arch", ARCH, "--graph", tmp / "g.txt"], "unknown file type"),
         "inspect graph = input": (["inspect", ckpt, "--arch", ARCH, "--graph", ckpt], "is the input file"),
     }
 
 
 CASE_IDS = [
-    "missing file", "corrupt file", "wrong arch", "unknown arch", "unknown timm arch", "unknown source",
-    "output = input", "onnx output = input", "output dir missing", "output dir is a file", "output is a directory",
-    "same -o and --onnx", "onnx suffix on -o", "old opset", "opset without onnx", "shape not numbers",
-    "shape with zero", "shape negative", "shape too short", "shape empty field", "shape the model rejects",
-    "zero classes", "missing --arch", "unknown option", "unknown command", "inspect --block without --graph",
-    "inspect unknown block", "inspect graph type", "inspect graph = input",
+    "missing file",
+    "corrupt file",
+    "wrong arch",
+    "unknown arch",
+    "unknown timm arch",
+    "unknown source",
+    "output = input",
+    "onnx output = input",
+    "output dir missing",
+    "output dir is a file",
+    "output is a directory",
+    "same -o and --onnx",
+    "onnx suffix on -o",
+    "old opset",
+    "opset without onnx",
+    "shape not numbers",
+    "shape with zero",
+    "shape negative",
+    "shape too short",
+    "shape empty field",
+    "shape the model rejects",
+    "zero classes",
+    "missing --arch",
+    "unknown option",
+    "unknown command",
+    "inspect --block without --graph",
+    "inspect unknown block",
+    "inspect graph type",
+    "inspect graph = input",
 ]
 
 
@@ -331,8 +375,20 @@ def test_help_version_and_no_command(capsys):
     for argv in (["--help"], ["convert", "--help"], ["inspect", "--help"], ["list", "--help"]):
         assert cli.main(argv) == 0
     text = capsys.readouterr().out
-    for flag in ("--arch", "--onnx", "--input-shape", "--num-classes", "--trust-checkpoint", "--no-check", "--graph",
-                 "--ema", "--opset", "--remove-residuals", "--block", "--debug"):
+    for flag in (
+        "--arch",
+        "--onnx",
+        "--input-shape",
+        "--num-classes",
+        "--trust-checkpoint",
+        "--no-check",
+        "--graph",
+        "--ema",
+        "--opset",
+        "--remove-residuals",
+        "--block",
+        "--debug",
+    ):
         assert flag in text
     assert cli.main(["--version"]) == 0
     assert reparam.__version__ in capsys.readouterr().out
@@ -403,8 +459,13 @@ def test_console_script(ckpt, tmp_path, model):
     if exe is None:
         pytest.skip("the reparam console script is not installed")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([exe, "convert", str(ckpt), "--arch", ARCH, "-o", str(tmp_path / "cs.pt2")],
-                          capture_output=True, text=True, timeout=600, env=env)
+    done = subprocess.run(
+        [exe, "convert", str(ckpt), "--arch", ARCH, "-o", str(tmp_path / "cs.pt2")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr and "convolutions run" in done.stdout
     assert outputs_match(tmp_path / "cs.pt2", model)

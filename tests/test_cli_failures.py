@@ -59,8 +59,13 @@ def test_signal_mid_write_leaves_nothing(signum, ckpt, tmp_path):
     out, ready = tmp_path / "out", tmp_path / "ready"
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    child = subprocess.Popen([sys.executable, "-c", _SLOW_CHILD, str(out), str(ckpt), str(ready)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_CHILD, str(out), str(ckpt), str(ready)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         deadline = time.monotonic() + 240
         while not ready.exists() and child.poll() is None and time.monotonic() < deadline:
@@ -91,8 +96,10 @@ def test_full_disk(flag, name, ckpt, full_dir):
     """A real full file system (a 64 kB tmpfs): one line, exit 2, nothing left (it used to abort in C++)."""
     result = run("convert", ckpt, "--arch", ARCH, flag, full_dir / name)
     assert result.code == 2, result.err
-    assert result.error_line == (f"error: cannot write {full_dir / name} (No space left on device). "
-                                 "Free some space or choose another output path")
+    assert result.error_line == (
+        f"error: cannot write {full_dir / name} (No space left on device). "
+        "Free some space or choose another output path"
+    )
     assert listing(full_dir) == []
 
 
@@ -100,10 +107,13 @@ def _no_space(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-@pytest.mark.parametrize("flag, name, target", [
-    ("-o", "d.pt2", "pathlib.Path.write_bytes"),
-    ("--onnx", "d.onnx", "torch.onnx._internal.exporter._onnx_program.ONNXProgram.save"),
-])
+@pytest.mark.parametrize(
+    "flag, name, target",
+    [
+        ("-o", "d.pt2", "pathlib.Path.write_bytes"),
+        ("--onnx", "d.onnx", "torch.onnx._internal.exporter._onnx_program.ONNXProgram.save"),
+    ],
+)
 def test_write_error(flag, name, target, ckpt, tmp_path, copy_fuse):
     """The same through a failing write call, wherever tmpfs cannot be mounted; a second output is not kept."""
     other = ["--onnx", tmp_path / "other.onnx"] if flag == "-o" else ["-o", tmp_path / "other.pt2"]
@@ -119,8 +129,10 @@ def test_read_only_directory_found_late(ckpt, read_only_dir, copy_fuse, monkeypa
     monkeypatch.setattr(io, "check_output_path", lambda path, inputs=(): Path(path))
     result = run("convert", ckpt, "--arch", ARCH, "-o", read_only_dir / "x.pt2")
     assert result.code == 2, result.err
-    assert f"cannot write {read_only_dir} (Read-only file system)" in result.error_line or \
-        f"cannot write {read_only_dir} (Permission denied)" in result.error_line, result.error_line
+    assert (
+        f"cannot write {read_only_dir} (Read-only file system)" in result.error_line
+        or f"cannot write {read_only_dir} (Permission denied)" in result.error_line
+    ), result.error_line
     assert listing(read_only_dir) == []
 
 
@@ -132,8 +144,10 @@ def test_existing_output_needs_force(ckpt, model, tmp_path, copy_fuse):
     target.write_bytes(b"an earlier file")
     result = run("convert", ckpt, "--arch", ARCH, "-o", target, "--onnx", tmp_path / "d.onnx")
     assert result.code == 2
-    assert result.error_line == (f"error: -o {target} exists already. Pass --force to replace it (replaced only once "
-                                 "every output is written and verified), or choose another path")
+    assert result.error_line == (
+        f"error: -o {target} exists already. Pass --force to replace it (replaced only once "
+        "every output is written and verified), or choose another path"
+    )
     assert target.read_bytes() == b"an earlier file" and listing(tmp_path) == ["d.pt2"] and copy_fuse == []
 
     result = run("convert", ckpt, "--arch", ARCH, "-o", target, "--onnx", tmp_path / "d.onnx", "--force")
@@ -210,8 +224,10 @@ def test_staging_commit_rolls_back(tmp_path, monkeypatch):
             real_replace(src, dst)
 
         monkeypatch.setattr(os, "replace", replace)
-        with pytest.raises(errors.OutputPathError,
-                           match=r"cannot move c.txt into place \(Input/output error\), so no output was written"):
+        with pytest.raises(
+            errors.OutputPathError,
+            match=r"cannot move c.txt into place \(Input/output error\), so no output was written",
+        ):
             stage.commit()
         monkeypatch.setattr(os, "replace", real_replace)
     assert listing(tmp_path) == ["b.txt"] and (tmp_path / "b.txt").read_text() == "old b"
@@ -277,8 +293,10 @@ def test_check_precision_names_the_overflowing_module():
     with pytest.raises(errors.PrecisionError) as info:
         precision.check_precision(net, x, torch.float16)
     message = str(info.value)
-    assert message.startswith("the model's activations reach 3.2e+09 in 2 (Linear), beyond float16's largest finite "
-                              "value 65504: in float16 they overflow to inf."), message
+    assert message.startswith(
+        "the model's activations reach 3.2e+09 in 2 (Linear), beyond float16's largest finite "
+        "value 65504: in float16 they overflow to inf."
+    ), message
     assert "\n" not in message
     net[0].weight.data.fill_(1e5)  # now net[0] overflows first; ReLU passes the same values on: named by producer
     with pytest.raises(errors.PrecisionError, match=r"reach 3.2e\+10 in 2 \(Linear\), .* first exceeded in 0:"):
@@ -296,8 +314,11 @@ class Cancels(nn.Module):
 
 def test_check_precision_accuracy_fault():
     x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
-    with pytest.raises(errors.PrecisionError, match=r"loses too much accuracy in float16: .* relative error "
-                                                       r"0\.\d+ \(limit 0\.01\)"):
+    with pytest.raises(
+        errors.PrecisionError,
+        match=r"loses too much accuracy in float16: .* relative error "
+        r"0\.\d+ \(limit 0\.01\)",
+    ):
         precision.check_precision(Cancels(), x, torch.float16)
     precision.check_precision(Cancels(), x, torch.float32)  # float32 rounds 1000 + x to 6e-5: within 1e-4
 
@@ -313,17 +334,22 @@ def test_check_precision_passes_a_healthy_model(model):
 # ------------------------------------------------------------------------------------ example input shapes
 
 
-@pytest.mark.parametrize("shape, reason", [
-    ((1, 3, 8, 8), "takes 1 input channel, not 3"),
-    ((8, 8), "takes inputs of rank 4 (batched) or 3, not 2"),
-    ((1, 1, 1, 8, 8), "takes inputs of rank 4 (batched) or 3, not 5"),
-])
+@pytest.mark.parametrize(
+    "shape, reason",
+    [
+        ((1, 3, 8, 8), "takes 1 input channel, not 3"),
+        ((8, 8), "takes inputs of rank 4 (batched) or 3, not 2"),
+        ((1, 1, 1, 8, 8), "takes inputs of rank 4 (batched) or 3, not 5"),
+    ],
+)
 def test_fuse_with_wrong_input_names_the_expected_shape(model, shape, reason):
     with pytest.raises(shapes.InputShapeError) as info:
         reparam.fuse(model, (torch.randn(shape),))
-    assert str(info.value) == (f"the example input of shape {tuple(shape)} does not fit the model: its first layer "
-                               f"stage0.rbr_dense.conv (Conv2d) {reason}, so it expects (N, 1, H, W). "
-                               "Pass inputs of that shape")
+    assert str(info.value) == (
+        f"the example input of shape {tuple(shape)} does not fit the model: its first layer "
+        f"stage0.rbr_dense.conv (Conv2d) {reason}, so it expects (N, 1, H, W). "
+        "Pass inputs of that shape"
+    )
 
 
 def test_input_check_blames_only_a_failing_model():
@@ -343,8 +369,11 @@ def test_input_check_blames_only_a_failing_model():
     assert shapes.shape_mismatch(net, x) is not None  # the guess is wrong ...
     shapes.check_example_inputs(net, x)  # ... but the model runs: no error
     assert reparam.fuse(net, (x,)).reparam_report.max_rel_error <= 1e-8
-    with pytest.raises(shapes.InputShapeError, match=r"input of shape \(1, 5, 4, 4\) does not fit the model: its "
-                       r"first layer body \(Conv2d\) takes 3 input channels, not 5, so it expects \(N, 3, H, W\)"):
+    with pytest.raises(
+        shapes.InputShapeError,
+        match=r"input of shape \(1, 5, 4, 4\) does not fit the model: its "
+        r"first layer body \(Conv2d\) takes 3 input channels, not 5, so it expects \(N, 3, H, W\)",
+    ):
         reparam.fuse(net, (torch.randn(1, 5, 4, 4),))  # blamed on the layer the run reached first
 
 
@@ -355,29 +384,40 @@ def test_expected_layout():
     assert shapes.expected_layout(nn.ReLU()) is None
 
 
-@pytest.mark.parametrize("shape, reason, example", [
-    ("1,3,8,8", "takes 1 input channel, not 3", "1,1,8,8"),
-    ("2,8,8", "takes 1 input channel, not 2", "1,1,8,8"),
-    ("4,1,1,8,8", "takes inputs of rank 4 (batched) or 3, not 5", "1,1,8,8"),
-])
+@pytest.mark.parametrize(
+    "shape, reason, example",
+    [
+        ("1,3,8,8", "takes 1 input channel, not 3", "1,1,8,8"),
+        ("2,8,8", "takes 1 input channel, not 2", "1,1,8,8"),
+        ("4,1,1,8,8", "takes inputs of rank 4 (batched) or 3, not 5", "1,1,8,8"),
+    ],
+)
 def test_cli_input_shape_names_the_expected_shape(shape, reason, example, ckpt, tmp_path, copy_fuse):
     result = run("convert", ckpt, "--arch", ARCH, "--input-shape", shape, "-o", tmp_path / "x.pt2")
     assert result.code == 2
-    assert result.error_line == (f"error: {ARCH} cannot run on an input of shape {shape}: its first layer "
-                                 f"stage0.rbr_dense.conv (Conv2d) {reason}. Pass --input-shape N,1,H,W with "
-                                 f"numbers, e.g. {example}")
+    assert result.error_line == (
+        f"error: {ARCH} cannot run on an input of shape {shape}: its first layer "
+        f"stage0.rbr_dense.conv (Conv2d) {reason}. Pass --input-shape N,1,H,W with "
+        f"numbers, e.g. {example}"
+    )
     assert listing(tmp_path) == [] and copy_fuse == []
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
 
 
-@pytest.mark.parametrize("content, what", [
-    (bytes(range(7, 256)) * 4, r"it is neither a pickle, a zip archive nor safetensors: it starts with bytes 07 08"),
-    (b"epoch,loss\n1,0.53\n2,0.41\n", r"it is a text file, starting 'epoch,loss 1,0.53 2,0.41'"),
-    (b"", "the file is empty"),
-    (b"\x89PNG\r\n\x1a\n" + bytes(64), "it is a PNG image"),
-])
+@pytest.mark.parametrize(
+    "content, what",
+    [
+        (
+            bytes(range(7, 256)) * 4,
+            r"it is neither a pickle, a zip archive nor safetensors: it starts with bytes 07 08",
+        ),
+        (b"epoch,loss\n1,0.53\n2,0.41\n", r"it is a text file, starting 'epoch,loss 1,0.53 2,0.41'"),
+        (b"", "the file is empty"),
+        (b"\x89PNG\r\n\x1a\n" + bytes(64), "it is a PNG image"),
+    ],
+)
 def test_not_a_checkpoint_is_named(content, what, tmp_path):
     path = tmp_path / "weights.pt"
     path.write_bytes(content)
@@ -400,12 +440,15 @@ def test_ema_without_ema_weights_says_so(ckpt, tmp_path, copy_fuse):
 
 def test_any_io_error_exits_2(ckpt, tmp_path, monkeypatch):
     """An OSError from a step that does not expect one is still an I/O error (2), never a verification failure (1)."""
+
     def unreadable(*args, **kwargs):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(ckpt))
 
     monkeypatch.setattr(reparam, "fuse", unreadable)
     result = run("convert", ckpt, "--arch", ARCH, "-o", tmp_path / "x.pt2")
     assert result.code == 2
-    assert result.error_line == (f"error: I/O error ({ckpt}): Permission denied. Check the path, the free space and "
-                                 "the permissions, or re-run with --debug")
+    assert result.error_line == (
+        f"error: I/O error ({ckpt}): Permission denied. Check the path, the free space and "
+        "the permissions, or re-run with --debug"
+    )
     assert listing(tmp_path) == []

@@ -6,6 +6,7 @@ float16 (its hyperparameters attached as an ``IterableSimpleNamespace``), ``mode
 It must load without ``weights_only=False``: only the allow-list of :mod:`reparam.yolo` is unpickled.  Inputs are
 64x64 to keep the conversions at a few seconds.
 """
+
 from __future__ import annotations
 
 import copy
@@ -47,9 +48,22 @@ def trained():
 
 def _save_checkpoint(model, path: Path, **extra) -> Path:
     """``torch.save`` like ultralytics' trainer: the EMA copy in float16 under ``ema``."""
-    torch.save({"epoch": -1, "best_fitness": None, "model": None, "ema": copy.deepcopy(model).half(), "updates": 10,
-                "optimizer": None, "train_args": dict(vars(model.args)), "train_metrics": {"fitness": 0.0},
-                "date": "2026-12-01T00:00:00", "version": "8.4.0", **extra}, path)
+    torch.save(
+        {
+            "epoch": -1,
+            "best_fitness": None,
+            "model": None,
+            "ema": copy.deepcopy(model).half(),
+            "updates": 10,
+            "optimizer": None,
+            "train_args": dict(vars(model.args)),
+            "train_metrics": {"fitness": 0.0},
+            "date": "2026-12-01T00:00:00",
+            "version": "8.4.0",
+            **extra,
+        },
+        path,
+    )
     return path
 
 
@@ -121,8 +135,9 @@ def test_convert_yaml_with_random_weights(tmp_path, monkeypatch):
 
 
 def test_arch_ultralytics_without_checkpoint(tmp_path):
-    result = run_cli("convert", "--arch", "ultralytics:yolov8n-seg.yaml", "--input-shape", SHAPE,
-                     "-o", tmp_path / "s.pt2")
+    result = run_cli(
+        "convert", "--arch", "ultralytics:yolov8n-seg.yaml", "--input-shape", SHAPE, "-o", tmp_path / "s.pt2"
+    )
     assert result.code == 0, result.err
     assert (tmp_path / "s.pt2").is_file()
     assert report_row(result.out, "batch norms run")[1] == "0"
@@ -138,16 +153,26 @@ def test_arch_ultralytics_loads_weights_strictly(kind, tmp_path, checkpoint, tra
         checkpoint = tmp_path / "weights.pth"
         torch.save({"state_dict": trained.state_dict()}, checkpoint)
     monkeypatch.setattr(reparam, "fuse", lambda model, *a, **k: copy.deepcopy(model))  # loading is under test
-    ok = run_cli("convert", checkpoint, "--arch", "ultralytics:yolov8n.yaml", "--input-shape", SHAPE,
-                 "-o", tmp_path / "n.pt2", "--no-check")
+    ok = run_cli(
+        "convert",
+        checkpoint,
+        "--arch",
+        "ultralytics:yolov8n.yaml",
+        "--input-shape",
+        SHAPE,
+        "-o",
+        tmp_path / "n.pt2",
+        "--no-check",
+    )
     assert ok.code == 0, ok.err
     with torch.no_grad():
         x = torch.randn(1, 3, 64, 64)
         reference = yolo.prepare(copy.deepcopy(trained)) if kind == "state dict" else _reference(checkpoint)
         want = reference(x)
         assert _rel(torch.export.load(tmp_path / "n.pt2").module()(x), want) <= TOL
-    wrong = run_cli("convert", checkpoint, "--arch", "ultralytics:yolov8s.yaml", "--input-shape", SHAPE,
-                    "-o", tmp_path / "s.pt2")
+    wrong = run_cli(
+        "convert", checkpoint, "--arch", "ultralytics:yolov8s.yaml", "--input-shape", SHAPE, "-o", tmp_path / "s.pt2"
+    )
     assert wrong.code == 2 and "does not match the model" in wrong.error_line
 
 
@@ -162,18 +187,28 @@ def test_inspect_ultralytics_checkpoint(checkpoint):
 
 def test_allow_list():
     """nn.Module classes defined in ultralytics.nn / torch.nn.modules and a few data types; nothing else."""
-    allowed = yolo.allowed_globals(["ultralytics.nn.modules.conv.Conv", "ultralytics.nn.tasks.DetectionModel",
-                                    "torch.nn.modules.conv.Conv2d", "ultralytics.utils.IterableSimpleNamespace"],
-                                   Path("x.pt"))
+    allowed = yolo.allowed_globals(
+        [
+            "ultralytics.nn.modules.conv.Conv",
+            "ultralytics.nn.tasks.DetectionModel",
+            "torch.nn.modules.conv.Conv2d",
+            "ultralytics.utils.IterableSimpleNamespace",
+        ],
+        Path("x.pt"),
+    )
     from ultralytics.nn.modules.conv import Conv
 
     assert Conv in allowed and torch.nn.Conv2d in allowed
-    for name in ("ultralytics.nn.tasks.torch_safe_load",  # a function of an allowed module
-                 "ultralytics.nn.tasks.nn",  # a module re-exported there
-                 "ultralytics.nn.modules.conv.torch",
-                 "ultralytics.nn.tasks.Conv",  # a class re-exported there, not defined there
-                 "ultralytics.utils.loss.v8DetectionLoss",  # outside ultralytics.nn
-                 "builtins.eval", "os.system", "torch.nn.modules.module.warnings"):
+    for name in (
+        "ultralytics.nn.tasks.torch_safe_load",  # a function of an allowed module
+        "ultralytics.nn.tasks.nn",  # a module re-exported there
+        "ultralytics.nn.modules.conv.torch",
+        "ultralytics.nn.tasks.Conv",  # a class re-exported there, not defined there
+        "ultralytics.utils.loss.v8DetectionLoss",  # outside ultralytics.nn
+        "builtins.eval",
+        "os.system",
+        "torch.nn.modules.module.warnings",
+    ):
         with pytest.raises(errors.UnsafeCheckpointError, match="--trust-checkpoint") as refused:
             yolo.allowed_globals(["ultralytics.nn.modules.conv.Conv", name], Path("x.pt"))
         assert refused.value.globals == [name]

@@ -35,8 +35,12 @@ SPEED = re.compile(r"\d+\.\d\d× (faster|slower) \(\d+\.\d\d–\d+\.\d\d×, \d+ 
 def run80(*argv, **patches) -> SimpleNamespace:
     """``reparam *argv`` in-process at 80 columns with stdout a pipe (a StringIO), one quick timing round."""
     out, err = StringIO(), StringIO()
-    with mock.patch.dict(os.environ, {"COLUMNS": "80"}), redirect_stdout(out), redirect_stderr(err), \
-            mock.patch.multiple(cli, LATENCY_WARMUP=0, LATENCY_REPEATS=3, LATENCY_BUDGET_S=0.05, **patches):
+    with (
+        mock.patch.dict(os.environ, {"COLUMNS": "80"}),
+        redirect_stdout(out),
+        redirect_stderr(err),
+        mock.patch.multiple(cli, LATENCY_WARMUP=0, LATENCY_REPEATS=3, LATENCY_BUDGET_S=0.05, **patches),
+    ):
         code = cli.main([str(a) for a in argv])
     return SimpleNamespace(code=code, out=out.getvalue(), err=err.getvalue())
 
@@ -58,18 +62,35 @@ def validate(doc: dict) -> None:
 @pytest.mark.parametrize("argv", [["--help"], ["list"], ["explain", "fold_bn"], ["convert", "--help"]])
 def test_light_commands_import_no_heavy_module(argv):
     """--help, list and explain import neither torch nor timm/onnx/torchvision/the compiler."""
-    code = ("import sys\nfrom reparam import cli\ntry:\n    cli.main(%r)\nexcept SystemExit:\n    pass\n"
-            "print('LOADED', sorted(m for m in %r if m in sys.modules))" % (argv, HEAVY))
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    code = (
+        "import sys\nfrom reparam import cli\ntry:\n    cli.main(%r)\nexcept SystemExit:\n    pass\n"
+        "print('LOADED', sorted(m for m in %r if m in sys.modules))" % (argv, HEAVY)
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "LOADED []", done.stdout
 
 
 def test_import_reparam_is_lazy_but_complete():
-    done = subprocess.run([sys.executable, "-c", "import sys, reparam; print('torch' in sys.modules); "
-                           "reparam.fuse; print('torch' in sys.modules)"], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, reparam; print('torch' in sys.modules); reparam.fuse; print('torch' in sys.modules)",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
     assert done.stdout.split() == ["False", "True"], done.stderr
     assert callable(reparam.fuse) and "fuse" in dir(reparam)
 
@@ -105,8 +126,9 @@ def _inspect_console(report: Report) -> str:
     out = StringIO()
     with mock.patch.dict(os.environ, {"COLUMNS": "80"}):
         ui = cli.Ui(out=terminal.make_console(out), err=terminal.make_console(StringIO()))
-    loaded = SimpleNamespace(source="random weights (no checkpoint)", example=torch.zeros(1, 3, 224, 224),
-                             arch="timm:fastvit_t8")
+    loaded = SimpleNamespace(
+        source="random weights (no checkpoint)", example=torch.zeros(1, 3, 224, 224), arch="timm:fastvit_t8"
+    )
     kernels = {"conv": 1, "batch_norm": 2, "add": 3, "linear": 4}
     cli._print_inspect_report(ui, SimpleNamespace(arch="timm:fastvit_t8"), loaded, kernels, report)
     return out.getvalue()
@@ -114,15 +136,29 @@ def _inspect_console(report: Report) -> str:
 
 def test_inspect_tables_fold_long_paths_at_80_columns():
     where = "stages.0.blocks.0.mlp.conv.conv"
-    report = Report(rewrites=[Rewrite("stages.2.blocks.3.token_mixer.mixer", "add x4, batchnorm x4, 3x3 conv "
-                                      "192->192 groups 192, 1x1 conv 192->192 groups 192",
-                                      "3x3 conv 192->192 groups 192", ("merge_parallel",) * 4 + ("fold_bn",) * 4)])
-    report.refuse(where, "the 7x7 conv 48->48 groups 48 after 3x3 conv 48->48 groups 48 pads with zeros, but "
-                  "3x3 conv 48->48 groups 48 would not produce zeros there")
+    report = Report(
+        rewrites=[
+            Rewrite(
+                "stages.2.blocks.3.token_mixer.mixer",
+                "add x4, batchnorm x4, 3x3 conv 192->192 groups 192, 1x1 conv 192->192 groups 192",
+                "3x3 conv 192->192 groups 192",
+                ("merge_parallel",) * 4 + ("fold_bn",) * 4,
+            )
+        ]
+    )
+    report.refuse(
+        where,
+        "the 7x7 conv 48->48 groups 48 after 3x3 conv 48->48 groups 48 pads with zeros, but "
+        "3x3 conv 48->48 groups 48 would not produce zeros there",
+    )
     text = _inspect_console(report)
     assert_fits_80(text)
-    cells = "".join(line.split("│")[1].strip() for line in text.splitlines() if line.startswith("│ stages")
-                    or (line.startswith("│") and "will not" not in line and line.split("│")[1].strip()))
+    cells = "".join(
+        line.split("│")[1].strip()
+        for line in text.splitlines()
+        if line.startswith("│ stages")
+        or (line.startswith("│") and "will not" not in line and line.split("│")[1].strip())
+    )
     assert where in cells  # folded across lines, every character kept
     # the legend explains each kind used, once
     for kind in ("merge_parallel", "fold_bn", "zero-padding", "batchnorm", "add"):
@@ -136,9 +172,21 @@ def test_inspect_and_quant_at_80_columns_in_a_pipe(ckpt):
     lines = result.out.splitlines()
     title = next(i for i, line in enumerate(lines) if "weight quantization of the fused model" in line)
     rule = next(i for i in range(title, len(lines)) if set(lines[i].strip()) == {"─"})
-    words = {w for line in lines[title + 1:rule] if "flagged)" not in line for w in line.split()}
-    assert words == {"layer", "kind", "max", "|w|", "max|w|", "/std", "channel", "spread", "SNR", "per",
-                     "tensor", "worst"}, words  # every header whole, none folded mid-word
+    words = {w for line in lines[title + 1 : rule] if "flagged)" not in line for w in line.split()}
+    assert words == {
+        "layer",
+        "kind",
+        "max",
+        "|w|",
+        "max|w|",
+        "/std",
+        "channel",
+        "spread",
+        "SNR",
+        "per",
+        "tensor",
+        "worst",
+    }, words  # every header whole, none folded mid-word
     assert "what the words mean" in result.out
 
 
@@ -153,8 +201,10 @@ def test_convert_report_at_80_columns(ckpt, tmp_path):
     checkpoint_row = next(line for line in result.out.splitlines() if "checkpoint file" in line)
     assert len(size.findall(checkpoint_row)) == 1
     for fmt in ("pt2", "onnx"):
-        cells = [c.strip() for c in next(line for line in result.out.splitlines()
-                                          if f"file size (.{fmt})" in line).split("│")]
+        cells = [
+            c.strip()
+            for c in next(line for line in result.out.splitlines() if f"file size (.{fmt})" in line).split("│")
+        ]
         assert cells[2] == "" and size.fullmatch(cells[3]), cells
     # per-step times in the progress display
     assert re.search(r"✓ Timing original vs fused .*\(\d+\.\ds\)", result.err)
@@ -196,11 +246,13 @@ def test_speed_figure_uses_one_thread_and_interleaves():
 
 
 def test_wide_spread_is_flagged():
-    figure = timing.SpeedFigure(ratio=5.45, low=1.93, high=17.74, runs=9, passes=1, threads=1, device="cpu",
-                                before_ms=10, after_ms=2, load=7.5)
+    figure = timing.SpeedFigure(
+        ratio=5.45, low=1.93, high=17.74, runs=9, passes=1, threads=1, device="cpu", before_ms=10, after_ms=2, load=7.5
+    )
     assert not figure.trustworthy and "load average 7.5" in figure.warning()
-    steady = timing.SpeedFigure(ratio=5.2, low=4.9, high=5.6, runs=9, passes=1, threads=1, device="cpu",
-                                before_ms=10, after_ms=2, load=None)
+    steady = timing.SpeedFigure(
+        ratio=5.2, low=4.9, high=5.6, runs=9, passes=1, threads=1, device="cpu", before_ms=10, after_ms=2, load=None
+    )
     assert steady.trustworthy and steady.warning() is None
     assert steady.text() == "5.20× faster (4.90–5.60×, 9 runs)"
 
@@ -213,8 +265,12 @@ class _Placeholders(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.conv, self.bn, self.se, self.act_drop = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), \
-            nn.Identity(), nn.Dropout(0.1)
+        self.conv, self.bn, self.se, self.act_drop = (
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.Identity(),
+            nn.Dropout(0.1),
+        )
         self.final_conv = nn.Identity()
         self.head = nn.Conv2d(8, 4, 1)
 
@@ -339,11 +395,29 @@ def test_batch_continues_past_a_corrupt_file(ckpt, tmp_path):
     bad.write_bytes(ckpt.read_bytes()[:1000])  # truncated
     out = tmp_path / "out"
     out.mkdir()
-    result = run80("convert", ckpt, bad, good2, "--arch", ARCH, "--out-dir", out, "--formats", "pt2,onnx",
-                   "--json", out / "r.json", "--no-bench")
+    result = run80(
+        "convert",
+        ckpt,
+        bad,
+        good2,
+        "--arch",
+        ARCH,
+        "--out-dir",
+        out,
+        "--formats",
+        "pt2,onnx",
+        "--json",
+        out / "r.json",
+        "--no-bench",
+    )
     assert result.code == 2, result.err
-    assert sorted(p.name for p in out.iterdir()) == ["digits_deploy.onnx", "digits_deploy.pt2", "r.json",
-                                                     "second_deploy.onnx", "second_deploy.pt2"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "digits_deploy.onnx",
+        "digits_deploy.pt2",
+        "r.json",
+        "second_deploy.onnx",
+        "second_deploy.pt2",
+    ]
     assert_fits_80(result.out)
     assert "converted 2 of 3 checkpoints" in result.out and "failed (2)" in result.out
     doc = json.loads((out / "r.json").read_text())
@@ -376,8 +450,9 @@ def test_bad_device_name(ckpt):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_convert_on_cuda(ckpt, tmp_path):
-    result = run80("convert", ckpt, "--arch", ARCH, "-o", tmp_path / "d.pt2", "--device", "cuda:0",
-                   "--json", tmp_path / "r.json")
+    result = run80(
+        "convert", ckpt, "--arch", ARCH, "-o", tmp_path / "d.pt2", "--device", "cuda:0", "--json", tmp_path / "r.json"
+    )
     assert result.code == 0, result.err
     entry = json.loads((tmp_path / "r.json").read_text())["results"][0]
     assert entry["device"] == "cuda:0" and entry["speed"]["device"].startswith("cuda")

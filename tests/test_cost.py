@@ -2,6 +2,7 @@
 
 No test times anything for real: ``LatencyCost`` takes the timer as a parameter, and these tests inject fake ones.
 """
+
 from __future__ import annotations
 
 import json
@@ -79,7 +80,11 @@ def test_macs_keeps_the_inception_block_and_says_why():
     assert reasons == {"kept 4 kernels: merging would cost more MACs than it saves (120k -> 249k)"}, report
     (decision,) = report.decisions
     assert (decision.kind, decision.merged, decision.before_kernels, decision.after_kernels) == (
-        "merge_concat", False, 4, 1)
+        "merge_concat",
+        False,
+        4,
+        1,
+    )
     assert decision.before_macs == count_macs(model, X) and decision.after_macs == 8 * 24 * 9 * 144
     assert decision.before_s is None and "cost decisions (1)" in str(report)
 
@@ -202,8 +207,9 @@ def test_cache_round_trip(tmp_path):
     assert list(path.parent.iterdir()) == [path]  # no temporary files left behind
 
 
-@pytest.mark.parametrize("content", ["{not json", json.dumps({"version": 99, "entries": {}}), json.dumps([1, 2]),
-                                     "\udcff"])
+@pytest.mark.parametrize(
+    "content", ["{not json", json.dumps({"version": 99, "entries": {}}), json.dumps([1, 2]), "\udcff"]
+)
 def test_corrupt_cache_is_ignored_with_a_warning(tmp_path, content):
     path = tmp_path / "latency.json"
     path.write_text(content, errors="surrogateescape")
@@ -216,8 +222,14 @@ def test_corrupt_cache_is_ignored_with_a_warning(tmp_path, content):
 
 def test_invalid_entries_are_dropped(tmp_path):
     path = tmp_path / "latency.json"
-    path.write_text(json.dumps({"version": 1, "entries": {"a": {"merge": "yes"}, "b": 3,
-                                                          "c": {"before_s": 1, "after_s": 2, "merge": False}}}))
+    path.write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "entries": {"a": {"merge": "yes"}, "b": 3, "c": {"before_s": 1, "after_s": 2, "merge": False}},
+            }
+        )
+    )
     cache = LatencyCache(path)
     assert cache.get("a") is None and cache.get("b") is None and cache.get("c")["merge"] is False
 
@@ -304,8 +316,19 @@ def test_inspect_with_macs_says_not_timed(inception_arch):
 def test_convert_cost_latency(inception_arch, monkeypatch, tmp_path):
     monkeypatch.setattr(C, "interleaved_seconds", FakeTimer(2e-3, 1e-3))
     torch.save(InceptionNet().state_dict(), tmp_path / "w.pt")
-    result = run_cli("convert", tmp_path / "w.pt", "--arch", inception_arch, "--cost", "latency", "--no-bench",
-                     "-o", tmp_path / "d.pt2", "--json", tmp_path / "r.json")
+    result = run_cli(
+        "convert",
+        tmp_path / "w.pt",
+        "--arch",
+        inception_arch,
+        "--cost",
+        "latency",
+        "--no-bench",
+        "-o",
+        tmp_path / "d.pt2",
+        "--json",
+        tmp_path / "r.json",
+    )
     assert result.code == 0, result.err
     (entry,) = json.loads((tmp_path / "r.json").read_text())["results"]
     assert [d["merged"] for d in entry["report"]["decisions"]] == [True]

@@ -24,6 +24,7 @@ table in docs/coverage.md.  For every case:
 The CI slice keeps one small case per family (two for smp: Unet, and FPN whose decoder reads the encoder's
 ``output_stride``); the others are ``slow`` (``python -m pytest tests/test_deploy_models.py -m slow``).
 """
+
 from __future__ import annotations
 
 import copy
@@ -38,20 +39,32 @@ import torch
 import reparam
 
 _SPEC = importlib.util.spec_from_file_location(
-    "reparam_deploy_coverage", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "deploy_coverage.py"))
+    "reparam_deploy_coverage", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "deploy_coverage.py")
+)
 D = importlib.util.module_from_spec(_SPEC)
 sys.modules[_SPEC.name] = D  # dataclasses look their module up there
 _SPEC.loader.exec_module(D)
 
-CI_SLICE = {"ultralytics:yolov8n.yaml", "smp:Unet", "smp:FPN", "tv:lraspp_mobilenet_v3_large",
-            "tv:ssdlite320_mobilenet_v3_large"}
-_INSTALL = {"ultralytics": "ultralytics", "segmentation_models_pytorch": "segmentation-models-pytorch",
-            "torchvision": "torchvision"}
+CI_SLICE = {
+    "ultralytics:yolov8n.yaml",
+    "smp:Unet",
+    "smp:FPN",
+    "tv:lraspp_mobilenet_v3_large",
+    "tv:ssdlite320_mobilenet_v3_large",
+}
+_INSTALL = {
+    "ultralytics": "ultralytics",
+    "segmentation_models_pytorch": "segmentation-models-pytorch",
+    "torchvision": "torchvision",
+}
 
 
 def _param(case):
-    marks = [pytest.mark.skipif(not D.available(case), reason=f"{case.package} is not installed "
-                                f"(pip install {_INSTALL[case.package]})")]
+    marks = [
+        pytest.mark.skipif(
+            not D.available(case), reason=f"{case.package} is not installed (pip install {_INSTALL[case.package]})"
+        )
+    ]
     if case.name not in CI_SLICE:
         marks.append(pytest.mark.slow)
     return pytest.param(case, marks=marks, id=case.name)
@@ -71,16 +84,23 @@ def _snapshot(model) -> dict:
         "training": model.training,
         "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "types": [(name, type(m)) for name, m in model.named_modules()],
-        "attributes": {(name, attr): value.detach().clone() for name, m in model.named_modules()
-                       for attr, value in vars(m).items() if isinstance(value, torch.Tensor)},
+        "attributes": {
+            (name, attr): value.detach().clone()
+            for name, m in model.named_modules()
+            for attr, value in vars(m).items()
+            if isinstance(value, torch.Tensor)
+        },
     }
 
 
 def _same_tensors(now: dict, then: dict) -> list:
     """Keys whose tensors differ in presence, dtype or bits."""
     keys = set(now) | set(then)
-    return sorted(str(k) for k in keys if k not in now or k not in then or now[k].dtype != then[k].dtype
-                  or not torch.equal(now[k], then[k]))
+    return sorted(
+        str(k)
+        for k in keys
+        if k not in now or k not in then or now[k].dtype != then[k].dtype or not torch.equal(now[k], then[k])
+    )
 
 
 class Fused:
@@ -155,8 +175,10 @@ def test_exact_in_float64(fused):
         err = D.detection_error(fused.case.detections(got), fused.case.detections(want))
         if not err <= D.FP64_TOL:  # as close as the original is to itself rounded differently (NMS over ties)?
             noise = D.own_detection_noise(fused.case, model64, inputs64, want)
-            assert err <= noise, (f"detections: relative error {err:.2e} (inf: a detection without its partner), "
-                                  f"the original's own float64 noise {noise:.2e}")
+            assert err <= noise, (
+                f"detections: relative error {err:.2e} (inf: a detection without its partner), "
+                f"the original's own float64 noise {noise:.2e}"
+            )
     for name, what in fused.case.probes:
         _assert_same_structure(got_probes[name], want_probes[name], f"{name} {what}s")
         _assert_close(D.leaf_errors(got_probes[name], want_probes[name]), D.FP64_TOL, name)
@@ -176,16 +198,23 @@ def test_no_more_kernels_than_the_peer(fused):
     before = D.kernel_counts(fused.model, fused.inputs)
     after = D.kernel_counts(model, fused.inputs)
     peer, label = D.peer_counts(fused.case, fused.model, fused.inputs, before)
-    assert after["conv"] <= min(before["conv"], peer["conv"]), f"convs: {before['conv']} before, {after['conv']} " \
-        f"after, {label}: {peer['conv']}"
-    assert after["norm"] <= peer["norm"], f"norms: {before['norm']} before, {after['norm']} after, {label}: {peer['norm']}"
+    assert after["conv"] <= min(before["conv"], peer["conv"]), (
+        f"convs: {before['conv']} before, {after['conv']} after, {label}: {peer['conv']}"
+    )
+    assert after["norm"] <= peer["norm"], (
+        f"norms: {before['norm']} before, {after['norm']} after, {label}: {peer['norm']}"
+    )
 
 
 def test_the_ci_slice_has_one_case_per_family():
     families = {c.family for c in D.CASES}
     assert {D.BY_NAME[n].family for n in CI_SLICE} == families
-    assert {"ultralytics", "segmentation_models_pytorch", "torchvision segmentation",
-            "torchvision detection"} == families
+    assert {
+        "ultralytics",
+        "segmentation_models_pytorch",
+        "torchvision segmentation",
+        "torchvision detection",
+    } == families
 
 
 def test_norm_randomisation_reaches_frozen_batchnorm():
@@ -196,8 +225,10 @@ def test_norm_randomisation_reaches_frozen_batchnorm():
     model, _ = D.build(D.BY_NAME["tv:fcos_resnet18_fpn (FrozenBatchNorm2d)"])
     frozen = [m for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
     assert len(frozen) == 20
-    assert all(not torch.equal(m.running_var, torch.ones_like(m.running_var)) and m.running_mean.abs().sum() > 0
-               for m in frozen)
+    assert all(
+        not torch.equal(m.running_var, torch.ones_like(m.running_var)) and m.running_mean.abs().sum() > 0
+        for m in frozen
+    )
 
 
 def test_detection_error_forgives_tie_order_only():
@@ -220,8 +251,9 @@ def test_detection_error_forgives_tie_order_only():
     assert D.detection_error([(boxes[:3], scores[:3], labels[:3])], want) == float("inf")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("ultralytics") is None,
-                    reason="ultralytics is not installed (pip install ultralytics)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("ultralytics") is None, reason="ultralytics is not installed (pip install ultralytics)"
+)
 def test_fused_yolo_runs_at_other_input_sizes():
     """YOLO runs at any multiple of 32: so does the fused model (Detect recomputes its cached anchors and strides
     for a new shape, in the model's dtype)."""

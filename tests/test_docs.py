@@ -82,8 +82,9 @@ def _shell_script(kind: str, code: str) -> str:
 def checkout(tmp_path) -> Path:
     """A copy of the repository (no .git), and a ``reparam`` command that runs it."""
     copy = tmp_path / "repo"
-    shutil.copytree(ROOT, copy, symlinks=True, ignore=shutil.ignore_patterns(".git", "__pycache__", "*.pyc",
-                                                                             ".reparam-staging-*"))
+    shutil.copytree(
+        ROOT, copy, symlinks=True, ignore=shutil.ignore_patterns(".git", "__pycache__", "*.pyc", ".reparam-staging-*")
+    )
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     script = bin_dir / "reparam"
@@ -93,8 +94,13 @@ def checkout(tmp_path) -> Path:
 
 
 def _env(copy: Path) -> dict:
-    return {**os.environ, "PYTHONPATH": str(copy), "PATH": f"{copy.parent / 'bin'}{os.pathsep}{os.environ['PATH']}",
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "COLUMNS": "80"}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(copy),
+        "PATH": f"{copy.parent / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        "COLUMNS": "80",
+    }
 
 
 @pytest.mark.parametrize("kind, code", _params())
@@ -107,10 +113,18 @@ def test_block_runs(kind, code, checkout, monkeypatch):
     script = _shell_script(kind, code)
     if not script.strip():
         pytest.skip("only set-up lines (pip install / pytest)")
-    done = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", script], cwd=checkout, env=_env(checkout),
-                          capture_output=True, text=True, timeout=3600)
-    assert done.returncode == 0, f"exit {done.returncode}\n--- script\n{script}\n--- stdout\n{done.stdout[-3000:]}" \
-                                 f"\n--- stderr\n{done.stderr[-3000:]}"
+    done = subprocess.run(
+        ["bash", "-e", "-o", "pipefail", "-c", script],
+        cwd=checkout,
+        env=_env(checkout),
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    assert done.returncode == 0, (
+        f"exit {done.returncode}\n--- script\n{script}\n--- stdout\n{done.stdout[-3000:]}"
+        f"\n--- stderr\n{done.stderr[-3000:]}"
+    )
 
 
 LINK = re.compile(r"\]\(([^)\s]+)\)|`(\.\./[^`]+)`")

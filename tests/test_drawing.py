@@ -72,8 +72,9 @@ def test_draw_graphs_with_matplotlib(tmp_path, block_graphs, monkeypatch):
 def test_draw_graphs_without_a_renderer(tmp_path, block_graphs, monkeypatch):
     monkeypatch.setattr(drawing.shutil, "which", lambda name: None)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(errors.GraphDrawingError,
-                       match="pip install matplotlib.*graphviz|graphviz.*pip install matplotlib"):
+    with pytest.raises(
+        errors.GraphDrawingError, match="pip install matplotlib.*graphviz|graphviz.*pip install matplotlib"
+    ):
         drawing.draw_graphs(block_graphs, tmp_path / "g.svg")
     with pytest.raises(errors.GraphDrawingError, match="unknown file type"):
         drawing.draw_graphs(block_graphs, tmp_path / "g.txt")

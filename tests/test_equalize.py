@@ -2,6 +2,7 @@
 pool / concat graphs and on zoo models (float64 relative error <= 1e-10), balanced ranges after convergence, a
 higher worst-layer int8 weight SNR where BatchNorm statistics are uneven, and named refusals where it would not be
 exact (SiLU / ReLU6 between layers, residual adds)."""
+
 from __future__ import annotations
 
 import pytest
@@ -92,11 +93,16 @@ def build(spec: list, cin: int = 3, classes: int = 5) -> nn.Module:
 
 
 OPS = st.one_of(
-    st.tuples(st.just("conv"), st.sampled_from([4, 8, 12]), st.sampled_from([1, 3]), st.booleans(),
-              st.sampled_from([1, 2, 4])),
-    st.tuples(st.just("bn")), st.tuples(st.just("relu")), st.tuples(st.just("leaky"), st.floats(0.0, 0.5)),
-    st.tuples(st.just("maxpool")), st.tuples(st.just("avgpool")),
-    st.tuples(st.just("fork"), st.sampled_from([2, 4]), st.sampled_from([2, 6])), st.tuples(st.just("halves")),
+    st.tuples(
+        st.just("conv"), st.sampled_from([4, 8, 12]), st.sampled_from([1, 3]), st.booleans(), st.sampled_from([1, 2, 4])
+    ),
+    st.tuples(st.just("bn")),
+    st.tuples(st.just("relu")),
+    st.tuples(st.just("leaky"), st.floats(0.0, 0.5)),
+    st.tuples(st.just("maxpool")),
+    st.tuples(st.just("avgpool")),
+    st.tuples(st.just("fork"), st.sampled_from([2, 4]), st.sampled_from([2, 6])),
+    st.tuples(st.just("halves")),
 )
 
 
@@ -117,8 +123,20 @@ def test_equalization_is_exact_on_random_graphs(spec, seed):
 
 def test_ranges_balanced_after_convergence():
     torch.manual_seed(0)
-    model = randomize_bn(build([("bn",), ("relu",), ("conv", 8, 3, False, 2), ("bn",), ("relu",),
-                                ("conv", 8, 3, True, 1), ("relu",), ("conv", 12, 1, False, 1)])).eval()
+    model = randomize_bn(
+        build(
+            [
+                ("bn",),
+                ("relu",),
+                ("conv", 8, 3, False, 2),
+                ("bn",),
+                ("relu",),
+                ("conv", 8, 3, True, 1),
+                ("relu",),
+                ("conv", 12, 1, False, 1),
+            ]
+        )
+    ).eval()
     fused = reparam.fuse(model, (torch.randn(1, 3, 6, 6),))
     gm = reparam.equalize(fused)
     for link in E.find_links(gm, lambda *_: None):
@@ -141,8 +159,9 @@ def test_split_channels_reach_both_readers():
 
 def test_wrong_scale_is_caught():
     """The float64 check would catch a non-exact rewrite: scaling a producer without its consumer."""
-    fused = reparam.fuse(randomize_bn(build([("bn",), ("relu",), ("conv", 8, 3, False, 1)])).eval(),
-                         (torch.randn(1, 3, 6, 6),))
+    fused = reparam.fuse(
+        randomize_bn(build([("bn",), ("relu",), ("conv", 8, 3, False, 1)])).eval(), (torch.randn(1, 3, 6, 6),)
+    )
     with mock_step_without_consumer():
         with pytest.raises(reparam.EquivalenceError):
             reparam.equalize(fused, (torch.randn(1, 3, 6, 6),))
@@ -223,8 +242,9 @@ class Residual(nn.Module):
         return self.head(torch.relu(self.conv(h) + h))
 
 
-@pytest.mark.parametrize("act, name", [(nn.SiLU(), "SiLU"), (nn.ReLU6(), "ReLU6"), (nn.Hardswish(), "Hardswish"),
-                                       (nn.GELU(), "GELU")])
+@pytest.mark.parametrize(
+    "act, name", [(nn.SiLU(), "SiLU"), (nn.ReLU6(), "ReLU6"), (nn.Hardswish(), "Hardswish"), (nn.GELU(), "GELU")]
+)
 def test_refused_between_non_homogeneous_activations(act, name):
     model = Between(act).eval()
     out = reparam.equalize(model, (torch.randn(1, 3, 6, 6),))

@@ -19,8 +19,6 @@ from reparam import errors
 from reparam.errors import EquivalenceError, InputError
 
 
-
-
 @pytest.fixture(scope="module")
 def digits():
     """A tiny zoo model, its fused form and an example input."""

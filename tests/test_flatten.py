@@ -1,4 +1,5 @@
 """Flat call targets: every fused GraphModule calls its kernels as attributes of itself, named after their paths."""
+
 from __future__ import annotations
 
 import io

@@ -34,6 +34,7 @@ deleted by dead-code elimination.)
 
 A failure prints the drawn program (``FuzzNet.describe()``) and a ``@reproduce_failure`` blob.
 """
+
 from __future__ import annotations
 
 import math
@@ -155,8 +156,11 @@ class FuzzNet(nn.Module):
     def describe(self) -> str:
         lines = []
         for i, (op, ins, arg) in enumerate(self.program, 1):
-            what = repr(self.mods[arg]).replace("\n", " ") if op == "mod" else (
-                tuple(self.params[arg].shape) if op in ("chmul", "chadd") else arg)
+            what = (
+                repr(self.mods[arg]).replace("\n", " ")
+                if op == "mod"
+                else (tuple(self.params[arg].shape) if op in ("chmul", "chadd") else arg)
+            )
             lines.append(f"v{i} = {op}({', '.join(f'v{j}' for j in ins)}) {what}")
         lines.append(f"return {', '.join(f'v{i}' for i in self.outputs)}")
         return "\n".join(lines)
@@ -239,8 +243,7 @@ class Builder:
         shape = d(st.sampled_from(["kxk", "1xk", "kx1", "free"])) if nd >= 2 else "kxk"
         ks = [1, 3, 5] if aligned else [1, 2, 3, 4, 5]
         k = d(st.sampled_from(ks))
-        kernel = (tuple(d(st.sampled_from(ks)) for _ in range(nd)) if shape == "free"
-                  else kernel_of_shape(shape, k, nd))
+        kernel = tuple(d(st.sampled_from(ks)) for _ in range(nd)) if shape == "free" else kernel_of_shape(shape, k, nd)
         if forced is not None:
             kernel = forced
         if nd == 3:
@@ -255,8 +258,7 @@ class Builder:
         mode = "zeros"
         if size is not None and any(padding) and all(p < n for p, n in zip(padding, size, strict=False)):
             mode = d(st.sampled_from(["zeros"] * 6 + ["reflect", "replicate", "circular"]))
-        return CONV[nd](cin, cout, kernel, stride, padding, dilation, groups, bias=d(st.booleans()),
-                        padding_mode=mode)
+        return CONV[nd](cin, cout, kernel, stride, padding, dilation, groups, bias=d(st.booleans()), padding_mode=mode)
 
     # -- ops ------------------------------------------------------------------------------------
     def op_conv(self):
@@ -370,8 +372,12 @@ class Builder:
         d = self.draw
         i = self.pick()
         k = d(st.integers(1, 3))
-        self.module(AVG[self.nd](k, d(st.sampled_from([None, 1, 2])), d(st.integers(0, k // 2)),
-                                 count_include_pad=d(st.booleans())), i)
+        self.module(
+            AVG[self.nd](
+                k, d(st.sampled_from([None, 1, 2])), d(st.integers(0, k // 2)), count_include_pad=d(st.booleans())
+            ),
+            i,
+        )
 
     def op_scale(self):
         d = self.draw
@@ -405,8 +411,20 @@ class Builder:
         else:
             self.emit(kind, [i])
 
-    OPS = ("op_conv", "op_conv", "op_bn", "op_skip_add", "op_branches", "op_branches", "op_concat",
-           "op_avgpool", "op_scale", "op_pad", "op_nonlinear", "op_inplace")
+    OPS = (
+        "op_conv",
+        "op_conv",
+        "op_bn",
+        "op_skip_add",
+        "op_branches",
+        "op_branches",
+        "op_concat",
+        "op_avgpool",
+        "op_scale",
+        "op_pad",
+        "op_nonlinear",
+        "op_inplace",
+    )
 
     def op_inplace(self):
         """``y.add_(z)``, ``y += z``, ``y.mul_(c)``, ``y.relu_()``, ``F.relu(y, inplace=True)`` on a value
@@ -429,8 +447,17 @@ class Builder:
         else:
             self.emit(kind, [i])
 
-    MLP_OPS = ("op_linear", "op_linear", "op_bn", "op_skip_add", "op_linear_branches", "op_linear_concat",
-               "op_scale", "op_nonlinear", "op_inplace")
+    MLP_OPS = (
+        "op_linear",
+        "op_linear",
+        "op_bn",
+        "op_skip_add",
+        "op_linear_branches",
+        "op_linear_concat",
+        "op_scale",
+        "op_nonlinear",
+        "op_inplace",
+    )
 
     def build(self, n_ops: int) -> FuzzNet:
         ops = self.OPS if self.nd else self.MLP_OPS
@@ -506,9 +533,11 @@ def run_case(net: FuzzNet, x: torch.Tensor) -> None:
         raise
 
 
-FUZZ_SETTINGS = dict(deadline=None, print_blob=True,
-                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                            HealthCheck.filter_too_much])
+FUZZ_SETTINGS = dict(
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
 
 
 @given(case=fuzz_case())
@@ -530,8 +559,7 @@ def test_fuzzer_builds_what_it_claims():
     merged = []
 
     @given(case=fuzz_case())
-    @settings(max_examples=30, database=None, deadline=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
+    @settings(max_examples=30, database=None, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
     def collect(case):
         net, x = case
         for op, _, arg in net.program:

@@ -13,6 +13,7 @@ Default (CI) run: ``REPARAM_VERIFY_EXAMPLES`` examples per test (25 unless set);
 
     REPARAM_FUZZ_EXAMPLES=10000 pytest tests/test_fuzz_verify.py -m slow
 """
+
 from __future__ import annotations
 
 import os

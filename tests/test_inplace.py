@@ -4,6 +4,7 @@ The official DBB writes its BNAndPadLayer border in place; before the pass (and 
 assignment) such a block did not trace and stayed at 5 convs + 4 BNs.  Counts are executed ops
 (:class:`conftest.OpCounter`), errors relative L2 against the float64 original.
 """
+
 from __future__ import annotations
 
 import copy
@@ -14,8 +15,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import count_ops, random_bn, rel_err
-from official_layouts import (BNAndPadLayer, DiverseBranchBlock, RepMLPBlock, RepMLPNet, RepMLPNetUnit, ResNet,
-                              bn_at_zero, deployed, locality_injection, switch_to_deploy)
+from official_layouts import (
+    BNAndPadLayer,
+    DiverseBranchBlock,
+    RepMLPBlock,
+    RepMLPNet,
+    RepMLPNetUnit,
+    ResNet,
+    bn_at_zero,
+    deployed,
+    locality_injection,
+    switch_to_deploy,
+)
 
 import reparam
 from reparam.pipeline import fuse_with_report
@@ -76,9 +87,19 @@ def test_official_dbb_block_fuses_to_one_conv(k, stride, cin, cout, groups):
 def test_official_dbb_state_dict_keys():
     stats = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
     bn = lambda prefix: [f"{prefix}.{s}" for s in stats]  # noqa: E731
-    want = (["dbb_origin.conv.weight", *bn("dbb_origin.bn"), "dbb_avg.conv.weight", *bn("dbb_avg.bn.bn"),
-             *bn("dbb_avg.avgbn"), "dbb_1x1.conv.weight", *bn("dbb_1x1.bn"), "dbb_1x1_kxk.idconv1.weight",
-             *bn("dbb_1x1_kxk.bn1.bn"), "dbb_1x1_kxk.conv2.weight", *bn("dbb_1x1_kxk.bn2")])
+    want = [
+        "dbb_origin.conv.weight",
+        *bn("dbb_origin.bn"),
+        "dbb_avg.conv.weight",
+        *bn("dbb_avg.bn.bn"),
+        *bn("dbb_avg.avgbn"),
+        "dbb_1x1.conv.weight",
+        *bn("dbb_1x1.bn"),
+        "dbb_1x1_kxk.idconv1.weight",
+        *bn("dbb_1x1_kxk.bn1.bn"),
+        "dbb_1x1_kxk.conv2.weight",
+        *bn("dbb_1x1_kxk.bn2"),
+    ]
     assert list(DiverseBranchBlock(4, 4, 3, 1, 1).state_dict()) == want
     wide = DiverseBranchBlock(4, 8, 3, 1, 1, internal_channels_1x1_3x3=6).state_dict()
     assert "dbb_1x1_kxk.conv1.weight" in wide and "dbb_1x1_kxk.idconv1.weight" not in wide
@@ -109,11 +130,14 @@ def _block_with(border="bn0", sides="tblr"):
     return randomize(DiverseBranchBlock(4, 8, 3, 1, 1, border=border, sides=sides), seed=3).double()
 
 
-@pytest.mark.parametrize("border,sides,reason", [
-    ("bias", "tblr", "border value differs"),  # c != BN(0)
-    ("bn0", "tbl", "cover only part of the border"),
-    ("bn0", "lr", "cover only part of the border"),
-])
+@pytest.mark.parametrize(
+    "border,sides,reason",
+    [
+        ("bias", "tblr", "border value differs"),  # c != BN(0)
+        ("bn0", "tbl", "cover only part of the border"),
+        ("bn0", "lr", "cover only part of the border"),
+    ],
+)
 def test_border_that_is_not_bn_at_zero_is_refused(border, sides, reason):
     block = _block_with(border, sides)
     x = torch.randn(2, 4, 7, 10, dtype=torch.float64)
@@ -159,14 +183,17 @@ class _BNPadThenConv(nn.Module):
         return self.conv(out)
 
 
-@pytest.mark.parametrize("nd,lo,hi,kernel,spell", [
-    (1, (2,), (2,), 5, "setitem"),
-    (1, (1,), (3,), 3, "copy_"),
-    (2, (1, 2), (1, 2), (3, 5), "setitem"),  # non-square
-    (2, (0, 2), (2, 1), (3, 3), "copy_"),  # asymmetric, a side without padding
-    (2, (3, 3), (3, 3), (3, 3), "setitem"),  # wider than the kernel's reach
-    (3, (1, 0, 2), (1, 1, 0), (3, 2, 3), "setitem"),
-])
+@pytest.mark.parametrize(
+    "nd,lo,hi,kernel,spell",
+    [
+        (1, (2,), (2,), 5, "setitem"),
+        (1, (1,), (3,), 3, "copy_"),
+        (2, (1, 2), (1, 2), (3, 5), "setitem"),  # non-square
+        (2, (0, 2), (2, 1), (3, 3), "copy_"),  # asymmetric, a side without padding
+        (2, (3, 3), (3, 3), (3, 3), "setitem"),  # wider than the kernel's reach
+        (3, (1, 0, 2), (1, 1, 0), (3, 2, 3), "setitem"),
+    ],
+)
 def test_any_width_and_rank_fuses_to_one_conv(nd, lo, hi, kernel, spell):
     model = randomize(_BNPadThenConv(nd, 3, lo, hi, kernel, spell)).double()
     x = torch.randn(2, 3, *((6, 7, 5)[:nd]), dtype=torch.float64)
@@ -330,17 +357,33 @@ def test_a_size_spread_into_reshape_traces(how):
 
 
 def _repmlp_net():
-    return RepMLPNet(num_class=10, num_blocks=(1, 1, 1, 1), channels=(8, 16, 32, 64), hs=(4, 2, 2, 1),
-                     ws=(4, 2, 2, 1), sharesets_nums=(1, 2, 4, 8), reparam_conv_k=(1, 3))
+    return RepMLPNet(
+        num_class=10,
+        num_blocks=(1, 1, 1, 1),
+        channels=(8, 16, 32, 64),
+        hs=(4, 2, 2, 1),
+        ws=(4, 2, 2, 1),
+        sharesets_nums=(1, 2, 4, 8),
+        reparam_conv_k=(1, 3),
+    )
 
 
 def test_official_repmlpnet_state_dict_keys():
     keys = set(_repmlp_net().state_dict())
-    for key in ("conv_embedding.conv.weight", "conv_embedding.bn.running_var", "stages.0.0.prebn1.weight",
-                "stages.0.0.repmlp_block.gp.fc1.bias", "stages.0.0.repmlp_block.fc3.weight",
-                "stages.0.0.repmlp_block.fc3_bn.running_mean", "stages.0.0.repmlp_block.repconv1.conv.weight",
-                "stages.3.0.repmlp_block.repconv3.bn.bias", "stages.1.0.ffn_block.ffn_fc2.bn.weight",
-                "embeds.2.conv.weight", "head_norm.running_var", "head.weight"):
+    for key in (
+        "conv_embedding.conv.weight",
+        "conv_embedding.bn.running_var",
+        "stages.0.0.prebn1.weight",
+        "stages.0.0.repmlp_block.gp.fc1.bias",
+        "stages.0.0.repmlp_block.fc3.weight",
+        "stages.0.0.repmlp_block.fc3_bn.running_mean",
+        "stages.0.0.repmlp_block.repconv1.conv.weight",
+        "stages.3.0.repmlp_block.repconv3.bn.bias",
+        "stages.1.0.ffn_block.ffn_fc2.bn.weight",
+        "embeds.2.conv.weight",
+        "head_norm.running_var",
+        "head.weight",
+    ):
         assert key in keys, key
 
 
@@ -397,8 +440,15 @@ class _Partitions(nn.Module):
         return y.flatten(1) if self.end == "flatten" else y.reshape(x.shape)
 
 
-@pytest.mark.parametrize("literal,size,end,merged", [
-    (True, 3, "reshape", True), (True, 3, "flatten", True), (False, 3, "reshape", False), (True, 12, "reshape", False)])
+@pytest.mark.parametrize(
+    "literal,size,end,merged",
+    [
+        (True, 3, "reshape", True),
+        (True, 3, "flatten", True),
+        (False, 3, "reshape", False),
+        (True, 12, "reshape", False),
+    ],
+)
 def test_per_row_merge_needs_fixed_partitions_and_must_pay(literal, size, end, merged):
     model = randomize(_Partitions(literal, size, end)).double()
     x = torch.randn(2, 4, size, size, dtype=torch.float64)
@@ -435,8 +485,11 @@ def test_row_maps_match_the_ops_on_fixed_samples():
 
     conv_bn = A.compose_rows(rows["conv"], rows["bn"])
     check(A.add_rows([conv_bn, rows["dw"]]), A.apply(bn, A.apply(conv, x)) + A.apply(depthwise, x), 2)  # gcd(2, 4)
-    check(A.add_rows([conv_bn, A.compose_rows(rows["dw"], rows["dense"])]),
-          A.apply(bn, A.apply(conv, x)) + A.apply(dense, A.apply(depthwise, x)), 1)
+    check(
+        A.add_rows([conv_bn, A.compose_rows(rows["dw"], rows["dense"])]),
+        A.apply(bn, A.apply(conv, x)) + A.apply(dense, A.apply(depthwise, x)),
+        1,
+    )
 
 
 class _BNAndPadWithoutAffine(nn.Module):

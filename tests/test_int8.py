@@ -3,6 +3,7 @@ option checks, and int8 programs that load and run in ONNX Runtime and ExecuTorc
 model's held-out int8 accuracy within one point of float.
 
 ExecuTorch runs in a child process (as in test_mobile.py: importing it registers process-wide state)."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,12 @@ ARCH = "repvgg_digits"
 
 def run_cli(*argv) -> tuple[int, str, str]:
     out, err = StringIO(), StringIO()
-    with mock.patch.dict(os.environ, {"COLUMNS": "220"}), redirect_stdout(out), redirect_stderr(err), \
-            mock.patch.multiple(cli, LATENCY_WARMUP=0, LATENCY_REPEATS=1):
+    with (
+        mock.patch.dict(os.environ, {"COLUMNS": "220"}),
+        redirect_stdout(out),
+        redirect_stderr(err),
+        mock.patch.multiple(cli, LATENCY_WARMUP=0, LATENCY_REPEATS=1),
+    ):
         code = cli.main([str(a) for a in argv])
     return code, out.getvalue(), err.getvalue()
 
@@ -110,13 +115,16 @@ def test_agreement_math():
 # ------------------------------------------------------------------------------------------------ CLI checks
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--int8", "--onnx", "{d}/x.onnx"], "--int8 needs calibration inputs"),
-    (["--int8", "--calib-random", "4", "-o", "{d}/x.pt2"], "Add --pte OUT.pte or --onnx OUT.onnx"),
-    (["--calib-random", "4", "--onnx", "{d}/x.onnx"], "--calib-random only applies to int8 output"),
-    (["--int8", "--calib", "{d}/missing", "--onnx", "{d}/x.onnx"], "does not exist"),
-    (["--int8", "--calib-random", "4", "--dtype", "float16", "--onnx", "{d}/x.onnx"], "Leave out --dtype"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--int8", "--onnx", "{d}/x.onnx"], "--int8 needs calibration inputs"),
+        (["--int8", "--calib-random", "4", "-o", "{d}/x.pt2"], "Add --pte OUT.pte or --onnx OUT.onnx"),
+        (["--calib-random", "4", "--onnx", "{d}/x.onnx"], "--calib-random only applies to int8 output"),
+        (["--int8", "--calib", "{d}/missing", "--onnx", "{d}/x.onnx"], "does not exist"),
+        (["--int8", "--calib-random", "4", "--dtype", "float16", "--onnx", "{d}/x.onnx"], "Leave out --dtype"),
+    ],
+)
 def test_int8_option_errors(tmp_path, argv, message):
     code, _, err = run_cli("convert", CKPT, "--arch", ARCH, *[a.format(d=tmp_path) for a in argv])
     assert code == 2 and message in err, err
@@ -130,8 +138,9 @@ def test_int8_onnx_digits_accuracy_within_one_point(digits, tmp_path):
 
     calib_path, test_x, test_y = digits
     out = tmp_path / "digits_int8.onnx"
-    code, stdout, err = run_cli("convert", CKPT, "--arch", ARCH, "--int8", "--equalize", "--calib", calib_path,
-                                "--onnx", out)
+    code, stdout, err = run_cli(
+        "convert", CKPT, "--arch", ARCH, "--int8", "--equalize", "--calib", calib_path, "--onnx", out
+    )
     assert code == 0, err
     assert "int8 onnx (per-channel weights, ONNX Runtime" in stdout and "equalization:" in stdout
     ops = {n.op_type for n in onnx.load(str(out)).graph.node}
@@ -157,14 +166,18 @@ def test_per_tensor_onnx_has_one_weight_scale(tmp_path):
     from onnx import numpy_helper
 
     out = tmp_path / "pt.onnx"
-    code, stdout, err = run_cli("convert", CKPT, "--arch", ARCH, "--int8", "--per-tensor", "--calib-random", "40",
-                                "--onnx", out)
+    code, stdout, err = run_cli(
+        "convert", CKPT, "--arch", ARCH, "--int8", "--per-tensor", "--calib-random", "40", "--onnx", out
+    )
     assert code == 0, err
     assert "per-tensor weights" in stdout and "smoke test, not an accuracy measurement" in err
     graph = onnx.load(str(out)).graph
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    weight_scales = [inits[n.input[1]] for n in graph.node if n.op_type == "DequantizeLinear"
-                     and inits.get(n.input[0]) is not None and inits[n.input[0]].dtype == np.int8]
+    weight_scales = [
+        inits[n.input[1]]
+        for n in graph.node
+        if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None and inits[n.input[0]].dtype == np.int8
+    ]
     assert weight_scales and all(s.size == 1 for s in weight_scales)
 
 
@@ -191,11 +204,16 @@ def run_pte(tmp_path: Path, extra: list, test_x, test_y) -> tuple[dict, str]:
     torch.save({"x": test_x, "y": test_y}, test)
     argv = ["convert", str(CKPT), "--arch", ARCH, "--int8", "--pte", str(out), *map(str, extra)]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "COLUMNS": "220"}
-    proc = subprocess.run([sys.executable, "-c", PTE_SCRIPT, json.dumps(argv), str(out), str(test)], env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", PTE_SCRIPT, json.dumps(argv), str(out), str(test)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT "):]), proc.stdout + proc.stderr
+    return json.loads(lines[-1][len("RESULT ") :]), proc.stdout + proc.stderr
 
 
 def test_int8_pte_loads_and_runs_in_executorch(tmp_path):
@@ -217,8 +235,13 @@ def test_benchmark_script_writes_its_table(tmp_path):
     """benchmarks/int8.py (the docs table's generator) in a tiny mode: one zoo model at 16x16."""
     out = tmp_path / "int8.md"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "int8.py"), "--zoo", "repvgg_a0", "--size", "16",
-                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "int8.py"), "--zoo", "repvgg_a0", "--size", "16", "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split("|") for line in out.read_text().splitlines() if line.startswith("| repvgg_a0")]
     assert [r[2].strip() for r in rows] == ["no", "yes"] and rows[1][3].strip().startswith("22 (0)"), rows

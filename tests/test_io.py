@@ -78,7 +78,6 @@ def test_atomic_write_os_errors_become_output_errors(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-
 def test_atomic_write_dir_replaces_a_directory_whole(tmp_path):
     target = tmp_path / "m.mlpackage"
     (target / "old").mkdir(parents=True)

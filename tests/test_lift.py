@@ -4,6 +4,7 @@ reason a node is not lifted (``NotAffine``) or a lift is refused (``affine.Refus
 The algebra itself (compose, add, ...) is tested in test_affine.py; here only the lifting layer: which tensors and
 hyper-parameters a node hands to the algebra, read off small traced models.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -26,8 +27,11 @@ def lifted(forward, *inputs, node: str | None = None, shapes: bool = True, **mod
     model = Lambda(forward, **modules) if len(inputs) == 1 else Lambda2(forward, **modules)
     case = traced(model, *(torch.randn(s) if isinstance(s, tuple) else s for s in inputs), shapes=shapes)
     graph = case.gm.graph
-    target = next(n for n in graph.nodes if n.op == "output").args[0] if node is None else \
-        next(n for n in graph.nodes if n.name == node)
+    target = (
+        next(n for n in graph.nodes if n.op == "output").args[0]
+        if node is None
+        else next(n for n in graph.nodes if n.name == node)
+    )
     return Lifter(case.gm, Constants(case.gm)).lift(target)
 
 
@@ -73,8 +77,9 @@ def test_bn_module_hands_its_statistics_to_the_algebra():
     norm = random_bn(nn.BatchNorm2d(4, eps=1e-3))
     op = lifted(lambda s, x: s.bn(x), X4, bn=norm)
     assert kind(op.kind) == "batchnorm" and kind(op.affine.kind) == "diagonal"
-    want = A.batchnorm(*(f64(t) for t in (norm.running_mean, norm.running_var, norm.weight, norm.bias)), 1e-3,
-                       A.Layout(2))
+    want = A.batchnorm(
+        *(f64(t) for t in (norm.running_mean, norm.running_var, norm.weight, norm.bias)), 1e-3, A.Layout(2)
+    )
     torch.testing.assert_close(op.affine.weight, want.weight, rtol=0, atol=0)
     torch.testing.assert_close(op.affine.bias, want.bias, rtol=0, atol=0)
 
@@ -191,8 +196,13 @@ def test_functional_refusals():
     with pytest.raises(NotAffine, match="conv weight is computed from the input"):
         lifted(lambda s, x, w: F.conv2d(x, w), (2, 2, 5, 5), (3, 2, 1, 1))
     with pytest.raises(NotAffine, match="an operand is a constant"):  # a conv of parameters alone is left alone
-        lifted(lambda s, x: F.conv2d(s.c.v, s.p.w, None, 1, 0, 1, 2) + x, (2, 6, 3, 4), node="conv2d", p=p,
-               c=_holder(torch.randn(2, 4, 5, 6)))
+        lifted(
+            lambda s, x: F.conv2d(s.c.v, s.p.w, None, 1, 0, 1, 2) + x,
+            (2, 6, 3, 4),
+            node="conv2d",
+            p=p,
+            c=_holder(torch.randn(2, 4, 5, 6)),
+        )
     with pytest.raises(A.Refusal, match=r"training=True"):
         lifted(lambda s, x: F.batch_norm(x, s.p.mean, s.p.var, training=True), X4, p=p)
     with pytest.raises(NotAffine, match=r"BatchNorm input rank unknown \(no shapes\)"):
@@ -220,30 +230,36 @@ def test_functional_refusals():
 # ------------------------------------------------------------------------------------------------ arithmetic
 
 
-@pytest.mark.parametrize("forward,terms", [
-    (lambda s, x, y: x + y, [("x", 1.0), ("y", 1.0)]),
-    (lambda s, x, y: x - y, [("x", 1.0), ("y", -1.0)]),
-    (lambda s, x, y: torch.add(x, y, alpha=2), [("x", 1.0), ("y", 2.0)]),
-    (lambda s, x, y: torch.sub(x, y, alpha=3), [("x", 1.0), ("y", -3.0)]),
-    (lambda s, x, y: x.add(y), [("x", 1.0), ("y", 1.0)]),
-])
+@pytest.mark.parametrize(
+    "forward,terms",
+    [
+        (lambda s, x, y: x + y, [("x", 1.0), ("y", 1.0)]),
+        (lambda s, x, y: x - y, [("x", 1.0), ("y", -1.0)]),
+        (lambda s, x, y: torch.add(x, y, alpha=2), [("x", 1.0), ("y", 2.0)]),
+        (lambda s, x, y: torch.sub(x, y, alpha=3), [("x", 1.0), ("y", -3.0)]),
+        (lambda s, x, y: x.add(y), [("x", 1.0), ("y", 1.0)]),
+    ],
+)
 def test_sums_of_two_tensors(forward, terms):
     op = lifted(forward, X4, X4)
     assert isinstance(op, Sum) and [(t.name, c) for t, c in op.terms] == terms
 
 
-@pytest.mark.parametrize("forward,scale,shift", [
-    (lambda s, x: x + 1.5, 1.0, 1.5),
-    (lambda s, x: 1.5 - x, -1.0, 1.5),
-    (lambda s, x: x - 2, 1.0, -2.0),
-    (lambda s, x: x * 3, 3.0, 0.0),
-    (lambda s, x: 3 * x, 3.0, 0.0),
-    (lambda s, x: x / 4, 0.25, 0.0),
-    (lambda s, x: -x, -1.0, 0.0),
-    (lambda s, x: x.neg(), -1.0, 0.0),
-    (lambda s, x: x.mul(0.5), 0.5, 0.0),
-    (lambda s, x: x * s.c.v[:1], 0.75, 0.0),  # a one-element tensor is a number
-])
+@pytest.mark.parametrize(
+    "forward,scale,shift",
+    [
+        (lambda s, x: x + 1.5, 1.0, 1.5),
+        (lambda s, x: 1.5 - x, -1.0, 1.5),
+        (lambda s, x: x - 2, 1.0, -2.0),
+        (lambda s, x: x * 3, 3.0, 0.0),
+        (lambda s, x: 3 * x, 3.0, 0.0),
+        (lambda s, x: x / 4, 0.25, 0.0),
+        (lambda s, x: -x, -1.0, 0.0),
+        (lambda s, x: x.neg(), -1.0, 0.0),
+        (lambda s, x: x.mul(0.5), 0.5, 0.0),
+        (lambda s, x: x * s.c.v[:1], 0.75, 0.0),  # a one-element tensor is a number
+    ],
+)
 def test_scalar_scale_and_shift(forward, scale, shift):
     op = lifted(forward, X4, c=_holder(torch.tensor([0.75, 2.0]), buffer=True))
     assert isinstance(op, Unary) and op.affine is None and placeholder(op) == "x"

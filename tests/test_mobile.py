@@ -40,8 +40,12 @@ MOBILE_HINT = "pip install 'reparam[mobile]'"
 def run(*argv) -> tuple[int, str, str]:
     """``reparam *argv`` in-process: (exit code, stdout, stderr)."""
     out, err = StringIO(), StringIO()
-    with mock.patch.dict(os.environ, {"COLUMNS": "220"}), redirect_stdout(out), redirect_stderr(err), \
-            mock.patch.multiple(cli, LATENCY_WARMUP=0, LATENCY_REPEATS=1):
+    with (
+        mock.patch.dict(os.environ, {"COLUMNS": "220"}),
+        redirect_stdout(out),
+        redirect_stderr(err),
+        mock.patch.multiple(cli, LATENCY_WARMUP=0, LATENCY_REPEATS=1),
+    ):
         code = cli.main([str(a) for a in argv])
     return code, out.getvalue(), err.getvalue()
 
@@ -191,11 +195,16 @@ def mobile_run(tmp_path_factory, ckpt):
 
 def _run_child(out, ckpt, full) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "220"}
-    done = subprocess.run([sys.executable, "-c", _CHILD, str(out), str(ckpt), str(full)], capture_output=True,
-                          text=True, timeout=900, env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(out), str(ckpt), str(full)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-3000:]
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = json.loads(lines[-1][len("RESULT ") :])
     result["stdout"], result["stderr"] = done.stdout, done.stderr
     return result
 
@@ -218,8 +227,11 @@ def test_pte_round_trip(mobile_run):
     report = mobile_run["stdout"]
     error = re.search(r"rel\. error, \.pte in ExecuTorch\s*│\s*│\s*([0-9.e+-]+)", report)
     assert error and float(error.group(1)) < 1e-4, report
-    assert re.search(r"wrote \S+d\.pte \(.*static batch, float32, XNNPACK runs (\d+) of \1 ops|"
-                     r"wrote \S+d\.pte \(.*XNNPACK runs \d+ of \d+ ops, verified in ExecuTorch", report), report
+    assert re.search(
+        r"wrote \S+d\.pte \(.*static batch, float32, XNNPACK runs (\d+) of \1 ops|"
+        r"wrote \S+d\.pte \(.*XNNPACK runs \d+ of \d+ ops, verified in ExecuTorch",
+        report,
+    ), report
     assert "✓ Lowering to ExecuTorch (XNNPACK), writing and verifying d.pte" in mobile_run["stderr"]
 
 
@@ -241,8 +253,11 @@ def test_pte_write_errors_exit_2_and_leave_nothing(mobile_run):
     need(mobile_run, "executorch")
     code, *lines = mobile_run["write_error"]
     assert code == 2 and len(lines) == 1, mobile_run["write_error"]
-    assert re.fullmatch(r"error: cannot write \S+full\.pte \(No space left on device\)\. Free some space or choose "
-                        r"another output path", lines[0]), lines
+    assert re.fullmatch(
+        r"error: cannot write \S+full\.pte \(No space left on device\)\. Free some space or choose "
+        r"another output path",
+        lines[0],
+    ), lines
     assert mobile_run["write_error_files"] == []
     if mobile_run["full_disk_reason"]:
         pytest.skip(f"full-disk half: {mobile_run['full_disk_reason']}")
@@ -274,8 +289,9 @@ def hide(monkeypatch, *packages: str) -> None:
     monkeypatch.setattr(mobile, "package_version", lambda name: None if name in packages else real(name))
 
 
-@pytest.mark.parametrize("flag, package, suffix", [("--pte", "executorch", "pte"),
-                                                    ("--coreml", "coremltools", "mlpackage")])
+@pytest.mark.parametrize(
+    "flag, package, suffix", [("--pte", "executorch", "pte"), ("--coreml", "coremltools", "mlpackage")]
+)
 def test_missing_package_is_a_one_line_usage_error(flag, package, suffix, ckpt, tmp_path, monkeypatch, no_fuse):
     hide(monkeypatch, package)
     code, out, err = run("convert", ckpt, "--arch", ARCH, flag, tmp_path / f"x.{suffix}")
@@ -304,16 +320,19 @@ def test_mobile_functions_raise_without_package(monkeypatch, model, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("argv, pattern", [
-    (["--dtype", "bfloat16", "--onnx", "{tmp}/x.onnx"], "ONNX has no bfloat16"),
-    (["--dtype", "bfloat16", "--pte", "{tmp}/x.pte"], "would not run on XNNPACK"),
-    (["--dtype", "bfloat16", "--coreml", "{tmp}/x.mlpackage"], "Core ML computes in float32 or float16"),
-    (["--dtype", "float8"], "invalid choice: 'float8'"),
-    (["--pte", "{tmp}/x.bin"], "Name it x.pte"),
-    (["--coreml", "{tmp}/x.mlmodel"], "Name it x.mlpackage"),
-    (["-o", "{tmp}/x.pte"], "Use --pte"),
-    (["--onnx", "{tmp}/x.pte", "--pte", "{tmp}/x.pte"], "--onnx and --pte name the same file"),
-])
+@pytest.mark.parametrize(
+    "argv, pattern",
+    [
+        (["--dtype", "bfloat16", "--onnx", "{tmp}/x.onnx"], "ONNX has no bfloat16"),
+        (["--dtype", "bfloat16", "--pte", "{tmp}/x.pte"], "would not run on XNNPACK"),
+        (["--dtype", "bfloat16", "--coreml", "{tmp}/x.mlpackage"], "Core ML computes in float32 or float16"),
+        (["--dtype", "float8"], "invalid choice: 'float8'"),
+        (["--pte", "{tmp}/x.bin"], "Name it x.pte"),
+        (["--coreml", "{tmp}/x.mlmodel"], "Name it x.mlpackage"),
+        (["-o", "{tmp}/x.pte"], "Use --pte"),
+        (["--onnx", "{tmp}/x.pte", "--pte", "{tmp}/x.pte"], "--onnx and --pte name the same file"),
+    ],
+)
 def test_bad_mobile_options_exit_2(argv, pattern, ckpt, tmp_path, no_fuse):
     code, _, err = run("convert", ckpt, "--arch", ARCH, *[a.format(tmp=tmp_path) for a in argv])
     assert code == 2, err
@@ -408,8 +427,9 @@ def test_dtype_option_makes_a_low_precision_deploy_model(dtype):
 def test_cli_dtype_float16(ckpt, model, tmp_path):
     import onnxruntime
 
-    code, out, err = run("convert", ckpt, "--arch", ARCH, "--dtype", "float16", "-o", tmp_path / "h.pt2",
-                         "--onnx", tmp_path / "h.onnx")
+    code, out, err = run(
+        "convert", ckpt, "--arch", ARCH, "--dtype", "float16", "-o", tmp_path / "h.pt2", "--onnx", tmp_path / "h.onnx"
+    )
     assert code == 0, err
     assert "precision: float16" in out
     program = torch.export.load(tmp_path / "h.pt2")
@@ -440,7 +460,7 @@ def test_quantize_symmetric_and_snr():
     assert torch.equal(quant.quantize_symmetric(torch.zeros(4, 3)), torch.zeros(4, 3, dtype=torch.float64))
     w = torch.randn(64, 64, 3, 3, generator=torch.Generator().manual_seed(0))
     layer = quant.analyze_weight(w)
-    predicted = 10 * math.log10(12 * 127 ** 2) - 20 * math.log10(layer.outlier_ratio)  # uniform rounding noise
+    predicted = 10 * math.log10(12 * 127**2) - 20 * math.log10(layer.outlier_ratio)  # uniform rounding noise
     assert abs(layer.per_tensor_snr_db - predicted) < 1.0
     assert not layer.flagged and layer.advice == ""
     # per-channel scales: a channel ten times larger than the others ruins per-tensor quantization only
@@ -455,8 +475,14 @@ def test_quantize_symmetric_and_snr():
 def outlier_net() -> nn.Module:
     """Branch blocks without identity branches (those put a 1 on the kernel centre, an outlier of its own)."""
     torch.manual_seed(0)
-    net = nn.Sequential(zoo.RepVGGBlock(3, 16, stride=2), zoo.RepVGGBlock(16, 32, stride=2), zoo.ACBlock(32, 48),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(48, 10))
+    net = nn.Sequential(
+        zoo.RepVGGBlock(3, 16, stride=2),
+        zoo.RepVGGBlock(16, 32, stride=2),
+        zoo.ACBlock(32, 48),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(48, 10),
+    )
     return net.eval()
 
 

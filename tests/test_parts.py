@@ -6,6 +6,7 @@ feature level, children whose properties the parent reads (segmentation_models_p
 ``OrderedDict`` (torchvision), tensors cached during a forward (ultralytics' anchors), and outputs that go
 through top-k over near-tied scores (detection post-processing).
 """
+
 from __future__ import annotations
 
 import collections
@@ -66,8 +67,9 @@ class Head(nn.Module):
     def __init__(self, channels=(8, 16)):
         super().__init__()
         self.box = nn.ModuleList(nn.Sequential(ConvBNAct(c, c), nn.Conv2d(c, 4, 1)) for c in channels)
-        self.cls = nn.ModuleDict({str(i): nn.Sequential(ConvBNAct(c, c), nn.Conv2d(c, 3, 1))
-                                  for i, c in enumerate(channels)})
+        self.cls = nn.ModuleDict(
+            {str(i): nn.Sequential(ConvBNAct(c, c), nn.Conv2d(c, 3, 1)) for i, c in enumerate(channels)}
+        )
         self.shape = None
         self.anchors = torch.empty(0)
 

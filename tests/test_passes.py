@@ -10,6 +10,7 @@ Every test builds a tiny ``nn.Module`` (BatchNorms get random, non-trivial stati
     convolutions than the original;
 (d) the input model is untouched: state-dict tensors bit-identical, same module tree, same mode.
 """
+
 from __future__ import annotations
 
 import copy
@@ -70,8 +71,15 @@ def outputs_close(got, want, tol: float) -> float:
     return worst
 
 
-def check_fuse(model: nn.Module, *inputs, counts: dict | None = None, ops: dict | None = None,
-               refused: tuple = (), float32: bool = True, sizes: tuple = ()):
+def check_fuse(
+    model: nn.Module,
+    *inputs,
+    counts: dict | None = None,
+    ops: dict | None = None,
+    refused: tuple = (),
+    float32: bool = True,
+    sizes: tuple = (),
+):
     """Fuse ``model`` in float64 and run the (a)-(d) checks of the module docstring.
 
     ``counts``: expected ``Report.counts()`` entries; ``ops``: expected executed-op counts (``bn`` and
@@ -128,8 +136,9 @@ def no_bn_no_add(n_conv: int, **extra) -> dict:
 
 def test_conv_then_bn():
     model = conv_bn(3, 8, 3, padding=1)
-    fused, report = check_fuse(model, torch.randn(2, 3, 9, 7), counts={"fold_bn": 1}, ops=no_bn_no_add(1),
-                               sizes=[(1, 3, 6, 11)])
+    fused, report = check_fuse(
+        model, torch.randn(2, 3, 9, 7), counts={"fold_bn": 1}, ops=no_bn_no_add(1), sizes=[(1, 3, 6, 11)]
+    )
     assert graph_counts(fused) == {"conv": 1}
 
 
@@ -174,8 +183,12 @@ class LoneBNBranches(nn.Module):
 
 
 def test_lone_bn_branches_become_one_channel_affine():
-    check_fuse(LoneBNBranches(), torch.randn(2, 4, 5, 3), counts={"fold_bn": 2, "merge_parallel": 2},
-               ops={"conv": 0, "bn": 0, "add": 0, "addcmul": 1})
+    check_fuse(
+        LoneBNBranches(),
+        torch.randn(2, 4, 5, 3),
+        counts={"fold_bn": 2, "merge_parallel": 2},
+        ops={"conv": 0, "bn": 0, "add": 0, "addcmul": 1},
+    )
 
 
 class ConvPlusLoneBN(nn.Module):
@@ -189,8 +202,9 @@ class ConvPlusLoneBN(nn.Module):
 
 
 def test_lone_bn_branch_next_to_conv():
-    check_fuse(ConvPlusLoneBN(), torch.randn(2, 4, 6, 5), counts={"fold_bn": 1, "merge_parallel": 1},
-               ops=no_bn_no_add(1))
+    check_fuse(
+        ConvPlusLoneBN(), torch.randn(2, 4, 6, 5), counts={"fold_bn": 1, "merge_parallel": 1}, ops=no_bn_no_add(1)
+    )
 
 
 def test_bn_without_running_stats_is_never_folded():
@@ -240,17 +254,20 @@ class RepVGG(nn.Module):
 def test_repvgg_block(stride, groups):
     model = RepVGG(8, 8, stride, groups)
     identity = stride == 1
-    fused, _ = check_fuse(model, torch.randn(2, 8, 9, 7),
-                          counts={"fold_bn": 3 if identity else 2, "merge_parallel": 2 if identity else 1},
-                          ops=no_bn_no_add(1), sizes=[(1, 8, 6, 11)])
+    fused, _ = check_fuse(
+        model,
+        torch.randn(2, 8, 9, 7),
+        counts={"fold_bn": 3 if identity else 2, "merge_parallel": 2 if identity else 1},
+        ops=no_bn_no_add(1),
+        sizes=[(1, 8, 6, 11)],
+    )
     (conv,) = [m for m in fused.modules() if isinstance(m, nn.Conv2d)]
     assert conv.groups == groups and conv.kernel_size == (3, 3) and conv.stride == (stride, stride)
 
 
 def test_repvgg_stack():
     model = nn.Sequential(RepVGG(3, 8, 2), RepVGG(8, 8), RepVGG(8, 16, 2, 2), RepVGG(16, 16, 1, 4))
-    check_fuse(model, torch.randn(2, 3, 17, 15), counts={"fold_bn": 10, "merge_parallel": 6},
-               ops=no_bn_no_add(4))
+    check_fuse(model, torch.randn(2, 3, 17, 15), counts={"fold_bn": 10, "merge_parallel": 6}, ops=no_bn_no_add(4))
 
 
 class ACNet(nn.Module):
@@ -266,8 +283,9 @@ class ACNet(nn.Module):
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_acnet_block(stride):
-    fused, _ = check_fuse(ACNet(4, stride), torch.randn(2, 4, 9, 12), counts={"fold_bn": 3, "merge_parallel": 2},
-                          ops=no_bn_no_add(1))
+    fused, _ = check_fuse(
+        ACNet(4, stride), torch.randn(2, 4, 9, 12), counts={"fold_bn": 3, "merge_parallel": 2}, ops=no_bn_no_add(1)
+    )
     (conv,) = [m for m in fused.modules() if isinstance(m, nn.Conv2d)]
     assert conv.kernel_size == (3, 3)
 
@@ -287,8 +305,13 @@ class NonSquare(nn.Module):
 
 
 def test_non_square_kernels_stride2_odd_sizes():
-    fused, _ = check_fuse(NonSquare(), torch.randn(2, 3, 9, 14), counts={"fold_bn": 3, "merge_parallel": 3},
-                          ops=no_bn_no_add(1), sizes=[(1, 3, 8, 7), (1, 3, 11, 5)])
+    fused, _ = check_fuse(
+        NonSquare(),
+        torch.randn(2, 3, 9, 14),
+        counts={"fold_bn": 3, "merge_parallel": 3},
+        ops=no_bn_no_add(1),
+        sizes=[(1, 3, 8, 7), (1, 3, 11, 5)],
+    )
     (conv,) = [m for m in fused.modules() if isinstance(m, nn.Conv2d)]
     assert conv.kernel_size == (3, 5) and conv.stride == (2, 2)
 
@@ -307,8 +330,7 @@ class QARepVGG(nn.Module):
 
 
 def test_qarepvgg_bn_after_sum():
-    check_fuse(QARepVGG(), torch.randn(2, 6, 7, 8), counts={"fold_bn": 2, "merge_parallel": 2},
-               ops=no_bn_no_add(1))
+    check_fuse(QARepVGG(), torch.randn(2, 6, 7, 8), counts={"fold_bn": 2, "merge_parallel": 2}, ops=no_bn_no_add(1))
 
 
 class RepLK(nn.Module):
@@ -322,8 +344,13 @@ class RepLK(nn.Module):
 
 
 def test_replk_31x31_plus_5x5_depthwise():
-    fused, _ = check_fuse(RepLK(), torch.randn(1, 4, 20, 17), counts={"fold_bn": 2, "merge_parallel": 1},
-                          ops=no_bn_no_add(1), float32=False)
+    fused, _ = check_fuse(
+        RepLK(),
+        torch.randn(1, 4, 20, 17),
+        counts={"fold_bn": 2, "merge_parallel": 1},
+        ops=no_bn_no_add(1),
+        float32=False,
+    )
     (conv,) = [m for m in fused.modules() if isinstance(m, nn.Conv2d)]
     assert conv.kernel_size == (31, 31) and conv.groups == 4
 
@@ -350,8 +377,12 @@ class MobileOne(nn.Module):
 def test_mobileone_block(kernel, groups):
     has_scale = kernel > 1
     model = MobileOne(4, 3, kernel, groups)
-    check_fuse(model, torch.randn(2, 4, 7, 6),
-               counts={"fold_bn": 4 + has_scale, "merge_parallel": 3 + has_scale}, ops=no_bn_no_add(1))
+    check_fuse(
+        model,
+        torch.randn(2, 4, 7, 6),
+        counts={"fold_bn": 4 + has_scale, "merge_parallel": 3 + has_scale},
+        ops=no_bn_no_add(1),
+    )
 
 
 class DBBPadded(nn.Module):
@@ -372,8 +403,12 @@ class DBBPadded(nn.Module):
 
 
 def test_dbb_1x1_kxk_with_explicit_pad_is_exact():
-    check_fuse(DBBPadded(explicit_pad=True), torch.randn(2, 4, 7, 6), counts={"compose": 1, "pad": 1, "fold_bn": 2},
-               ops=no_bn_no_add(1, pad=0))
+    check_fuse(
+        DBBPadded(explicit_pad=True),
+        torch.randn(2, 4, 7, 6),
+        counts={"compose": 1, "pad": 1, "fold_bn": 2},
+        ops=no_bn_no_add(1, pad=0),
+    )
 
 
 def test_pad_is_not_counted_as_compose():
@@ -382,8 +417,9 @@ def test_pad_is_not_counted_as_compose():
 
 
 def test_dbb_1x1_kxk_without_pad_is_refused():
-    fused, report = check_fuse(DBBPadded(explicit_pad=False), torch.randn(2, 4, 7, 6),
-                               counts={"compose": 0, "fold_bn": 2}, ops=no_bn_no_add(2))
+    fused, report = check_fuse(
+        DBBPadded(explicit_pad=False), torch.randn(2, 4, 7, 6), counts={"compose": 0, "fold_bn": 2}, ops=no_bn_no_add(2)
+    )
     assert any("bias" in r.reason and "pads with zeros" in r.reason for r in report.refusals), report.refusals
 
 
@@ -395,17 +431,21 @@ class DBBFull(nn.Module):
         self.origin = conv_bn(c, c, 3, 1, 1)
         self.one = conv_bn(c, c, 1)
         self.one_kxk = nn.Sequential(nn.ZeroPad2d(1), conv_bn(c, c, 1), conv_bn(c, c, 3))
-        self.one_avg = nn.Sequential(nn.ZeroPad2d(1), nn.Conv2d(c, c, 1, bias=False), bn(c),
-                                     nn.AvgPool2d(3, 1, 0), bn(c))
+        self.one_avg = nn.Sequential(
+            nn.ZeroPad2d(1), nn.Conv2d(c, c, 1, bias=False), bn(c), nn.AvgPool2d(3, 1, 0), bn(c)
+        )
 
     def forward(self, x):
         return self.origin(x) + self.one(x) + self.one_kxk(x) + self.one_avg(x)
 
 
 def test_dbb_full_block():
-    check_fuse(DBBFull(), torch.randn(2, 4, 8, 7),
-               counts={"fold_bn": 6, "merge_parallel": 3, "pool": 1, "pad": 2},
-               ops=no_bn_no_add(1, pad=0))
+    check_fuse(
+        DBBFull(),
+        torch.randn(2, 4, 8, 7),
+        counts={"fold_bn": 6, "merge_parallel": 3, "pool": 1, "pad": 2},
+        ops=no_bn_no_add(1, pad=0),
+    )
 
 
 class AvgBranch(nn.Module):
@@ -420,14 +460,22 @@ class AvgBranch(nn.Module):
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_avgpool_branch_count_include_pad_merges(stride):
-    check_fuse(AvgBranch(include_pad=True, stride=stride), torch.randn(2, 4, 9, 8),
-               counts={"pool": 1, "merge_parallel": 1, "fold_bn": 1}, ops=no_bn_no_add(1, pool=0))
+    check_fuse(
+        AvgBranch(include_pad=True, stride=stride),
+        torch.randn(2, 4, 9, 8),
+        counts={"pool": 1, "merge_parallel": 1, "fold_bn": 1},
+        ops=no_bn_no_add(1, pool=0),
+    )
 
 
 def test_avgpool_branch_without_count_include_pad_is_refused():
-    fused, report = check_fuse(AvgBranch(include_pad=False), torch.randn(2, 4, 9, 8),
-                               counts={"pool": 0, "merge_parallel": 0}, ops={"conv": 1, "add": 1, "pool": 1},
-                               refused=("count_include_pad",))
+    fused, report = check_fuse(
+        AvgBranch(include_pad=False),
+        torch.randn(2, 4, 9, 8),
+        counts={"pool": 0, "merge_parallel": 0},
+        ops={"conv": 1, "add": 1, "pool": 1},
+        refused=("count_include_pad",),
+    )
 
 
 class ReflectBlock(nn.Module):
@@ -441,8 +489,9 @@ class ReflectBlock(nn.Module):
 
 
 def test_reflect_padded_3x3_plus_1x1_plus_identity_merges():
-    fused, _ = check_fuse(ReflectBlock(), torch.randn(2, 4, 7, 6), counts={"merge_parallel": 2, "fold_bn": 2},
-                          ops=no_bn_no_add(1))
+    fused, _ = check_fuse(
+        ReflectBlock(), torch.randn(2, 4, 7, 6), counts={"merge_parallel": 2, "fold_bn": 2}, ops=no_bn_no_add(1)
+    )
     (conv,) = [m for m in fused.modules() if isinstance(m, nn.Conv2d)]
     assert conv.padding_mode == "reflect"
 
@@ -458,17 +507,24 @@ class ReflectPlusZero(nn.Module):
 
 
 def test_reflect_padded_plus_zero_padded_3x3_is_refused():
-    check_fuse(ReflectPlusZero(), torch.randn(2, 4, 7, 6), counts={"merge_parallel": 0},
-               ops={"conv": 2, "add": 1}, refused=("reflect",))
+    check_fuse(
+        ReflectPlusZero(),
+        torch.randn(2, 4, 7, 6),
+        counts={"merge_parallel": 0},
+        ops={"conv": 2, "add": 1},
+        refused=("reflect",),
+    )
 
 
 @pytest.mark.parametrize("nd", [1, 3])
 def test_1d_and_3d_blocks(nd):
     size = (2, 4, 11) if nd == 1 else (1, 4, 5, 6, 7)
-    check_fuse(RepVGG(4, 4, 1, 2, nd=nd), torch.randn(*size), counts={"fold_bn": 3, "merge_parallel": 2},
-               ops=no_bn_no_add(1))
-    check_fuse(RepVGG(4, 6, 2, 2, nd=nd), torch.randn(*size), counts={"fold_bn": 2, "merge_parallel": 1},
-               ops=no_bn_no_add(1))
+    check_fuse(
+        RepVGG(4, 4, 1, 2, nd=nd), torch.randn(*size), counts={"fold_bn": 3, "merge_parallel": 2}, ops=no_bn_no_add(1)
+    )
+    check_fuse(
+        RepVGG(4, 6, 2, 2, nd=nd), torch.randn(*size), counts={"fold_bn": 2, "merge_parallel": 1}, ops=no_bn_no_add(1)
+    )
 
 
 class DilatedPlusOne(nn.Module):
@@ -501,16 +557,21 @@ class ConcatConvs(nn.Module):
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_channel_concat_of_parallel_convs(stride):
-    fused, _ = check_fuse(ConcatConvs(stride=stride), torch.randn(2, 4, 9, 8), counts={"merge_concat": 1, "fold_bn": 2},
-                          ops=no_bn_no_add(1, cat=0))
+    fused, _ = check_fuse(
+        ConcatConvs(stride=stride),
+        torch.randn(2, 4, 9, 8),
+        counts={"merge_concat": 1, "fold_bn": 2},
+        ops=no_bn_no_add(1, cat=0),
+    )
     (conv,) = [m for m in fused.modules() if isinstance(m, nn.Conv2d)]
     assert conv.out_channels == 8
 
 
 def test_channel_concat_of_3x3_and_1x1_is_not_inflated():
     """Concatenating a 1x1 into a 3x3 would cost more MACs than it saves: two convs stay."""
-    fused, report = check_fuse(ConcatConvs(k2=1), torch.randn(2, 4, 9, 8), counts={"merge_concat": 0, "fold_bn": 2},
-                               ops=no_bn_no_add(2, cat=1))
+    fused, report = check_fuse(
+        ConcatConvs(k2=1), torch.randn(2, 4, 9, 8), counts={"merge_concat": 0, "fold_bn": 2}, ops=no_bn_no_add(2, cat=1)
+    )
 
 
 # ============================================================================================
@@ -541,8 +602,9 @@ class LayerScale(nn.Module):
 
 
 def test_layer_scale():
-    check_fuse(LayerScale(), torch.randn(2, 4, 6, 7), counts={"scale": 1, "skip": 1, "fold_bn": 1},
-               ops=no_bn_no_add(1, mul=0))
+    check_fuse(
+        LayerScale(), torch.randn(2, 4, 6, 7), counts={"scale": 1, "skip": 1, "fold_bn": 1}, ops=no_bn_no_add(1, mul=0)
+    )
 
 
 class ScalarScale(nn.Module):
@@ -569,8 +631,7 @@ class PadConv(nn.Module):
 
 
 def test_explicit_symmetric_zero_pad_folds_into_conv_padding():
-    fused, _ = check_fuse(PadConv([1, 1, 1, 1]), torch.randn(2, 3, 6, 7), counts={"pad": 1},
-                          ops=no_bn_no_add(1, pad=0))
+    fused, _ = check_fuse(PadConv([1, 1, 1, 1]), torch.randn(2, 3, 6, 7), counts={"pad": 1}, ops=no_bn_no_add(1, pad=0))
     (conv,) = [m for m in fused.modules() if isinstance(m, nn.Conv2d)]
     assert conv.padding == (1, 1)
 
@@ -626,7 +687,11 @@ class BatchNormAct2d(nn.BatchNorm2d):
             x,
             self.running_mean if not self.training or self.track_running_stats else None,
             self.running_var if not self.training or self.track_running_stats else None,
-            self.weight, self.bias, bn_training, 0.0 if self.momentum is None else self.momentum, self.eps,
+            self.weight,
+            self.bias,
+            bn_training,
+            0.0 if self.momentum is None else self.momentum,
+            self.eps,
         )
         return F.relu(x)
 
@@ -654,13 +719,15 @@ class FunctionalRepVGG(nn.Module):
 class BNNoAct(BatchNormAct2d):
     def forward(self, x):
         torch._assert(x.ndim == 4, "expected 4D input")
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
-                            0.1, self.eps)
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, self.training, 0.1, self.eps
+        )
 
 
 def test_functional_repvgg_block():
-    check_fuse(FunctionalRepVGG(), torch.randn(2, 4, 7, 6), counts={"fold_bn": 3, "merge_parallel": 2},
-               ops=no_bn_no_add(1))
+    check_fuse(
+        FunctionalRepVGG(), torch.randn(2, 4, 7, 6), counts={"fold_bn": 3, "merge_parallel": 2}, ops=no_bn_no_add(1)
+    )
 
 
 # ============================================================================================

@@ -1,5 +1,6 @@
 """Verification that never cries wolf and never misses: local proofs per region, tolerances from the
 model's own float64 noise, every wrong kernel caught and named."""
+
 from __future__ import annotations
 
 import pytest

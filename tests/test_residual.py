@@ -1,4 +1,5 @@
 """Residual removal: random residual blocks (property test) and torchvision ResNets, exact in float64."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -39,15 +40,20 @@ class Residual(nn.Module):
             k = 3 if i == depth // 2 else 1
             out = cout if last else mid
             g = groups if (k == 3 and c % groups == 0 and out % groups == 0) else 1
-            layers += [nn.Conv2d(c, out, k, stride if i == depth // 2 else 1, k // 2, groups=g, bias=False),
-                       nn.BatchNorm2d(out)]
+            layers += [
+                nn.Conv2d(c, out, k, stride if i == depth // 2 else 1, k // 2, groups=g, bias=False),
+                nn.BatchNorm2d(out),
+            ]
             if not last:
                 layers.append(act())
             c = out
         self.body = nn.Sequential(*layers)
         needs_projection = downsample or stride != 1 or cin != cout
-        self.skip = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)) \
-            if needs_projection else nn.Identity()
+        self.skip = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if needs_projection
+            else nn.Identity()
+        )
         self.act = nn.ReLU()
 
     def forward(self, x):
@@ -58,9 +64,17 @@ class Residual(nn.Module):
 
 
 @settings(max_examples=25, deadline=None)
-@given(cin=st.sampled_from([4, 8]), cout=st.sampled_from([4, 8]), mid=st.sampled_from([4, 8]),
-       stride=st.sampled_from([1, 2]), groups=st.sampled_from([1, 2, 4]), depth=st.sampled_from([2, 3]),
-       downsample=st.booleans(), positive=st.booleans(), size=st.sampled_from([(7, 7), (8, 9), (11, 6)]))
+@given(
+    cin=st.sampled_from([4, 8]),
+    cout=st.sampled_from([4, 8]),
+    mid=st.sampled_from([4, 8]),
+    stride=st.sampled_from([1, 2]),
+    groups=st.sampled_from([1, 2, 4]),
+    depth=st.sampled_from([2, 3]),
+    downsample=st.booleans(),
+    positive=st.booleans(),
+    size=st.sampled_from([(7, 7), (8, 9), (11, 6)]),
+)
 def test_random_residual_blocks_are_exact(cin, cout, mid, stride, groups, depth, downsample, positive, size):
     model = randomize_bn(Residual(cin, cout, mid, stride, groups, depth, nn.ReLU, downsample, positive)).double().eval()
     x = torch.randn(2, 3, *size, dtype=torch.float64)

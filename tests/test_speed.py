@@ -1,6 +1,7 @@
 """What makes a fuse fast must not change what it computes: shapes recorded without arithmetic equal a real run's,
 the fast float64 depthwise convolution equals PyTorch's, the private float64 copy is a faithful copy, and caches
 that the private runs fill in place are emptied again."""
+
 from __future__ import annotations
 
 import pytest
@@ -77,9 +78,15 @@ def test_a_value_read_needs_a_real_run():
     assert node_shape(out) == tuple(want)
 
 
-@pytest.mark.parametrize("kernel, stride, padding, dilation, bias", [
-    ((3, 3), (1, 1), (1, 1), (1, 1), True), ((3, 5), (2, 1), (0, 2), (1, 2), False),
-    ((7, 7), (1, 1), (3, 3), (1, 1), True), ((1, 1), (2, 2), (0, 0), (1, 1), True)])
+@pytest.mark.parametrize(
+    "kernel, stride, padding, dilation, bias",
+    [
+        ((3, 3), (1, 1), (1, 1), (1, 1), True),
+        ((3, 5), (2, 1), (0, 2), (1, 2), False),
+        ((7, 7), (1, 1), (3, 3), (1, 1), True),
+        ((1, 1), (2, 2), (0, 0), (1, 1), True),
+    ],
+)
 def test_fast_float64_depthwise_equals_pytorch(kernel, stride, padding, dilation, bias):
     c = 6
     x = torch.randn(2, c, 11, 9, dtype=torch.float64)

@@ -11,8 +11,6 @@ import torch.nn.functional as F
 from reparam import stats
 
 
-
-
 class Branchy(nn.Module):
     """conv+BN and a 1x1 branch summed (one residual add), plus a bias add, a scalar add and a linear."""
 
@@ -184,7 +182,7 @@ def test_an_exactly_zero_output_is_judged_by_the_absolute_difference_in_the_chec
 
     zero = torch.zeros(3, dtype=torch.float64)
     tiny = torch.full((3,), 1e-20)
-    assert verify.relative_error(tiny, zero, absolute_at_zero=True) == pytest.approx(3 ** 0.5 * 1e-20)
+    assert verify.relative_error(tiny, zero, absolute_at_zero=True) == pytest.approx(3**0.5 * 1e-20)
     assert verify.compare_outputs((torch.full((3,), 1e-20), torch.ones(2)), (zero, torch.ones(2))) <= 1e-19
     with pytest.raises(EquivalenceError, match=r"output\[0\]"):
         verify.compare_outputs((torch.full((3,), 1e-3), torch.ones(2)), (zero, torch.ones(2)))

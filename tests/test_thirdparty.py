@@ -15,6 +15,7 @@ The default run covers one model or two per family; ``-m slow`` sweeps every mod
 ``benchmarks/coverage.py --all`` does.  Also here: inputs of batch 1, rectangular and channels-last,
 tuple/dict/list outputs, the fallback for models fx cannot trace, and the lift rules for reshapes.
 """
+
 from __future__ import annotations
 
 import copy
@@ -37,7 +38,8 @@ torchvision = pytest.importorskip("torchvision")
 torch.set_num_threads(1)  # small float64 convolutions on a loaded 2-core machine: threads only hurt
 
 _SPEC = importlib.util.spec_from_file_location(
-    "reparam_coverage", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "coverage.py"))
+    "reparam_coverage", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "coverage.py")
+)
 coverage = importlib.util.module_from_spec(_SPEC)
 sys.modules[_SPEC.name] = coverage  # dataclasses look their module up there
 _SPEC.loader.exec_module(coverage)
@@ -46,14 +48,40 @@ FP32_TOL, FP64_TOL = coverage.FP32_TOL, coverage.FP64_TOL
 
 # what CI runs: one model per family (the slow sweep takes all of them)
 TIMM_SLICE = [
-    "repvgg_a0", "repvgg_b1g4", "mobileone_s0", "mobileone_s4", "gernet_s", "fastvit_t8", "fastvit_sa12",
-    "repghostnet_050", "repvit_m0_9", "ghostnetv2_100", "ghostnetv3_050", "levit_128s", "levit_conv_128s",
-    "efficientvit_m0", "shvit_s1", "tiny_vit_5m_224", "lcnetv2_small", "efficientvim_m1", "iformer_t",
+    "repvgg_a0",
+    "repvgg_b1g4",
+    "mobileone_s0",
+    "mobileone_s4",
+    "gernet_s",
+    "fastvit_t8",
+    "fastvit_sa12",
+    "repghostnet_050",
+    "repvit_m0_9",
+    "ghostnetv2_100",
+    "ghostnetv3_050",
+    "levit_128s",
+    "levit_conv_128s",
+    "efficientvit_m0",
+    "shvit_s1",
+    "tiny_vit_5m_224",
+    "lcnetv2_small",
+    "efficientvim_m1",
+    "iformer_t",
     "nextvit_small",
 ]
 TV_SLICE = [
-    "resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf",
-    "vgg11_bn", "shufflenet_v2_x0_5", "googlenet", "inception_v3", "densenet121", "convnext_tiny",
+    "resnet18",
+    "resnet50",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+    "regnet_y_400mf",
+    "vgg11_bn",
+    "shufflenet_v2_x0_5",
+    "googlenet",
+    "inception_v3",
+    "densenet121",
+    "convnext_tiny",
     "mnasnet0_5",
 ]
 MAX_PARAMS = 150e6  # float64 copies of larger models exhaust a small CI machine's memory
@@ -119,7 +147,8 @@ def check_model(name: str) -> None:
         theirs = count_kernels(deploy, x)
         assert ours["conv"] <= theirs["conv"], f"{name}: {ours['conv']} convs, {label}'s deploy path {theirs['conv']}"
         assert ours["batch_norm"] <= theirs["batch_norm"], (
-            f"{name}: {ours['batch_norm']} batch norms, {label}'s deploy path {theirs['batch_norm']}")
+            f"{name}: {ours['batch_norm']} batch norms, {label}'s deploy path {theirs['batch_norm']}"
+        )
 
 
 @pytest.mark.parametrize("name", [_param(n) for n in TIMM_SLICE + [f"tv:{n}" for n in TV_SLICE]])
@@ -159,12 +188,15 @@ def _small_repvgg():
     return model
 
 
-@pytest.mark.parametrize("shape,channels_last", [
-    ((1, 3, 64, 64), False),  # batch 1
-    ((2, 3, 48, 80), False),  # rectangular
-    ((2, 3, 64, 64), True),  # channels-last memory format
-    ((1, 3, 37, 53), True),  # all of it, odd sizes
-])
+@pytest.mark.parametrize(
+    "shape,channels_last",
+    [
+        ((1, 3, 64, 64), False),  # batch 1
+        ((2, 3, 48, 80), False),  # rectangular
+        ((2, 3, 64, 64), True),  # channels-last memory format
+        ((1, 3, 37, 53), True),  # all of it, odd sizes
+    ],
+)
 def test_input_variants(shape, channels_last):
     model = _small_repvgg()
     x = torch.randn(shape)

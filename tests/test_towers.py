@@ -1,4 +1,5 @@
 """Horizontal fusion of parallel towers: multi-path blocks -> grouped convs, concatenated towers -> one conv."""
+
 import torch
 import torch.nn as nn
 from hypothesis import given, settings, strategies as st
@@ -69,8 +70,14 @@ def rel(a, b):
 
 
 @settings(max_examples=20, deadline=None)
-@given(paths=st.integers(2, 6), width=st.sampled_from([2, 4]), cin=st.sampled_from([4, 8]),
-       k=st.sampled_from([3, 5]), stride=st.sampled_from([1, 2]), residual=st.booleans())
+@given(
+    paths=st.integers(2, 6),
+    width=st.sampled_from([2, 4]),
+    cin=st.sampled_from([4, 8]),
+    k=st.sampled_from([3, 5]),
+    stride=st.sampled_from([1, 2]),
+    residual=st.booleans(),
+)
 def test_multipath_block_becomes_three_convs(paths, width, cin, k, stride, residual):
     model = randomize_bn(MultiPath(cin, width, paths, k, stride, residual)).double().eval()
     x = torch.randn(2, cin, 9, 7, dtype=torch.float64)

@@ -1,4 +1,5 @@
 """fold_bn into transposed convolutions (``reparam.passes.transposed``), alone and through ``reparam.fuse``."""
+
 from __future__ import annotations
 
 import copy
@@ -25,9 +26,17 @@ def deconv_bn(draw):
     groups = draw(st.sampled_from([1, 2, 3]))
     cin, cout = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 3))
     stride, k = draw(st.integers(1, 3)), draw(st.integers(1, 4))
-    deconv = _DECONV[nd](cin, cout, k, stride=stride, padding=draw(st.integers(0, (k - 1) // 2)),
-                         output_padding=draw(st.integers(0, stride - 1)), groups=groups,
-                         bias=draw(st.booleans()), dilation=1)
+    deconv = _DECONV[nd](
+        cin,
+        cout,
+        k,
+        stride=stride,
+        padding=draw(st.integers(0, (k - 1) // 2)),
+        output_padding=draw(st.integers(0, stride - 1)),
+        groups=groups,
+        bias=draw(st.booleans()),
+        dilation=1,
+    )
     model = nn.Sequential(deconv, random_bn(_BN[nd](cout))).double().eval()
     x = torch.randn((2, cin) + (draw(st.integers(2, 5)),) * nd, dtype=torch.float64)
     return model, x
@@ -65,8 +74,13 @@ def test_a_transposed_conv_with_another_reader_keeps_its_bn():
 
 
 def test_fuse_folds_a_decoder_bn_into_its_upsampling():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(4, 4, 2, stride=2),
-                          random_bn(nn.BatchNorm2d(4)), nn.ReLU()).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.ConvTranspose2d(4, 4, 2, stride=2),
+        random_bn(nn.BatchNorm2d(4)),
+        nn.ReLU(),
+    ).eval()
     x = torch.randn(1, 3, 8, 8)
     fused = reparam.fuse(model, (x,))
     assert count_ops(fused, x)["bn"] == 0 and count_ops(fused, x)["conv"] == 2

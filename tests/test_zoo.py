@@ -52,7 +52,6 @@ def single_threaded():
     torch.set_num_threads(threads)
 
 
-
 class KernelCounter(TorchDispatchMode):
     """Counts the aten kernels a forward pass executes: convolutions, batch norms, tensor additions."""
 
@@ -437,8 +436,14 @@ def test_block_fuses_to_one_conv(case):
     assert counts == Counter({"conv": convs}), counts
 
 
-DEFAULT_FUSION_MODELS = ["repvgg_a0", "mobileone_s0", "acnet_resnet18", "dbb_resnet18", "repvgg_digits",
-                         "resnext_multipath_tiny"]
+DEFAULT_FUSION_MODELS = [
+    "repvgg_a0",
+    "mobileone_s0",
+    "acnet_resnet18",
+    "dbb_resnet18",
+    "repvgg_digits",
+    "resnext_multipath_tiny",
+]
 SLOW_FUSION_MODELS = [name for name in zoo.names() if name not in DEFAULT_FUSION_MODELS]
 
 

@@ -3,6 +3,7 @@
 Every pass takes the traced ``GraphModule`` (rewritten in place) and the :class:`~reparam.report.Report` (where each
 rewrite and each refusal, with its reason, is recorded) and returns a :class:`PassResult`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -30,5 +31,9 @@ class PassResult:
 
     def __add__(self, later: PassResult) -> PassResult:
         """Two runs, this one first."""
-        return PassResult(self.changed + later.changed, self.created + later.created,
-                          self.shapes_stale or later.shapes_stale, {**self.replaces, **later.replaces})
+        return PassResult(
+            self.changed + later.changed,
+            self.created + later.created,
+            self.shapes_stale or later.shapes_stale,
+            {**self.replaces, **later.replaces},
+        )

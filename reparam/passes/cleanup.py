@@ -4,6 +4,7 @@
 tensor's rank, dtype or device and constants; those are fixed by the traced graph, so the check can
 only fail on inputs the original model rejects as well (the fused model then fails in its own conv).
 """
+
 from __future__ import annotations
 
 import operator
@@ -17,8 +18,18 @@ from . import PassResult
 from .mutation import eliminate_dead_code, is_metadata_user
 
 _ASSERTS = {torch._assert}
-_LOGIC = {operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
-          operator.and_, operator.or_, operator.not_, operator.truth}
+_LOGIC = {
+    operator.eq,
+    operator.ne,
+    operator.lt,
+    operator.le,
+    operator.gt,
+    operator.ge,
+    operator.and_,
+    operator.or_,
+    operator.not_,
+    operator.truth,
+}
 
 
 def _static(arg: Any) -> bool:

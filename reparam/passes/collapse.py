@@ -21,6 +21,7 @@ Algorithm (linear in graph size per round):
    MACs than they replace are cut at the offending point and step 1 runs again; cuts only grow, so
    this ends.
 """
+
 from __future__ import annotations
 
 import math
@@ -171,8 +172,9 @@ class Collapse:
             skips += 1
         return terms, skips
 
-    def _common_root(self, bases: list[Value | None], sources: list[fx.Node], roots: set[fx.Node],
-                     cut: set) -> list[Value | None] | None:
+    def _common_root(
+        self, bases: list[Value | None], sources: list[fx.Node], roots: set[fx.Node], cut: set
+    ) -> list[Value | None] | None:
         """Join inputs with different roots, re-expressed from the one root every path goes through.
 
         before: ``A(x) -> x1``, terms ``B(A(x))`` (B composed through A) and ``C(x1)`` (C refused to
@@ -182,11 +184,15 @@ class Collapse:
         path); a term that *is* that root becomes the identity.  None if no root qualifies.
         """
         for root in sorted(roots, key=self.order.__getitem__, reverse=True):  # latest first: deterministic
-            if not all(s == root or (b is not None and (b.root == root or root in b.ops))
-                       for b, s in zip(bases, sources, strict=True)):
+            if not all(
+                s == root or (b is not None and (b.root == root or root in b.ops))
+                for b, s in zip(bases, sources, strict=True)
+            ):
                 continue
-            rebased = [None if s == root or b is None else b if b.root == root else self._rebase(b, s, root, cut)
-                       for b, s in zip(bases, sources, strict=True)]
+            rebased = [
+                None if s == root or b is None else b if b.root == root else self._rebase(b, s, root, cut)
+                for b, s in zip(bases, sources, strict=True)
+            ]
             if all(r is not None or s == root for r, s in zip(rebased, sources, strict=True)):
                 return rebased
         return None
@@ -210,8 +216,15 @@ class Collapse:
             return self._sum(state, node, op, cut)
         return self._concat(state, node, op, cut)
 
-    def _join(self, state: _State, node: fx.Node, sources: list[fx.Node],
-              build: Callable[[list[A.Affine]], A.Affine], kind: str, cut: set) -> Value | None:
+    def _join(
+        self,
+        state: _State,
+        node: fx.Node,
+        sources: list[fx.Node],
+        build: Callable[[list[A.Affine]], A.Affine],
+        kind: str,
+        cut: set,
+    ) -> Value | None:
         found = self._terms(state, sources, cut)
         if found is None:
             return None
@@ -260,8 +273,11 @@ class Collapse:
                 continue
             inputs = tuple(self._input(state, s, cut) for s in op_sources(op)) + (node in cut,)
             cached = self.memo.get(node)
-            if cached is not None and len(cached[0]) == len(inputs) and all(
-                    a is b for a, b in zip(cached[0], inputs, strict=True)):
+            if (
+                cached is not None
+                and len(cached[0]) == len(inputs)
+                and all(a is b for a, b in zip(cached[0], inputs, strict=True))
+            ):
                 value, cost, events, refusals = cached[1]
                 if cost is not None:
                     state.cost[node] = cost
@@ -281,10 +297,7 @@ class Collapse:
         out = []
         for node in state.values:
             users = real_users(node)
-            absorbed = all(
-                node not in cut and u in state.values and node in state.values[u].ops
-                for u in users
-            )
+            absorbed = all(node not in cut and u in state.values and node in state.values[u].ops for u in users)
             if users and not absorbed:
                 out.append(node)
         return out
@@ -309,11 +322,16 @@ class Collapse:
         events = {e for n in value.ops for e in state.events.get(n, ())}
         kind = next((k for k in ("merge_concat", "merge_parallel", "compose", "skip") if k in events), "fold")
         return C.Candidate(
-            where=block_prefix(value.ops) or f.name, kind=kind, before_macs=before, after_macs=after,
-            before_kernels=sum(self._kernels(n) for n in value.ops), after_kernels=C.emitted_kernels(value.affine),
+            where=block_prefix(value.ops) or f.name,
+            kind=kind,
+            before_macs=before,
+            after_macs=after,
+            before_kernels=sum(self._kernels(n) for n in value.ops),
+            after_kernels=C.emitted_kernels(value.affine),
             input_shapes=(torch.Size(root),) if root is not None else (),
             before=lambda: C.subgraph_module(self.gm, [value.root], [f]),
-            after=lambda: to_module(C.stand_in(value.affine), torch.float64, "meta"))
+            after=lambda: to_module(C.stand_in(value.affine), torch.float64, "meta"),
+        )
 
     def _kernels(self, node: fx.Node) -> int:
         """Kernels ``node`` launches as it is: none for a no-op, one for any other op."""
@@ -376,8 +394,9 @@ class Collapse:
         created = {name: region for name, region in created.items() if has_attr_path(self.gm, name)}  # still read
         return PassResult(done, tuple(created), replaces=created)
 
-    def _materialize(self, state: _State, f: fx.Node, replaced: dict[fx.Node, fx.Node],
-                     created: dict[str, tuple[str, ...]]) -> bool:
+    def _materialize(
+        self, state: _State, f: fx.Node, replaced: dict[fx.Node, fx.Node], created: dict[str, tuple[str, ...]]
+    ) -> bool:
         value = state.values[f]
         aff = value.affine
         graph = self.gm.graph
@@ -430,8 +449,11 @@ class Collapse:
 
     def _weighted(self, value: Value) -> list[tuple[fx.Node, A.Affine]]:
         """The region's convs and linears, with their affines."""
-        return [(n, op.affine) for n, op in ((n, self.ops[n]) for n in value.ops)
-                if isinstance(op, Unary) and op.kind in (OpKind.CONV, OpKind.LINEAR) and op.affine is not None]
+        return [
+            (n, op.affine)
+            for n, op in ((n, self.ops[n]) for n in value.ops)
+            if isinstance(op, Unary) and op.kind in (OpKind.CONV, OpKind.LINEAR) and op.affine is not None
+        ]
 
     def _report(self, state: _State, f: fx.Node, value: Value, aff: A.Affine) -> Rewrite | None:
         events = tuple(e for n in _ordered(value.ops) for e in state.events.get(n, ()))
@@ -457,8 +479,13 @@ def _scale(a: A.Affine, c: float) -> A.Affine:
     return A.channelwise(torch.full((a.out_channels,), c, dtype=torch.float64), None, a.layout)
 
 
-_EVENT = {OpKind.BATCHNORM: "fold_bn", OpKind.SCALE: "scale", OpKind.SHIFT: "scale", OpKind.PAD: "pad",
-          OpKind.AVGPOOL: "pool"}
+_EVENT = {
+    OpKind.BATCHNORM: "fold_bn",
+    OpKind.SCALE: "scale",
+    OpKind.SHIFT: "scale",
+    OpKind.PAD: "pad",
+    OpKind.AVGPOOL: "pool",
+}
 
 
 def _op_cost(kind: OpKind, aff: A.Affine, stride_in: Sequence[int]) -> float:

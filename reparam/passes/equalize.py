@@ -32,6 +32,7 @@ scale moves by more than :data:`CONVERGED`.
 with another model); :func:`reparam.equalization.equalize` (``reparam.equalize``) is the public entry point that
 copies, verifies in float64 and reports per-layer int8 SNR before -> after.
 """
+
 from __future__ import annotations
 
 import operator
@@ -54,14 +55,48 @@ CONVERGED = 1e-2
 MAX_ROUNDS = 200
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-_HOMOGENEOUS_MODULES = (nn.ReLU, nn.LeakyReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d,
-                        nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-                        nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-                        nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Flatten)
-_HOMOGENEOUS_FUNCTIONS = {F.relu, torch.relu, F.leaky_relu, F.max_pool1d, F.max_pool2d, F.max_pool3d,
-                          F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-                          F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
-                          F.adaptive_max_pool3d, F.dropout, torch.flatten, torch.mean}
+_HOMOGENEOUS_MODULES = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.Flatten,
+)
+_HOMOGENEOUS_FUNCTIONS = {
+    F.relu,
+    torch.relu,
+    F.leaky_relu,
+    F.max_pool1d,
+    F.max_pool2d,
+    F.max_pool3d,
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.avg_pool3d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d,
+    F.adaptive_max_pool3d,
+    F.dropout,
+    torch.flatten,
+    torch.mean,
+}
 _HOMOGENEOUS_METHODS = {"relu", "relu_", "flatten", "mean", "contiguous"}
 _SPLITS = {torch.split, torch.chunk, torch.tensor_split}
 Layer = nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear  # what equalization rescales
@@ -122,8 +157,12 @@ class _Refused(Exception):
 
 
 def _is_layer(module: nn.Module | None) -> TypeGuard[Layer]:
-    return isinstance(module, _LAYERS) and type(module).forward in (nn.Conv1d.forward, nn.Conv2d.forward,
-                                                                    nn.Conv3d.forward, nn.Linear.forward)
+    return isinstance(module, _LAYERS) and type(module).forward in (
+        nn.Conv1d.forward,
+        nn.Conv2d.forward,
+        nn.Conv3d.forward,
+        nn.Linear.forward,
+    )
 
 
 def _out_channels(module: Layer) -> int:
@@ -146,7 +185,8 @@ def _homogeneous(gm: fx.GraphModule, node: fx.Node) -> str | None:
             return None
         return f"{type(module).__name__} is not positively homogeneous per channel (h(x/s) != h(x)/s)"
     if (node.op == "call_function" and node.target in _HOMOGENEOUS_FUNCTIONS) or (
-            node.op == "call_method" and node.target in _HOMOGENEOUS_METHODS):
+        node.op == "call_method" and node.target in _HOMOGENEOUS_METHODS
+    ):
         if node.target in (torch.flatten, "flatten"):
             start = arg(node, 1, "start_dim", 0)
             return None if start == 1 else f"flattens from axis {start}"
@@ -174,8 +214,11 @@ def _channels(gm: fx.GraphModule, node: fx.Node) -> int | None:
     if node.target is operator.getitem and isinstance(node.args[0], fx.Node) and isinstance(node.args[1], int):
         split = node.args[0]
         total = _channels(gm, split.args[0]) if split.args and isinstance(split.args[0], fx.Node) else None
-        bounds = _split_bounds(split, total) if total is not None and (
-            split.target in _SPLITS or split.target in ("split", "chunk")) else None
+        bounds = (
+            _split_bounds(split, total)
+            if total is not None and (split.target in _SPLITS or split.target in ("split", "chunk"))
+            else None
+        )
         if bounds is not None and node.args[1] < len(bounds):
             start, end = bounds[node.args[1]]
             return end - start
@@ -239,10 +282,15 @@ class _Walk:
 
 
 def _is_add(node: fx.Node) -> bool:
-    adds = node.op == "call_function" and node.target in ADD_FUNCTIONS_WITH_INPLACE and "alpha" not in node.kwargs \
+    adds = (
+        node.op == "call_function"
+        and node.target in ADD_FUNCTIONS_WITH_INPLACE
+        and "alpha" not in node.kwargs
         and len(node.args) == 2
-    adds = adds or (node.op == "call_method" and node.target in ("add", "add_") and len(node.args) == 2
-                    and not node.kwargs)
+    )
+    adds = adds or (
+        node.op == "call_method" and node.target in ("add", "add_") and len(node.args) == 2 and not node.kwargs
+    )
     return adds and all(isinstance(a, fx.Node) for a in node.args)
 
 
@@ -302,7 +350,7 @@ def _follow(walk: _Walk, node: fx.Node, span: Span) -> None:
             if reason is not None:
                 quiet = user.op == "output" and not walk.uses and len(walk.producers) == 1
                 raise _Refused(f"read by {node_name(user)}: {reason}", quiet=quiet)
-            is_flatten = (isinstance(called_module(user, gm), nn.Flatten) or user.target in (torch.flatten, "flatten"))
+            is_flatten = isinstance(called_module(user, gm), nn.Flatten) or user.target in (torch.flatten, "flatten")
             _follow(walk, user, Span(span.offset, span.total, span.lo, span.hi, span.flattened or is_flatten))
 
 
@@ -316,13 +364,18 @@ def _trace_back(walk: _Walk, node: fx.Node) -> None:
         if walk.owners.get(id(module), 1) != 1:
             raise _Refused(f"residual operand {node_name(node)} is called more than once (shared weights)")
         if _out_channels(module) != walk.channels:
-            raise _Refused(f"residual operand {node_name(node)} has {_out_channels(module)} channels, not "
-                           f"{walk.channels}")
+            raise _Refused(
+                f"residual operand {node_name(node)} has {_out_channels(module)} channels, not {walk.channels}"
+            )
         walk.producers.append((node, module))
     elif _is_add(node):
         walk.pending += [a for a in node.args if isinstance(a, fx.Node)]
-    elif (node.args and isinstance(node.args[0], fx.Node) and _homogeneous(walk.gm, node) is None
-          and not (isinstance(module, nn.Flatten) or node.target in (torch.flatten, "flatten"))):
+    elif (
+        node.args
+        and isinstance(node.args[0], fx.Node)
+        and _homogeneous(walk.gm, node) is None
+        and not (isinstance(module, nn.Flatten) or node.target in (torch.flatten, "flatten"))
+    ):
         walk.pending.append(node.args[0])
     else:
         what = "the model input" if node.op == "placeholder" else node_name(node)
@@ -365,8 +418,12 @@ def find_links(gm: fx.GraphModule, refuse: Callable[[str, str], None]) -> list[L
         except _Refused as why:
             if why.quiet:
                 continue
-            refuse(where, f"equalization refused: its output is {why}" if str(why).startswith("read by")
-                   else f"equalization refused: {why}")
+            refuse(
+                where,
+                f"equalization refused: its output is {why}"
+                if str(why).startswith("read by")
+                else f"equalization refused: {why}",
+            )
             continue
         claimed.update(n for n, _ in walk.producers)
         if walk.uses:
@@ -403,7 +460,7 @@ def _input_ranges(use: Use, channels: int) -> torch.Tensor:
         per_column = w.flatten(2).amax(2)  # (Cout, Cin / groups)
         per_input = per_column.reshape(groups, -1, per_column.shape[1]).amax(1).reshape(-1)
     ranges = torch.zeros(channels, dtype=per_input.dtype, device=per_input.device)
-    ranges[span.lo: span.hi] = per_input[span.offset + span.lo: span.offset + span.hi]
+    ranges[span.lo : span.hi] = per_input[span.offset + span.lo : span.offset + span.hi]
     return ranges
 
 
@@ -411,7 +468,7 @@ def _scale_inputs(use: Use, s: torch.Tensor) -> None:
     """``W[:, offset + c] *= s_c`` (every output of the group that reads input channel ``offset + c``)."""
     w, span = use.module.weight, use.span
     full = torch.ones(span.total, dtype=s.dtype, device=s.device)
-    full[span.offset + span.lo: span.offset + span.hi] = s[span.lo: span.hi]
+    full[span.offset + span.lo : span.offset + span.hi] = s[span.lo : span.hi]
     with torch.no_grad():
         if isinstance(use.module, nn.Linear):
             w.mul_(full.repeat_interleave(w.shape[1] // span.total)[None, :].to(w.dtype))

@@ -19,6 +19,7 @@ Constants are evaluated from parameter-only subgraphs (the pipeline runs on a fl
 Anything else stays as it is, with the reason in the report (the in-place code is cheaper than a
 functional copy, and :mod:`.mutation` keeps the passes from reordering reads around it).
 """
+
 from __future__ import annotations
 
 import math
@@ -45,8 +46,13 @@ ROUNDING = 1e-12
 MAX_BORDER_MASK = 1 << 24  # spatial positions checked for coverage
 
 _PAD_FUNCTIONS = {F.pad, torch._C._nn.pad}
-_FRESH_FUNCTIONS = _PAD_FUNCTIONS | ADD_FUNCTIONS | MUL_FUNCTIONS | CONCAT_FUNCTIONS | {
-    torch.clone, operator.sub, operator.truediv, operator.neg, torch.sub, torch.div}
+_FRESH_FUNCTIONS = (
+    _PAD_FUNCTIONS
+    | ADD_FUNCTIONS
+    | MUL_FUNCTIONS
+    | CONCAT_FUNCTIONS
+    | {torch.clone, operator.sub, operator.truediv, operator.neg, torch.sub, torch.div}
+)
 _FRESH_METHODS = {"clone", "add", "sub", "mul", "div", "neg"}
 _WRITE_METHODS = {"copy_", "fill_", "zero_"}
 
@@ -101,7 +107,7 @@ def _box(index, shape: tuple) -> tuple:
         raise Decline("the write's index is not basic slicing (slices and ...)")
     if Ellipsis in index:
         at = index.index(Ellipsis)
-        index = index[:at] + (slice(None),) * (len(shape) - len(index) + 1) + index[at + 1:]
+        index = index[:at] + (slice(None),) * (len(shape) - len(index) + 1) + index[at + 1 :]
     if len(index) > len(shape):
         raise Decline("the write's index has more axes than the tensor")
     index = index + (slice(None),) * (len(shape) - len(index))
@@ -165,13 +171,19 @@ def _as_pad(node: fx.Node, modules: dict[str, nn.Module], const: Constants) -> _
     if isinstance(m, nn.modules.padding._ConstantPadNd):
         pads, mode, fill = m.padding, "constant", m.value
     elif node.op == "call_function" and node.target in _PAD_FUNCTIONS:
-        pads, mode, fill = (const(arg(node, i, k, d))
-                            for i, k, d in ((1, "pad", None), (2, "mode", "constant"), (3, "value", None)))
+        pads, mode, fill = (
+            const(arg(node, i, k, d)) for i, k, d in ((1, "pad", None), (2, "mode", "constant"), (3, "value", None))
+        )
     else:
         return None
     source, shape = arg(node, 0, "input"), node_shape(node)
-    if not isinstance(source, fx.Node) or NOT_CONSTANT in (pads, mode, fill) or mode != "constant" \
-            or shape is None or len(shape) < 3:
+    if (
+        not isinstance(source, fx.Node)
+        or NOT_CONSTANT in (pads, mode, fill)
+        or mode != "constant"
+        or shape is None
+        or len(shape) < 3
+    ):
         return None
     try:
         lo, hi = pad_pairs(pads, len(shape) - 2)
@@ -300,8 +312,12 @@ def _written_tensors(gm: fx.GraphModule) -> list:
     ``t[index]`` written through counts as a write into ``t``, not as a tensor of its own)."""
     out = []
     for node in gm.graph.nodes:
-        through_view = node.op == "call_function" and node.target is operator.getitem and \
-            isinstance(node.args[0], fx.Node) and _index_of(node, node.args[0]) is not None
+        through_view = (
+            node.op == "call_function"
+            and node.target is operator.getitem
+            and isinstance(node.args[0], fx.Node)
+            and _index_of(node, node.args[0]) is not None
+        )
         if not through_view and any(_index_of(u, node) is not None for u in node.users):
             out.append(node)
     return out

@@ -6,6 +6,7 @@ earlier.  That is only safe for tensors nobody mutates in place behind the reade
 passes leave the readers an update could be reordered with alone (:func:`mutation_barriers`), and
 dead-code elimination keeps in-place updates whose result nobody uses (:func:`eliminate_dead_code`).
 """
+
 from __future__ import annotations
 
 import operator
@@ -19,17 +20,73 @@ from ..match import called_module
 METADATA_ATTRS = {"ndim", "dtype", "device", "is_cuda", "layout"}
 METADATA_METHODS = {"dim", "ndimension", "get_device"}
 
-_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
-                      operator.ipow, operator.iand, operator.ior, operator.ixor, operator.setitem}
+_INPLACE_FUNCTIONS = {
+    operator.iadd,
+    operator.isub,
+    operator.imul,
+    operator.itruediv,
+    operator.ifloordiv,
+    operator.ipow,
+    operator.iand,
+    operator.ior,
+    operator.ixor,
+    operator.setitem,
+}
 
 # ops whose result may share storage with their first argument
-_VIEW_NAMES = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute", "transpose", "t",
-               "squeeze", "unsqueeze", "expand", "expand_as", "narrow", "unfold", "chunk", "split",
-               "tensor_split", "unbind", "detach", "contiguous", "as_strided", "movedim", "moveaxis",
-               "swapaxes", "swapdims", "diagonal", "select", "real", "imag", "view_as_real", "view_as_complex",
-               "to", "type_as", "float", "double", "half", "bfloat16", "clone_if_needed", "getitem", "__getitem__"}
-_ALIAS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-                  nn.Flatten, nn.Unflatten)
+_VIEW_NAMES = {
+    "view",
+    "view_as",
+    "reshape",
+    "reshape_as",
+    "flatten",
+    "unflatten",
+    "permute",
+    "transpose",
+    "t",
+    "squeeze",
+    "unsqueeze",
+    "expand",
+    "expand_as",
+    "narrow",
+    "unfold",
+    "chunk",
+    "split",
+    "tensor_split",
+    "unbind",
+    "detach",
+    "contiguous",
+    "as_strided",
+    "movedim",
+    "moveaxis",
+    "swapaxes",
+    "swapdims",
+    "diagonal",
+    "select",
+    "real",
+    "imag",
+    "view_as_real",
+    "view_as_complex",
+    "to",
+    "type_as",
+    "float",
+    "double",
+    "half",
+    "bfloat16",
+    "clone_if_needed",
+    "getitem",
+    "__getitem__",
+}
+_ALIAS_MODULES = (
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.Flatten,
+    nn.Unflatten,
+)
 
 
 def is_metadata_user(user: fx.Node) -> bool:
@@ -87,8 +144,9 @@ def updated_storage(gm: fx.GraphModule) -> set:
     """Nodes whose storage (or a view's) some node of ``gm`` updates in place."""
     modules = dict(gm.named_modules())
     klass = _storage_classes(gm, modules)
-    written = {klass[n] for n in gm.graph.nodes
-               if n.args and isinstance(n.args[0], fx.Node) and updates_in_place(n, modules)}
+    written = {
+        klass[n] for n in gm.graph.nodes if n.args and isinstance(n.args[0], fx.Node) and updates_in_place(n, modules)
+    }
     return {n for n, rep in klass.items() if rep in written}
 
 
@@ -158,7 +216,8 @@ def eliminate_dead_code(gm: fx.GraphModule) -> bool:
             if updates_in_place(node, modules):
                 group = members[klass[node]]
                 if any(m.op in ("placeholder", "get_attr") for m in group) or any(
-                        u is not node for m in group for u in m.users):
+                    u is not node for m in group for u in m.users
+                ):
                     continue
             gm.graph.erase_node(node)
             removed = removed_any = True

@@ -1,5 +1,6 @@
 """Where a node sits in the model: the module path the report names it by, and the name of the module a pass
 emits in its place (``<block>.reparam``, ``<block>.reparam_rows`` ...), so that every pass names alike."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable

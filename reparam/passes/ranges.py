@@ -3,6 +3,7 @@
 Used by residual removal: a signal carried through a ReLU unchanged must be provably >= 0, through a
 ReLU6 provably in [0, 6].  Intervals are conservative: anything unknown is (-inf, inf).
 """
+
 from __future__ import annotations
 
 import math
@@ -19,16 +20,60 @@ INF = math.inf
 ANY = (-INF, INF)
 
 # ops whose output values are a subset (or rearrangement) of their first input's values
-_PASS_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
-                 nn.AdaptiveMaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
-                 nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Identity, nn.Dropout, nn.Dropout2d,
-                 nn.Flatten, nn.Upsample)
-_PASS_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-                   F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.avg_pool1d,
-                   F.avg_pool2d, F.avg_pool3d, torch.flatten, torch.reshape, torch.permute, torch.transpose,
-                   F.dropout, torch.squeeze, torch.unsqueeze}
-_PASS_METHODS = {"flatten", "reshape", "view", "contiguous", "permute", "transpose", "squeeze", "unsqueeze",
-                 "mean", "max", "amax", "clone", "detach"}
+_PASS_MODULES = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.Flatten,
+    nn.Upsample,
+)
+_PASS_FUNCTIONS = {
+    F.max_pool1d,
+    F.max_pool2d,
+    F.max_pool3d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d,
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.avg_pool3d,
+    torch.flatten,
+    torch.reshape,
+    torch.permute,
+    torch.transpose,
+    F.dropout,
+    torch.squeeze,
+    torch.unsqueeze,
+}
+_PASS_METHODS = {
+    "flatten",
+    "reshape",
+    "view",
+    "contiguous",
+    "permute",
+    "transpose",
+    "squeeze",
+    "unsqueeze",
+    "mean",
+    "max",
+    "amax",
+    "clone",
+    "detach",
+}
 _RELU = {F.relu, torch.relu, torch.relu_, F.relu_}
 
 

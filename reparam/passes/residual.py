@@ -14,6 +14,7 @@ is the identity on the carried values:
 Anything else is refused with a reason (e.g. MobileNetV2's ReLU6 on an unbounded input).
 Cost: the carried channels add MACs; the report says how many channels were added.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,8 +64,9 @@ def _match(add: fx.Node, body: fx.Node, other: fx.Node, modules: dict[str, nn.Mo
     return _match_body(add, body, other, None, modules)
 
 
-def _match_body(add: fx.Node, body: fx.Node, x: fx.Node, skip: fx.Node | None,
-                modules: dict[str, nn.Module]) -> _Block | None:
+def _match_body(
+    add: fx.Node, body: fx.Node, x: fx.Node, skip: fx.Node | None, modules: dict[str, nn.Module]
+) -> _Block | None:
     """Walk ``body`` back through conv / activation pairs (single users) until it reads ``x``."""
     convs, acts, n = [], [], body
     for _ in range(MAX_DEPTH):
@@ -94,12 +96,15 @@ def _carry_signs(block: _Block, x_range: tuple[float, float], modules: dict[str,
     if x_range[0] >= 0:
         if all(lo <= 0 and x_range[1] <= hi for lo, hi in bounds):
             return [1.0]
-        raise A.Refusal("an activation would clip the carried input (its range is not proven to fit, e.g. ReLU6 "
-                        "on an input without a proven upper bound of 6)")
+        raise A.Refusal(
+            "an activation would clip the carried input (its range is not proven to fit, e.g. ReLU6 "
+            "on an input without a proven upper bound of 6)"
+        )
     if bounds[0] == (0.0, math.inf) and all(lo <= 0 and hi == math.inf for lo, hi in bounds[1:]):
         return [1.0, -1.0]
-    raise A.Refusal("the block input can be negative and an activation is not ReLU, so it cannot be carried as "
-                    "relu(x) - relu(-x)")
+    raise A.Refusal(
+        "the block input can be negative and an activation is not ReLU, so it cannot be carried as relu(x) - relu(-x)"
+    )
 
 
 def _input_channels(block: _Block) -> int:
@@ -126,8 +131,9 @@ def _rebuild(block: _Block, modules: dict[str, nn.Module], signs: list[float], c
     carried_w = torch.cat([s * w_skip for s in signs], 1)
     full = torch.cat([carried_w.new_zeros(skip.out_channels, last.in_channels), carried_w], 1)
     ones = (1,) * layout.nd
-    skip_on_grid = A.Affine(full.reshape(*full.shape, *ones), skip.bias, last.stride, (0,) * layout.nd,
-                            (0,) * layout.nd, ones, 1, layout)
+    skip_on_grid = A.Affine(
+        full.reshape(*full.shape, *ones), skip.bias, last.stride, (0,) * layout.nd, (0,) * layout.nd, ones, 1, layout
+    )
     final = A.add([A.widen_inputs(last, carried), skip_on_grid])
     return [first] + middle + [final]
 
@@ -147,8 +153,12 @@ def remove_residuals(gm: fx.GraphModule, report: Report) -> PassResult:
     ranges = value_ranges(gm)
     removed, created = 0, []
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in ADD_FUNCTIONS_WITH_INPLACE or len(node.args) != 2 \
-                or node.kwargs:
+        if (
+            node.op != "call_function"
+            or node.target not in ADD_FUNCTIONS_WITH_INPLACE
+            or len(node.args) != 2
+            or node.kwargs
+        ):
             continue
         a, b = node.args
         if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
@@ -166,9 +176,14 @@ def remove_residuals(gm: fx.GraphModule, report: Report) -> PassResult:
             continue
         created += _rewire(gm, block, carrying)
         modules = dict(gm.named_modules())
-        report.rewrites.append(Rewrite(where, f"{len(block.convs)} convs + residual add",
-                                       f"plain chain carrying {channels * len(signs)} extra channels",
-                                       ("remove_residual",)))
+        report.rewrites.append(
+            Rewrite(
+                where,
+                f"{len(block.convs)} convs + residual add",
+                f"plain chain carrying {channels * len(signs)} extra channels",
+                ("remove_residual",),
+            )
+        )
         removed += 1
     if removed:
         finish(gm)

@@ -19,6 +19,7 @@ Refused with a reason: the merged 1x1 conv would cost more multiply-adds than th
 (a lone conv is never unrolled into a dense matrix), or more than ``MAX_VALUES`` matrix entries.
 Run after collapse, so each chain holds its merged kernels.
 """
+
 from __future__ import annotations
 
 import math
@@ -102,8 +103,12 @@ def chain_of(end: fx.Node, lifter: Lifter, updated: set[fx.Node]) -> Chain:
                 break
             shape = node_shape(op.source)
             aff = _affine_of(op, tuple(shape[1:]) if shape else ())
-            if shape is None or aff is None or (rows is not None and shape[0] != rows) \
-                    or aff.nd != max(0, len(shape) - 2):
+            if (
+                shape is None
+                or aff is None
+                or (rows is not None and shape[0] != rows)
+                or aff.nd != max(0, len(shape) - 2)
+            ):
                 break  # not an op on the rows as samples (channels-last ops only on (R, c))
             rows = shape[0]
             steps.append((aff, tuple(shape[1:])))
@@ -135,8 +140,12 @@ def _fixed_samples(chain: Chain) -> bool:
     that can be replayed on the merged conv's output."""
     inner = chain.nodes[1:]
     end_ok = not is_reshape(chain.end) or _sized_reshape(chain.end)
-    return end_ok and bool(inner) and _static_reshape(inner[-1]) and all(
-        _static_reshape(n) for n in inner if is_reshape(n))
+    return (
+        end_ok
+        and bool(inner)
+        and _static_reshape(inner[-1])
+        and all(_static_reshape(n) for n in inner if is_reshape(n))
+    )
 
 
 def _candidates(gm: fx.GraphModule, lifter: Lifter, updated: set[fx.Node]) -> list[tuple[fx.Node, list[Chain]]]:
@@ -146,8 +155,14 @@ def _candidates(gm: fx.GraphModule, lifter: Lifter, updated: set[fx.Node]) -> li
     for node in reversed(list(gm.graph.nodes)):
         if node in taken:
             continue
-        if node.op == "call_function" and node.target in ADD_FUNCTIONS and len(node.args) == 2 and not node.kwargs \
-                and all(isinstance(a, fx.Node) for a in node.args) and node.args[0] is not node.args[1]:
+        if (
+            node.op == "call_function"
+            and node.target in ADD_FUNCTIONS
+            and len(node.args) == 2
+            and not node.kwargs
+            and all(isinstance(a, fx.Node) for a in node.args)
+            and node.args[0] is not node.args[1]
+        ):
             chains = [chain_of(a, lifter, updated) for a in node.args]
             if not all(c.steps and _single_user(c.end) for c in chains):
                 continue
@@ -166,8 +181,12 @@ def _merge(gm: fx.GraphModule, node: fx.Node, chains: list[Chain], report: Repor
     the name of the conv's module (None: left as it is)."""
     site = where(node)
     first, shape = chains[0], node_shape(node)
-    if len({c.source for c in chains}) != 1 or len({c.rows for c in chains}) != 1 or shape is None \
-            or first.rows is None:
+    if (
+        len({c.source for c in chains}) != 1
+        or len({c.rows for c in chains}) != 1
+        or shape is None
+        or first.rows is None
+    ):
         return None  # not one source on one set of rows
     if any(node_shape(c.end) != shape for c in chains):
         return None  # a broadcasting sum
@@ -180,8 +199,10 @@ def _merge(gm: fx.GraphModule, node: fx.Node, chains: list[Chain], report: Repor
         aff = A.from_rows(merged)
         old = sum(c.macs() for c in chains)
         if aff.macs() > old * (1 + 1e-9):
-            raise A.Refusal(f"one {aff.describe()} would cost more multiply-adds than the "
-                            f"{sum(len(c.steps) for c in chains)} ops it replaces")
+            raise A.Refusal(
+                f"one {aff.describe()} would cost more multiply-adds than the "
+                f"{sum(len(c.steps) for c in chains)} ops it replaces"
+            )
         module = module_for(aff, torch.float64, device_of(gm))
     except A.Refusal as r:
         report.refuse(site, f"per-row merge kept: {r}")
@@ -203,8 +224,7 @@ def _merge(gm: fx.GraphModule, node: fx.Node, chains: list[Chain], report: Repor
     out.meta = dict(node.meta)
     node.replace_all_uses_with(out)
     before = " + ".join(f"{len(c.steps)} ops" for c in chains)
-    report.rewrites.append(Rewrite(site, f"per-row chains ({before}) across reshapes", aff.describe(),
-                                   ("merge_rows",)))
+    report.rewrites.append(Rewrite(site, f"per-row chains ({before}) across reshapes", aff.describe(), ("merge_rows",)))
     return name
 
 
@@ -213,8 +233,11 @@ def merge_rows(gm: fx.GraphModule, report: Report) -> PassResult:
     their shapes)."""
     lifter = Lifter(gm, Constants(gm))
     updated = updated_storage(gm)
-    created = [name for name in (_merge(gm, node, chains, report) for node, chains in _candidates(gm, lifter, updated))
-               if name is not None]
+    created = [
+        name
+        for name in (_merge(gm, node, chains, report) for node, chains in _candidates(gm, lifter, updated))
+        if name is not None
+    ]
     if created:
         finish(gm)
     return PassResult(len(created), tuple(created))

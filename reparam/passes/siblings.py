@@ -19,6 +19,7 @@ MACs, so the cost model decides each merge (``MacCost`` refuses those), and a re
 Runs after collapse, towers and residual removal: those rules match the separate convs (a residual block's
 downsample is its own conv there).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -44,8 +45,22 @@ EVENT = "merge_siblings"
 MAX_ROUNDS = 4
 
 # reads of a tensor's memory layout: a view of a wider tensor answers them differently
-_STRIDE_METHODS = {"view", "view_as", "stride", "is_contiguous", "data_ptr", "storage", "untyped_storage",
-                   "storage_offset", "as_strided", "set_", "resize_", "resize_as_", "numpy", "tolist"}
+_STRIDE_METHODS = {
+    "view",
+    "view_as",
+    "stride",
+    "is_contiguous",
+    "data_ptr",
+    "storage",
+    "untyped_storage",
+    "storage_offset",
+    "as_strided",
+    "set_",
+    "resize_",
+    "resize_as_",
+    "numpy",
+    "tolist",
+}
 _SAFE_FUNCTION_MODULES = ("torch", "_operator", "operator", "math", "builtins")
 
 
@@ -56,8 +71,13 @@ class _Sibling:
         self.node, self.affine, self.dtype = node, affine, dtype
 
 
-def merge_siblings(gm: fx.GraphModule, report: Report, cost: Optional[C.CostModel] = None,
-                   dtypes: Optional[Mapping] = None, default_dtype: Optional[torch.dtype] = None) -> PassResult:
+def merge_siblings(
+    gm: fx.GraphModule,
+    report: Report,
+    cost: Optional[C.CostModel] = None,
+    dtypes: Optional[Mapping] = None,
+    default_dtype: Optional[torch.dtype] = None,
+) -> PassResult:
     """Merge every set of siblings the cost model accepts; the graph is rewritten in place.
 
     ``cost``: asked for every merge (default :class:`~reparam.cost.MacCost`); a refusal is reported with its
@@ -185,8 +205,12 @@ def _candidate(gm: fx.GraphModule, subset: list, x: fx.Node, where: str) -> C.Ca
         before, after = sum(s.affine.macs() for s in subset), merged.macs()
     shape = node_shape(x)
     return C.Candidate(
-        where=where, kind=EVENT, before_macs=before, after_macs=after,
-        before_kernels=len(subset), after_kernels=C.emitted_kernels(merged),
+        where=where,
+        kind=EVENT,
+        before_macs=before,
+        after_macs=after,
+        before_kernels=len(subset),
+        after_kernels=C.emitted_kernels(merged),
         input_shapes=(torch.Size(shape),) if shape is not None else (),
         before=lambda: C.subgraph_module(gm, [x], [s.node for s in subset]),
         after=lambda: _Split(_kernel(C.stand_in(merged), "meta"), _sizes(subset), _channel_dim(merged)),
@@ -243,8 +267,12 @@ def _merge(gm: fx.GraphModule, x: fx.Node, subset: list, modules: dict) -> tuple
     where = block_prefix([s.node for s in subset])
     name = fresh_name(gm, [s.node for s in subset], "siblings")
     gm.add_submodule(name, kernel)
-    rewrite = Rewrite(where or subset[0].node.name, _before(subset),
-                      f"{merged_affine.describe()}, split into {len(subset)} views", (EVENT,))
+    rewrite = Rewrite(
+        where or subset[0].node.name,
+        _before(subset),
+        f"{merged_affine.describe()}, split into {len(subset)} views",
+        (EVENT,),
+    )
     graph, first, dim = gm.graph, subset[0].node, _channel_dim(merged_affine)
     with graph.inserting_before(first):
         merged = graph.call_module(name, (x,))
@@ -254,8 +282,12 @@ def _merge(gm: fx.GraphModule, x: fx.Node, subset: list, modules: dict) -> tuple
         start, views = 0, []
         for j, s in enumerate(subset):
             # named after the merged kernel: the proofs name a disagreeing region by its node
-            view = graph.create_node("call_function", torch.narrow, (merged, dim, start, s.affine.out_channels),
-                                     name=f"{merged.name}_view{j}")
+            view = graph.create_node(
+                "call_function",
+                torch.narrow,
+                (merged, dim, start, s.affine.out_channels),
+                name=f"{merged.name}_view{j}",
+            )
             start += s.affine.out_channels
             if _layout_escapes(s.node, modules):
                 view.meta["tensor_meta"] = s.node.meta.get("tensor_meta")

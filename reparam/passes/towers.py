@@ -9,6 +9,7 @@ a conv over the concatenated channels (sum) or the concatenation itself (cat).  
 path has the same sequence of ops with the same shapes, each node has one user, and the paths meet in
 one sum tree or one channel concatenation.  Runs after collapse, so BatchNorms are already folded.
 """
+
 from __future__ import annotations
 
 import operator
@@ -23,26 +24,66 @@ import torch.nn as nn
 
 from .. import affine as A
 from ..emit import device_of, module_for
-from ..match import (ADD_FUNCTIONS_WITH_INPLACE, CONCAT_FUNCTIONS, arg, called_conv, called_module, conv_affine,
-                     node_shape)
+from ..match import (
+    ADD_FUNCTIONS_WITH_INPLACE,
+    CONCAT_FUNCTIONS,
+    arg,
+    called_conv,
+    called_module,
+    conv_affine,
+    node_shape,
+)
 from ..proofs import same_origin
 from ..report import Report, Rewrite
 from . import PassResult
 from .cleanup import finish
 from .mutation import real_users
 
-_ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
-                nn.LeakyReLU, nn.ELU, nn.Mish, nn.Hardtanh, nn.Identity, nn.Dropout)
-_ELEMENTWISE_FUNCTIONS = {torch.relu, nn.functional.relu, nn.functional.gelu, nn.functional.silu,
-                          torch.sigmoid, torch.tanh, nn.functional.hardswish, nn.functional.relu6}
+_ELEMENTWISE = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Mish,
+    nn.Hardtanh,
+    nn.Identity,
+    nn.Dropout,
+)
+_ELEMENTWISE_FUNCTIONS = {
+    torch.relu,
+    nn.functional.relu,
+    nn.functional.gelu,
+    nn.functional.silu,
+    torch.sigmoid,
+    torch.tanh,
+    nn.functional.hardswish,
+    nn.functional.relu6,
+}
 
 
 def _signature(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[Any, ...] | None:
     """What must be equal across paths at one step (None: not a tower op)."""
     m = called_conv(node, modules)
     if m is not None:
-        return ("conv", type(m), m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
-                m.groups, m.padding_mode, m.bias is not None)
+        return (
+            "conv",
+            type(m),
+            m.in_channels,
+            m.out_channels,
+            m.kernel_size,
+            m.stride,
+            m.padding,
+            m.dilation,
+            m.groups,
+            m.padding_mode,
+            m.bias is not None,
+        )
     act = called_module(node, modules)
     if isinstance(act, _ELEMENTWISE):
         return ("act", repr(act))
@@ -103,8 +144,12 @@ def _cat_join(heads: list[fx.Node]) -> tuple[fx.Node, list[fx.Node]] | None:
     shape = node_shape(user)
     if shape is None or not isinstance(dim, int) or not isinstance(tensors, (list, tuple)):
         return None
-    if dim % len(shape) != 1 or len(tensors) != len(heads) or set(tensors) != set(heads) \
-            or any(_single_user(h) is not user for h in heads):
+    if (
+        dim % len(shape) != 1
+        or len(tensors) != len(heads)
+        or set(tensors) != set(heads)
+        or any(_single_user(h) is not user for h in heads)
+    ):
         return None
     return user, list(tensors)
 
@@ -127,8 +172,7 @@ def _find(x: fx.Node, first: list[fx.Node], modules: dict[str, nn.Module]) -> _T
             if found is not None:
                 return found
         nexts = [n for n in (_single_user(h) for h in heads) if n is not None]
-        if len(nexts) != len(heads) or any(not n.args or n.args[0] is not h
-                                            for n, h in zip(nexts, heads, strict=True)):
+        if len(nexts) != len(heads) or any(not n.args or n.args[0] is not h for n, h in zip(nexts, heads, strict=True)):
             return None
         sig = _signature(nexts[0], modules)
         if sig is None or any(_signature(n, modules) != sig for n in nexts[1:]) or len(set(nexts)) != len(nexts):
@@ -137,8 +181,9 @@ def _find(x: fx.Node, first: list[fx.Node], modules: dict[str, nn.Module]) -> _T
         heads = nexts
 
 
-def _join(x: fx.Node, steps: list[list[fx.Node]], heads: list[fx.Node],
-          modules: dict[str, nn.Module]) -> _Towers | None:
+def _join(
+    x: fx.Node, steps: list[list[fx.Node]], heads: list[fx.Node], modules: dict[str, nn.Module]
+) -> _Towers | None:
     """The towers ending at ``heads``, if the heads meet in a sum (after convs) or a channel cat."""
     tree = _sum_tree(heads)
     if tree is not None:
@@ -172,8 +217,14 @@ def merge_towers(gm: fx.GraphModule, report: Report) -> PassResult:
                 report.refuse(str(first[0].target), f"parallel paths kept: {r}")
                 continue
             modules = dict(gm.named_modules())
-            report.rewrites.append(Rewrite(_where(first), f"{len(first)} parallel paths of {len(towers.steps)} ops",
-                                           f"one path ({towers.join} join)", ("merge_towers",)))
+            report.rewrites.append(
+                Rewrite(
+                    _where(first),
+                    f"{len(first)} parallel paths of {len(towers.steps)} ops",
+                    f"one path ({towers.join} join)",
+                    ("merge_towers",),
+                )
+            )
             merged += 1
     if merged:
         finish(gm)

@@ -5,6 +5,7 @@ BatchNorm after it (``y = s[c] * z + t[c]``) scales that column and shifts the b
 into a convolution.  The affine algebra does not model transposed convolutions (their output grid is
 the input's, spread), so this is its own small rule; the BatchNorm formula is :func:`reparam.affine.batchnorm`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -42,12 +43,12 @@ def fold_bn_into_transposed_convs(gm: fx.GraphModule, report: Report) -> PassRes
             op = lifter.lift(node)
         except (NotAffine, A.Refusal):  # not an affine op of it (a refusal is collapse's to report)
             continue
-        if not isinstance(op, Unary) or op.kind is not OpKind.BATCHNORM or op.source is not source \
-                or op.affine is None:
+        if not isinstance(op, Unary) or op.kind is not OpKind.BATCHNORM or op.source is not source or op.affine is None:
             continue
         if real_users(source) != [node] or node in barriers or source in barriers:
-            report.refuse(str(source.target),
-                          "BatchNorm after a transposed conv kept: the conv output has other readers")
+            report.refuse(
+                str(source.target), "BatchNorm after a transposed conv kept: the conv output has other readers"
+            )
             continue
         where = str(source.target)
         name = f"{source.target}_bn"

@@ -8,6 +8,7 @@ L2 error below :data:`EXACT`) on the example inputs and on a fresh random twin o
 a wrong weight).  The graph, the report and the numbers are what a pass's test asserts on, never the pass's
 return value beyond ``bool(result)``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -71,8 +72,10 @@ class Case:
         self.gm.graph.lint()
         self.gm.recompile()
         generator = torch.Generator().manual_seed(1)
-        twin = tuple(torch.randn(x.shape, generator=generator, dtype=x.dtype) if isinstance(x, torch.Tensor) else x
-                     for x in self.inputs)
+        twin = tuple(
+            torch.randn(x.shape, generator=generator, dtype=x.dtype) if isinstance(x, torch.Tensor) else x
+            for x in self.inputs
+        )
         worst = 0.0
         for xs in (self.inputs, twin):
             with torch.no_grad():

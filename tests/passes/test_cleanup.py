@@ -1,5 +1,6 @@
 """reparam.passes.cleanup: assertions on a tensor's rank / dtype / device are dropped (they cannot fail on inputs
 the original accepts), assertions on values or sizes are kept, and tensors nothing reads are deleted."""
+
 from __future__ import annotations
 
 import torch

@@ -1,6 +1,7 @@
 """reparam.passes.collapse on small hand-built graphs: each classic rule (fold_bn, merge_parallel, merge_concat,
 compose, skip, scale / pad / pool) rewrites exactly, and each refusal leaves its ops in the graph with the reason
 in the report."""
+
 from __future__ import annotations
 
 import pytest
@@ -33,8 +34,9 @@ def conv_bn(nd, cin, cout, k, stride=1, padding=0, dilation=1, groups=1, **kw) -
 # ------------------------------------------------------------------------------------------------ fold_bn
 
 
-@pytest.mark.parametrize("nd,stride,dilation,groups", [(2, 1, 1, 1), (2, 2, 1, 2), (2, 1, 2, 4), (1, 2, 1, 1),
-                                                       (3, 1, 1, 2)])
+@pytest.mark.parametrize(
+    "nd,stride,dilation,groups", [(2, 1, 1, 1), (2, 2, 1, 2), (2, 1, 2, 4), (1, 2, 1, 1), (3, 1, 1, 2)]
+)
 def test_conv_then_bn_becomes_one_conv_of_the_same_geometry(nd, stride, dilation, groups):
     case = traced(conv_bn(nd, 4, 8, 3, stride, dilation, dilation, groups), torch.randn(shape(nd, 4, size=9)))
     assert collapse(case)
@@ -171,8 +173,9 @@ def test_branches_whose_outputs_do_not_align_are_refused():
 
 
 def test_reflect_and_zero_padded_branches_are_refused():
-    model = Lambda(lambda s, x: s.a(x) + s.b(x), a=nn.Conv2d(4, 4, 3, 1, 1, padding_mode="reflect"),
-                   b=nn.Conv2d(4, 4, 3, 1, 1))
+    model = Lambda(
+        lambda s, x: s.a(x) + s.b(x), a=nn.Conv2d(4, 4, 3, 1, 1, padding_mode="reflect"), b=nn.Conv2d(4, 4, 3, 1, 1)
+    )
     case = traced(model, torch.randn(2, 4, 6, 5))
     assert not collapse(case)
     assert len(case.modules()) == 2
@@ -191,8 +194,9 @@ def test_avgpool_branch_merges_into_the_conv():
 
 def test_avgpool_without_count_include_pad_is_refused_with_the_reason():
     pool = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
-    case = traced(Lambda(lambda s, x: s.conv(x) + s.pool(x), conv=nn.Conv2d(4, 4, 3, 1, 1), pool=pool),
-                  torch.randn(2, 4, 6, 5))
+    case = traced(
+        Lambda(lambda s, x: s.conv(x) + s.pool(x), conv=nn.Conv2d(4, 4, 3, 1, 1), pool=pool), torch.randn(2, 4, 6, 5)
+    )
     assert not collapse(case)
     assert nn.AvgPool2d in case.module_types()
     assert case.refused("count_include_pad=False")
@@ -204,8 +208,9 @@ def test_avgpool_without_count_include_pad_is_refused_with_the_reason():
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_channel_concat_of_parallel_convs_becomes_one_conv(stride):
-    model = Lambda(lambda s, x: torch.cat([s.a(x), s.b(x)], 1), a=conv_bn(2, 3, 4, 3, stride, 1),
-                   b=conv_bn(2, 3, 2, 3, stride, 1))
+    model = Lambda(
+        lambda s, x: torch.cat([s.a(x), s.b(x)], 1), a=conv_bn(2, 3, 4, 3, stride, 1), b=conv_bn(2, 3, 2, 3, stride, 1)
+    )
     case = traced(model, torch.randn(2, 3, 7, 6))
     assert collapse(case)
     (fused,) = case.modules()
@@ -316,8 +321,9 @@ def test_a_join_of_terms_from_different_roots_merges_from_the_common_one():
     """x1 = A(x), a biased 1x1; then B(x1) + C(x1) with B a 1x1 (composes through A, so its value starts at x)
     and C a zero-padded 3x3 (refused: A's bias would leak into the border, so its value starts at x1).
     The sum is re-expressed from x1: A stays one kernel, B + C becomes one 3x3 conv on x1."""
-    model = Lambda(lambda s, x: s.b(x1 := s.a(x)) + s.c(x1), a=nn.Conv2d(3, 4, 1), b=nn.Conv2d(4, 4, 1),
-                   c=nn.Conv2d(4, 4, 3, 1, 1))
+    model = Lambda(
+        lambda s, x: s.b(x1 := s.a(x)) + s.c(x1), a=nn.Conv2d(3, 4, 1), b=nn.Conv2d(4, 4, 1), c=nn.Conv2d(4, 4, 3, 1, 1)
+    )
     case = traced(model, torch.randn(2, 3, 6, 5))
     assert collapse(case)
     assert [m.kernel_size for m in case.modules()] == [(1, 1), (3, 3)]

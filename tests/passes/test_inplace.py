@@ -1,6 +1,7 @@
 """reparam.passes.inplace on small graphs: a zero pad of ``A(x)`` whose border is overwritten in place with
 ``A(0)`` becomes ``A(pad(x))`` (the official DBB's BNAndPadLayer), writes of the pad's own value are dropped, and
 every write the pass cannot read functionally stays in place with its reason in the report."""
+
 from __future__ import annotations
 
 import operator
@@ -154,21 +155,24 @@ def _spatial_value(t, c, x):
     t[:, :, :1, 2:6] = c.reshape(1, 1, 1, 4)  # four numbers along the width
 
 
-@pytest.mark.parametrize("write,source,reason", [
-    (_top, "bn", "the writes cover only part of the border"),
-    (_shifted, "bn", "the border value differs from what bn gives at zero input"),
-    (_two_values, "bn", "the border is written with different values"),
-    (_into_data, "bn", "a write reaches into the padded data"),
-    (_one_channel, "bn", "a border write does not span every sample and channel"),
-    (_stepped, "bn", "the write's slice has a step"),
-    (_integer_index, "bn", "the write's index is not basic slicing"),
-    (_from_input, "bn", "the written value is computed from the input"),
-    (_input_sized, "bn", "the write's slice bounds are computed from the input"),
-    (_read_first, "bn", "reads pad before it is written in place"),
-    (_spatial_value, "bn", "the written value is not constant per channel"),
-    (None, "conv3", "comes from a 3x3 conv 4->4, which is not pointwise"),
-    (lambda t, c, x: sides(t, 1.0, 1, 2), "relu", "the padded tensor is not an affine op's output"),
-])
+@pytest.mark.parametrize(
+    "write,source,reason",
+    [
+        (_top, "bn", "the writes cover only part of the border"),
+        (_shifted, "bn", "the border value differs from what bn gives at zero input"),
+        (_two_values, "bn", "the border is written with different values"),
+        (_into_data, "bn", "a write reaches into the padded data"),
+        (_one_channel, "bn", "a border write does not span every sample and channel"),
+        (_stepped, "bn", "the write's slice has a step"),
+        (_integer_index, "bn", "the write's index is not basic slicing"),
+        (_from_input, "bn", "the written value is computed from the input"),
+        (_input_sized, "bn", "the write's slice bounds are computed from the input"),
+        (_read_first, "bn", "reads pad before it is written in place"),
+        (_spatial_value, "bn", "the written value is not constant per channel"),
+        (None, "conv3", "comes from a 3x3 conv 4->4, which is not pointwise"),
+        (lambda t, c, x: sides(t, 1.0, 1, 2), "relu", "the padded tensor is not an affine op's output"),
+    ],
+)
 def test_a_write_no_rule_proves_stays_in_place_with_the_reason(write, source, reason):
     case = traced(BorderWrite(write, source=source), torch.randn(2, 4, 5, 6))
     before = writes(case)

@@ -1,6 +1,7 @@
 """reparam.passes.mutation: which readers are real, which nodes update in place, which storages such updates
 write (through views), which readers a pass must not move, and dead-code elimination that keeps updates someone
 still observes."""
+
 from __future__ import annotations
 
 import operator
@@ -9,8 +10,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from reparam.passes.mutation import (eliminate_dead_code, is_metadata_user, mutation_barriers, real_users,
-                                     updated_storage, updates_in_place)
+from reparam.passes.mutation import (
+    eliminate_dead_code,
+    is_metadata_user,
+    mutation_barriers,
+    real_users,
+    updated_storage,
+    updates_in_place,
+)
 
 from .conftest import Lambda, traced
 
@@ -69,8 +76,9 @@ def test_a_reader_after_an_update_is_a_barrier_and_a_reader_before_is_free():
         y.mul_(2.0)
         return early + s.bn2(z)
 
-    case = traced(Lambda(forward, conv=nn.Conv2d(3, 3, 1), bn=nn.BatchNorm2d(3), bn2=nn.BatchNorm2d(3)),
-                  torch.randn(1, 3, 2, 2))
+    case = traced(
+        Lambda(forward, conv=nn.Conv2d(3, 3, 1), bn=nn.BatchNorm2d(3), bn2=nn.BatchNorm2d(3)), torch.randn(1, 3, 2, 2)
+    )
     found = mutation_barriers(case.gm)
     assert "bn2" in {n.name for n in found.barriers} and "bn" not in {n.name for n in found.barriers}
     assert {n.name for n in found.shared} >= {"conv", "add_", "mul_"}
@@ -92,7 +100,10 @@ def test_dead_code_elimination_keeps_updates_someone_observes():
 
     case = traced(Lambda(forward), torch.randn(2, 3))
     assert eliminate_dead_code(case.gm)
-    assert [n.name for n in case.gm.graph.nodes if n.op != "placeholder" and n.op != "output"] == \
-        ["mul", "mul_", "add_"]
+    assert [n.name for n in case.gm.graph.nodes if n.op != "placeholder" and n.op != "output"] == [
+        "mul",
+        "mul_",
+        "add_",
+    ]
     assert operator.add not in case.functions()
     case.assert_exact()

@@ -1,6 +1,7 @@
 """reparam.passes.residual on small graphs: ``act(conv2(act(conv1(x))) + S(x))`` becomes a plain chain that
 carries ``x`` in extra channels (``[x]`` when ``x >= 0`` is proven, ``[x, -x]`` through ReLUs otherwise), and each
 refusal keeps the add with its reason."""
+
 from __future__ import annotations
 
 import operator
@@ -106,8 +107,9 @@ def test_without_shapes_the_block_is_refused():
 
 def test_a_single_conv_body_is_not_a_residual_block():
     """``x + conv(x)`` is a skip the collapse pass merges; this rule needs an activation to carry x through."""
-    case = traced(Lambda(lambda s, x: torch.relu(s.conv(x) + x), conv=nn.Conv2d(4, 4, 3, 1, 1)),
-                  torch.randn(2, 4, 6, 5))
+    case = traced(
+        Lambda(lambda s, x: torch.relu(s.conv(x) + x), conv=nn.Conv2d(4, 4, 3, 1, 1)), torch.randn(2, 4, 6, 5)
+    )
     assert not case.run(remove_residuals)
     assert not case.report.rewrites and not case.report.refusals
 

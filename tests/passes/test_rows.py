@@ -1,6 +1,7 @@
 """reparam.passes.rows on small graphs: affine ops on fixed partitions, across the reshapes between them, become
 one 1x1 conv over each partition's values (RepMLP's fc3 + local convs), and the refusals (too costly, too large)
 keep the ops with their reasons."""
+
 from __future__ import annotations
 
 import pytest

@@ -3,6 +3,7 @@
 Exactness is checked in float64 (relative L2 error at most 1e-12) through ``reparam.fuse`` (verification on) and on
 the pass alone on traced graphs; each merge asks the cost model, and a refused one is in the report with its reason.
 """
+
 from __future__ import annotations
 
 import copy
@@ -45,8 +46,9 @@ class Heads(nn.Module):
 
     def __init__(self, cin=6, kernels=((3, 1), (3, 1), (1, 0)), outs=(5, 7, 4), stride=1, bias=(True, False, True)):
         super().__init__()
-        self.convs = nn.ModuleList(nn.Conv2d(cin, o, k, stride, p, bias=b)
-                                   for (k, p), o, b in zip(kernels, outs, bias, strict=True))
+        self.convs = nn.ModuleList(
+            nn.Conv2d(cin, o, k, stride, p, bias=b) for (k, p), o, b in zip(kernels, outs, bias, strict=True)
+        )
         self.bns = nn.ModuleList(random_bn(nn.BatchNorm2d(o)) for o in outs)
 
     def forward(self, x):
@@ -96,8 +98,9 @@ def test_same_geometry_siblings_become_one_conv_with_views():
 
 
 def test_bias_concatenated_with_zeros_where_a_sibling_has_none():
-    model, fused, report, (x,) = fuse(Heads(kernels=((3, 1),) * 3, bias=(False, True, False)).eval(),
-                                      torch.randn(1, 6, 8, 8))
+    model, fused, report, (x,) = fuse(
+        Heads(kernels=((3, 1),) * 3, bias=(False, True, False)).eval(), torch.randn(1, 6, 8, 8)
+    )
     assert_exact(fused, model, x)
     kernel = next(m for m in fused.modules() if isinstance(m, nn.Conv2d))
     assert kernel.out_channels == 16 and kernel.bias is not None  # BN shifts give every sibling a bias here
@@ -205,8 +208,9 @@ def test_separate_qkv_linears_become_one_linear():
 
 
 def test_different_strides_are_not_siblings():
-    model, fused, report, (x,) = fuse(Heads(kernels=((1, 0), (1, 0)), outs=(3, 4), bias=(True, True)),
-                                      torch.randn(1, 6, 8, 8))
+    model, fused, report, (x,) = fuse(
+        Heads(kernels=((1, 0), (1, 0)), outs=(3, 4), bias=(True, True)), torch.randn(1, 6, 8, 8)
+    )
     assert len(merges(report)) == 1  # control: same stride merges
 
     class Strides(nn.Module):
@@ -223,8 +227,9 @@ def test_different_strides_are_not_siblings():
 
 def test_uncentred_kernels_are_not_siblings():
     """3x3 without padding and 1x1: their outputs have different sizes, nothing lines up."""
-    model, fused, report, (x,) = fuse(Heads(kernels=((3, 0), (1, 0)), outs=(3, 4), bias=(True, True)),
-                                      torch.randn(1, 6, 8, 8))
+    model, fused, report, (x,) = fuse(
+        Heads(kernels=((3, 0), (1, 0)), outs=(3, 4), bias=(True, True)), torch.randn(1, 6, 8, 8)
+    )
     assert not merges(report)
     assert_exact(fused, model, x)
 
@@ -401,8 +406,13 @@ def test_hand_built_graph_with_three_heads_and_a_shared_tail():
     root.a, root.b, root.c = nn.Conv1d(3, 2, 3, padding=1), nn.Conv1d(3, 4, 3, padding=1), nn.Conv1d(3, 1, 3, padding=1)
     x = graph.placeholder("x")
     a, b, c = (graph.call_module(name, (x,)) for name in "abc")
-    graph.output((graph.call_function(torch.relu, (a,)), graph.call_function(torch.add, (b, b)),
-                  graph.call_function(torch.tanh, (c,))))
+    graph.output(
+        (
+            graph.call_function(torch.relu, (a,)),
+            graph.call_function(torch.add, (b, b)),
+            graph.call_function(torch.tanh, (c,)),
+        )
+    )
     gm = fx.GraphModule(root, graph).double()
     xs = torch.randn(2, 3, 11, dtype=torch.float64)
     want = gm(xs)

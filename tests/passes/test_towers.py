@@ -1,6 +1,7 @@
 """reparam.passes.towers on small graphs: parallel towers of one structure on one input become one tower
 (concatenated first layer, block-diagonal grouped later layers, one conv or the concatenation as the join), and
 towers that differ, or whose nodes have other readers, are left alone."""
+
 from __future__ import annotations
 
 import operator

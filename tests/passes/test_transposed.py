@@ -1,5 +1,6 @@
 """reparam.passes.transposed: ``bn(deconv(x)) -> deconv'(x)`` on small graphs (1-d to 3-d, groups, strides,
 dilation, with and without bias), and the BatchNorm kept when the transposed conv has another reader."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,9 +12,10 @@ from reparam.passes.transposed import fold_bn_into_transposed_convs
 from .conftest import Lambda, bn, deconv, shape, traced
 
 
-@pytest.mark.parametrize("nd,stride,groups,dilation,bias", [(2, 2, 1, 1, True), (2, 1, 2, 1, False),
-                                                            (2, 2, 4, 2, True), (1, 3, 1, 1, False),
-                                                            (3, 2, 2, 1, True)])
+@pytest.mark.parametrize(
+    "nd,stride,groups,dilation,bias",
+    [(2, 2, 1, 1, True), (2, 1, 2, 1, False), (2, 2, 4, 2, True), (1, 3, 1, 1, False), (3, 2, 2, 1, True)],
+)
 def test_bn_after_a_transposed_conv_folds_into_it(nd, stride, groups, dilation, bias):
     layer = deconv(nd, 4, 8, 3, stride, 1, 0, groups, bias, dilation)
     case = traced(nn.Sequential(layer, bn(8, nd)), torch.randn(shape(nd, 4, size=5)))
