@@ -117,6 +117,7 @@ class FusePhases(compile_time.PhaseTimer):
         import reparam.verify as verify
 
         patches = [
+            (pipeline, "_apply", "passes"),  # the rule-list pipeline's one entry to every pass
             (pipeline, "record_calls", "record"),
             (pipeline, "_check_whole", "verify"),
             (proofs, "prove", "proof"),

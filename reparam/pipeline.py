@@ -27,7 +27,7 @@ from . import trace as T
 from .cost import CostModel, resolve_cost
 from .equalization import equalize_in_place
 from .flatten import flatten_all
-from .float64 import FastFloat64
+from .float64 import fast_float64_for
 from .errors import EquivalenceError, ReparamError
 from .passes import PassResult
 from .passes.cleanup import drop_static_asserts, drop_unused_tensors
@@ -196,7 +196,7 @@ def fuse_with_report(
     device=None,
 ) -> tuple[nn.Module, Report]:
     """:func:`reparam.fuse` that also returns the :class:`Report`."""
-    with _no_full_collections(), FastFloat64():  # FastFloat64: 1.5-3x faster float64 depthwise convolutions
+    with _no_full_collections():
         return _fuse_with_report(model, example_inputs, check, remove_residuals, dtype, equalize, cost, device)
 
 
@@ -268,7 +268,8 @@ def _fuse_with_report(
             fused = gm
         else:  # against the eager model, not the traced graph: fx can trace a model unfaithfully
             try:
-                report.max_rel_error = _check_whole(gm, pristine, work, inputs, report)
+                with fast_float64_for(work):  # the float64 runs: 1.5-3x faster depthwise convolutions
+                    report.max_rel_error = _check_whole(gm, pristine, work, inputs, report)
                 fused = gm
             except UnfaithfulTrace as err:
                 trace_error = err
@@ -280,7 +281,8 @@ def _fuse_with_report(
                 )
                 fuse_graph = _graph_fuser(report, dtypes, main, remove_residuals, cost)
     if fused is None:
-        fused, inputs = _fuse_parts(work, given, report, fuse_graph, trace_error, check)
+        with fast_float64_for(work):
+            fused, inputs = _fuse_parts(work, given, report, fuse_graph, trace_error, check)
     if check and inputs is None:
         warnings.warn(
             "could not infer example inputs, so the fused model was NOT verified; pass "
@@ -290,7 +292,8 @@ def _fuse_with_report(
         )
         report.notes.append("verification skipped: no example inputs")
     if equalize:  # cross-layer equalization of the fused float64 model, checked against it (reparam.equalization)
-        equalize_in_place(fused, inputs, report, check)
+        with fast_float64_for(fused):
+            equalize_in_place(fused, inputs, report, check)
     _cast_back(fused, dtypes, main, device)
     restore_state(fused, state)
     flatten_all(_made(fused, unfused))  # last: every name above (dtypes, the report) is a path in the model
