@@ -1,8 +1,8 @@
 """A faster float64 depthwise convolution for reparam's private float64 runs (verification, proofs, recording).
 
 PyTorch's CPU kernel for a float64 depthwise convolution (``groups == in_channels == out_channels``) runs 5-30x
-slower than its float32 one; in a ConvNeXt, whose blocks open with a 7x7 depthwise convolution, it is 60 % of a
-float64 forward pass.  Inside :class:`FastFloat64`, such a convolution is computed as a sum of ``kh * kw``
+slower than its float32 one; in a ConvNeXt, whose blocks open with a 7x7 depthwise convolution, it is at least
+60 % of a float64 forward pass.  Inside :class:`FastFloat64`, such a convolution is computed as a sum of ``kh * kw``
 shifted, per-channel scaled copies of the (padded, channels-last) input instead: the same products and sums,
 in another order, so the result differs from PyTorch's by float64 rounding only (relative 1e-16), at 1.5-3x
 the speed.  Every other op, and every depthwise convolution this does not cover (transposed, channel
