@@ -30,6 +30,7 @@ from torch.utils._pytree import tree_structure
 from . import trace as T
 from .errors import EquivalenceError, one_line
 from .interface import match_containers, restore_containers
+from .taps import TapCoverage
 from .verify import NOISE_FACTOR, compare_outputs, fresh, perturbed, relative_error, worst_leaf
 
 ORIGIN = "reparam_origin"
@@ -213,17 +214,7 @@ def check_fused(
     Raises :class:`UnfaithfulTrace` when the unfused trace already disagrees with ``original``.
     ``fused`` is made to return ``want``'s container types (``OrderedDict`` ...).
     """
-    try:
-        got = run_quietly(fused, args, kwargs)
-    except Exception as err:  # Python control flow on an argument was traced for another call's value
-        raise UnfaithfulTrace(
-            f"{where}: its trace does not run this call ({type(err).__name__}: {one_line(err)[:100]})"
-        ) from err
-    try:
-        if match_containers(fused, got, want):  # what the patched graph now returns, without a rerun
-            got = restore_containers(got, tree_structure(want))
-    except ValueError as err:
-        raise UnfaithfulTrace(f"{where}: its trace returns {err}") from err
+    got = _run_fused(fused, args, kwargs, want, where)
     try:
         worst = compare_outputs(got, want, where, tolerance=math.inf)
     except EquivalenceError as err:
@@ -252,6 +243,42 @@ def check_fused(
         if not _faithful(original, args, kwargs, want):
             raise UnfaithfulTrace(f"{where}: torch.fx traces it unfaithfully") from err
         raise
+
+
+def _run_fused(fused: fx.GraphModule, args: tuple, kwargs: dict, want: Any, where: str) -> Any:
+    """``fused``'s output on ``args`` / ``kwargs`` in the containers of ``want`` (the eager original's output; the
+    graph is patched to return them).  Raises :class:`UnfaithfulTrace` when it does not run or cannot return them."""
+    try:
+        got = run_quietly(fused, args, kwargs)
+    except Exception as err:  # Python control flow on an argument was traced for another call's value
+        raise UnfaithfulTrace(
+            f"{where}: its trace does not run this call ({type(err).__name__}: {one_line(err)[:100]})"
+        ) from err
+    try:
+        if match_containers(fused, got, want):  # what the patched graph now returns, without a rerun
+            got = restore_containers(got, tree_structure(want))
+    except ValueError as err:
+        raise UnfaithfulTrace(f"{where}: its trace returns {err}") from err
+    return got
+
+
+def agrees_closely(fused: fx.GraphModule, original: nn.Module, args: tuple) -> float | None:
+    """The relative error of ``fused`` (the rewritten trace of ``original``) against the eager ``original`` on the
+    float64 ``args`` when both run and it is within ``PROOF_TRIGGER``; None otherwise: nothing is concluded (the
+    caller then checks the way that proves or disproves, :func:`check_fused`), so this can only accept early.  Both
+    runs must read every tap of every convolution (:class:`reparam.taps.TapCoverage`)."""
+    coverage = TapCoverage()  # a kernel tap that reads only padding on these inputs is not checked by them
+    try:
+        with coverage:
+            want = run_quietly(original, args)
+    except Exception:  # noqa: BLE001  the user's model does not run on these inputs (a fixed-size position
+        return None  # embedding at another resolution): nothing concluded, the caller checks on its own inputs
+    try:
+        with coverage:
+            worst = compare_outputs(_run_fused(fused, args, {}, want, "output"), want, tolerance=math.inf)
+    except (UnfaithfulTrace, EquivalenceError):  # not concluded here: the full check names what is wrong
+        return None
+    return worst if worst <= PROOF_TRIGGER and not coverage.unread else None
 
 
 def _faithful(module: nn.Module, args: tuple, kwargs: dict, want: Any) -> bool:

@@ -47,6 +47,7 @@ class Report:
     refusals: list = field(default_factory=list)
     notes: list = field(default_factory=list)  # e.g. untraceable parts, skipped verification
     max_rel_error: float | None = None
+    verified_on: str | None = None  # what the check ran on: "the inputs", or centre crops of them
     equalization: object | None = None  # reparam.equalization.Equalization, when equalize=True
     decisions: list = field(default_factory=list)  # CostDecision of every merge the cost model weighed
 
@@ -89,6 +90,7 @@ class Report:
             "notes": [str(n) for n in self.notes],
             "counts": dict(sorted(self.counts().items())),
             "max_rel_error": self.max_rel_error,
+            "verified_on": self.verified_on,
         }
 
     def to_json(self, **kwargs) -> str:
@@ -110,7 +112,8 @@ class Report:
             lines += [f"  {d.where}: {'merged' if d.merged else 'kept'} ({d.reason})" for d in self.decisions]
         lines += [f"note: {n}" for n in self.notes]
         if self.max_rel_error is not None:
-            lines.append(f"verified: max relative error {self.max_rel_error:.2e} (float64)")
+            on = f", on {self.verified_on}" if self.verified_on else ""
+            lines.append(f"verified: max relative error {self.max_rel_error:.2e} (float64{on})")
         return "\n".join(lines)
 
 

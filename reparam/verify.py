@@ -58,6 +58,41 @@ def random_like(inputs: Sequence[Any], seed: int = 1) -> tuple:
     )
 
 
+CROP_MIN_SIDE = 128  # a verification crop keeps at least this many pixels a side: a stride-32 net still sees 4x4
+CROP_PERIOD = 32  # ... and the side's remainder modulo this: every stride up to 32 meets the same borders and
+# parities as on the whole input (odd sides, "same" padding computed from the size)
+
+
+def centre_crops(inputs: Sequence[Any]) -> tuple | None:
+    """before -> after: ``inputs`` (a sequence of arguments, each any pytree) -> the same with every floating tensor
+    of rank 4 or more whose last two sides can shrink cut to its centre ``H' x W'``; None when no tensor shrinks.
+
+    ``H'`` is the smallest side of at least ``H / 2`` and :data:`CROP_MIN_SIDE` pixels that leaves ``H`` modulo
+    :data:`CROP_PERIOD`, when that is at most ``3/4 H`` (else that side stays): a quarter to a third of the pixels.
+    """
+    shrunk = False
+
+    def crop(t: Any) -> Any:
+        nonlocal shrunk
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 4):
+            return t
+        sides = [_crop_side(n) for n in t.shape[-2:]]
+        if sides == list(t.shape[-2:]):
+            return t
+        shrunk = True
+        (h, w), (top, left) = sides, ((n - side) // 2 for n, side in zip(t.shape[-2:], sides, strict=True))
+        return t[..., top : top + h, left : left + w].clone()
+
+    cropped = tuple(torch.utils._pytree.tree_map(crop, x) for x in inputs)
+    return cropped if shrunk else None
+
+
+def _crop_side(n: int) -> int:
+    least = max(CROP_MIN_SIDE, -(-n // 2))
+    side = least + (n - least) % CROP_PERIOD  # the first side >= least with side = n (mod CROP_PERIOD)
+    return side if 4 * side <= 3 * n else n
+
+
 def relative_error(y: torch.Tensor, ref: torch.Tensor, *, absolute_at_zero: bool = False) -> float:
     """``‖y − ref‖₂ / ‖ref‖₂`` of two tensors of one shape, computed in float64.
 

@@ -1,0 +1,64 @@
+"""Which kernel taps of a run's convolutions touch the input: what a check on smaller inputs can vouch for.
+
+A convolution's output on an ``n``-pixel side reads tap ``t`` of its kernel only where ``o * stride + t * dilation -
+padding`` falls inside the input for some output position ``o``; on a small input the outer taps of a large kernel
+read nothing but padding.  A fused model that agrees with the original on such an input says nothing about those
+taps, so a check on smaller inputs (:func:`reparam.verify.centre_crops`) counts only when every tap of every
+convolution in both runs was read (:class:`TapCoverage`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+aten = torch.ops.aten
+
+
+def taps_read(n: int, k: int, stride: int, padding: int, dilation: int, out: int) -> list[bool]:
+    """For each of the ``k`` taps on one side: does some output position read an input pixel with it?
+
+    ``n`` input pixels, ``out`` output pixels.  Tap ``t`` reads ``o * stride + t * dilation - padding`` at output
+    ``o``; positions grow with ``o``, so the first ``o`` that reaches pixel 0 decides.  For a transposed convolution
+    pass the sides swapped (``n`` its output, ``out`` its input): input ``i`` writes to ``i * stride + t * dilation -
+    padding``, the same progression.
+    """
+    read = []
+    for t in range(k):
+        first = max(0, -((t * dilation - padding) // stride))  # the smallest o with o * stride + t * d - p >= 0
+        read.append(first <= out - 1 and first * stride + t * dilation - padding <= n - 1)
+    return read
+
+
+def all_taps_read(
+    x_shape: Sequence[int], w_shape: Sequence[int], y_shape: Sequence[int], stride, padding, dilation, transposed: bool
+) -> bool:
+    """Does a convolution of an input of ``x_shape`` by a kernel of ``w_shape`` (output ``y_shape``) read every tap?"""
+    spatial = len(w_shape) - 2
+    for axis in range(spatial):
+        n, k, out = x_shape[2 + axis], w_shape[2 + axis], y_shape[2 + axis]
+        s, p, d = stride[axis], padding[axis], dilation[axis]
+        if not all(taps_read(out, k, s, p, d, n) if transposed else taps_read(n, k, s, p, d, out)):
+            return False
+    return True
+
+
+class TapCoverage(TorchDispatchMode):
+    """Inside this mode, every convolution is run as usual and ``unread`` collects those some kernel tap of which
+    read no input pixel (as ``"k x k kernel on a h x w input"``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.unread: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is aten.convolution.default and len(args) >= 7:
+            x, w, _, stride, padding, dilation, transposed = args[:7]
+            if not all_taps_read(x.shape, w.shape, out.shape, stride, padding, dilation, transposed):
+                self.unread.append(
+                    f"{'x'.join(map(str, w.shape[2:]))} kernel on a {'x'.join(map(str, x.shape[2:]))} input"
+                )
+        return out

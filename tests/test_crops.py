@@ -1,0 +1,195 @@
+"""Verification on centre crops of the inputs: which crops, which kernel taps they vouch for, when the check falls back
+to the inputs themselves, and that it still catches a wrong fusion."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import reparam
+from reparam import trace as T
+from reparam.errors import ReparamError
+from reparam.proofs import agrees_closely
+from reparam.taps import TapCoverage, taps_read
+from reparam.verify import CROP_PERIOD, centre_crops
+
+
+def conv_bn(cin: int, cout: int, k: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+def randomised(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode with random BatchNorm statistics and affine parameters (folding is not the identity)."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model.eval()
+
+
+def small_cnn(last_kernel: int = 3) -> nn.Module:
+    """Five stride-2 stages (a stride-32 net) and a global-pool head; the last stage's kernel is ``last_kernel``."""
+    torch.manual_seed(0)
+    stages = [conv_bn(3, 8, 3, 2), conv_bn(8, 8, 3, 2), conv_bn(8, 8, 3, 2), conv_bn(8, 8, 3, 2), conv_bn(8, 8, 3, 2)]
+    return randomised(nn.Sequential(*stages, conv_bn(8, 8, last_kernel), nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+
+
+# ------------------------------------------------------------------------------------------------ the crops
+
+
+@pytest.mark.parametrize(
+    ("side", "crop"), [(224, 128), (256, 128), (299, 171), (320, 160), (380, 220), (384, 192), (240, 144)]
+)
+def test_crop_sides_halve_the_side_keeping_its_remainder(side, crop):
+    (x,) = centre_crops((torch.randn(1, 3, side, side),))
+    assert x.shape == (1, 3, crop, crop)
+    assert crop % CROP_PERIOD == side % CROP_PERIOD and crop <= 0.75 * side
+
+
+def test_crop_is_the_centre_and_a_copy():
+    x = torch.arange(224 * 240, dtype=torch.float32).reshape(1, 1, 224, 240)
+    (c,) = centre_crops((x,))
+    assert c.shape == (1, 1, 128, 144)
+    assert torch.equal(c, x[..., 48:176, 48:192])
+    c.zero_()
+    assert x.abs().sum() > 0
+
+
+def test_small_sequence_and_integer_inputs_are_not_cropped():
+    assert centre_crops((torch.randn(1, 3, 160, 160),)) is None  # 128 would keep more than 3/4 of the side
+    assert centre_crops((torch.randn(1, 197, 384),)) is None  # tokens: no image sides
+    assert centre_crops((torch.randint(0, 9, (1, 3, 224, 224)),)) is None
+    tokens, image = torch.randn(1, 197, 384), torch.randn(2, 3, 224, 224)
+    crops = centre_crops(({"tokens": tokens, "image": image},))
+    assert crops[0]["tokens"] is tokens and crops[0]["image"].shape == (2, 3, 128, 128)
+
+
+# ------------------------------------------------------------------------------------------------ kernel taps
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    n=st.integers(1, 12),
+    k=st.integers(1, 9),
+    stride=st.integers(1, 4),
+    padding=st.integers(0, 5),
+    dilation=st.integers(1, 3),
+)
+def test_taps_read_matches_enumerating_every_output(n, k, stride, padding, dilation):
+    out = (n + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    if out > 0:
+        brute = [any(0 <= o * stride + t * dilation - padding < n for o in range(out)) for t in range(k)]
+        assert taps_read(n, k, stride, padding, dilation, out) == brute
+    transposed_out = (n - 1) * stride - 2 * padding + dilation * (k - 1) + 1  # input n, output transposed_out
+    if transposed_out > 0:
+        brute = [any(0 <= i * stride + t * dilation - padding < transposed_out for i in range(n)) for t in range(k)]
+        assert taps_read(transposed_out, k, stride, padding, dilation, n) == brute
+
+
+def test_tap_coverage_names_convolutions_whose_outer_taps_read_only_padding():
+    coverage = TapCoverage()
+    with coverage:
+        F.conv2d(torch.randn(1, 2, 7, 7), torch.randn(3, 2, 13, 13), padding=6)  # every tap reads a pixel
+        F.conv_transpose2d(torch.randn(1, 2, 4, 4), torch.randn(2, 3, 3, 3), stride=2, padding=1)
+        F.conv2d(torch.randn(1, 2, 4, 4), torch.randn(3, 2, 13, 13), padding=6)  # taps 0-2 and 10-12 do not
+    assert coverage.unread == ["13x13 kernel on a 4x4 input"]
+
+
+# ------------------------------------------------------------------------------------------------ the pipeline
+
+
+def test_a_cnn_is_verified_on_a_crop_and_on_the_inputs_when_asked():
+    model, x = small_cnn(), torch.randn(1, 3, 224, 224)
+    fused, report = reparam.fuse_with_report(model, x)
+    assert report.verified_on == "centre crops of the inputs (1x3x224x224 -> 1x3x128x128)"
+    assert report.max_rel_error < 1e-12
+    assert report.to_dict()["verified_on"] == report.verified_on
+    assert "on centre crops" in str(report)
+    _, full = reparam.fuse_with_report(model, x, check="full")
+    assert full.verified_on == "the inputs"
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_check_accepts_only_true_false_or_full():
+    with pytest.raises(ReparamError, match="check must be True, False or 'full'"):
+        reparam.fuse(small_cnn(), torch.randn(1, 3, 64, 64), check="crop")
+
+
+def test_a_model_that_only_runs_at_its_input_size_is_verified_on_the_inputs():
+    torch.manual_seed(0)
+    model = randomised(nn.Sequential(conv_bn(3, 4, 3, 4), nn.Flatten(), nn.Linear(4 * 56 * 56, 10)))
+    _, report = reparam.fuse_with_report(model, torch.randn(1, 3, 224, 224))
+    assert report.verified_on == "the inputs" and report.counts()["fold_bn"] == 1
+
+
+def test_a_large_kernel_whose_outer_taps_read_only_padding_at_the_crop_is_verified_on_the_inputs():
+    model, x = small_cnn(last_kernel=13), torch.randn(1, 3, 224, 224)  # 13x13 on 7x7 (224) but on 4x4 (128)
+    _, report = reparam.fuse_with_report(model, x)
+    assert report.verified_on == "the inputs"
+    _, small = reparam.fuse_with_report(small_cnn(last_kernel=7), x)  # 7x7 reads every tap on 4x4
+    assert small.verified_on.startswith("centre crops")
+
+
+def test_a_wrong_outer_tap_agrees_on_the_crop_but_is_not_accepted_there():
+    model = small_cnn(last_kernel=13).double()
+    gm = T.symbolic_trace(copy.deepcopy(model))
+    with torch.no_grad():
+        gm.get_submodule("5.0").weight[:, :, 0, 0] += 1.0  # a tap that reads only padding on a 4x4 map
+    (crop,) = centre_crops((torch.randn(1, 3, 224, 224, dtype=torch.float64),))
+    with torch.no_grad():
+        assert torch.allclose(gm(crop), model(crop), rtol=1e-13, atol=0)  # the crop alone cannot see it
+    assert agrees_closely(gm, model, (crop,)) is None
+    with torch.no_grad():
+        gm.get_submodule("5.0").weight[:, :, 0, 0] -= 1.0
+    assert agrees_closely(gm, model, (crop,)) is None  # 13x13 on 4x4: never vouched for by this crop
+    full = torch.randn(1, 3, 224, 224, dtype=torch.float64)
+    assert agrees_closely(gm, model, (full,)) == 0.0
+
+
+class SizeCache(nn.Module):
+    """Caches a bias map the size of its first input (as some models cache position tables): a run at the crop's
+    size leaves a cache the full-size run cannot use, unless it is undone."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(0.5))
+        self.cache = {}
+
+    def forward(self, x):
+        if "bias" not in self.cache:
+            self.cache["bias"] = torch.linspace(0, 1, x.shape[-1], dtype=x.dtype)
+        return x + self.cache["bias"] * self.scale
+
+
+def test_caches_filled_at_the_crop_size_do_not_reach_the_check_on_the_inputs():
+    torch.manual_seed(0)
+    model = randomised(nn.Sequential(SizeCache(), small_cnn(last_kernel=13)))  # 13x13: falls back to the inputs
+    x = torch.randn(1, 3, 224, 224)
+    fused, report = reparam.fuse_with_report(model, x)
+    assert report.verified_on == "the inputs" and report.max_rel_error < 1e-12
+    assert model[0].cache == {}  # the user's model is untouched
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shift", [1e-3, 1e-7])
+def test_a_wrong_fold_is_still_caught_and_named_with_crops_on(monkeypatch, shift):
+    import reparam.affine as A
+
+    real = A.batchnorm
+
+    def wrong(mean, var, weight, bias, eps, layout):
+        good = real(mean, var, weight, bias, eps, layout)
+        return A.channelwise(good.weight.reshape(-1), good.bias + shift, layout)
+
+    monkeypatch.setattr(A, "batchnorm", wrong)
+    with pytest.raises(reparam.EquivalenceError, match=r"region \S+ .*relative error"):
+        reparam.fuse(small_cnn(), torch.randn(1, 3, 224, 224))
