@@ -42,6 +42,7 @@ from .match import (
     as_float64,
     attr_path,
     called_conv,
+    computes_as_conv,
     called_module,
     conv_affine,
     has_attr_path,
@@ -78,6 +79,7 @@ __all__ = [
     "is_transposed_conv",
     "called_module",
     "called_conv",
+    "computes_as_conv",
     "as_float64",
     "conv_affine",
     "arg",
@@ -342,7 +344,7 @@ class Lifter:
         src = node.args[0] if node.args else None
         if len(node.args) != 1 or node.kwargs or not self.tensor(src):
             raise NotAffine("module call with extra arguments")
-        if is_conv(m):
+        if computes_as_conv(m):
             if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
                 raise CannotLift("uninitialised lazy conv")
             return Unary(src, OpKind.CONV, conv_affine(m))

@@ -31,6 +31,7 @@ __all__ = [
     "MUL_FUNCTIONS",
     "CONCAT_FUNCTIONS",
     "is_conv",
+    "computes_as_conv",
     "is_transposed_conv",
     "called_module",
     "called_conv",
@@ -64,9 +65,18 @@ CONCAT_FUNCTIONS: frozenset[Callable[..., Any]] = frozenset({torch.cat, torch.co
 # modules
 
 
+_CONV_FORWARDS = frozenset({nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward})
+
+
 def is_conv(module: object) -> TypeGuard[_ConvNd]:
     """``module`` is a Conv1d/2d/3d (or a subclass, lazy ones included), not a transposed convolution."""
     return isinstance(module, _ConvNd) and not isinstance(module, _ConvTransposeNd)
+
+
+def computes_as_conv(module: object) -> TypeGuard[_ConvNd]:
+    """``module`` is a convolution (:func:`is_conv`) whose forward is its class's own: a subclass that pads from
+    the input's size first (timm's ``Conv2dSame``, a call_module the tracer keeps opaque) computes something else."""
+    return is_conv(module) and type(module).forward in _CONV_FORWARDS
 
 
 def is_transposed_conv(module: object) -> TypeGuard[_ConvTransposeNd]:
@@ -85,9 +95,9 @@ def called_module(node: fx.Node, modules: Mapping[str, nn.Module] | nn.Module) -
 
 
 def called_conv(node: fx.Node, modules: Mapping[str, nn.Module] | nn.Module) -> _ConvNd | None:
-    """The convolution (:func:`is_conv`) a ``call_module`` node calls; None when it calls anything else."""
+    """The convolution (:func:`computes_as_conv`) a ``call_module`` node calls; None when it calls anything else."""
     module = called_module(node, modules)
-    return module if is_conv(module) else None
+    return module if computes_as_conv(module) else None
 
 
 def as_float64(t: Any) -> Any:

@@ -1,6 +1,7 @@
 """nn.Module -> torch.fx GraphModule with shapes, and example inputs when none are given.
 
-Leaf policy: torch.nn modules are leaves (fx's default), plus any module timm marks as not traceable.
+Leaf policy: torch.nn modules are leaves (fx's default), plus any module without children whose forward does not
+trace (:meth:`Tracer.call_module`); functions timm marks as not traceable are called as they are.
 Parameter and buffer look-ups are resolved from a dictionary built once, so tracing stays linear in
 model size (fx's stock tracer scans every parameter for each functional access).
 """
@@ -28,17 +29,16 @@ from .match import arg, attr_path, called_module, is_conv
 from .shape_run import record_shapes
 
 
-def _timm_leaves() -> tuple[set, set]:
+def _timm_functions() -> set:
+    """The functions timm registers as not traceable (``register_notrace_function``): called as they are."""
     if "timm" not in sys.modules:  # a model that is not timm's: no need to import it (seconds cold)
-        return set(), set()
-    try:  # timm's own registry of modules / functions fx cannot trace through
-        from timm.models import _features_fx as tfx
+        return set()
+    try:
+        from timm.layers import get_notrace_functions
 
-        leaves = set(getattr(tfx, "_leaf_modules", set()))
-        functions = set(getattr(tfx, "_autowrap_functions", set()))
-        return leaves, functions
+        return set(get_notrace_functions())
     except (ImportError, TypeError):  # timm absent or reorganised: the stock policy still works
-        return set(), set()
+        return set()
 
 
 class _Extras:
@@ -114,15 +114,24 @@ def _spread_into(frame) -> str | None:
     return callee.argval if callee.opname in ("LOAD_ATTR", "LOAD_METHOD") else None
 
 
+UNTRACEABLE = "reparam_untraceable"  # on a TraceError: the innermost module with children whose forward raised it
+
+
+def untraceable_module(err: BaseException) -> torch.nn.Module | None:
+    """The innermost module with children whose forward made a trace fail (None if unknown): every module that
+    contains it fails the same way, so its ancestors need not be traced again."""
+    return getattr(err, UNTRACEABLE, None)
+
+
 class Tracer(fx.Tracer):
     """fx tracer with O(1) parameter/buffer look-up, timm's leaf modules, item assignment and sizes
     spread into reshapes."""
 
     def __init__(self, root: torch.nn.Module | None = None, **kwargs):
         # root is optional: GraphModule re-creates its tracer class with no arguments when unpickled
-        leaves, functions = _timm_leaves()
-        super().__init__(autowrap_functions=tuple(functions), **kwargs)
-        self._extra_leaves = tuple(leaves)
+        super().__init__(autowrap_functions=tuple(_timm_functions()), **kwargs)
+        self._opaque: set = set()  # childless modules whose forward does not trace: called as they are
+        self._parameter_proxies: dict | None = None  # fx's cache of get_attr proxies (see ``getattr``)
         self._names = {}
         if root is not None:
             for name, p in root.named_parameters(remove_duplicate=False):
@@ -142,11 +151,44 @@ class Tracer(fx.Tracer):
         return super().iter(obj)
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
-        if self._extra_leaves and isinstance(m, self._extra_leaves):
-            return True
-        return super().is_leaf_module(m, qualname)
+        return m in self._opaque or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        """A module without children whose forward does not trace (Python control flow on a traced value, such as
+        timm's ``Conv2dSame`` padding from the input's size) becomes one ``call_module`` node, run as it is, and
+        the trace goes on; what its failed attempt recorded is undone.  A module with children still fails the
+        trace (the pipeline then fuses the parts: the children's own rewrites are not lost in an opaque node)."""
+        if next(m.children(), None) is not None:
+            try:
+                return super().call_module(m, forward, args, kwargs)
+            except fx.proxy.TraceError as err:
+                if not hasattr(err, UNTRACEABLE):  # the innermost module with children whose forward failed
+                    setattr(err, UNTRACEABLE, m)
+                raise
+        if m in self._opaque or self.is_leaf_module(m, ""):
+            return super().call_module(m, forward, args, kwargs)
+        last, stack, calls = self.graph._root.prev, dict(self.module_stack), dict(self.num_calls)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except fx.proxy.TraceError:
+            self._undo_after(last)
+            self.module_stack.clear()
+            self.module_stack.update(stack)
+            self.num_calls = calls
+            self._opaque.add(m)
+            return super().call_module(m, forward, args, kwargs)
+
+    def _undo_after(self, last: fx.Node) -> None:
+        """Erase every node recorded after ``last`` (newest first) and forget the proxies of erased get_attrs."""
+        while self.graph._root.prev is not last:
+            self.graph.erase_node(self.graph._root.prev)  # its users came later: erased already
+        if self._parameter_proxies:
+            live = set(self.graph.nodes)
+            for name in [k for k, p in self._parameter_proxies.items() if p.node not in live]:
+                del self._parameter_proxies[name]
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
+        self._parameter_proxies = parameter_proxy_cache
         if isinstance(attr_val, torch.Tensor) and self._names:
             name = self._names.get(id(attr_val))
             if name is not None:

@@ -35,7 +35,7 @@ from ..emit import device_of, module_for
 from ..lift import Concat, Constants, Lifter, NotAffine, Sum, Unary
 from ..proofs import REWRITE
 from ..report import Report, Rewrite
-from ..match import is_conv, node_shape, shape_meta
+from ..match import computes_as_conv, is_conv, node_shape, shape_meta
 from . import PassResult
 from .cleanup import finish
 from .naming import block_prefix, fresh_name
@@ -126,7 +126,7 @@ def _siblings_of(x: fx.Node, lifter: Lifter, modules: dict, barriers: set, dtype
         if user.op != "call_module" or user in barriers or user.args != (x,) or user.kwargs:
             continue
         m = modules.get(str(user.target))
-        if not (is_conv(m) or isinstance(m, nn.Linear)):
+        if not (computes_as_conv(m) or isinstance(m, nn.Linear)):
             continue
         try:
             op = lifter.lift(user)

@@ -1,0 +1,109 @@
+"""The tracer keeps a childless module whose forward does not trace as one opaque call (timm's ``Conv2dSame``), and
+the passes never fold such a conv subclass as a plain convolution."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+import reparam
+from reparam import trace as T
+from reparam.match import computes_as_conv, is_conv
+
+
+class SamePadConv(nn.Conv2d):
+    """TensorFlow-style "same" padding computed from the input's size: Python control flow on a traced value."""
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        pad_h = max((math.ceil(h / self.stride[0]) - 1) * self.stride[0] + self.kernel_size[0] - h, 0)
+        pad_w = max((math.ceil(w / self.stride[1]) - 1) * self.stride[1] + self.kernel_size[1] - w, 0)
+        if pad_h > 0 or pad_w > 0:
+            x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class Shared(nn.Module):
+    """A parameter the opaque module's failed attempt reads, read again after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = SamePadConv(3, 3, 3, stride=2, bias=False)
+        self.bn = nn.BatchNorm2d(3)
+        self.head = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return self.head(y) + self.conv.weight.sum()  # the weight's get_attr after the opaque call
+
+
+class Branchy(nn.Module):
+    """A module with children whose own forward does not trace: not made opaque (its children are fused as parts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        if x.shape[-1] > 4:
+            return self.b(self.a(x))
+        return x
+
+
+def randomised(model: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.1)
+    return model.eval()
+
+
+def test_a_childless_module_that_does_not_trace_is_one_opaque_call_and_the_rest_traces():
+    model = randomised(Shared())
+    gm = T.symbolic_trace(model)
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert calls == ["conv", "bn", "head"]
+    assert [n.target for n in gm.graph.nodes if n.op == "get_attr"] == ["conv.weight"]  # recorded once, live
+    gm.graph.lint()
+    x = torch.randn(1, 3, 9, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))
+
+
+def test_a_module_with_children_that_does_not_trace_still_fails_the_trace():
+    with pytest.raises(fx.proxy.TraceError):
+        T.symbolic_trace(nn.Sequential(Branchy(), nn.ReLU()))
+
+
+def test_a_conv_subclass_with_its_own_forward_is_not_a_plain_conv():
+    assert is_conv(SamePadConv(3, 3, 3)) and not computes_as_conv(SamePadConv(3, 3, 3))
+    assert computes_as_conv(nn.Conv2d(3, 3, 3)) and computes_as_conv(nn.LazyConv2d(3, 3))
+
+
+def test_an_opaque_conv_is_kept_and_the_model_fuses_exactly_around_it():
+    model = randomised(Shared()).double()
+    x = torch.randn(2, 3, 11, 8, dtype=torch.float64)
+    fused, report = reparam.fuse_with_report(model, x)
+    assert report.max_rel_error < 1e-12
+    assert not any("part" in n for n in report.notes)  # traced as a whole
+    assert any(isinstance(m, SamePadConv) for m in fused.modules())  # its padding is not a conv's own
+    with torch.no_grad():
+        y = torch.randn(1, 3, 10, 13, dtype=torch.float64)  # another size: the padding follows it
+        torch.testing.assert_close(fused(y), model(y), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["tf_mobilenetv3_small_075", "maxvit_tiny_tf_224"])
+def test_timm_models_with_same_padding_convs_trace_whole(name):
+    timm = pytest.importorskip("timm")
+    model = timm.create_model(name, pretrained=False).eval()
+    _, report = reparam.fuse_with_report(model, torch.randn(1, 3, 224, 224))
+    assert not any("part" in n for n in report.notes), report.notes[:2]
+    assert report.max_rel_error < 1e-10 and report.counts()["fold_bn"] > 0
