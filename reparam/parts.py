@@ -130,6 +130,7 @@ class PartFuser:
         self.done: dict = {}  # id(module) -> its replacement (a module registered twice is fused once)
         self.worst = 0.0  # largest relative error of a fused part against its original
         self.output: Any = None  # the original model's output in the first recording run
+        self.untraceable: dict = {}  # module -> the error its forward raised in a trace (see ``_trace``)
 
     def fuse(self, root: nn.Module, trace_error: Exception) -> nn.Module:
         """``root`` (which does not trace, or traces unfaithfully: ``trace_error``) with its parts fused
@@ -138,6 +139,9 @@ class PartFuser:
         are (a Sequential its parent iterates), or whose trace turns out unfaithful, is replaced by
         its own parts, recorded in a further run."""
         self._note_untraced(root, "", trace_error)
+        culprit = T.untraceable_module(trace_error)
+        if culprit is not None:
+            self.untraceable[culprit] = trace_error
         pending = self._plan(root, "")
         first = True
         while pending:
@@ -165,7 +169,7 @@ class PartFuser:
         for name, child in module.named_children():
             child_path = f"{path}.{name}".lstrip(".")
             try:
-                gm = T.symbolic_trace(child)
+                gm = self._trace(child)
             except Exception as err:  # noqa: BLE001  any failure tracing the user's code: the reason goes to the notes
                 if any(True for _ in child.parameters()):
                     self._note_untraced(child, child_path, err)
@@ -173,6 +177,20 @@ class PartFuser:
                 continue
             slots.append(_Slot(module, name, child, child_path, gm))
         return slots
+
+    def _trace(self, module: nn.Module) -> fx.GraphModule:
+        """:func:`reparam.trace.symbolic_trace`, except that a module containing one whose forward is known not
+        to trace fails at once with that error (tracing it again would fail there again)."""
+        for culprit, err in self.untraceable.items():
+            if any(m is culprit for m in module.modules()):
+                raise err
+        try:
+            return T.symbolic_trace(module)
+        except Exception as err:
+            culprit = T.untraceable_module(err)
+            if culprit is not None:
+                self.untraceable[culprit] = err
+            raise
 
     def _note_untraced(self, module: nn.Module, path: str, err: Exception) -> None:
         if not path:
