@@ -264,3 +264,36 @@ def test_parts_called_with_keywords_are_fused():
     fused = reparam.fuse(model, (x,))
     assert count_ops(fused, x)["bn"] == 0
     _assert_same_outputs(fused, model, x, F32_TOL)
+
+
+class Deep(nn.Module):
+    """Four levels of wrappers around one block whose forward does not trace (shape control flow)."""
+
+    def __init__(self, depth: int = 4):
+        super().__init__()
+        self.inner = Deep(depth - 1) if depth > 1 else RoutedBackbone()
+        self.side = ConvBNAct(16, 16)
+
+    def forward(self, x):
+        out = self.inner(x)
+        y = out[0] if isinstance(out, tuple) else out
+        return self.side(y)
+
+
+def test_ancestors_of_a_module_known_not_to_trace_are_not_traced_again(monkeypatch):
+    traced = []
+    real = parts.T.symbolic_trace
+
+    def counting(module):
+        traced.append(module)
+        return real(module)
+
+    monkeypatch.setattr(parts.T, "symbolic_trace", counting)
+    model = Deep().eval()
+    x = torch.randn(1, 3, 16, 16)
+    fused = reparam.fuse(model, (x,))
+    # the whole model's trace fails in RoutedBackbone's forward; the three wrappers inside contain it: not retraced
+    assert sum(isinstance(m, Deep) for m in traced) == 1
+    assert sum(isinstance(m, ConvBNAct) for m in traced) == 4 + 2  # the sides, and RoutedBackbone's own parts
+    assert count_ops(fused, x)["bn"] == 0
+    _assert_same_outputs(fused, model, x, F32_TOL)
