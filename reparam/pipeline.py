@@ -44,6 +44,7 @@ from .proofs import Pristine, UnfaithfulTrace, agrees_closely, check_fused, pris
 from .report import Report
 from .precision import check_precision
 from .shapes import check_example_inputs
+from .taps import least_fraction
 from .verify import TOLERANCE, centre_crops, compare_outputs, is_degenerate, random_like, to_float64
 
 MAX_ROUNDS = 8  # rounds of a rule run to a fixed point (collapse: a region merged may join a larger one)
@@ -330,17 +331,21 @@ def _check_whole(
     """Worst relative error of the fused whole-model graph against the eager original on ``inputs``
     (and on a random twin of constant inputs, which cannot expose wrong weights): :func:`check_fused`.
 
-    Unless ``full``, centre crops of them come first (:func:`reparam.verify.centre_crops`: a quarter to a third of
-    the pixels): when the model runs there and the fused graph agrees within the proof trigger, that is the check
-    (``report.verified_on`` says so); anything else, the check on the inputs themselves decides, with its proofs.
+    Unless ``full``, centre crops of them come first: the smallest at which every convolution of both graphs still
+    reads every kernel tap (:func:`reparam.taps.least_fraction`), then the default one (:func:`centre_crops`: a
+    quarter to a third of the pixels).  When the model runs on one and the fused graph agrees within the proof
+    trigger, that is the check (``report.verified_on`` says so); anything else, the check on the inputs themselves
+    decides, with its proofs.
     ``state``: the model's caches before any run (:func:`snapshot_state`), put back after the crops' runs.
     """
     candidates = [inputs] + ([random_like(inputs)] if is_degenerate(inputs) else [])
     if not full:
-        worst = _check_on_crops(gm, reference, candidates, state)
-        if worst is not None:
-            report.verified_on = f"centre crops of the inputs ({_shapes_text(inputs)} -> {_shapes_text(worst[1])})"
-            return worst[0]
+        fraction = least_fraction([(gm.graph, dict(gm.named_modules())), pristine.graph_and_modules()])
+        for crop in ({"fraction": fraction, "least": 0}, {}) if fraction is not None else ({},):
+            worst = _check_on_crops(gm, reference, candidates, state, crop)
+            if worst is not None:
+                report.verified_on = f"centre crops of the inputs ({_shapes_text(inputs)} -> {_shapes_text(worst[1])})"
+                return worst[0]
     worst = 0.0
     for x in candidates:
         err = check_fused(gm, pristine, reference, x, {}, run_quietly(reference, x), "output", report.notes, x)
@@ -349,10 +354,13 @@ def _check_whole(
     return worst
 
 
-def _check_on_crops(gm: fx.GraphModule, reference: nn.Module, candidates: list, state: dict) -> tuple | None:
-    """(worst relative error, the first crop) of ``gm`` against ``reference`` on centre crops of each of
-    ``candidates`` when all agree closely (:func:`agrees_closely`), else None.  Caches the runs leave are undone."""
-    crops = [centre_crops(x) for x in candidates]
+def _check_on_crops(
+    gm: fx.GraphModule, reference: nn.Module, candidates: list, state: dict, crop: dict
+) -> tuple | None:
+    """(worst relative error, the first crop) of ``gm`` against ``reference`` on centre crops (``crop``: the
+    keywords of :func:`centre_crops`) of each of ``candidates`` when all agree closely (:func:`agrees_closely`),
+    else None.  Caches the runs leave are undone."""
+    crops = [centre_crops(x, **crop) for x in candidates]
     if any(c is None for c in crops):
         return None
     crops = [random_like(c) if is_degenerate(c) else c for c in crops]  # a constant centre exposes no weight

@@ -74,6 +74,10 @@ class Pristine:
         }
         self._module: fx.GraphModule | None = None
 
+    def graph_and_modules(self) -> tuple[fx.Graph, dict]:
+        """The twin's graph and ``target -> module`` for the modules it calls (without building the twin)."""
+        return self.graph, {k: v for k, v in self._refs.items() if isinstance(v, nn.Module)}
+
     def module(self) -> fx.GraphModule:
         """The twin as a GraphModule (built on the first call)."""
         if self._module is None:

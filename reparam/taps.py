@@ -9,10 +9,13 @@ convolution in both runs was read (:class:`TapCoverage`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
+import torch.fx as fx
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from .match import computes_as_conv, node_shape
 
 aten = torch.ops.aten
 
@@ -62,3 +65,36 @@ class TapCoverage(TorchDispatchMode):
                     f"{'x'.join(map(str, w.shape[2:]))} kernel on a {'x'.join(map(str, x.shape[2:]))} input"
                 )
         return out
+
+
+def least_side(k: int, stride: int, padding: int, dilation: int) -> int | None:
+    """The smallest input side on which a convolution (not transposed) reads every one of its ``k`` taps; None
+    when none up to ``64 * k`` does (taps that only ever read padding)."""
+    for n in range(1, 64 * k + 1):
+        out = (n + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+        if out > 0 and all(taps_read(n, k, stride, padding, dilation, out)):
+            return n
+    return None
+
+
+def least_fraction(graphs: Iterable[tuple[fx.Graph, dict]]) -> float | None:
+    """The smallest fraction of the recorded input sides at which every 2-d convolution of ``graphs`` (each a graph
+    with recorded shapes and its ``target -> module`` map) still reads every tap, taking each map to shrink in
+    proportion to the input (so a crop chosen from it must still be checked: :class:`TapCoverage`); None when some
+    convolution's needs are unknown (no recorded shape, another rank, taps never read)."""
+    worst = 0.0
+    for graph, modules in graphs:
+        for node in graph.nodes:
+            m = modules.get(node.target) if node.op == "call_module" else None
+            if not computes_as_conv(m):
+                continue
+            shape = node_shape(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+            if shape is None or len(shape) != 4 or m.weight.dim() != 4 or isinstance(m.padding, str):
+                return None
+            for axis in (0, 1):
+                least = least_side(m.kernel_size[axis], m.stride[axis], m.padding[axis], m.dilation[axis])
+                if least is None:
+                    return None
+                if least > 1:  # one tap (a 1x1 kernel) is read on any map, a pooled 1x1 one included
+                    worst = max(worst, least / shape[2 + axis])
+    return worst

@@ -58,17 +58,19 @@ def random_like(inputs: Sequence[Any], seed: int = 1) -> tuple:
     )
 
 
-CROP_MIN_SIDE = 128  # a verification crop keeps at least this many pixels a side: a stride-32 net still sees 4x4
-CROP_PERIOD = 32  # ... and the side's remainder modulo this: every stride up to 32 meets the same borders and
+CROP_MIN_SIDE = 128  # the default verification crop keeps at least this many pixels a side (a stride-32 net sees 4x4)
+CROP_FLOOR = 64  # no crop is smaller (a stride-32 net still sees 2x2)
+CROP_PERIOD = 32  # a crop keeps its side's remainder modulo this: every stride up to 32 meets the same borders and
 # parities as on the whole input (odd sides, "same" padding computed from the size)
 
 
-def centre_crops(inputs: Sequence[Any]) -> tuple | None:
+def centre_crops(inputs: Sequence[Any], fraction: float = 0.5, least: int = CROP_MIN_SIDE) -> tuple | None:
     """before -> after: ``inputs`` (a sequence of arguments, each any pytree) -> the same with every floating tensor
     of rank 4 or more whose last two sides can shrink cut to its centre ``H' x W'``; None when no tensor shrinks.
 
-    ``H'`` is the smallest side of at least ``H / 2`` and :data:`CROP_MIN_SIDE` pixels that leaves ``H`` modulo
-    :data:`CROP_PERIOD`, when that is at most ``3/4 H`` (else that side stays): a quarter to a third of the pixels.
+    ``H'`` is the smallest side of at least ``fraction * H`` and ``least`` (and :data:`CROP_FLOOR`) pixels that
+    leaves ``H`` modulo :data:`CROP_PERIOD`, when that is at most ``3/4 H`` (else that side stays).  By default a
+    quarter to a third of the pixels.
     """
     shrunk = False
 
@@ -76,7 +78,7 @@ def centre_crops(inputs: Sequence[Any]) -> tuple | None:
         nonlocal shrunk
         if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 4):
             return t
-        sides = [_crop_side(n) for n in t.shape[-2:]]
+        sides = [_crop_side(n, fraction, least) for n in t.shape[-2:]]
         if sides == list(t.shape[-2:]):
             return t
         shrunk = True
@@ -87,9 +89,9 @@ def centre_crops(inputs: Sequence[Any]) -> tuple | None:
     return cropped if shrunk else None
 
 
-def _crop_side(n: int) -> int:
-    least = max(CROP_MIN_SIDE, -(-n // 2))
-    side = least + (n - least) % CROP_PERIOD  # the first side >= least with side = n (mod CROP_PERIOD)
+def _crop_side(n: int, fraction: float, least: int) -> int:
+    low = max(CROP_FLOOR, least, math.ceil(fraction * n))
+    side = low + (n - low) % CROP_PERIOD  # the first side >= low with side = n (mod CROP_PERIOD)
     return side if 4 * side <= 3 * n else n
 
 

@@ -16,7 +16,7 @@ import reparam
 from reparam import trace as T
 from reparam.errors import ReparamError
 from reparam.proofs import agrees_closely
-from reparam.taps import TapCoverage, taps_read
+from reparam.taps import TapCoverage, least_fraction, least_side, taps_read
 from reparam.verify import CROP_PERIOD, centre_crops
 
 
@@ -95,6 +95,31 @@ def test_taps_read_matches_enumerating_every_output(n, k, stride, padding, dilat
         assert taps_read(transposed_out, k, stride, padding, dilation, n) == brute
 
 
+@settings(max_examples=200, deadline=None)
+@given(k=st.integers(1, 9), stride=st.integers(1, 4), padding=st.integers(0, 5), dilation=st.integers(1, 3))
+def test_least_side_is_the_smallest_side_on_which_every_tap_reads_a_pixel(k, stride, padding, dilation):
+    def all_read(n):
+        out = (n + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+        return out > 0 and all(taps_read(n, k, stride, padding, dilation, out))
+
+    least = least_side(k, stride, padding, dilation)
+    if least is None:
+        assert not any(all_read(n) for n in range(1, 64 * k + 1))
+    else:
+        assert all_read(least) and not any(all_read(n) for n in range(1, least))
+
+
+def test_least_fraction_reads_the_recorded_maps_and_skips_one_tap_kernels():
+    model = small_cnn(last_kernel=7)
+    gm = T.symbolic_trace(model)
+    T.propagate_shapes(gm, (torch.randn(1, 3, 224, 224),))
+    assert least_fraction([(gm.graph, dict(gm.named_modules()))]) == pytest.approx(4 / 7)  # 7x7 on the 7x7 map
+    pooled = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Conv2d(4, 4, 1))
+    gm = T.symbolic_trace(pooled)
+    T.propagate_shapes(gm, (torch.randn(1, 3, 224, 224),))
+    assert least_fraction([(gm.graph, dict(gm.named_modules()))]) == pytest.approx(2 / 224)
+
+
 def test_tap_coverage_names_convolutions_whose_outer_taps_read_only_padding():
     coverage = TapCoverage()
     with coverage:
@@ -110,7 +135,7 @@ def test_tap_coverage_names_convolutions_whose_outer_taps_read_only_padding():
 def test_a_cnn_is_verified_on_a_crop_and_on_the_inputs_when_asked():
     model, x = small_cnn(), torch.randn(1, 3, 224, 224)
     fused, report = reparam.fuse_with_report(model, x)
-    assert report.verified_on == "centre crops of the inputs (1x3x224x224 -> 1x3x128x128)"
+    assert report.verified_on == "centre crops of the inputs (1x3x224x224 -> 1x3x64x64)"  # 3x3 kernels: 2x2 maps do
     assert report.max_rel_error < 1e-12
     assert report.to_dict()["verified_on"] == report.verified_on
     assert "on centre crops" in str(report)
@@ -122,6 +147,13 @@ def test_a_cnn_is_verified_on_a_crop_and_on_the_inputs_when_asked():
 def test_check_accepts_only_true_false_or_full():
     with pytest.raises(ReparamError, match="check must be True, False or 'full'"):
         reparam.fuse(small_cnn(), torch.randn(1, 3, 64, 64), check="crop")
+
+
+def test_when_the_smallest_crop_does_not_run_the_default_crop_is_tried():
+    torch.manual_seed(0)
+    model = randomised(nn.Sequential(*small_cnn()[:6], nn.MaxPool2d(3, stride=1), nn.AdaptiveAvgPool2d(1)))
+    _, report = reparam.fuse_with_report(model, torch.randn(1, 3, 224, 224))  # 2x2 maps are too small for the pool
+    assert report.verified_on == "centre crops of the inputs (1x3x224x224 -> 1x3x128x128)"
 
 
 def test_a_model_that_only_runs_at_its_input_size_is_verified_on_the_inputs():
