@@ -27,21 +27,9 @@ import reparam
 from reparam import cost as C
 from reparam import stats
 from reparam.latency_cache import LatencyCache
+from reparam.models.blocks import InceptionConcat
 
 TIE = C.NOISE  # times within this fraction of each other are a tie
-
-
-class Inception(nn.Module):
-    """``cat([conv3x3(x), conv1x1(x), conv1x3(x)])``, C -> 3C channels."""
-
-    def __init__(self, c: int):
-        super().__init__()
-        self.a = nn.Conv2d(c, c, 3, padding=1)
-        self.b = nn.Conv2d(c, c, 1)
-        self.c = nn.Conv2d(c, c, (1, 3), padding=(0, 1))
-
-    def forward(self, x):
-        return torch.cat([self.a(x), self.b(x), self.c(x)], dim=1)
 
 
 class AlwaysMerge:
@@ -57,7 +45,7 @@ def convs(model: nn.Module) -> int:
 
 def run_case(channels: int, size: int, rounds: int, device: str) -> dict:
     torch.manual_seed(0)
-    model = Inception(channels).eval().to(device)
+    model = InceptionConcat(channels).eval().to(device)
     x = torch.randn(1, channels, size, size, device=device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

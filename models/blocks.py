@@ -1,7 +1,8 @@
 """Training-time re-parameterizable blocks.
 
 Every block here is the *training* form only: several linear branches (convolutions, batch norms,
-average pools, identities) whose outputs are summed, optionally followed by a non-linearity.
+average pools, identities) whose outputs are summed (concatenated: :class:`InceptionConcat`), optionally followed by
+a non-linearity.
 There is deliberately no ``switch_to_deploy`` / ``reparameterize`` method: turning a block into a
 single convolution is the job of :func:`reparam.fuse`, which works on any module built from these
 (or any other) parts.
@@ -33,6 +34,7 @@ __all__ = [
     "DiverseBranchBlock",
     "QARepVGGBlock",
     "RepLKBlock",
+    "InceptionConcat",
     "make_conv",
     "same_padding",
 ]
@@ -403,6 +405,21 @@ class RepLKBlock(nn.Module):
         if hasattr(self, "small_conv"):
             branches.append(self.small_conv(x))
         return self.nonlinear(_sum_branches(branches))
+
+
+class InceptionConcat(nn.Module):
+    """Inception-style ``cat([k×k(x), 1×1(x), 1×k(x)])``, C -> 3C channels: one k×k conv with all outputs computes it
+    too, with more multiply-accumulates than the three (whether it is faster depends on the shapes and the device)."""
+
+    def __init__(self, channels: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        pad = kernel_size // 2
+        self.a = nn.Conv2d(channels, channels, kernel_size, padding=pad)
+        self.b = nn.Conv2d(channels, channels, 1)
+        self.c = nn.Conv2d(channels, channels, (1, kernel_size), padding=(0, pad))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.a(x), self.b(x), self.c(x)], dim=1)
 
 
 #: Stage widths of the official RepVGG and MobileOne nets before their width multipliers.

@@ -15,21 +15,9 @@ import torch.nn as nn
 import reparam
 from conftest import bn2d, count_ops, run_cli
 from reparam import cost as C
+from reparam.models.blocks import InceptionConcat
 from reparam.latency_cache import LatencyCache, LatencyCacheWarning, default_path
 from reparam.stats import count_macs
-
-
-class Inception(nn.Module):
-    """``cat([conv3x3(x), conv1x1(x), conv1x3(x)])``: one 3x3 conv with all outputs costs more MACs than the three."""
-
-    def __init__(self, c: int = 8):
-        super().__init__()
-        self.a = nn.Conv2d(c, c, 3, padding=1)
-        self.b = nn.Conv2d(c, c, 1)
-        self.c = nn.Conv2d(c, c, (1, 3), padding=(0, 1))
-
-    def forward(self, x):
-        return torch.cat([self.a(x), self.b(x), self.c(x)], dim=1)
 
 
 class ConvBN(nn.Module):
@@ -72,7 +60,7 @@ def _latency(tmp_path, timer, name="latency.json"):
 
 
 def test_macs_keeps_the_inception_block_and_says_why():
-    model = Inception()
+    model = InceptionConcat(8)
     fused, report = _fuse(model)
     assert count_ops(fused, X)["conv"] == 3
     assert count_macs(fused, X) <= count_macs(model, X)
@@ -98,12 +86,12 @@ def test_macs_is_the_default_and_certain_merges_are_not_listed():
 
 def test_bad_cost_or_device_is_one_line_naming_the_choices():
     with pytest.raises(reparam.ReparamError, match=r"cost must be one of 'macs', 'latency' .*got 'fast'") as err:
-        reparam.fuse(Inception().eval(), (X,), cost="fast")
+        reparam.fuse(InceptionConcat(8).eval(), (X,), cost="fast")
     assert "\n" not in str(err.value)
     with pytest.raises(reparam.ReparamError, match="device must be a torch device"):
-        reparam.fuse(Inception().eval(), (X,), cost="latency", device="abacus")
+        reparam.fuse(InceptionConcat(8).eval(), (X,), cost="latency", device="abacus")
     with pytest.raises(reparam.ReparamError, match="cost must be"):
-        reparam.explain(Inception().eval(), (X,), cost=3)
+        reparam.explain(InceptionConcat(8).eval(), (X,), cost=3)
 
 
 def test_a_cost_model_instance_is_asked():
@@ -116,7 +104,7 @@ def test_a_cost_model_instance_is_asked():
             return C.Decision(True, "always")
 
     model = Always()
-    fused, report = _fuse(Inception(), cost=model)
+    fused, report = _fuse(InceptionConcat(8), cost=model)
     assert count_ops(fused, X)["conv"] == 1
     (candidate,) = {c.where: c for c in model.asked}.values()
     assert candidate.input_shapes == (torch.Size([1, 8, 12, 12]),) and not candidate.certain
@@ -129,7 +117,7 @@ def test_a_cost_model_instance_is_asked():
 @pytest.mark.parametrize("merged_faster", [True, False])
 def test_latency_follows_the_timer(tmp_path, merged_faster):
     timer = FakeTimer(2e-3, 1e-3) if merged_faster else FakeTimer(1e-3, 2e-3)
-    model = Inception()
+    model = InceptionConcat(8)
     fused, report = _fuse(model, cost=_latency(tmp_path, timer))
     with torch.no_grad():
         assert torch.allclose(fused(X), model(X), atol=1e-5)
@@ -149,7 +137,7 @@ def test_latency_follows_the_timer(tmp_path, merged_faster):
 @pytest.mark.parametrize("after_s", [1.02e-3, 0.98e-3])
 def test_latency_tie_goes_as_the_mac_rule(tmp_path, after_s):
     """Within measurement noise there is no measured reason to depart from cost="macs" (which keeps three convs)."""
-    fused, report = _fuse(Inception(), cost=_latency(tmp_path, FakeTimer(1.00e-3, after_s)))
+    fused, report = _fuse(InceptionConcat(8), cost=_latency(tmp_path, FakeTimer(1.00e-3, after_s)))
     assert count_ops(fused, X)["conv"] == 3 and not report.decisions[0].merged
     assert "a tie within 3%, and merging costs more MACs" in report.decisions[0].reason
 
@@ -162,7 +150,9 @@ def test_latency_does_not_time_a_certain_profit(tmp_path):
 
 def test_latency_times_in_the_deploy_dtype(tmp_path):
     timer = FakeTimer(2e-3, 1e-3)
-    _fuse(Inception(), cost=C.LatencyCost("cpu", torch.float64, LatencyCache(tmp_path / "c.json"), measure=timer))
+    _fuse(
+        InceptionConcat(8), cost=C.LatencyCost("cpu", torch.float64, LatencyCache(tmp_path / "c.json"), measure=timer)
+    )
     ((before, _, inputs),) = timer.calls
     assert inputs[0].dtype == torch.float64 and next(before.parameters()).dtype == torch.float64
 
@@ -173,7 +163,7 @@ def test_latency_times_in_the_deploy_dtype(tmp_path):
 def test_second_fuse_reads_the_cache_and_times_nothing(tmp_path):
     first_timer = FakeTimer(2e-3, 1e-3)
     first = _latency(tmp_path, first_timer)
-    _, report = _fuse(Inception(), cost=first)
+    _, report = _fuse(InceptionConcat(8), cost=first)
     assert first.measured == 1 and len(first_timer.calls) == 1
     data = json.loads((tmp_path / "latency.json").read_text())
     (entry,) = data["entries"].values()
@@ -181,16 +171,16 @@ def test_second_fuse_reads_the_cache_and_times_nothing(tmp_path):
 
     second_timer = FakeTimer(1e-3, 9.0)  # would refuse: never asked, the cached decision is reused verbatim
     second = _latency(tmp_path, second_timer)  # a fresh cache object: reads the file
-    fused, again = _fuse(Inception(), cost=second)
+    fused, again = _fuse(InceptionConcat(8), cost=second)
     assert second.measured == 0 and second_timer.calls == []
     assert count_ops(fused, X)["conv"] == 1 and again.decisions == report.decisions
 
 
 def test_cache_key_separates_devices_dtypes_and_shapes(tmp_path):
     cost = _latency(tmp_path, FakeTimer(2e-3, 1e-3))
-    _fuse(Inception(), cost=cost)
-    _fuse(Inception(), torch.randn(1, 8, 10, 10), cost=cost)
-    _fuse(Inception(), cost=C.LatencyCost("cpu", torch.float64, cost.cache, measure=cost.measure))
+    _fuse(InceptionConcat(8), cost=cost)
+    _fuse(InceptionConcat(8), torch.randn(1, 8, 10, 10), cost=cost)
+    _fuse(InceptionConcat(8), cost=C.LatencyCost("cpu", torch.float64, cost.cache, measure=cost.measure))
     assert len(cost.cache) == 3
 
 
@@ -215,7 +205,7 @@ def test_corrupt_cache_is_ignored_with_a_warning(tmp_path, content):
     path.write_text(content, errors="surrogateescape")
     timer = FakeTimer(2e-3, 1e-3)
     with pytest.warns(LatencyCacheWarning, match="ignoring the latency cache"):
-        fused, _ = _fuse(Inception(), cost=_latency(tmp_path, timer))
+        fused, _ = _fuse(InceptionConcat(8), cost=_latency(tmp_path, timer))
     assert count_ops(fused, X)["conv"] == 1 and len(timer.calls) == 1
     assert len(json.loads(path.read_text())["entries"]) == 1  # replaced by a valid file
 
@@ -251,10 +241,10 @@ def test_cache_location(monkeypatch, tmp_path):
 
 
 def test_signature_ignores_names_and_weights():
-    one, two = Inception(), Inception()
+    one, two = InceptionConcat(8), InceptionConcat(8)
     gm1, gm2 = torch.fx.symbolic_trace(one), torch.fx.symbolic_trace(two)
     assert C.signature(gm1) == C.signature(gm2)
-    assert C.signature(gm1) != C.signature(torch.fx.symbolic_trace(Inception(4)))
+    assert C.signature(gm1) != C.signature(torch.fx.symbolic_trace(InceptionConcat(4)))
     assert "Conv2d(8, 8, kernel_size=(3, 3)" in C.signature(gm1)
 
 
@@ -266,7 +256,7 @@ def test_decisions_in_the_json_follow_the_schema(tmp_path):
     from pathlib import Path
 
     schema = json.loads((Path(__file__).parent.parent / "docs" / "report-schema.json").read_text())
-    _, report = _fuse(Inception(), cost=_latency(tmp_path, FakeTimer(1e-3, 2e-3)))
+    _, report = _fuse(InceptionConcat(8), cost=_latency(tmp_path, FakeTimer(1e-3, 2e-3)))
     doc = report.to_dict()
     jsonschema.validate(doc, {"$defs": schema["$defs"], "$ref": "#/$defs/report"})
     (decision,) = doc["decisions"]
@@ -279,7 +269,7 @@ class InceptionNet(nn.Module):
     def __init__(self, num_classes: int = 10):
         super().__init__()
         self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.block = Inception()
+        self.block = InceptionConcat(8)
         self.head = nn.Linear(24, num_classes)
 
     def forward(self, x):
