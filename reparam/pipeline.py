@@ -32,6 +32,7 @@ from .errors import EquivalenceError, ReparamError
 from .passes import PassResult
 from .passes.cleanup import drop_static_asserts, drop_unused_tensors
 from .passes.collapse import collapse
+from .passes.constants import fold_constants
 from .passes.inplace import follow_inplace_writes
 from .passes.rows import merge_rows
 from .passes.siblings import merge_siblings
@@ -111,6 +112,9 @@ def rules(
     collapse_regions = Rule("collapse", partial(collapse, cost=cost), to_fixed_point=True)
     return (
         Rule("inplace writes", follow_inplace_writes),  # before collapse: functional pads instead of in-place barriers
+        # after the in-place writes (a private tensor written functionally can be a constant), before collapse (a
+        # functional conv whose weight was computed reads a buffer then); the rules after it build no new ones
+        Rule("constants", partial(fold_constants, dtypes=dtypes, default_dtype=main)),
         Rule("transposed-conv batchnorms", fold_bn_into_transposed_convs),  # outside the affine algebra
         collapse_regions,
         Rule("rows", merge_rows),  # after collapse: each chain holds its merged kernels
@@ -178,7 +182,9 @@ def _apply(
 
 def _record_dtypes(gm: fx.GraphModule, result: PassResult, dtypes: dict, fallback: torch.dtype) -> None:
     """dtypes (to cast back to) of the tensors of the modules ``result`` says were created: that of the first
-    weight among the modules each one replaces (``PassResult.replaces``), the model's main dtype otherwise."""
+    weight among the modules each one replaces (``PassResult.replaces``), the model's main dtype otherwise; and
+    those of the tensors it registered directly (``PassResult.buffer_dtypes``)."""
+    dtypes.update(result.buffer_dtypes)
     for name in result.created:
         replaced = (dtypes.get(f"{target}.weight") for target in result.replaces.get(name, ()))
         dtype = next((d for d in replaced if d is not None), fallback)

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -19,12 +23,15 @@ class PassResult:
     ``replaces``: for a created submodule, the original modules it computes in their place (their qualified
     names, in the order the pipeline's dtype rule reads them); absent when it stands for no particular one.
     ``shapes_stale``: tensor shapes in the graph changed, so recorded shapes must be propagated again.
+    ``buffer_dtypes``: qualified names of the tensors it registered directly (not in a submodule it created) -> the
+    dtype each is cast back to.
     """
 
     changed: int = 0
     created: tuple[str, ...] = ()
     shapes_stale: bool = False
     replaces: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    buffer_dtypes: Mapping[str, torch.dtype] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return self.changed > 0
@@ -36,4 +43,5 @@ class PassResult:
             self.created + later.created,
             self.shapes_stale or later.shapes_stale,
             {**self.replaces, **later.replaces},
+            {**self.buffer_dtypes, **later.buffer_dtypes},
         )
