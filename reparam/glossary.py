@@ -70,6 +70,11 @@ GLOSSARY: dict[str, Entry] = {
         "(only with --remove-residuals) relu(F(x) + x) turned into a plain chain "
         "that carries x in extra channels with identity (Dirac) kernels; exact, costs MACs.",
     ),
+    "fold_constant": Entry(
+        "rewrite",
+        "a tensor the forward computes from parameters and buffers alone (an attention-bias gather, a "
+        "standardised weight) computed once at fuse time and kept as a buffer.",
+    ),
     # words of the "before" column (what a region held)
     "conv": Entry("op", "a convolution, written kxk conv IN->OUT [stride SxS] [groups G]."),
     "linear": Entry("op", "a fully connected layer, written linear IN->OUT."),
@@ -107,9 +112,15 @@ GLOSSARY: dict[str, Entry] = {
         "refusal", "(--remove-residuals) the residual could not be carried exactly through the block's activations."
     ),
     "paths-kept": Entry("refusal", "parallel paths that could not be merged into a grouped path."),
+    "constant-kept": Entry(
+        "refusal",
+        "a tensor computed from parameters alone is still computed on every forward: as a buffer it would be too "
+        "large, the model returns it, or its dtype cannot be derived.",
+    ),
 }
 
 _REFUSAL_PATTERNS = (
+    ("constant-kept", r"^constant kept"),
     ("residual-kept", r"^residual kept"),
     ("paths-kept", r"^parallel paths kept"),
     ("zero-padding", r"pads with zeros|has a bias and the"),

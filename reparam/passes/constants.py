@@ -220,6 +220,14 @@ def _written(gm: fx.GraphModule, modules: dict) -> set:
     return {n for n, rep in klass.items() if rep in classes}
 
 
+def _returned(gm: fx.GraphModule) -> set:
+    """Nodes whose storage (or a view's) the graph returns."""
+    klass = _storage_classes(gm, dict(gm.named_modules()))
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    classes = {klass[n] for n in output.all_input_nodes}
+    return {n for n, rep in klass.items() if rep in classes}
+
+
 def _nodes_in(value: Any) -> list:
     found: list = []
     fx.node.map_arg(value, found.append)
@@ -234,7 +242,7 @@ def _opaque(node: fx.Node, modules: dict) -> bool:
     return node.op == "call_function" and not _trusted(node.target)
 
 
-def _trusted(function: Callable) -> bool:
+def _trusted(function: Any) -> bool:
     if function in _SAFE_BUILTINS:
         return True
     home = str(getattr(function, "__module__", None) or "")
@@ -271,11 +279,12 @@ def _updates_statistics(node: fx.Node) -> bool:
     """A BatchNorm / InstanceNorm using batch statistics while it has running ones: it updates them."""
     if node.op != "call_function":
         return False
-    flag = _NORMS_WITH_STATISTICS.get(node.target)
+    function: Any = node.target
+    flag = _NORMS_WITH_STATISTICS.get(function)
     if flag is None:  # another spelling (torch.batch_norm ...): its arguments are not read here
-        return bool(re.search(r"batch_norm|instance_norm", getattr(node.target, "__name__", "")))
+        return bool(re.search(r"batch_norm|instance_norm", getattr(function, "__name__", "")))
     try:
-        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+        bound = inspect.signature(function).bind(*node.args, **node.kwargs)
     except TypeError:
         return True
     bound.apply_defaults()
@@ -289,14 +298,14 @@ def _updates_statistics(node: fx.Node) -> bool:
 class _Values:
     """Values of constant nodes (memoised), each ``get_attr`` read through ``leaf``."""
 
-    def __init__(self, leaf: Callable[[fx.Node], Any]):
-        self.leaf = leaf
+    def __init__(self, leaf: Callable[[fx.Node], Any], order: Mapping):
+        self.leaf, self.order = leaf, order
         self.memo: dict = {}
 
     def __call__(self, node: fx.Node) -> Any:
         """``node``'s value; precondition: ``node`` is constant.  Raises what the model's code raises."""
         if node not in self.memo:
-            for n in _subgraph(node):  # in graph order: no deep recursion
+            for n in _subgraph(node, self.order):  # in graph order: no deep recursion
                 if n not in self.memo:
                     self.memo[n] = self._run(n)
         return self.memo[node]
@@ -309,18 +318,18 @@ class _Values:
         with torch.no_grad():
             if node.op == "call_method":
                 return getattr(args[0], str(node.target))(*args[1:], **kwargs)
-            return node.target(*args, **kwargs)
+            function: Any = node.target
+            return function(*args, **kwargs)
 
 
-def _subgraph(node: fx.Node) -> list:
-    """``node`` and every node it is computed from, in graph order."""
+def _subgraph(node: fx.Node, order: Mapping) -> list:
+    """``node`` and every node it is computed from, in graph order (``order``: node -> its position)."""
     seen, stack = {node}, [node]
     while stack:
         for n in stack.pop().all_input_nodes:
             if n not in seen:
                 seen.add(n)
                 stack.append(n)
-    order = {n: i for i, n in enumerate(node.graph.nodes)} if len(seen) > 1 else {node: 0}
     return sorted(seen, key=order.__getitem__)
 
 
@@ -330,8 +339,10 @@ class _Folder:
     def __init__(self, gm: fx.GraphModule, report: Report, dtypes: Mapping, default: Optional[torch.dtype], sizes):
         self.gm, self.report, self.dtypes, self.default, self.sizes = gm, report, dtypes, default, sizes
         self.constant = constant_nodes(gm)
-        self.real = _Values(lambda n: attr_path(gm, str(n.target)))
-        self.meta = _Values(self._meta_leaf)  # in the cast-back dtypes: the user's precision
+        self.order: dict = {n: i for i, n in enumerate(gm.graph.nodes)}
+        self.real = _Values(lambda n: attr_path(gm, str(n.target)), self.order)
+        self.meta = _Values(self._meta_leaf, self.order)  # in the cast-back dtypes: the user's precision
+        self.returned = _returned(gm)
 
     def _cast_back_dtype(self, node: fx.Node) -> torch.dtype:
         t = attr_path(self.gm, str(node.target))
@@ -366,7 +377,7 @@ class _Folder:
 
     def _fold(self, node: fx.Node, reported: bool):
         """(buffer name, dtype) when ``node`` was folded; else why not: "trivial", "too large" or "failed"."""
-        leaves = list({str(n.target): n for n in _subgraph(node) if n.op == "get_attr"}.values())
+        leaves = list({str(n.target): n for n in _subgraph(node, self.order) if n.op == "get_attr"}.values())
         where = block_prefix([node]) or (str(leaves[0].target) if leaves else node.name)
         try:
             shape = self.meta(node)
@@ -374,6 +385,9 @@ class _Folder:
             return self._unknown_dtype(where, node, leaves, err)
         if not isinstance(shape, torch.Tensor) or self._views_only(node):
             return "trivial"
+        if node in self.returned:
+            why = "the model returns it (or a view of it): a caller writing into it would change the next forward's"
+            return self._refuse(where, node, leaves, why)
         why = self.sizes.refusal(_bytes(shape), sum(_bytes(self.meta(n)) for n in leaves))
         if why is not None:
             if reported:
@@ -383,10 +397,13 @@ class _Folder:
             value = self.real(node).detach().clone(memory_format=torch.contiguous_format)
         except Exception as err:  # noqa: BLE001  the model's code on its own tensors: any failure keeps the code
             return self._refuse(where, node, leaves, f"evaluating it failed ({err})")
-        name = self._register(node, value, leaves)
-        self.report.rewrites.append(
-            Rewrite(where, _describe(node, leaves), f"buffer {name.rpartition('.')[2]} {_shape(value)}", (EVENT,))
-        )
+        before = self._describe(node, leaves)
+        read = self._register(node, value, leaves, before)
+        self.order[read] = self.order[node] - 0.5  # where it stands; its values are the node's
+        self.real.memo[read], self.meta.memo[read] = value, shape
+        name = str(read.target)
+        after = f"buffer {name.rpartition('.')[2]} {_shape(value)}"
+        self.report.rewrites.append(Rewrite(where, before, after, (EVENT,)))
         return name, shape.dtype
 
     def _unknown_dtype(self, where: str, node: fx.Node, leaves: list, err: Exception) -> str:
@@ -402,7 +419,7 @@ class _Folder:
         return self._refuse(where, node, leaves, why)
 
     def _refuse(self, where: str, node: fx.Node, leaves: list, why: str) -> str:
-        self.report.refuse(where, f"constant kept: {_describe(node, leaves)}: {why}")
+        self.report.refuse(where, f"constant kept: {self._describe(node, leaves)}: {why}")
         return "failed"
 
     def _views_only(self, node: fx.Node) -> bool:
@@ -411,6 +428,7 @@ class _Folder:
             if not _is_view(node, self.meta):
                 return False
             data = node.args[0]
+            assert isinstance(data, fx.Node)  # _is_view's precondition
             as_other = str(getattr(node.target, "__name__", node.target)).endswith("_as")
             others = [n for n in node.all_input_nodes if n is not data]
             if not as_other and any(isinstance(self.meta(n), torch.Tensor) for n in others):
@@ -418,8 +436,21 @@ class _Folder:
             node = data
         return True
 
-    def _register(self, node: fx.Node, value: torch.Tensor, leaves: list) -> str:
-        """``value`` as a persistent buffer next to ``node``'s block, read by a ``get_attr`` in ``node``'s place."""
+    def _describe(self, node: fx.Node, leaves: list) -> str:
+        """``getitem of attention_biases, attention_bias_idxs`` (the ops in graph order, then what they read)."""
+        ops: list = []
+        for n in _subgraph(node, self.order):
+            if n.op in ("call_function", "call_method"):
+                name = str(n.target) if n.op == "call_method" else getattr(n.target, "__name__", str(n.target))
+                if name not in ops and name != "getattr":
+                    ops.append(name)
+        read = list(dict.fromkeys(str(n.target).rpartition(".")[2] for n in leaves))
+        what = ", ".join(ops) or node.name
+        return f"{what} of {', '.join(read)}" if read else what
+
+    def _register(self, node: fx.Node, value: torch.Tensor, leaves: list, before: str) -> fx.Node:
+        """``value`` as a persistent buffer next to ``node``'s block, read by a ``get_attr`` in ``node``'s place
+        (returned)."""
         floating = [n for n in leaves if attr_path(self.gm, str(n.target)).is_floating_point()]
         first = (floating or leaves or [node])[0]
         stem = f"{str(first.target).rpartition('.')[2] if leaves else node.name}_folded"
@@ -434,10 +465,10 @@ class _Folder:
         with graph.inserting_before(node):
             read = graph.get_attr(name)
         read.meta.update(node.meta)  # shape, module stack, origin: the proofs compare it with the node's value
-        read.meta[REWRITE] = f"{_describe(node, leaves)} -> constant buffer"
+        read.meta[REWRITE] = f"{before} -> constant buffer"
         node.replace_all_uses_with(read)
         self.constant.add(read)
-        return name
+        return read
 
 
 def _is_view(node: fx.Node, meta: _Values) -> bool:
@@ -464,19 +495,6 @@ def _basic_index(index: Any, meta: _Values) -> bool:
     if isinstance(index, slice):
         return all(_basic_index(i, meta) for i in (index.start, index.stop, index.step))
     return index is None or index is Ellipsis or isinstance(index, (int, bool))
-
-
-def _describe(node: fx.Node, leaves: list) -> str:
-    """``getitem of attention_biases, attention_bias_idxs`` (the ops in graph order, then what they read)."""
-    ops: list = []
-    for n in _subgraph(node):
-        if n.op in ("call_function", "call_method"):
-            name = str(n.target) if n.op == "call_method" else getattr(n.target, "__name__", str(n.target))
-            if name not in ops and name != "getattr":
-                ops.append(name)
-    read = list(dict.fromkeys(str(n.target).rpartition(".")[2] for n in leaves))
-    what = ", ".join(ops) or node.name
-    return f"{what} of {', '.join(read)}" if read else what
 
 
 def _bytes(t: torch.Tensor) -> int:

@@ -160,6 +160,33 @@ def test_tensors_written_in_place_are_not_folded():
     assert {"add_", "exp"} <= set(case.methods())
 
 
+def test_a_constant_the_model_returns_is_kept():
+    """A caller may write into what the model returns: as a buffer, that would change the next forward."""
+    model = Lambda(lambda s, x: (x * (s.w + 1), (s.w * 2).view(-1)))
+    model.w = nn.Parameter(torch.randn(3))
+    case = traced(model, torch.randn(2, 3))
+    assert case.run(fold_constants).changed == 1  # s.w + 1 only
+    assert case.refused("constant kept: mul, view of w: the model returns it")
+    case.assert_exact()
+
+
+def test_a_tensor_handed_to_untraced_code_is_not_folded():
+    """A module fx did not trace into may write its argument in place."""
+
+    class Opaque(nn.Identity):  # not a torch.nn module: its code is the model's
+        pass
+
+    Opaque.__module__ = __name__
+    model = Lambda(lambda s, x: x + s.m(s.w * 2) + s.w * 3, m=nn.Identity())
+    model.w = nn.Parameter(torch.randn(3))
+    case = traced(model, torch.randn(2, 3))
+    case.gm.m = Opaque()  # as a leaf fx did not trace into
+    assert case.run(fold_constants).changed == 1  # s.w * 3, not s.w * 2
+    [read] = folded(case)
+    assert [u.target for u in read.users] == [operator.add]
+    case.assert_exact()
+
+
 def test_a_batch_norm_updating_running_statistics_is_not_folded():
     model = Lambda(lambda s, x: x + F.batch_norm(s.w, s.mean, s.var, training=True))
     model.w = nn.Parameter(torch.randn(4, 3))
