@@ -35,10 +35,11 @@ subgraphs, so it runs once.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -181,9 +182,15 @@ def fold_constants(
 
 
 def constant_nodes(gm: fx.GraphModule) -> set:
-    """The nodes of ``gm`` whose value is the same on every forward (module docstring), in graph order."""
+    """The nodes of ``gm`` whose value is the same on every forward (module docstring)."""
+    return _analyse(gm)[0]
+
+
+def _analyse(gm: fx.GraphModule) -> tuple[set, set]:
+    """(the constant nodes, the nodes whose storage (or a view's) the graph returns)."""
     modules = dict(gm.named_modules())
-    written = _written(gm, modules)
+    klass = _storage_classes(gm, modules)
+    written = _sharing(klass, _writes(gm, modules))
     constant: set = set()
     for node in gm.graph.nodes:
         if node in written:
@@ -194,7 +201,8 @@ def constant_nodes(gm: fx.GraphModule) -> set:
             ok = _pure(node) and all(n in constant for n in node.all_input_nodes)
         if ok:
             constant.add(node)
-    return constant
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    return constant, _sharing(klass, output.all_input_nodes)
 
 
 def _attribute(gm: fx.GraphModule, target: str) -> Any:
@@ -204,28 +212,23 @@ def _attribute(gm: fx.GraphModule, target: str) -> Any:
         return None
 
 
-def _written(gm: fx.GraphModule, modules: dict) -> set:
-    """Nodes whose storage (or a view's) some node writes: in place, through ``out=``, or possibly, because code fx
-    did not trace (a custom module, a wrapped function) receives it."""
-    klass = _storage_classes(gm, modules)
+def _sharing(klass: dict, nodes: Iterable) -> set:
+    """The nodes that may share storage with one of ``nodes`` (``klass``: mutation's storage classes)."""
+    classes = {klass[n] for n in nodes}
+    return {n for n, rep in klass.items() if rep in classes}
+
+
+def _writes(gm: fx.GraphModule, modules: dict) -> list:
+    """Nodes some node writes: in place, through ``out=``, or possibly, because code fx did not trace (a custom
+    module, a wrapped function) receives them."""
     sinks: list = []
     for node in gm.graph.nodes:
         if updates_in_place(node, modules) and node.args and isinstance(node.args[0], fx.Node):
             sinks.append(node.args[0])
-        if "out" in node.kwargs:
-            sinks += _nodes_in(node.kwargs["out"])
+        sinks += _nodes_in(node.kwargs.get("out"))
         if _opaque(node, modules):
             sinks += node.all_input_nodes
-    classes = {klass[n] for n in sinks}
-    return {n for n, rep in klass.items() if rep in classes}
-
-
-def _returned(gm: fx.GraphModule) -> set:
-    """Nodes whose storage (or a view's) the graph returns."""
-    klass = _storage_classes(gm, dict(gm.named_modules()))
-    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    classes = {klass[n] for n in output.all_input_nodes}
-    return {n for n, rep in klass.items() if rep in classes}
+    return sinks
 
 
 def _nodes_in(value: Any) -> list:
@@ -284,7 +287,7 @@ def _updates_statistics(node: fx.Node) -> bool:
     if flag is None:  # another spelling (torch.batch_norm ...): its arguments are not read here
         return bool(re.search(r"batch_norm|instance_norm", getattr(function, "__name__", "")))
     try:
-        bound = inspect.signature(function).bind(*node.args, **node.kwargs)
+        bound = _signature_of(function).bind(*node.args, **node.kwargs)
     except TypeError:
         return True
     bound.apply_defaults()
@@ -292,15 +295,26 @@ def _updates_statistics(node: fx.Node) -> bool:
     return any(s is not None for s in stats) and bound.arguments.get(flag) is not False
 
 
+@functools.cache
+def _signature_of(function: Callable) -> inspect.Signature:
+    return inspect.signature(function)
+
+
 # ----------------------------------------------------------------------------------------------------------
 
 
 class _Values:
-    """Values of constant nodes (memoised), each ``get_attr`` read through ``leaf``."""
+    """Values of constant nodes (memoised), each ``get_attr`` read through ``leaf``.
 
-    def __init__(self, leaf: Callable[[fx.Node], Any], order: Mapping):
+    ``by_signature``: an op's value is reused for another node calling it on arguments of the same signature
+    (:func:`_signature`), which is sound for meta tensors only, whose values are their shapes, strides and dtypes
+    (a network's repeated blocks standardise weights of few distinct shapes; the meta kernel of a batch norm is a
+    Python decomposition costing a millisecond a call)."""
+
+    def __init__(self, leaf: Callable[[fx.Node], Any], order: Mapping, by_signature: bool = False):
         self.leaf, self.order = leaf, order
         self.memo: dict = {}
+        self.by_signature: Optional[dict] = {} if by_signature else None
 
     def __call__(self, node: fx.Node) -> Any:
         """``node``'s value; precondition: ``node`` is constant.  Raises what the model's code raises."""
@@ -315,11 +329,39 @@ class _Values:
             return self.leaf(node)
         args = fx.node.map_arg(node.args, self.memo.__getitem__)
         kwargs = fx.node.map_arg(node.kwargs, self.memo.__getitem__)
+        key = None
+        if self.by_signature is not None:
+            key = _signature((node.op, node.target, args, kwargs))
+            if key is not None and key in self.by_signature:
+                return self.by_signature[key]
         with torch.no_grad():
             if node.op == "call_method":
-                return getattr(args[0], str(node.target))(*args[1:], **kwargs)
-            function: Any = node.target
-            return function(*args, **kwargs)
+                value = getattr(args[0], str(node.target))(*args[1:], **kwargs)
+            else:
+                function: Any = node.target
+                value = function(*args, **kwargs)
+        if key is not None and self.by_signature is not None:
+            self.by_signature[key] = value
+        return value
+
+
+def _signature(value: Any) -> Any:
+    """A hashable stand-in for ``value``, equal for equal values, tensors by shape, strides and dtype; None when
+    there is none (an object that cannot be hashed; ``None`` itself has one)."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.stride(), value.dtype, value.storage_offset(), value.device.type)
+    if isinstance(value, (tuple, list)):
+        items = tuple(_signature(v) for v in value)
+        return None if any(i is None for i in items) else (type(value), items)
+    if isinstance(value, dict):
+        return _signature(tuple(value.items()))
+    if isinstance(value, slice):
+        return _signature(("slice", value.start, value.stop, value.step))
+    try:
+        hash(value)
+    except TypeError:
+        return None
+    return (type(value), value)
 
 
 def _subgraph(node: fx.Node, order: Mapping) -> list:
@@ -338,11 +380,10 @@ class _Folder:
 
     def __init__(self, gm: fx.GraphModule, report: Report, dtypes: Mapping, default: Optional[torch.dtype], sizes):
         self.gm, self.report, self.dtypes, self.default, self.sizes = gm, report, dtypes, default, sizes
-        self.constant = constant_nodes(gm)
+        self.constant, self.returned = _analyse(gm)
         self.order: dict = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.real = _Values(lambda n: attr_path(gm, str(n.target)), self.order)
-        self.meta = _Values(self._meta_leaf, self.order)  # in the cast-back dtypes: the user's precision
-        self.returned = _returned(gm)
+        self.meta = _Values(self._meta_leaf, self.order, by_signature=True)  # in the cast-back dtypes
 
     def _cast_back_dtype(self, node: fx.Node) -> torch.dtype:
         t = attr_path(self.gm, str(node.target))
@@ -394,7 +435,7 @@ class _Folder:
                 self._refuse(where, node, leaves, why)
             return "too large"
         try:
-            value = self.real(node).detach().clone(memory_format=torch.contiguous_format)
+            value = _owned(self.real(node), [self.real(n) for n in leaves])
         except Exception as err:  # noqa: BLE001  the model's code on its own tensors: any failure keeps the code
             return self._refuse(where, node, leaves, f"evaluating it failed ({err})")
         before = self._describe(node, leaves)
@@ -495,6 +536,17 @@ def _basic_index(index: Any, meta: _Values) -> bool:
     if isinstance(index, slice):
         return all(_basic_index(i, meta) for i in (index.start, index.stop, index.step))
     return index is None or index is Ellipsis or isinstance(index, (int, bool))
+
+
+def _owned(value: torch.Tensor, leaves: list) -> torch.Tensor:
+    """``value`` as a buffer of its own: contiguous, its storage no larger than it and shared with none of the
+    ``leaves`` (a view of a parameter, or of a larger intermediate, is copied)."""
+    value = value.detach()
+    storage = value.untyped_storage()
+    whole = value.is_contiguous() and value.storage_offset() == 0 and storage.nbytes() == _bytes(value)
+    if whole and all(t.untyped_storage().data_ptr() != storage.data_ptr() for t in leaves):
+        return value
+    return value.clone(memory_format=torch.contiguous_format)
 
 
 def _bytes(t: torch.Tensor) -> int:
