@@ -555,4 +555,3 @@ def _bytes(t: torch.Tensor) -> int:
 
 def _shape(t: torch.Tensor) -> str:
     return "x".join(str(s) for s in t.shape) if t.dim() else "scalar"
-
