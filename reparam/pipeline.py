@@ -30,7 +30,7 @@ from .flatten import flatten_all
 from .float64 import fast_float64_for
 from .errors import EquivalenceError, ReparamError
 from .passes import PassResult
-from .passes.cleanup import drop_static_asserts, drop_unused_tensors
+from .passes.cleanup import code_regenerated_once, drop_static_asserts, drop_unused_tensors
 from .passes.collapse import collapse
 from .passes.constants import fold_constants
 from .passes.inplace import follow_inplace_writes
@@ -145,15 +145,15 @@ def _fuse_graph(
     tag_origins(gm)
     pristine = pristine_copy(gm)
     previous = PassResult()
-    for rule in rules(remove_residuals, cost, dtypes, main):
-        if rule.after_change and not previous:
-            previous = PassResult()
-            continue
-        previous = _apply(rule, gm, inputs, report, dtypes, main, where or type(gm).__name__)
-    gm.delete_all_unused_submodules()
-    drop_unused_tensors(gm)
-    gm.graph.lint()
-    gm.recompile()
+    with code_regenerated_once(gm):  # the rules read and rewrite the graph; its code is generated once, after them
+        for rule in rules(remove_residuals, cost, dtypes, main):
+            if rule.after_change and not previous:
+                previous = PassResult()
+                continue
+            previous = _apply(rule, gm, inputs, report, dtypes, main, where or type(gm).__name__)
+        gm.delete_all_unused_submodules()
+        drop_unused_tensors(gm)
+        gm.graph.lint()
     return pristine
 
 

@@ -37,6 +37,7 @@ from ..match import ADD_FUNCTIONS, CONCAT_FUNCTIONS, MUL_FUNCTIONS, arg, called_
 from ..proofs import no_origin
 from ..report import Report, Rewrite
 from . import PassResult
+from .cleanup import regenerate
 from .mutation import eliminate_dead_code, updated_storage
 from .naming import where
 
@@ -351,5 +352,5 @@ def follow_inplace_writes(gm: fx.GraphModule, report: Report) -> PassResult:
     if done:
         eliminate_dead_code(gm)
         gm.graph.lint()
-        gm.recompile()
+        regenerate(gm)
     return PassResult(done)

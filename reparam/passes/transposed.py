@@ -21,6 +21,7 @@ from ..match import called_module, is_transposed_conv
 from ..proofs import same_origin
 from ..report import Report, Rewrite
 from . import PassResult
+from .cleanup import regenerate
 from .mutation import mutation_barriers, real_users
 
 
@@ -61,7 +62,7 @@ def fold_bn_into_transposed_convs(gm: fx.GraphModule, report: Report) -> PassRes
         report.rewrites.append(Rewrite(where, "transposed conv, batchnorm", "transposed conv", ("fold_bn",)))
     if created:
         gm.graph.lint()
-        gm.recompile()
+        regenerate(gm)
         gm.delete_all_unused_submodules()
     return PassResult(len(created), tuple(created))
 
