@@ -347,13 +347,7 @@ def _check_whole(
     candidates = [inputs] + ([random_like(inputs)] if is_degenerate(inputs) else [])
     if not full:
         fraction = least_fraction([(gm.graph, dict(gm.named_modules())), pristine.graph_and_modules()])
-        specs = ({"fraction": fraction, "least": 0}, {}) if fraction is not None else ({},)
-        tried = set()
-        for crop in specs:
-            sides = _shapes_text(centre_crops(inputs, **crop) or ())
-            if sides in tried:  # the smallest crop is the default one: once is enough
-                continue
-            tried.add(sides)
+        for crop in _crop_specs(inputs, fraction):
             worst = _check_on_crops(gm, reference, candidates, state, crop)
             if worst is not None:
                 report.verified_on = f"centre crops of the inputs ({_shapes_text(inputs)} -> {_shapes_text(worst[1])})"
@@ -364,6 +358,19 @@ def _check_whole(
         worst = max(worst, err)
     report.verified_on = "the inputs"
     return worst
+
+
+def _crop_specs(inputs: tuple, fraction: float | None) -> list:
+    """The keywords of :func:`centre_crops` to try, smallest crop first: the one every tap needs (``fraction`` of
+    the sides, None if unknown), then the default; a crop of the same sides as one before it is left out."""
+    smallest = [{"fraction": fraction, "least": 0}] if fraction is not None else []
+    specs, seen = [], set()
+    for spec in smallest + [{}]:
+        sides = _shapes_text(centre_crops(inputs, **spec) or ())
+        if sides not in seen:
+            seen.add(sides)
+            specs.append(spec)
+    return specs
 
 
 def _check_on_crops(
