@@ -53,7 +53,7 @@ from ..proofs import REWRITE
 from ..report import Report, Rewrite
 from . import PassResult
 from .cleanup import finish
-from .mutation import _storage_classes, updates_in_place
+from .mutation import VIEW_METHODS, _storage_classes, updates_in_place
 from .naming import block_prefix, fresh_name
 
 EVENT = "fold_constant"
@@ -85,39 +85,9 @@ _UNSAFE_METHODS = {
 _DEVICE_MOVES = {"to", "type"}  # constant unless a literal device is among their arguments
 _NORMS_WITH_STATISTICS = {F.batch_norm: "training", F.instance_norm: "use_input_stats"}
 
-_VIEW_METHODS = {
-    "view",
-    "view_as",
-    "reshape",
-    "reshape_as",
-    "flatten",
-    "unflatten",
-    "permute",
-    "transpose",
-    "t",
-    "squeeze",
-    "unsqueeze",
-    "expand",
-    "expand_as",
-    "narrow",
-    "select",
-    "detach",
-    "movedim",
-    "moveaxis",
-    "swapaxes",
-    "swapdims",
-    "diagonal",
-    "unfold",
-    "as_strided",
-    "contiguous",
-    "unbind",
-    "chunk",
-    "split",
-    "tensor_split",
-}
 _VIEW_FUNCTIONS = {
     getattr(torch, name)
-    for name in _VIEW_METHODS
+    for name in VIEW_METHODS
     if name not in ("view", "view_as", "reshape_as", "expand", "expand_as", "contiguous", "unflatten")
     and hasattr(torch, name)
 }
@@ -517,7 +487,7 @@ def _is_view(node: fx.Node, meta: _Values) -> bool:
     if not node.args or not isinstance(node.args[0], fx.Node):
         return False
     if node.op == "call_method":
-        return str(node.target) in _VIEW_METHODS
+        return str(node.target) in VIEW_METHODS
     if node.op != "call_function":
         return False
     if node.target is getattr:
