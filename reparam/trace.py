@@ -124,8 +124,8 @@ def untraceable_module(err: BaseException) -> torch.nn.Module | None:
 
 
 class Tracer(fx.Tracer):
-    """fx tracer with O(1) parameter/buffer look-up, timm's leaf modules, item assignment and sizes
-    spread into reshapes."""
+    """fx tracer with O(1) parameter/buffer look-up, opaque childless modules that do not trace, timm's
+    not-traceable functions, item assignment and sizes spread into reshapes."""
 
     def __init__(self, root: torch.nn.Module | None = None, **kwargs):
         # root is optional: GraphModule re-creates its tracer class with no arguments when unpickled
