@@ -347,11 +347,11 @@ def _check_whole(
     candidates = [inputs] + ([random_like(inputs)] if is_degenerate(inputs) else [])
     if not full:
         fraction = least_fraction([(gm.graph, dict(gm.named_modules())), pristine.graph_and_modules()])
-        for crop in _crop_specs(inputs, fraction):
-            worst = _check_on_crops(gm, reference, candidates, state, crop)
+        for crops in _crops_to_try(candidates, fraction):
+            worst = _check_on_crops(gm, reference, crops, state)
             if worst is not None:
-                report.verified_on = f"centre crops of the inputs ({_shapes_text(inputs)} -> {_shapes_text(worst[1])})"
-                return worst[0]
+                report.verified_on = f"centre crops of the inputs ({_shapes_text(inputs)} -> {_shapes_text(crops[0])})"
+                return worst
     worst = 0.0
     for x in candidates:
         err = check_fused(gm, pristine, reference, x, {}, run_quietly(reference, x), "output", report.notes, x)
@@ -360,29 +360,25 @@ def _check_whole(
     return worst
 
 
-def _crop_specs(inputs: tuple, fraction: float | None) -> list:
-    """The keywords of :func:`centre_crops` to try, smallest crop first: the one every tap needs (``fraction`` of
-    the sides, None if unknown), then the default; a crop of the same sides as one before it is left out."""
+def _crops_to_try(candidates: list, fraction: float | None) -> list:
+    """For each crop to try, smallest first, the centre crops of every one of ``candidates``: the crop every tap
+    needs (``fraction`` of the sides, None if unknown), then the default (:func:`centre_crops`); a crop of the same
+    sides as one before it is left out, and so is one that does not shrink every candidate.  A constant crop (of a
+    constant input) is replaced by a random one: it exposes no weight."""
     smallest = [{"fraction": fraction, "least": 0}] if fraction is not None else []
-    specs, seen = [], set()
+    tries, seen = [], set()
     for spec in smallest + [{}]:
-        sides = _shapes_text(centre_crops(inputs, **spec) or ())
-        if sides not in seen:
-            seen.add(sides)
-            specs.append(spec)
-    return specs
+        crops = [centre_crops(x, **spec) for x in candidates]
+        if any(c is None for c in crops) or _shapes_text(crops[0]) in seen:
+            continue
+        seen.add(_shapes_text(crops[0]))
+        tries.append([random_like(c) if is_degenerate(c) else c for c in crops])
+    return tries
 
 
-def _check_on_crops(
-    gm: fx.GraphModule, reference: nn.Module, candidates: list, state: dict, crop: dict
-) -> tuple | None:
-    """(worst relative error, the first crop) of ``gm`` against ``reference`` on centre crops (``crop``: the
-    keywords of :func:`centre_crops`) of each of ``candidates`` when all agree closely (:func:`agrees_closely`),
-    else None.  Caches the runs leave are undone."""
-    crops = [centre_crops(x, **crop) for x in candidates]
-    if any(c is None for c in crops):
-        return None
-    crops = [random_like(c) if is_degenerate(c) else c for c in crops]  # a constant centre exposes no weight
+def _check_on_crops(gm: fx.GraphModule, reference: nn.Module, crops: list, state: dict) -> float | None:
+    """The worst relative error of ``gm`` against ``reference`` on ``crops`` when it agrees closely on every one
+    (:func:`agrees_closely`), else None.  Caches the runs leave in ``reference`` are undone."""
     worst = 0.0
     try:
         for crop in crops:
@@ -392,7 +388,7 @@ def _check_on_crops(
             worst = max(worst, err)
     finally:
         restore_state(reference, state)  # a cache filled at the crop's size must not reach the full-size runs
-    return worst, crops[0]
+    return worst
 
 
 def _shapes_text(inputs: tuple) -> str:
