@@ -165,7 +165,7 @@ class Tracer(fx.Tracer):
                 if not hasattr(err, UNTRACEABLE):  # the innermost module with children whose forward failed
                     setattr(err, UNTRACEABLE, m)
                 raise
-        if m in self._opaque or self.is_leaf_module(m, ""):
+        if self.is_leaf_module(m, ""):  # torch.nn's, or made opaque by an earlier call
             return super().call_module(m, forward, args, kwargs)
         last, stack, calls = self.graph._root.prev, dict(self.module_stack), dict(self.num_calls)
         try:
