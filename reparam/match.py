@@ -32,6 +32,7 @@ __all__ = [
     "CONCAT_FUNCTIONS",
     "is_conv",
     "computes_as_conv",
+    "POOL_MODULES",
     "is_transposed_conv",
     "called_module",
     "called_conv",
@@ -64,6 +65,22 @@ CONCAT_FUNCTIONS: frozenset[Callable[..., Any]] = frozenset({torch.cat, torch.co
 # --------------------------------------------------------------------------------------------
 # modules
 
+
+#: the pooling modules of torch.nn (max, average, adaptive; 1-3 d): each output is a max or mean of input values
+POOL_MODULES: tuple[type[nn.Module], ...] = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+)
 
 _CONV_FORWARDS = frozenset({nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward})
 

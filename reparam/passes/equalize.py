@@ -45,7 +45,15 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..match import ADD_FUNCTIONS_WITH_INPLACE, CONCAT_FUNCTIONS, arg, called_module, node_name, node_shape
+from ..match import (
+    ADD_FUNCTIONS_WITH_INPLACE,
+    CONCAT_FUNCTIONS,
+    POOL_MODULES,
+    arg,
+    called_module,
+    node_name,
+    node_shape,
+)
 
 __all__ = ["CONVERGED", "MAX_ROUNDS", "Span", "Use", "Link", "find_links", "equalize_graph", "balance"]
 
@@ -56,20 +64,9 @@ MAX_ROUNDS = 200
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _HOMOGENEOUS_MODULES = (
+    *POOL_MODULES,
     nn.ReLU,
     nn.LeakyReLU,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
     nn.Identity,
     nn.Dropout,
     nn.Dropout1d,

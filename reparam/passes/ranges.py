@@ -14,25 +14,14 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..match import ADD_FUNCTIONS_WITH_INPLACE, CONCAT_FUNCTIONS, MUL_FUNCTIONS, arg, called_module
+from ..match import ADD_FUNCTIONS_WITH_INPLACE, CONCAT_FUNCTIONS, MUL_FUNCTIONS, POOL_MODULES, arg, called_module
 
 INF = math.inf
 ANY = (-INF, INF)
 
 # ops whose output values are a subset (or rearrangement) of their first input's values
 _PASS_MODULES = (
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
+    *POOL_MODULES,
     nn.Identity,
     nn.Dropout,
     nn.Dropout2d,
