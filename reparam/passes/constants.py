@@ -53,7 +53,7 @@ from ..proofs import REWRITE
 from ..report import Report, Rewrite
 from . import PassResult
 from .cleanup import finish
-from .mutation import VIEW_METHODS, _storage_classes, updates_in_place
+from .mutation import VIEW_METHODS, storage_classes, updates_in_place
 from .naming import block_prefix, fresh_name
 
 EVENT = "fold_constant"
@@ -159,7 +159,7 @@ def constant_nodes(gm: fx.GraphModule) -> set:
 def _analyse(gm: fx.GraphModule) -> tuple[set, set]:
     """(the constant nodes, the nodes whose storage (or a view's) the graph returns)."""
     modules = dict(gm.named_modules())
-    klass = _storage_classes(gm, modules)
+    klass = storage_classes(gm, modules)
     written = _sharing(klass, _writes(gm, modules))
     constant: set = set()
     for node in gm.graph.nodes:

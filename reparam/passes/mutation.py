@@ -130,7 +130,7 @@ def _may_alias(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return False
 
 
-def _storage_classes(gm: fx.GraphModule, modules: dict) -> dict:
+def storage_classes(gm: fx.GraphModule, modules: dict) -> dict:
     """node -> representative of the set of nodes that may share its storage (union-find)."""
     parent: dict = {}
 
@@ -149,7 +149,7 @@ def _storage_classes(gm: fx.GraphModule, modules: dict) -> dict:
 def updated_storage(gm: fx.GraphModule) -> set:
     """Nodes whose storage (or a view's) some node of ``gm`` updates in place."""
     modules = dict(gm.named_modules())
-    klass = _storage_classes(gm, modules)
+    klass = storage_classes(gm, modules)
     written = {
         klass[n] for n in gm.graph.nodes if n.args and isinstance(n.args[0], fx.Node) and updates_in_place(n, modules)
     }
@@ -174,7 +174,7 @@ def mutation_barriers(gm: fx.GraphModule) -> Mutations:
     """
     modules = dict(gm.named_modules())
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    klass = _storage_classes(gm, modules)
+    klass = storage_classes(gm, modules)
     members: dict = {}
     for node, rep in klass.items():
         members.setdefault(rep, []).append(node)
@@ -211,7 +211,7 @@ def eliminate_dead_code(gm: fx.GraphModule) -> bool:
     removed_any = False
     while True:
         modules = dict(gm.named_modules())
-        klass = _storage_classes(gm, modules)
+        klass = storage_classes(gm, modules)
         members: dict = {}
         for node, rep in klass.items():
             members.setdefault(rep, []).append(node)
