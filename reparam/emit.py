@@ -12,6 +12,20 @@ _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _PADS = {1: nn.ConstantPad1d, 2: nn.ConstantPad2d, 3: nn.ConstantPad3d}
 
 
+_WITHOUT_INIT: dict = {}  # torch.nn class -> its subclass whose reset_parameters does nothing
+
+
+def _uninitialised(cls: type, *args, **kwargs) -> nn.Module:
+    """``cls(*args, **kwargs)`` with meta-device parameters and no random initialisation (the caller assigns every
+    parameter): built as a subclass whose ``reset_parameters`` does nothing, then made a plain ``cls``.  (The default
+    init costs more than the rest of building the module, even on the meta device.)"""
+    if cls not in _WITHOUT_INIT:
+        _WITHOUT_INIT[cls] = type(f"Uninitialised{cls.__name__}", (cls,), {"reset_parameters": lambda self: None})
+    module = _WITHOUT_INIT[cls](*args, device="meta", **kwargs)
+    module.__class__ = cls
+    return module
+
+
 def _param(t: torch.Tensor, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
     return nn.Parameter(t.detach().to(dtype=dtype, device=device).contiguous(), requires_grad=False)
 
@@ -48,8 +62,7 @@ def to_module(a: A.Affine, dtype: torch.dtype, device: torch.device | str) -> nn
         return _PADS[a.nd](A.torch_pads(a.pad_lo, a.pad_hi), 0.0)
     if a.layout.channels_last:
         dense = A.regroup(a, 1)
-        with torch.device("meta"):
-            m = nn.Linear(dense.in_channels, dense.out_channels, bias=a.bias is not None)
+        m = _uninitialised(nn.Linear, dense.in_channels, dense.out_channels, bias=a.bias is not None)
         m.weight = _param(dense.weight, dtype, device)
         if a.bias is not None:
             m.bias = _param(a.bias, dtype, device)
@@ -57,18 +70,18 @@ def to_module(a: A.Affine, dtype: torch.dtype, device: torch.device | str) -> nn
     symmetric = a.pad_lo == a.pad_hi
     if not symmetric and a.padding_mode != "zeros":
         return None
-    with torch.device("meta"):
-        m = _CONVS[a.nd](
-            a.in_channels,
-            a.out_channels,
-            a.kernel,
-            a.stride,
-            a.pad_lo if symmetric else 0,
-            a.dilation,
-            a.groups,
-            bias=a.bias is not None,
-            padding_mode=a.padding_mode,
-        )
+    m = _uninitialised(
+        _CONVS[a.nd],
+        a.in_channels,
+        a.out_channels,
+        a.kernel,
+        a.stride,
+        a.pad_lo if symmetric else 0,
+        a.dilation,
+        a.groups,
+        bias=a.bias is not None,
+        padding_mode=a.padding_mode,
+    )
     m.weight = _param(a.weight, dtype, device)
     if a.bias is not None:
         m.bias = _param(a.bias, dtype, device)
