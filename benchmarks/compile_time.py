@@ -135,6 +135,7 @@ class PhaseTimer:
 
         patches = [
             (trace, "symbolic_trace", "trace"),
+            (trace, "trace_whole", "trace"),  # the whole-model trace (older trees: symbolic_trace only)
             (trace, "propagate_shapes", "shapes"),
             (pipeline, "check_fused", "verify"),
             (parts, "check_fused", "verify"),

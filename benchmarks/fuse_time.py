@@ -116,9 +116,14 @@ class FusePhases(compile_time.PhaseTimer):
         import reparam.proofs as proofs
         import reparam.verify as verify
 
+        try:
+            import reparam.inside as inside
+        except ImportError:  # an older tree
+            inside = None
         patches = [
             (pipeline, "_apply", "passes"),  # the rule-list pipeline's one entry to every pass
             (pipeline, "record_calls", "record"),
+            (inside, "record_calls", "record"),  # the runs of modules fused inside
             (pipeline, "_check_whole", "verify"),
             (proofs, "prove", "proof"),
             (verify, "_noise_floors", "noise"),

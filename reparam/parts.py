@@ -48,9 +48,11 @@ def _signature(args: tuple, kwargs: dict) -> tuple:
     )
 
 
-def record_calls(model: nn.Module, inputs: tuple, only: set | None = None) -> tuple[dict, Any, set]:
+def record_calls(
+    model: nn.Module, inputs: tuple, only: set | None = None, kwargs: dict | None = None
+) -> tuple[dict, Any, set]:
     """(module -> its recorded :class:`Call` s, the model's output, every module called) from one eager
-    run of ``inputs``.
+    run of ``inputs`` (and keyword arguments ``kwargs``).
 
     ``only``: the modules to record (default: every submodule); every module is still seen to be called
     or not.  Up to :data:`MAX_CALLS` calls with distinct input shapes are kept per module.
@@ -81,7 +83,7 @@ def record_calls(model: nn.Module, inputs: tuple, only: set | None = None) -> tu
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            output = model(*fresh(inputs))
+            output = model(*fresh(inputs), **fresh(kwargs or {}))
     finally:
         for h in handles:
             h.remove()
@@ -132,17 +134,17 @@ class PartFuser:
         self.output: Any = None  # the original model's output in the first recording run
         self.untraceable: dict = {}  # module -> the error its forward raised in a trace (see ``_trace``)
 
-    def fuse(self, root: nn.Module, trace_error: Exception) -> nn.Module:
-        """``root`` (which does not trace, or traces unfaithfully: ``trace_error``) with its parts fused
-        in place.  Parts are the largest submodules that trace; only they are recorded, so memory stays
-        that of their inputs and outputs.  A part that is never called while some of its descendants
-        are (a Sequential its parent iterates), or whose trace turns out unfaithful, is replaced by
-        its own parts, recorded in a further run."""
-        self._note_untraced(root, "", trace_error)
+    def fuse(self, root: nn.Module, trace_error: Exception, path: str = "") -> nn.Module:
+        """``root`` (at ``path`` in the model, "" for the model itself; it does not trace, or traces unfaithfully:
+        ``trace_error``) with its parts fused in place.  Parts are the largest submodules that trace; only they are
+        recorded, so memory stays that of their inputs and outputs.  A part that is never called while some of its
+        descendants are (a Sequential its parent iterates), or whose trace turns out unfaithful, is replaced by its
+        own parts, recorded in a further run."""
+        self._note_untraced(root, path, trace_error)
         culprit = T.untraceable_module(trace_error)
         if culprit is not None:
             self.untraceable[culprit] = trace_error
-        pending = self._plan(root, "")
+        pending = self._plan(root, path)
         first = True
         while pending:
             calls, output, called = self.record(root, {slot.module for slot in pending})

@@ -28,7 +28,7 @@ from .cost import CostModel, resolve_cost
 from .equalization import equalize_in_place
 from .flatten import flatten_all
 from .float64 import fast_float64_for
-from .errors import EquivalenceError, ReparamError
+from .errors import EquivalenceError, ReparamError, one_line
 from .passes import PassResult
 from .passes.cleanup import code_regenerated_once, drop_static_asserts, drop_unused_tensors
 from .passes.collapse import collapse
@@ -39,6 +39,7 @@ from .passes.siblings import merge_siblings
 from .passes.residual import remove_residuals as remove_residual_adds
 from .passes.towers import merge_towers
 from .passes.transposed import fold_bn_into_transposed_convs
+from .inside import fuse_inside
 from .interface import restore_state, snapshot_state
 from .parts import PartFuser, record_calls, why_untraced
 from .proofs import Pristine, UnfaithfulTrace, agrees_closely, check_fused, pristine_copy, run_quietly, tag_origins
@@ -265,20 +266,31 @@ def _fuse_with_report(
     if dtype is not None and given is not None and dtype != _main_dtype(_dtype_map(model), given):
         check_precision(model, given, dtype)  # overflow in the deploy precision: named before any folding
     try:
-        gm, trace_error = T.symbolic_trace(work), None
+        (gm, parents), trace_error = T.trace_whole(work), None
     except Exception as err:  # noqa: BLE001  any failure tracing the user's code: fuse its parts (the reason: notes)
-        gm, trace_error = None, err
+        gm, parents, trace_error = None, {}, err
     fuse_graph = _graph_fuser(report, dtypes, main, remove_residuals, cost)
     fused = None
     if gm is not None:
-        inputs = _shapes(gm, work, given)
+        inputs, convolutions = _shapes(gm, work, given)
         pristine = _fuse_graph(gm, inputs, report, dtypes, main, True, remove_residuals, cost)
+        if parents:  # modules called as they are: their own children fused inside private copies
+            try:
+                with fast_float64_for(work):
+                    fuse_inside(gm, parents, report, fuse_graph, state, set(unfused))
+            except Exception as err:  # noqa: BLE001  (the user's code on random inputs, no inputs to run): part by part
+                gm, trace_error = None, next(iter(parents.values()))
+                report = Report(notes=[f"modules called as they are not fused inside ({one_line(err)[:120]})"])
+                fuse_graph = _graph_fuser(report, dtypes, main, remove_residuals, cost)
+    if gm is not None:
         if not check or inputs is None:
             fused = gm
         else:  # against the eager model, not the traced graph: fx can trace a model unfaithfully
             try:
                 with fast_float64_for(work):  # the float64 runs: 1.5-3x faster depthwise convolutions
-                    report.max_rel_error = _check_whole(gm, pristine, work, inputs, report, state, check == "full")
+                    report.max_rel_error = _check_whole(
+                        gm, pristine, work, inputs, report, state, check == "full", convolutions
+                    )
                 fused = gm
             except UnfaithfulTrace as err:
                 trace_error = err
@@ -322,31 +334,43 @@ def _graph_fuser(report: Report, dtypes: dict, main: torch.dtype, remove_residua
     def fuse_graph(gm: fx.GraphModule, inputs: tuple | None, path: str) -> Pristine:
         prefix = f"{path}." if path else ""
         local = {k[len(prefix) :]: v for k, v in dtypes.items() if k.startswith(prefix)}
+        children, since = set(gm._modules), report.tally()
         pristine = _fuse_graph(
             gm, inputs, report, local, main, remove_residuals=remove_residuals, cost=cost, where=path
         )
         dtypes.update({prefix + k: v for k, v in local.items()})  # dtypes of the modules it created
+        if path:  # the report names places in the model, not in the part
+            report.place_under(since, path, lambda where: where.split(".")[0] in children)
         return pristine
 
     return fuse_graph
 
 
 def _check_whole(
-    gm: fx.GraphModule, pristine: Pristine, reference: nn.Module, inputs: tuple, report: Report, state: dict, full: bool
+    gm: fx.GraphModule,
+    pristine: Pristine,
+    reference: nn.Module,
+    inputs: tuple,
+    report: Report,
+    state: dict,
+    full: bool,
+    convolutions: list | None = None,
 ) -> float:
     """Worst relative error of the fused whole-model graph against the eager original on ``inputs``
     (and on a random twin of constant inputs, which cannot expose wrong weights): :func:`check_fused`.
 
-    Unless ``full``, centre crops of them come first: the smallest at which every convolution of both graphs still
-    reads every kernel tap (:func:`reparam.taps.least_fraction`), then the default one (:func:`centre_crops`: a
-    quarter to a third of the pixels).  When the model runs on one and the fused graph agrees within the proof
-    trigger, that is the check (``report.verified_on`` says so); anything else, the check on the inputs themselves
-    decides, with its proofs.
+    Unless ``full``, centre crops of them come first: the smallest at which every convolution still reads every
+    kernel tap (:func:`reparam.taps.least_fraction`: those of the fused graphs, of the unfused twin, and
+    ``convolutions``, those the shape run saw, inside modules called as they are too), then the default one
+    (:func:`centre_crops`: a quarter to a third of the pixels).  When the model runs on one and the fused graph
+    agrees within the proof trigger, that is the check (``report.verified_on`` says so); anything else, the check on
+    the inputs themselves decides, with its proofs.
     ``state``: the model's caches before any run (:func:`snapshot_state`), put back after the crops' runs.
     """
     candidates = [inputs] + ([random_like(inputs)] if is_degenerate(inputs) else [])
     if not full:
-        fraction = least_fraction([(gm.graph, dict(gm.named_modules())), pristine.graph_and_modules()])
+        graphs = [(g.graph, dict(g.named_modules())) for g in gm.modules() if isinstance(g, fx.GraphModule)]
+        fraction = least_fraction(graphs + [pristine.graph_and_modules()], convolutions or ())
         for crops in _crops_to_try(candidates, fraction):
             worst = _check_on_crops(gm, reference, crops, state)
             if worst is not None:
@@ -386,8 +410,9 @@ def _check_on_crops(gm: fx.GraphModule, reference: nn.Module, crops: list, state
             if err is None:
                 return None
             worst = max(worst, err)
-    finally:
-        restore_state(reference, state)  # a cache filled at the crop's size must not reach the full-size runs
+    finally:  # a cache filled at the crop's size must not reach the full-size runs
+        restore_state(reference, state)
+        restore_state(gm, state)  # (the private copies of modules fused inside: :mod:`reparam.inside`)
     return worst
 
 
@@ -451,19 +476,25 @@ def _check_end_to_end(fused: nn.Module, inputs: tuple, want: Any, report: Report
         )
 
 
-def _shapes(gm: fx.GraphModule, work: nn.Module, given: tuple | None) -> tuple | None:
-    """Record shapes on ``gm`` (the trace of ``work``, both float64 on the CPU); returns the float64 inputs
-    (``given`` or inferred ones; None if none run).
+def _shapes(gm: fx.GraphModule, work: nn.Module, given: tuple | None) -> tuple[tuple | None, list | None]:
+    """Record shapes on ``gm`` (the trace of ``work``, both float64 on the CPU); returns (the float64 inputs
+    (``given`` or inferred ones; None if none run), the geometry of the convolutions the run saw (None if unknown)).
 
     The shape run costs no convolutions or matrix products (:mod:`reparam.shape_run`), so it runs in float64
     on the private copy: no second copy of the model in its own precision is needed.
     """
-    runs = lambda x: T.propagate_shapes(gm, x) is not None  # noqa: E731
+    done = []
+
+    def runs(x: tuple) -> bool:
+        done.append(T.propagate_shapes(gm, x))
+        return done[-1] is not None
+
     if given is None:
-        return T.infer_example_inputs(work, gm, torch.float64, "cpu", runs=runs)
-    inputs = _float64_inputs(given)
-    runs(inputs)  # if this fails, the model fails on these inputs: verification says so
-    return inputs
+        inputs = T.infer_example_inputs(work, gm, torch.float64, "cpu", runs=runs)
+    else:
+        inputs = _float64_inputs(given)
+        runs(inputs)  # if this fails, the model fails on these inputs: verification says so
+    return inputs, (done[-1].convolutions if inputs is not None and done[-1] is not None else None)
 
 
 def _float64_copy(model: nn.Module) -> nn.Module:

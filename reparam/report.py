@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,20 @@ class Report:
         if block is not None and any(r.reason == reason and _under(r.where, block) for r in self.refusals):
             return
         self.refusals.append(item)
+
+    def tally(self) -> tuple[int, int, int]:
+        """How many rewrites, refusals and cost decisions are recorded (a mark for :meth:`place_under`)."""
+        return len(self.rewrites), len(self.refusals), len(self.decisions)
+
+    def place_under(self, since: tuple[int, int, int], path: str, in_part: Callable[[str], bool]) -> None:
+        """before -> after: the rewrites, refusals and decisions recorded after the mark ``since`` name places in a
+        part of the model (a traced submodule at ``path``: ``body.1``, or a node name of its graph: ``_1``) -> they
+        name places in the model (``path.body.1``; ``path`` for a node name).  ``in_part(where)``: ``where`` is a
+        module path inside the part."""
+        for items, start in zip((self.rewrites, self.refusals, self.decisions), since, strict=True):
+            items[start:] = [
+                replace(item, where=f"{path}.{item.where}" if in_part(item.where) else path) for item in items[start:]
+            ]
 
     def decide(self, **fields) -> None:
         """Record a :class:`CostDecision` (``fields`` are its fields), once: a region weighed again while the

@@ -167,6 +167,8 @@ class StandIns(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self._zeros: dict = {}
+        #: the geometry of every convolution run: (input shape, weight shape, stride, padding, dilation, transposed)
+        self.convolutions: list = []
 
     def _stand_in(self, like: Any, device: torch.device) -> Any:
         if not isinstance(like, torch.Tensor):
@@ -181,6 +183,9 @@ class StandIns(TorchDispatchMode):
         if func in VALUE_DEPENDENT or (func is aten.index.Tensor and _boolean_index(args)):
             raise NeedsValues(str(func))
         if func in HEAVY:
+            if func is aten.convolution.default:
+                x, w, _, stride, padding, dilation, transposed = args[:7]
+                self.convolutions.append((tuple(x.shape), tuple(w.shape), stride, padding, dilation, transposed))
             device = next(
                 t.device for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
             )
@@ -207,9 +212,11 @@ def _boolean_index(args: tuple) -> bool:
     return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices)
 
 
-def record_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> Any:
-    """``gm``'s output on ``inputs`` (values computed from stand-ins unless the real run was needed), recording
-    every node's ``tensor_meta``; raises what the real run raises when both fail.  ``inputs`` are not modified.
+def record_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> tuple[Any, list | None]:
+    """(``gm``'s output on ``inputs`` (values computed from stand-ins unless the real run was needed), the geometry of
+    every convolution the run made, modules called as they are included (:attr:`StandIns.convolutions`; None after
+    a real run)), recording every node's ``tensor_meta``; raises what the real run raises when both fail.
+    ``inputs`` are not modified.
 
     before -> after: nodes without ``tensor_meta`` -> every node that produces tensors has it, with the
     shapes and dtypes a real run on ``inputs`` gives.  Precondition: ``gm`` runs without grad (the caller's
@@ -217,13 +224,13 @@ def record_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> Any:
     """
     state = snapshot_state(gm)
     try:
-        with StandIns():
-            return ShapeRecorder(gm).run(*tree_map(_clone, list(inputs)))
+        with StandIns() as mode:
+            return ShapeRecorder(gm).run(*tree_map(_clone, list(inputs))), mode.convolutions
     except Exception:  # noqa: BLE001  NeedsValues, or any failure on stand-in values: run it for real
         pass
     finally:
         restore_state(gm, state)  # caches computed from stand-ins
-    return ShapeRecorder(gm).run(*tree_map(_clone, list(inputs)))
+    return ShapeRecorder(gm).run(*tree_map(_clone, list(inputs))), None
 
 
 def _clone(t: Any) -> Any:

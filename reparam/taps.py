@@ -77,11 +77,13 @@ def least_side(k: int, stride: int, padding: int, dilation: int) -> int | None:
     return None
 
 
-def least_fraction(graphs: Iterable[tuple[fx.Graph, dict]]) -> float | None:
+def least_fraction(graphs: Iterable[tuple[fx.Graph, dict]], convolutions: Iterable[tuple] = ()) -> float | None:
     """The smallest fraction of the recorded input sides at which every 2-d convolution of ``graphs`` (each a graph
-    with recorded shapes and its ``target -> module`` map) still reads every tap, taking each map to shrink in
-    proportion to the input (so a crop chosen from it must still be checked: :class:`TapCoverage`); None when some
-    convolution's needs are unknown (no recorded shape, another rank, taps never read)."""
+    with recorded shapes and its ``target -> module`` map) and of ``convolutions`` (the geometry a shape run saw:
+    :attr:`reparam.shape_run.StandIns.convolutions`, those inside modules called as they are included) still reads
+    every tap, taking each map to shrink in proportion to the input (so a crop chosen from it must still be checked:
+    :class:`TapCoverage`); None when some convolution's needs are unknown (no recorded shape, another rank, a
+    transposed one, taps never read)."""
     worst = 0.0
     for graph, modules in graphs:
         for node in graph.nodes:
@@ -89,12 +91,30 @@ def least_fraction(graphs: Iterable[tuple[fx.Graph, dict]]) -> float | None:
             if not computes_as_conv(m):
                 continue
             shape = node_shape(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
-            if shape is None or len(shape) != 4 or m.weight.dim() != 4 or isinstance(m.padding, str):
+            if shape is None or isinstance(m.padding, str):
                 return None
-            for axis in (0, 1):
-                least = least_side(m.kernel_size[axis], m.stride[axis], m.padding[axis], m.dilation[axis])
-                if least is None:
-                    return None
-                if least > 1:  # one tap (a 1x1 kernel) is read on any map, a pooled 1x1 one included
-                    worst = max(worst, least / shape[2 + axis])
+            need = _needed_fraction(shape, m.weight.shape, m.stride, m.padding, m.dilation)
+            if need is None:
+                return None
+            worst = max(worst, need)
+    for x_shape, w_shape, stride, padding, dilation, transposed in convolutions:
+        need = None if transposed else _needed_fraction(x_shape, w_shape, stride, padding, dilation)
+        if need is None:
+            return None
+        worst = max(worst, need)
+    return worst
+
+
+def _needed_fraction(x_shape, w_shape, stride, padding, dilation) -> float | None:
+    """The fraction of its input's sides at which a 2-d convolution (not transposed) still reads every tap (0 for a
+    1x1 kernel, whose one tap is read on any map); None for another rank or taps never read."""
+    if len(x_shape) != 4 or len(w_shape) != 4:
+        return None
+    worst = 0.0
+    for axis in (0, 1):
+        least = least_side(w_shape[2 + axis], stride[axis], padding[axis], dilation[axis])
+        if least is None:
+            return None
+        if least > 1:
+            worst = max(worst, least / x_shape[2 + axis])
     return worst

@@ -1,7 +1,8 @@
 """nn.Module -> torch.fx GraphModule with shapes, and example inputs when none are given.
 
 Leaf policy: torch.nn modules are leaves (fx's default), plus any module without children whose forward does not
-trace (:meth:`Tracer.call_module`); functions timm marks as not traceable are called as they are.
+trace (:meth:`Tracer.call_module`), and, for a whole-model trace (:func:`trace_whole`), any module with children
+whose own forward does not trace; functions timm marks as not traceable are called as they are.
 Parameter and buffer look-ups are resolved from a dictionary built once, so tracing stays linear in
 model size (fx's stock tracer scans every parameter for each functional access).
 """
@@ -124,13 +125,16 @@ def untraceable_module(err: BaseException) -> torch.nn.Module | None:
 
 
 class Tracer(fx.Tracer):
-    """fx tracer with O(1) parameter/buffer look-up, opaque childless modules that do not trace, timm's
-    not-traceable functions, item assignment and sizes spread into reshapes."""
+    """fx tracer with O(1) parameter/buffer look-up, opaque modules that do not trace (childless ones always, those
+    with children when made with ``opaque_parents``), timm's not-traceable functions, item assignment and sizes
+    spread into reshapes."""
 
-    def __init__(self, root: torch.nn.Module | None = None, **kwargs):
+    def __init__(self, root: torch.nn.Module | None = None, opaque_parents: bool = False, **kwargs):
         # root is optional: GraphModule re-creates its tracer class with no arguments when unpickled
         super().__init__(autowrap_functions=tuple(_timm_functions()), **kwargs)
-        self._opaque: set = set()  # childless modules whose forward does not trace: called as they are
+        self._opaque: set = set()  # modules whose forward does not trace: called as they are
+        self._opaque_parents = opaque_parents  # a module with children whose forward does not trace: opaque too
+        self.parents: dict = {}  # each such module -> the TraceError its forward raised
         self._parameter_proxies: dict | None = None  # fx's cache of get_attr proxies (see ``getattr``)
         self._names = {}
         if root is not None:
@@ -154,27 +158,27 @@ class Tracer(fx.Tracer):
         return m in self._opaque or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
-        """A module without children whose forward does not trace (Python control flow on a traced value, such as
-        timm's ``Conv2dSame`` padding from the input's size) becomes one ``call_module`` node, run as it is, and
-        the trace goes on; what its failed attempt recorded is undone.  A module with children still fails the
-        trace (the pipeline then fuses the parts: the children's own rewrites are not lost in an opaque node)."""
-        if next(m.children(), None) is not None:
-            try:
-                return super().call_module(m, forward, args, kwargs)
-            except fx.proxy.TraceError as err:
+        """A module whose forward does not trace (Python control flow on a traced value, such as timm's
+        ``Conv2dSame`` padding from the input's size) becomes one ``call_module`` node, run as it is, and the trace
+        goes on; what its failed attempt recorded is undone.  A module *with* children does so only when the tracer
+        was made with ``opaque_parents`` (its children's rewrites are then the caller's to do: :attr:`parents`);
+        otherwise it fails the trace, the error naming it (:func:`untraceable_module`)."""
+        if self.is_leaf_module(m, ""):  # torch.nn's, or made opaque by an earlier call
+            return super().call_module(m, forward, args, kwargs)
+        parent = next(m.children(), None) is not None
+        last, depth = self.graph._root.prev, len(self.module_stack)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except fx.proxy.TraceError as err:
+            if parent and not self._opaque_parents:
                 if not hasattr(err, UNTRACEABLE):  # the innermost module with children whose forward failed
                     setattr(err, UNTRACEABLE, m)
                 raise
-        if self.is_leaf_module(m, ""):  # torch.nn's, or made opaque by an earlier call
-            return super().call_module(m, forward, args, kwargs)
-        last, stack, calls = self.graph._root.prev, dict(self.module_stack), dict(self.num_calls)
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except fx.proxy.TraceError:
+            if parent:
+                self.parents[m] = err
             self._undo_after(last)
-            self.module_stack.clear()
-            self.module_stack.update(stack)
-            self.num_calls = calls
+            while len(self.module_stack) > depth:  # scopes the failed attempt left open
+                self.module_stack.popitem()
             self._opaque.add(m)
             return super().call_module(m, forward, args, kwargs)
 
@@ -207,12 +211,25 @@ class Tracer(fx.Tracer):
 
 
 def symbolic_trace(model: torch.nn.Module) -> fx.GraphModule:
-    """Trace ``model`` (in its current mode) into a GraphModule sharing its submodules.
+    """Trace ``model`` (in its current mode) into a GraphModule sharing its submodules; a module with children whose
+    forward does not trace fails the trace (:func:`untraceable_module` names it).
 
     Whatever the forward caches on its modules while tracing (torchvision's ``MultiScaleRoIAlign`` keeps
     scales computed from the inputs: proxies, here) is undone, traced or not.
     """
-    tracer = Tracer(model)
+    return _trace(Tracer(model), model)
+
+
+def trace_whole(model: torch.nn.Module) -> tuple[fx.GraphModule, dict]:
+    """:func:`symbolic_trace`, except that a module with children whose own forward does not trace is called as it
+    is (one ``call_module``); returns (the GraphModule, ``{path of each such module: the TraceError it raised}``).
+    Its children are left to the caller (:mod:`reparam.inside` fuses them)."""
+    tracer = Tracer(model, opaque_parents=True)
+    gm = _trace(tracer, model)
+    return gm, {tracer.path_of_module(m): err for m, err in tracer.parents.items()}
+
+
+def _trace(tracer: Tracer, model: torch.nn.Module) -> fx.GraphModule:
     state = snapshot_state(model)
     try:
         graph = tracer.trace(model)
@@ -241,9 +258,11 @@ def _traced_constants(root: torch.nn.Module, graph: fx.Graph, before: dict) -> d
 
 @dataclass
 class Run:
-    """What a shape-propagation run returned (the traced graph's output on the inputs)."""
+    """What a shape-propagation run returned: the traced graph's output on the inputs, and the geometry of the
+    convolutions it ran (:func:`reparam.shape_run.record_shapes`; None when unknown)."""
 
     output: Any
+    convolutions: list | None = None
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Run | None:
@@ -257,19 +276,21 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Run |
     try:
         with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")  # a module's forward may print or warn for a candidate that fails
-            return Run(_plain(record_shapes(gm, example_inputs)))  # inputs stay as given
+            output, convolutions = record_shapes(gm, example_inputs)  # inputs stay as given
+            return Run(plain_containers(output), convolutions)
     except Exception:  # noqa: BLE001  the model's own code on trial inputs: any failure means "these do not run"
         return None
 
 
-def _plain(value: Any) -> Any:
-    """fx's interpreter returns the output node's immutable containers; the compiled module returns plain ones."""
+def plain_containers(value: Any) -> Any:
+    """before -> after: fx's immutable containers (what the interpreter returns, a node's arguments) -> plain dicts,
+    lists and tuples, as the compiled module returns them and a module's forward may update them."""
     if isinstance(value, immutable_dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain_containers(v) for k, v in value.items()}
     if isinstance(value, immutable_list):
-        return [_plain(v) for v in value]
+        return [plain_containers(v) for v in value]
     if type(value) is tuple:
-        return tuple(_plain(v) for v in value)
+        return tuple(plain_containers(v) for v in value)
     return value
 
 

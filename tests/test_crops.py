@@ -120,6 +120,29 @@ def test_least_fraction_reads_the_recorded_maps_and_skips_one_tap_kernels():
     assert least_fraction([(gm.graph, dict(gm.named_modules()))]) == pytest.approx(2 / 224)
 
 
+class OpaqueLargeKernel(nn.Module):
+    """A 7x7 convolution inside a module whose forward does not trace: the graph calls it as it is."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4, 7, 7))
+
+    def forward(self, x):
+        if x.shape[-1] > 0:
+            return F.conv2d(x, self.weight, padding=3)
+        return x
+
+
+def test_the_shape_run_reports_the_convolutions_of_modules_called_as_they_are():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4, padding=1), OpaqueLargeKernel())
+    gm = T.symbolic_trace(model)
+    run = T.propagate_shapes(gm, (torch.randn(1, 3, 64, 64),))
+    graphs = [(gm.graph, dict(gm.named_modules()))]
+    assert least_fraction(graphs) == pytest.approx(least_side(3, 4, 1, 1) / 64)  # the graph sees the 3x3 only
+    assert len(run.convolutions) == 2
+    assert least_fraction(graphs, run.convolutions) == pytest.approx(4 / 16)  # 7x7 on the 16x16 map: 4 pixels
+
+
 def test_tap_coverage_names_convolutions_whose_outer_taps_read_only_padding():
     coverage = TapCoverage()
     with coverage:
