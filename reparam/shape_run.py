@@ -2,16 +2,18 @@
 arithmetic of its convolutions and matrix products.
 
 The passes need each node's shape and dtype, never its values.  :func:`record_shapes` runs the graph once with
-*stand-ins* for the heavy ops (convolutions, matrix products, attention): their output shape, stride and dtype
-come from the op's meta kernel, their output is zeros; transcendental unary ops (GELU, SiLU, softmax ...) return
-zeros shaped like their input.  Everything else runs as usual on those values, so a shape run costs the cheap
-elementwise work only (a float64 ViT-B/16 at 224x224 does 17 GMACs in its matrix products).
+*stand-ins* for the heavy ops (convolutions, matrix products, attention; batch norm and gathers of floating
+tensors): their output shape, stride and dtype come from the op's meta kernel (or a formula), their output is
+zeros; transcendental unary ops (GELU, SiLU, softmax ...) return zeros shaped like their input.  Everything
+else runs as usual on those values, so a shape run costs the cheap elementwise work only (a float64 ViT-B/16 at
+224x224 does 17 GMACs in its matrix products).
 
 An op whose output *shape* depends on tensor values (``nonzero``, boolean indexing, ``.item()`` and anything else
 reading a value into Python) cannot run on stand-ins: the run is then repeated for real, as it is when the
 stand-in run fails in any other way (an op without a meta kernel, say).  Strides recorded for stand-ins are
-those of the op's meta kernel, which may differ from the real kernel's (oneDNN returns channels-last outputs
-for some convolutions); reparam reads shapes and dtypes only.  Running everything on the meta device would need
+those of the op's meta kernel (for convolutions: channels-last out of a channels-last input, as the CPU kernels
+give; the meta kernel gives contiguous), which may differ from the real kernel's; reparam reads shapes and
+dtypes only.  Running everything on the meta device would need
 no stand-ins, but PyTorch's meta kernels of elementwise ops and batch norm are Python decompositions, slower than
 the real ops at these sizes.
 
@@ -81,6 +83,18 @@ IN_PLACE_SAME = frozenset(
         aten.exp_.default,
     }
 )
+#: ops on a floating tensor whose output layout their meta kernel gives from their inputs' shapes alone: stand-ins
+#: too when their first argument is floating (a gather of attention biases over every pair of tokens)
+FLOATING_HEAVY = frozenset({aten.index.Tensor})
+#: batch norm ops -> the position of their ``training`` argument (None: never training); stand-ins on a floating
+#: input, laid out without their meta kernel (a Python decomposition, slower than the real op): the output like
+#: the input, the saved statistics per channel when training, empty when not
+BATCH_NORMS = {
+    aten.native_batch_norm.default: 5,
+    aten._native_batch_norm_legit.default: 5,
+    aten._native_batch_norm_legit.no_stats: 3,
+    aten._native_batch_norm_legit_no_training.default: None,
+}
 #: ops whose output shape (or Python control flow) depends on tensor values: stand-ins cannot feed them
 VALUE_DEPENDENT = frozenset(
     {
@@ -158,8 +172,10 @@ _WITHOUT_BIAS = {aten.addmm.default: aten.mm.default, aten.baddbmm.default: aten
 
 
 class StandIns(TorchDispatchMode):
-    """Inside this mode, the ops of :data:`HEAVY` return zeros of the shape, stride and dtype their meta kernel
-    gives, and the ops of :data:`VALUE_DEPENDENT` raise :class:`NeedsValues`; all other ops run as usual.
+    """Inside this mode, the ops of :data:`HEAVY` (and of :data:`FLOATING_HEAVY` on a floating tensor) return zeros
+    of the shape, stride and dtype their meta kernel gives, batch norms (:data:`BATCH_NORMS`) zeros like their
+    input (their running statistics are not updated), and the ops of :data:`VALUE_DEPENDENT` raise
+    :class:`NeedsValues`; all other ops run as usual.
 
     Stand-ins of one layout are one zero tensor, handed out again (filling a fresh one costs as much as a
     cheap op): an op that updates one in place changes values nobody reads, never a shape."""
@@ -182,10 +198,11 @@ class StandIns(TorchDispatchMode):
         kwargs = kwargs or {}
         if func in VALUE_DEPENDENT or (func is aten.index.Tensor and _boolean_index(args)):
             raise NeedsValues(str(func))
-        if func in HEAVY:
+        if func in HEAVY or (func in FLOATING_HEAVY and _floating(args)):
             if func is aten.convolution.default:
                 x, w, _, stride, padding, dilation, transposed = args[:7]
                 self.convolutions.append((tuple(x.shape), tuple(w.shape), stride, padding, dilation, transposed))
+                return self._stand_in(convolution_layout(*args[:9]), x.device)
             device = next(
                 t.device for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
             )
@@ -194,12 +211,35 @@ class StandIns(TorchDispatchMode):
             else:
                 out = func(*tree_map(_meta_like, args), **tree_map(_meta_like, kwargs))
             return tree_map(lambda t: self._stand_in(t, device), out)
+        if func in BATCH_NORMS and _floating(args):
+            x, at = args[0], BATCH_NORMS[func]
+            stats = (x.shape[1],) if at is not None and args[at] else (0,)
+            out = self._stand_in(torch.empty_like(_meta_like(x)), x.device)
+            return out, *(torch.empty(stats, dtype=x.dtype, device=x.device) for _ in range(2))
         if (func in SAME_AS_INPUT or (func is aten._softmax.default and not args[2])) and _floating(args):
             # the layout elementwise kernels give: the input's strides if it is dense, else contiguous
             return self._stand_in(torch.empty_like(_meta_like(args[0])), args[0].device)
         if func in IN_PLACE_SAME and _floating(args):
             return args[0]  # its values do not matter here, and it stays the same tensor
         return func(*args, **kwargs)
+
+
+def convolution_layout(x, w, bias, stride, padding, dilation, transposed, output_padding, groups) -> torch.Tensor:
+    """A meta tensor laid out as ``aten.convolution``'s output (its meta kernel, a Python function, costs 0.2 ms a
+    call): the shape from the usual formulas, channels-last when the input is and is not also contiguous."""
+    sides = []
+    for axis in range(w.dim() - 2):
+        n, k, s, p, d = x.shape[2 + axis], w.shape[2 + axis], stride[axis], padding[axis], dilation[axis]
+        if transposed:
+            sides.append((n - 1) * s - 2 * p + d * (k - 1) + output_padding[axis] + 1)
+        else:
+            sides.append((n + 2 * p - d * (k - 1) - 1) // s + 1)
+    channels = w.shape[1] * groups if transposed else w.shape[0]
+    out = torch.empty((x.shape[0], channels, *sides), dtype=x.dtype, device="meta")
+    last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if last is not None and x.is_contiguous(memory_format=last) and not x.is_contiguous():
+        out = out.contiguous(memory_format=last)
+    return out
 
 
 def _floating(args: tuple) -> bool:

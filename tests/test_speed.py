@@ -10,11 +10,13 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import rel_err
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import reparam
 from reparam.float64 import FastFloat64
 from reparam.pipeline import _float64_copy
-from reparam.shape_run import NeedsValues, ShapeRecorder, StandIns, record_shapes
+from reparam.shape_run import NeedsValues, ShapeRecorder, StandIns, convolution_layout, record_shapes
 from reparam.match import node_shape
 
 
@@ -147,3 +149,57 @@ def test_caches_filled_in_place_by_the_float64_runs_are_emptied():
     assert all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in fused.block.cache.values())
     with torch.no_grad():
         assert rel_err(fused(x), model(x)) <= 1e-5
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    nd=st.integers(1, 3),
+    transposed=st.booleans(),
+    groups=st.integers(1, 2),
+    data=st.data(),
+)
+def test_the_convolution_stand_in_has_the_shape_of_the_real_output(nd, transposed, groups, data):
+    """``convolution_layout`` (a formula, not the 0.2 ms meta kernel) against the meta kernel's shape."""
+    ints = lambda lo, hi: data.draw(st.lists(st.integers(lo, hi), min_size=nd, max_size=nd))  # noqa: E731
+    kernel, stride, padding, dilation, sides = ints(1, 4), ints(1, 3), ints(0, 2), ints(1, 2), ints(1, 12)
+    cin, cout = groups * data.draw(st.integers(1, 3)), groups * data.draw(st.integers(1, 3))
+    output_padding = (
+        [data.draw(st.integers(0, min(s, d) - 1)) for s, d in zip(stride, dilation, strict=True)]
+        if transposed
+        else [0] * nd
+    )
+    x = torch.empty(2, cin, *sides, device="meta")
+    w = torch.empty(*((cin, cout // groups) if transposed else (cout, cin // groups)), *kernel, device="meta")
+    args = (x, w, None, stride, padding, dilation, transposed, output_padding, groups)
+    try:
+        want = torch.ops.aten.convolution(*args)
+    except RuntimeError:  # an output side below one
+        return
+    assert convolution_layout(*args).shape == want.shape
+
+
+def test_batch_norms_and_floating_gathers_are_stood_in_with_the_real_shapes():
+    class Gathers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+            self.weight = nn.Parameter(torch.randn(4, 2, 3, 3))
+            self.table = nn.Parameter(torch.randn(10, 3))
+            self.register_buffer("idx", torch.randint(0, 10, (5, 6)))
+
+        def forward(self, x):
+            standardised = F.batch_norm(self.weight.reshape(1, 4, -1), None, None, training=True)  # as NF-Nets
+            return self.bn(x), standardised.reshape_as(self.weight), self.table[self.idx]
+
+    model = Gathers().eval()
+    gm = fx.symbolic_trace(model)
+    x = torch.randn(2, 4, 7, 5)
+    stats = model.bn.running_mean.clone()
+    with torch.no_grad():
+        output, convolutions = record_shapes(gm, (x,))
+        want = model(x)
+    assert convolutions == []  # the stand-in run went through (None: it fell back to a real run)
+    assert all(not bool(t.any()) for t in output)  # stand-ins: zeros, nothing computed
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    assert [node_shape(n) for n in out] == [tuple(t.shape) for t in want]
+    assert torch.equal(model.bn.running_mean, stats)
