@@ -78,12 +78,12 @@ def least_side(k: int, stride: int, padding: int, dilation: int) -> int | None:
 
 
 def least_fraction(graphs: Iterable[tuple[fx.Graph, dict]], convolutions: Iterable[tuple] = ()) -> float | None:
-    """The smallest fraction of the recorded input sides at which every 2-d convolution of ``graphs`` (each a graph
+    """The smallest fraction of the recorded input sides at which every convolution of ``graphs`` (each a graph
     with recorded shapes and its ``target -> module`` map) and of ``convolutions`` (the geometry a shape run saw:
     :attr:`reparam.shape_run.StandIns.convolutions`, those inside modules called as they are included) still reads
     every tap, taking each map to shrink in proportion to the input (so a crop chosen from it must still be checked:
-    :class:`TapCoverage`); None when some convolution's needs are unknown (no recorded shape, another rank, a
-    transposed one, taps never read)."""
+    :class:`TapCoverage`); None when some convolution's needs are unknown (no recorded shape, a transposed one, taps
+    never read)."""
     worst = 0.0
     for graph, modules in graphs:
         for node in graph.nodes:
@@ -106,12 +106,13 @@ def least_fraction(graphs: Iterable[tuple[fx.Graph, dict]], convolutions: Iterab
 
 
 def _needed_fraction(x_shape, w_shape, stride, padding, dilation) -> float | None:
-    """The fraction of its input's sides at which a 2-d convolution (not transposed) still reads every tap (0 for a
-    1x1 kernel, whose one tap is read on any map); None for another rank or taps never read."""
-    if len(x_shape) != 4 or len(w_shape) != 4:
+    """The fraction of its input's sides at which a convolution (not transposed, of any rank) still reads every tap
+    (0 for a one-tap kernel, read on any map); None for an unbatched input or taps never read.  An axis that does not
+    shrink with the image (ECA's 1-d convolution along the channels) only needs less than this."""
+    if len(x_shape) != len(w_shape) or len(w_shape) < 3:
         return None
     worst = 0.0
-    for axis in (0, 1):
+    for axis in range(len(w_shape) - 2):
         least = least_side(w_shape[2 + axis], stride[axis], padding[axis], dilation[axis])
         if least is None:
             return None

@@ -143,6 +143,28 @@ def test_the_shape_run_reports_the_convolutions_of_modules_called_as_they_are():
     assert least_fraction(graphs, run.convolutions) == pytest.approx(4 / 16)  # 7x7 on the 16x16 map: 4 pixels
 
 
+class ChannelAttention(nn.Module):
+    """ECA: a 1-d convolution along the pooled channels (its axis does not shrink with the image)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, stride=2, padding=1)
+        self.eca = nn.Conv1d(1, 1, 5, padding=2, bias=False)
+
+    def forward(self, x):
+        y = self.conv(x)
+        w = self.eca(y.mean((2, 3)).unsqueeze(1)).squeeze(1)
+        return y * w.sigmoid()[:, :, None, None]
+
+
+def test_a_one_dimensional_convolution_does_not_hide_the_crop_the_others_need():
+    gm = T.symbolic_trace(ChannelAttention(16))
+    run = T.propagate_shapes(gm, (torch.randn(1, 3, 64, 64),))
+    graphs = [(gm.graph, dict(gm.named_modules()))]
+    # the 5-tap convolution on its 16 channels counts as if they shrank with the image: 3 of 16 (conservative)
+    assert least_fraction(graphs, run.convolutions) == pytest.approx(least_side(5, 1, 2, 1) / 16)
+
+
 def test_tap_coverage_names_convolutions_whose_outer_taps_read_only_padding():
     coverage = TapCoverage()
     with coverage:
