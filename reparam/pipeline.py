@@ -270,7 +270,7 @@ def _fuse_with_report(
     except Exception as err:  # noqa: BLE001  any failure tracing the user's code: fuse its parts (the reason: notes)
         gm, parents, trace_error = None, {}, err
     fuse_graph = _graph_fuser(report, dtypes, main, remove_residuals, cost)
-    fused = None
+    fused, restart = None, None  # restart: why the whole-model result is dropped for the part-by-part path
     if gm is not None:
         inputs, convolutions = _shapes(gm, work, given)
         pristine = _fuse_graph(gm, inputs, report, dtypes, main, True, remove_residuals, cost)
@@ -279,10 +279,9 @@ def _fuse_with_report(
                 with fast_float64_for(work):
                     fuse_inside(gm, parents, report, fuse_graph, state, set(unfused))
             except Exception as err:  # noqa: BLE001  (the user's code on random inputs, no inputs to run): part by part
-                gm, trace_error = None, next(iter(parents.values()))
-                report = Report(notes=[f"modules called as they are not fused inside ({one_line(err)[:120]})"])
-                fuse_graph = _graph_fuser(report, dtypes, main, remove_residuals, cost)
-    if gm is not None:
+                trace_error = next(iter(parents.values()))
+                restart = f"modules called as they are not fused inside ({one_line(err)[:120]})"
+    if gm is not None and restart is None:
         if not check or inputs is None:
             fused = gm
         else:  # against the eager model, not the traced graph: fx can trace a model unfaithfully
@@ -294,13 +293,22 @@ def _fuse_with_report(
                 fused = gm
             except UnfaithfulTrace as err:
                 trace_error = err
-                report = Report(
-                    notes=[
-                        f"{type(model).__name__}: torch.fx traces it unfaithfully "
-                        "(e.g. an aliased in-place update); fused part by part instead"
-                    ]
+                restart = (
+                    f"{type(model).__name__}: torch.fx traces it unfaithfully (e.g. an aliased in-place update); "
+                    "fused part by part instead"
                 )
-                fuse_graph = _graph_fuser(report, dtypes, main, remove_residuals, cost)
+            except EquivalenceError as err:
+                if not parents:
+                    raise
+                # an opaque module may post-process data-dependently (top-k, NMS): each part is checked locally instead
+                trace_error = next(iter(parents.values()))
+                restart = (
+                    f"the whole-model check disagreed ({one_line(err)[:160]}); fused part by part instead, each "
+                    "part checked on the inputs it sees"
+                )
+    if restart is not None:
+        report = Report(notes=[restart])
+        fuse_graph = _graph_fuser(report, dtypes, main, remove_residuals, cost)
     if fused is None:
         with fast_float64_for(work):
             fused, inputs = _fuse_parts(work, given, report, fuse_graph, trace_error, check)

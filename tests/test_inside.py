@@ -107,7 +107,8 @@ def test_children_of_an_opaque_module_are_fused_and_the_model_is_checked_whole_o
 
 def test_a_wrong_fusion_inside_the_copy_is_caught_against_the_original(monkeypatch):
     """The part proofs pass (the error is made after them): the whole-model check, against the eager original, must
-    refuse it and name the opaque module."""
+    refuse it and name the opaque module; the model is then fused part by part, each part proven on what it sees
+    (an opaque module may post-process data-dependently: a whole-model disagreement is not taken as final)."""
     real = inside.PartFuser
 
     class Corrupting(real):
@@ -122,7 +123,33 @@ def test_a_wrong_fusion_inside_the_copy_is_caught_against_the_original(monkeypat
 
     monkeypatch.setattr(inside, "PartFuser", Corrupting)
     model = randomised(Net(SizeBranch(8))).double()
-    with pytest.raises(EquivalenceError, match="middle"):
+    x = torch.randn(1, 3, 96, 96, dtype=torch.float64)
+    fused, report = reparam.fuse_with_report(model, x)
+    assert report.notes[0].startswith("the whole-model check disagreed (region middle")
+    assert any("does not trace as a whole" in n for n in report.notes)
+    assert counts(fused) == (4, 0)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-11, atol=1e-11)  # not the corrupted copy
+
+
+def test_a_wrong_fold_is_still_refused_after_the_part_by_part_retry(monkeypatch):
+    """A wrong rewrite (every graph's first fused conv off by 1e-3): the whole-model check disagrees, and so does the
+    part-by-part retry's proof of the part that holds it."""
+    from reparam import pipeline
+
+    real = pipeline._fuse_graph
+
+    def corrupting(gm, *args, **kwargs):
+        pristine = real(gm, *args, **kwargs)
+        conv = next((m for m in gm.modules() if isinstance(m, nn.Conv2d)), None)
+        if conv is not None:
+            with torch.no_grad():
+                conv.weight.mul_(1 + 1e-3)
+        return pristine
+
+    monkeypatch.setattr(pipeline, "_fuse_graph", corrupting)
+    model = randomised(Net(SizeBranch(8))).double()
+    with pytest.raises(EquivalenceError, match="region"):
         reparam.fuse(model, torch.randn(1, 3, 96, 96, dtype=torch.float64))
 
 
