@@ -64,6 +64,20 @@ def random_bn(bn: nn.modules.batchnorm._BatchNorm, generator: torch.Generator | 
     return bn
 
 
+def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
+    """``model`` in eval mode, every BatchNorm2d's statistics and affine parameters random (so folding is not the
+    identity), tame enough for deep nets: mean, bias ~ N(0, 0.1); var, weight ~ U(0.5, 1.5)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model.eval()
+
+
 def bn2d(c: int) -> nn.BatchNorm2d:
     return random_bn(nn.BatchNorm2d(c))
 

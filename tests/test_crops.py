@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import randomised
+
 import reparam
 from reparam import trace as T
 from reparam.errors import ReparamError
@@ -22,18 +24,6 @@ from reparam.verify import CROP_PERIOD, centre_crops
 
 def conv_bn(cin: int, cout: int, k: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
-
-
-def randomised(model: nn.Module) -> nn.Module:
-    """``model`` in eval mode with random BatchNorm statistics and affine parameters (folding is not the identity)."""
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model.eval()
 
 
 def small_cnn(last_kernel: int = 3) -> nn.Module:

@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import randomised
+
 import reparam
 from reparam import inside
 from reparam import trace as T
@@ -59,17 +61,6 @@ class Net(nn.Module):
 
     def forward(self, x):
         return self.head(torch.relu(self.middle(torch.relu(self.stem(x)))))
-
-
-def randomised(model: nn.Module) -> nn.Module:
-    torch.manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.normal_(0, 0.1)
-    return model.eval()
 
 
 def counts(model: nn.Module) -> tuple[int, int]:

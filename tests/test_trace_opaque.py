@@ -11,6 +11,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conftest import randomised
+
 import reparam
 from reparam import trace as T
 from reparam.match import computes_as_conv, is_conv
@@ -53,17 +55,6 @@ class Branchy(nn.Module):
         if x.shape[-1] > 4:
             return self.b(self.a(x))
         return x
-
-
-def randomised(model: nn.Module) -> nn.Module:
-    torch.manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.normal_(0, 0.1)
-    return model.eval()
 
 
 def test_a_childless_module_that_does_not_trace_is_one_opaque_call_and_the_rest_traces():
