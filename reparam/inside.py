@@ -4,9 +4,11 @@ A module with children whose own forward does not trace (timm's ``LiteMLA``, ``M
 ``LocalWindowAttention``: Python control flow on a traced size) is one opaque ``call_module`` in the whole-model
 graph (:func:`reparam.trace.trace_whole`); the rest of the model is fused and verified as one graph, crops
 included.  Its own children may still hold convolutions and BatchNorms to fold: they are fused here, part by part
-(:class:`reparam.parts.PartFuser`), inside a private copy of the module, each part proven on what it receives when
-the copy runs on random inputs of the shapes the shape run recorded for the module.  The copy takes the module's
-place in the graph only; the eager model the whole graph is verified against keeps the original.
+(:class:`reparam.parts.PartFuser`), inside a private copy of the module, each part's shapes from a stand-in run of
+the copy (:mod:`reparam.shape_run`) on random inputs of the shapes the whole model's shape run recorded for it.
+The copy takes the module's place in the graph only; the eager model the whole graph is verified against keeps the
+original, so the whole-model check proves the parts too (the pipeline falls back to the part-by-part path, which
+proves each part on what it receives, when that check disagrees).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch.utils._pytree import tree_map
 from .interface import restore_state, snapshot_state
 from .parts import PartFuser, record_calls
 from .report import Report
+from .shape_run import StandIns
 from .trace import plain_containers
 
 
@@ -33,7 +36,8 @@ class CannotFuseInside(Exception):
 
 def fuse_inside(gm: fx.GraphModule, parents: dict, report: Report, fuse_graph, state: dict, shared: set) -> None:
     """before -> after: ``gm`` calls each module of ``parents`` (path -> the TraceError of its forward) as it is ->
-    ``gm`` calls a copy of it whose traceable parts are fused (the report gains their rewrites and notes).
+    ``gm`` calls a copy of it whose traceable parts are fused (the report gains their rewrites and notes), not yet
+    checked: the caller checks ``gm`` against the eager model.
 
     ``fuse_graph(gm, inputs, path)``: the passes on one part (paths are the model's).  ``state``: the snapshot the
     final restore uses, extended with each copy's state before its recording run.  ``shared``: the modules of the
@@ -52,7 +56,7 @@ def fuse_inside(gm: fx.GraphModule, parents: dict, report: Report, fuse_graph, s
         private = structural_copy(gm.get_submodule(path))
         state.update(snapshot_state(private))
         before = len(report.rewrites)
-        parts = PartFuser(report, fuse_graph, partial(_record, args=args, kwargs=kwargs))
+        parts = PartFuser(report, fuse_graph, partial(_record_shapes, args=args, kwargs=kwargs), prove=False)
         try:
             fused = parts.fuse(private, error, path)
         finally:
@@ -61,8 +65,15 @@ def fuse_inside(gm: fx.GraphModule, parents: dict, report: Report, fuse_graph, s
             setattr(owner, name, fused)
 
 
-def _record(model: nn.Module, only: set, args: tuple, kwargs: dict) -> tuple:
-    return record_calls(model, args, only, kwargs)
+def _record_shapes(model: nn.Module, only: set, args: tuple, kwargs: dict) -> tuple:
+    """:func:`record_calls` of ``model`` on ``args`` / ``kwargs`` with stand-ins for its heavy ops
+    (:class:`reparam.shape_run.StandIns`: the parts need the shapes of their calls only); for real where that run
+    fails (an op that reads a value)."""
+    try:
+        with torch.no_grad(), StandIns():
+            return record_calls(model, args, only, kwargs)
+    except Exception:  # noqa: BLE001  NeedsValues, or any failure on stand-in values: run it for real
+        return record_calls(model, args, only, kwargs)
 
 
 def structural_copy(module: nn.Module) -> nn.Module:
