@@ -102,6 +102,20 @@ def test_fast_float64_depthwise_equals_pytorch(kernel, stride, padding, dilation
     assert torch.equal(other, F.conv2d(x.float(), w.float(), None, stride, padding, dilation, c))
 
 
+def test_fast_float64_leaves_small_kernels_on_large_maps_to_pytorch(monkeypatch):
+    import reparam.float64 as f64
+
+    used = []
+    real = f64.depthwise_conv2d
+    monkeypatch.setattr(f64, "depthwise_conv2d", lambda *a: used.append(a[1].shape[-1]) or real(*a))
+    large, small = torch.randn(1, 4, 64, 64, dtype=torch.float64), torch.randn(1, 4, 16, 16, dtype=torch.float64)
+    with torch.no_grad(), FastFloat64():
+        for x in (large, small):
+            for k in (3, 7):
+                F.conv2d(x, torch.randn(4, 1, k, k, dtype=torch.float64), None, 2, k // 2, 1, 4)
+    assert used == [7, 3, 7]  # PyTorch's kernel for the 3x3 on the 64x64 map (as fast or faster there)
+
+
 def test_float64_copy_is_a_faithful_private_copy():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.BatchNorm1d(4)).eval()
     model[2].weight = model[0].weight  # tied
