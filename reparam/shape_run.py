@@ -84,8 +84,8 @@ IN_PLACE_SAME = frozenset(
     }
 )
 #: ops on a floating tensor whose output layout their meta kernel gives from their inputs' shapes alone: stand-ins
-#: too when their first argument is floating (a gather of attention biases over every pair of tokens)
-FLOATING_HEAVY = frozenset({aten.index.Tensor})
+#: too when their first argument is floating (a gather of attention biases over every pair of tokens, a pad)
+FLOATING_HEAVY = frozenset({aten.index.Tensor, aten.constant_pad_nd.default})
 #: batch norm ops -> the position of their ``training`` argument (None: never training); stand-ins on a floating
 #: input, laid out without their meta kernel (a Python decomposition, slower than the real op): the output like
 #: the input, the saved statistics per channel when training, empty when not
@@ -173,9 +173,9 @@ _WITHOUT_BIAS = {aten.addmm.default: aten.mm.default, aten.baddbmm.default: aten
 
 class StandIns(TorchDispatchMode):
     """Inside this mode, the ops of :data:`HEAVY` (and of :data:`FLOATING_HEAVY` on a floating tensor) return zeros
-    of the shape, stride and dtype their meta kernel gives, batch norms (:data:`BATCH_NORMS`) zeros like their
-    input (their running statistics are not updated), and the ops of :data:`VALUE_DEPENDENT` raise
-    :class:`NeedsValues`; all other ops run as usual.
+    of the shape, stride and dtype their meta kernel gives; batch and layer norms (:data:`BATCH_NORMS`), softmaxes,
+    clones and :data:`SAME_AS_INPUT` of a floating tensor zeros like their input (running statistics are not
+    updated); the ops of :data:`VALUE_DEPENDENT` raise :class:`NeedsValues`; all other ops run as usual.
 
     Stand-ins of one layout are one zero tensor, handed out again (filling a fresh one costs as much as a
     cheap op): an op that updates one in place changes values nobody reads, never a shape."""
@@ -216,7 +216,15 @@ class StandIns(TorchDispatchMode):
             stats = (x.shape[1],) if at is not None and args[at] else (0,)
             out = self._stand_in(torch.empty_like(_meta_like(x)), x.device)
             return out, *(torch.empty(stats, dtype=x.dtype, device=x.device) for _ in range(2))
-        if (func in SAME_AS_INPUT or (func is aten._softmax.default and not args[2])) and _floating(args):
+        if func is aten.native_layer_norm.default and _floating(args):
+            x, normalized = args[0], len(args[1])
+            stats = (*x.shape[: x.dim() - normalized], *(1,) * normalized)
+            out = self._stand_in(torch.empty_like(_meta_like(x), memory_format=torch.contiguous_format), x.device)
+            return out, *(torch.empty(stats, dtype=x.dtype, device=x.device) for _ in range(2))
+        if func is aten.clone.default and _floating(args):  # a copy of values nobody reads: its layout only
+            layout = kwargs.get("memory_format", torch.preserve_format)
+            return self._stand_in(torch.empty_like(_meta_like(args[0]), memory_format=layout), args[0].device)
+        if (func in SAME_AS_INPUT or _softmax_in_its_dtype(func, args, kwargs)) and _floating(args):
             # the layout elementwise kernels give: the input's strides if it is dense, else contiguous
             return self._stand_in(torch.empty_like(_meta_like(args[0])), args[0].device)
         if func in IN_PLACE_SAME and _floating(args):
@@ -240,6 +248,16 @@ def convolution_layout(x, w, bias, stride, padding, dilation, transposed, output
     if last is not None and x.is_contiguous(memory_format=last) and not x.is_contiguous():
         out = out.contiguous(memory_format=last)
     return out
+
+
+def _softmax_in_its_dtype(func, args: tuple, kwargs: dict) -> bool:
+    """A softmax whose output has its input's dtype (``_softmax`` without ``half_to_float``, ``_safe_softmax``, the
+    masked-row-safe one of attention, without a ``dtype``)."""
+    if func is aten._softmax.default:
+        return not args[2]
+    if func is aten._safe_softmax.default:
+        return (args[2] if len(args) > 2 else kwargs.get("dtype")) is None
+    return False
 
 
 def _floating(args: tuple) -> bool:

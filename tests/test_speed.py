@@ -192,7 +192,7 @@ def test_the_convolution_stand_in_has_the_shape_of_the_real_output(nd, transpose
     assert convolution_layout(*args).shape == want.shape
 
 
-def test_batch_norms_and_floating_gathers_are_stood_in_with_the_real_shapes():
+def test_norms_gathers_copies_pads_and_softmaxes_are_stood_in_with_the_real_shapes():
     class Gathers(nn.Module):
         def __init__(self):
             super().__init__()
@@ -203,7 +203,16 @@ def test_batch_norms_and_floating_gathers_are_stood_in_with_the_real_shapes():
 
         def forward(self, x):
             standardised = F.batch_norm(self.weight.reshape(1, 4, -1), None, None, training=True)  # as NF-Nets
-            return self.bn(x), standardised.reshape_as(self.weight), self.table[self.idx]
+            tokens = x.permute(0, 2, 3, 1)
+            return (
+                self.bn(x),
+                standardised.reshape_as(self.weight),
+                self.table[self.idx],
+                F.layer_norm(tokens, (4,)),
+                tokens.contiguous(),
+                F.pad(x, (1, 2, 0, 1)),
+                torch.ops.aten._safe_softmax.default(x, -1),
+            )
 
     model = Gathers().eval()
     gm = fx.symbolic_trace(model)
