@@ -107,12 +107,20 @@ def match_containers(gm: fx.GraphModule, got: Any, want: Any) -> bool:
 # cached state
 
 
+_BUFFERS = "_buffers"  # the snapshot's entry for a module's buffer objects
+
+
 def snapshot_state(model: nn.Module) -> dict:
     """Each module's plain attributes before any forward run (to undo what caches a run leaves), with a shallow
     copy of the contents of each dict and list among them (caches that a forward fills in place, such as timm's
-    ``attention_bias_cache``)."""
+    ``attention_bias_cache``), and which tensor each of its buffers is (a forward that caches by assigning a buffer
+    anew, as ConViT's ``rel_indices``)."""
     return {
-        m: {k: (v, _contents(v)) for k, v in vars(m).items() if k not in _MODULE_INTERNALS} for m in model.modules()
+        m: {
+            **{k: (v, _contents(v)) for k, v in vars(m).items() if k not in _MODULE_INTERNALS},
+            _BUFFERS: (m._buffers, dict(m._buffers)),
+        }
+        for m in model.modules()
     }
 
 
@@ -131,12 +139,18 @@ def restore_state(fused: nn.Module, snapshot: dict) -> None:
     before -> after: ``detect.anchors`` is a float64 tensor cached by a verification run -> the attribute
     is as it was in the user's model (unset, so the next forward computes it in the model's dtype); a dict
     attribute that a run filled in place (``attention_bias_cache["cpu"]``, a float64 tensor) holds again
-    what it held before.  Precondition: ``snapshot`` from :func:`snapshot_state` on the same module objects.
+    what it held before; a buffer a run assigned anew (ConViT's ``rel_indices``, computed from stand-in values by
+    the shape run) is the tensor it was.  Precondition: ``snapshot`` from :func:`snapshot_state` on the same module
+    objects.
     """
     for module in fused.modules():
         before = snapshot.get(module)
         if before is None:
             continue
+        buffers = before.get(_BUFFERS)
+        if buffers is not None and _changed(module._buffers, buffers[1]):
+            module._buffers.clear()
+            module._buffers.update(buffers[1])
         for key in [k for k in vars(module) if k not in _MODULE_INTERNALS]:
             if key not in before:
                 delattr(module, key)

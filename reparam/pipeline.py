@@ -323,8 +323,8 @@ def _fuse_with_report(
     if equalize:  # cross-layer equalization of the fused float64 model, checked against it (reparam.equalization)
         with fast_float64_for(fused):
             equalize_in_place(fused, inputs, report, check)
+    restore_state(fused, state)  # first: a buffer put back is cast back too
     _cast_back(fused, dtypes, main, device)
-    restore_state(fused, state)
     flatten_all(_made(fused, unfused))  # last: every name above (dtypes, the report) is a path in the model
     fused.reparam_report = report
     return fused, report

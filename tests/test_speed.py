@@ -226,3 +226,28 @@ def test_norms_gathers_copies_pads_and_softmaxes_are_stood_in_with_the_real_shap
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     assert [node_shape(n) for n in out] == [tuple(t.shape) for t in want]
     assert torch.equal(model.bn.running_mean, stats)
+
+
+class BufferCache(nn.Module):
+    """Caches a table by assigning its buffer anew on first use (as ConViT's ``rel_indices``); its forward does not
+    trace, so the whole-model graph calls it as it is, and the shape run computes the table from stand-ins."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.register_buffer("table", torch.zeros(1), persistent=False)
+
+    def forward(self, x):
+        if self.table.shape[0] != x.shape[1]:
+            self.table = torch.arange(x.shape[1], dtype=x.dtype).clone() + 1  # the clone is stood in by the shape run
+        return self.proj(x) * self.table[:, None]
+
+
+def test_a_buffer_a_run_assigns_anew_is_put_back():
+    model = nn.Sequential(nn.Linear(4, 4), BufferCache()).eval()
+    x = torch.randn(2, 5, 4)
+    fused = reparam.fuse(model, (x,))
+    cache = next(m for m in fused.modules() if isinstance(m, BufferCache))
+    assert cache.table.shape == (1,) and cache.table.dtype == torch.float32  # as the user's model had it
+    with torch.no_grad():
+        assert rel_err(fused(x), model(x)) < 1e-6
