@@ -194,6 +194,14 @@ class StandIns(TorchDispatchMode):
             self._zeros[key] = _zeros_like(like, device)
         return self._zeros[key]
 
+    def _like(self, x: torch.Tensor, layout: torch.memory_format = torch.preserve_format) -> torch.Tensor:
+        """A stand-in of ``x``'s shape and dtype, laid out as ``torch.empty_like(x, memory_format=layout)``."""
+        return self._stand_in(torch.empty_like(_meta_like(x), memory_format=layout), x.device)
+
+    def _normalised(self, x: torch.Tensor, stats: tuple, layout=torch.preserve_format) -> tuple:
+        """A norm's outputs: a stand-in like ``x``, and two statistics of shape ``stats`` (values nobody reads)."""
+        return self._like(x, layout), *(torch.empty(stats, dtype=x.dtype, device=x.device) for _ in range(2))
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in VALUE_DEPENDENT or (func is aten.index.Tensor and _boolean_index(args)):
@@ -213,20 +221,16 @@ class StandIns(TorchDispatchMode):
             return tree_map(lambda t: self._stand_in(t, device), out)
         if func in BATCH_NORMS and _floating(args):
             x, at = args[0], BATCH_NORMS[func]
-            stats = (x.shape[1],) if at is not None and args[at] else (0,)
-            out = self._stand_in(torch.empty_like(_meta_like(x)), x.device)
-            return out, *(torch.empty(stats, dtype=x.dtype, device=x.device) for _ in range(2))
+            return self._normalised(x, (x.shape[1],) if at is not None and args[at] else (0,))
         if func is aten.native_layer_norm.default and _floating(args):
             x, normalized = args[0], len(args[1])
             stats = (*x.shape[: x.dim() - normalized], *(1,) * normalized)
-            out = self._stand_in(torch.empty_like(_meta_like(x), memory_format=torch.contiguous_format), x.device)
-            return out, *(torch.empty(stats, dtype=x.dtype, device=x.device) for _ in range(2))
+            return self._normalised(x, stats, torch.contiguous_format)
         if func is aten.clone.default and _floating(args):  # a copy of values nobody reads: its layout only
-            layout = kwargs.get("memory_format", torch.preserve_format)
-            return self._stand_in(torch.empty_like(_meta_like(args[0]), memory_format=layout), args[0].device)
+            return self._like(args[0], kwargs.get("memory_format", torch.preserve_format))
         if (func in SAME_AS_INPUT or _softmax_in_its_dtype(func, args, kwargs)) and _floating(args):
             # the layout elementwise kernels give: the input's strides if it is dense, else contiguous
-            return self._stand_in(torch.empty_like(_meta_like(args[0])), args[0].device)
+            return self._like(args[0])
         if func in IN_PLACE_SAME and _floating(args):
             return args[0]  # its values do not matter here, and it stays the same tensor
         return func(*args, **kwargs)
