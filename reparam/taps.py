@@ -85,6 +85,17 @@ def least_fraction(graphs: Iterable[tuple[fx.Graph, dict]], convolutions: Iterab
     :class:`TapCoverage`); None when some convolution's needs are unknown (no recorded shape, a transposed one, taps
     never read)."""
     worst = 0.0
+    for geometry in (*_graph_convolutions(graphs), *convolutions):
+        need = None if geometry is None or geometry[5] else _needed_fraction(*geometry[:5])
+        if need is None:
+            return None
+        worst = max(worst, need)
+    return worst
+
+
+def _graph_convolutions(graphs: Iterable[tuple[fx.Graph, dict]]) -> Iterable[tuple | None]:
+    """The geometry of each convolution module ``graphs`` call, as :attr:`reparam.shape_run.StandIns.convolutions`
+    records it (None where it is unknown: no recorded input shape, or padding given as a string)."""
     for graph, modules in graphs:
         for node in graph.nodes:
             m = modules.get(node.target) if node.op == "call_module" else None
@@ -92,17 +103,9 @@ def least_fraction(graphs: Iterable[tuple[fx.Graph, dict]], convolutions: Iterab
                 continue
             shape = node_shape(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
             if shape is None or isinstance(m.padding, str):
-                return None
-            need = _needed_fraction(shape, m.weight.shape, m.stride, m.padding, m.dilation)
-            if need is None:
-                return None
-            worst = max(worst, need)
-    for x_shape, w_shape, stride, padding, dilation, transposed in convolutions:
-        need = None if transposed else _needed_fraction(x_shape, w_shape, stride, padding, dilation)
-        if need is None:
-            return None
-        worst = max(worst, need)
-    return worst
+                yield None
+            else:
+                yield shape, tuple(m.weight.shape), m.stride, m.padding, m.dilation, False
 
 
 def _needed_fraction(x_shape, w_shape, stride, padding, dilation) -> float | None:
