@@ -107,7 +107,7 @@ def match_containers(gm: fx.GraphModule, got: Any, want: Any) -> bool:
 # cached state
 
 
-_BUFFERS = "_buffers"  # the snapshot's entry for a module's buffer objects
+_BUFFERS = "_buffers"  # the snapshot's entry for a module's buffers (name -> tensor); an internal name, no attribute's
 
 
 def snapshot_state(model: nn.Module) -> dict:
@@ -118,7 +118,7 @@ def snapshot_state(model: nn.Module) -> dict:
     return {
         m: {
             **{k: (v, _contents(v)) for k, v in vars(m).items() if k not in _MODULE_INTERNALS},
-            _BUFFERS: (m._buffers, dict(m._buffers)),
+            _BUFFERS: dict(m._buffers),
         }
         for m in model.modules()
     }
@@ -148,9 +148,9 @@ def restore_state(fused: nn.Module, snapshot: dict) -> None:
         if before is None:
             continue
         buffers = before.get(_BUFFERS)
-        if buffers is not None and _changed(module._buffers, buffers[1]):
+        if buffers is not None and _changed(module._buffers, buffers):
             module._buffers.clear()
-            module._buffers.update(buffers[1])
+            module._buffers.update(buffers)
         for key in [k for k in vars(module) if k not in _MODULE_INTERNALS]:
             if key not in before:
                 delattr(module, key)
