@@ -44,15 +44,18 @@ def fuse_inside(gm: fx.GraphModule, parents: dict, report: Report, fuse_graph, s
     eager model, which must not change.  Raises :class:`CannotFuseInside` when a module's inputs are not tensors of
     known shape (nothing to run it on) or its container in ``gm`` is one of ``shared``.
     """
+    first_calls: dict = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in parents:
+            first_calls.setdefault(node.target, node)
     for path, error in parents.items():
-        calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == path]
-        if not calls:  # the passes left no call of it
+        if path not in first_calls:  # the passes left no call of it
             continue
         owner_path, _, name = path.rpartition(".")
         owner = gm.get_submodule(owner_path)
         if owner in shared:
             raise CannotFuseInside(f"{path}: its container is the model's own module")
-        args, kwargs = stand_in_inputs(calls[0])
+        args, kwargs = stand_in_inputs(first_calls[path])
         private = structural_copy(gm.get_submodule(path))
         state.update(snapshot_state(private))
         before = len(report.rewrites)
