@@ -21,6 +21,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .passes.cleanup import drop_unused_submodules
+
 
 def flatten_targets(gm: fx.GraphModule) -> dict:
     """Flatten ``gm``'s dotted call targets in place; returns ``{old target: new name}`` for those it moved.
@@ -47,7 +49,7 @@ def flatten_targets(gm: fx.GraphModule) -> dict:
             moved[target] = name
         node.target = moved[target]
     if moved:
-        gm.delete_all_unused_submodules()
+        drop_unused_submodules(gm)
         _order_by_first_use(gm)
         gm.recompile()
     return moved

@@ -13,7 +13,6 @@ proves each part on what it receives, when that check disagrees).
 
 from __future__ import annotations
 
-import copy
 from functools import partial
 from typing import Any
 
@@ -24,6 +23,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from torch.utils._pytree import tree_map
 
 from .interface import restore_state, snapshot_state
+from .module_copy import deep_copy
 from .parts import PartFuser, record_calls
 from .report import Report
 from .shape_run import StandIns
@@ -84,7 +84,7 @@ def structural_copy(module: nn.Module) -> nn.Module:
     buffers: replacing a descendant of the copy leaves ``module`` as it was.  (The passes never write a tensor in
     place, so sharing them is safe.)"""
     memo = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
-    return copy.deepcopy(module, memo)
+    return deep_copy(module, memo)
 
 
 def stand_in_inputs(node: fx.Node, seed: int = 0) -> tuple[tuple, dict]:

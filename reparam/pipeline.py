@@ -9,7 +9,6 @@ report names the parts left alone.
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
 import math
 import warnings
@@ -30,7 +29,7 @@ from .flatten import flatten_all
 from .float64 import fast_float64_for
 from .errors import EquivalenceError, ReparamError, one_line
 from .passes import PassResult
-from .passes.cleanup import code_regenerated_once, drop_static_asserts, drop_unused_tensors
+from .passes.cleanup import code_regenerated_once, drop_static_asserts, drop_unused_submodules, drop_unused_tensors
 from .passes.collapse import collapse
 from .passes.constants import fold_constants
 from .passes.inplace import follow_inplace_writes
@@ -41,6 +40,7 @@ from .passes.towers import merge_towers
 from .passes.transposed import fold_bn_into_transposed_convs
 from .inside import fuse_inside
 from .interface import restore_state, snapshot_state
+from .module_copy import deep_copy
 from .parts import PartFuser, record_calls, why_untraced
 from .proofs import Pristine, UnfaithfulTrace, agrees_closely, check_fused, pristine_copy, run_quietly, tag_origins
 from .report import Report
@@ -152,7 +152,7 @@ def _fuse_graph(
                 previous = PassResult()
                 continue
             previous = _apply(rule, gm, inputs, report, dtypes, main, where or type(gm).__name__)
-        gm.delete_all_unused_submodules()
+        drop_unused_submodules(gm)
         drop_unused_tensors(gm)
         gm.graph.lint()
     return pristine
@@ -516,7 +516,7 @@ def _float64_copy(model: nn.Module) -> nn.Module:
             dtype = torch.float64 if t.is_floating_point() else t.dtype
             data = t.detach().to(device="cpu", dtype=dtype, copy=True)
             memo[id(t)] = nn.Parameter(data, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else data
-    return copy.deepcopy(model, memo)
+    return deep_copy(model, memo)
 
 
 def _float64_inputs(given: tuple | None) -> tuple | None:

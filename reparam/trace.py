@@ -240,12 +240,43 @@ def _trace(tracer: Tracer, model: torch.nn.Module) -> fx.GraphModule:
     for attr, value in constants.items():  # on the root only while the GraphModule copies them (restore undid them)
         object.__setattr__(tracer.root, attr, value)
     try:
-        gm = fx.GraphModule(tracer.root, graph, name)
+        gm = graph_module(tracer.root, graph, name)
     finally:
         for attr in constants:
             delattr(tracer.root, attr)
     keep_attributes(model, gm)  # a parent's forward may read them off the replacement
     return gm
+
+
+def graph_module(root: torch.nn.Module, graph: fx.Graph, name: str) -> fx.GraphModule:
+    """``fx.GraphModule(root, graph, name)``, except that its Python code is generated when it is first called (or
+    its ``code`` read, or ``recompile()`` called), not now: a trace is mostly rewritten before it runs, and
+    generating the code of a graph of two thousand nodes takes 50-70 ms on one core."""
+    gm = fx.GraphModule.__new__(fx.GraphModule, root, graph, name)
+    own = type(gm)  # fx gives every GraphModule a class of its own, where recompile() puts its forward
+    own.recompile = _no_code  # type: ignore[method-assign]
+    try:
+        gm.__init__(root, graph, name)  # type: ignore[misc]
+    finally:
+        del own.recompile
+    own.forward = _generate_code_then_forward  # type: ignore[method-assign]
+    own.code = property(_generated_code)  # type: ignore[assignment]
+    return gm
+
+
+def _no_code(gm: fx.GraphModule) -> None:
+    return None
+
+
+def _generate_code_then_forward(gm: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
+    gm.recompile()  # replaces this forward on the GraphModule's class by the generated one
+    return gm.forward(*args, **kwargs)
+
+
+def _generated_code(gm: fx.GraphModule) -> str:
+    if "_code" not in vars(gm):
+        gm.recompile()
+    return vars(gm)["_code"]
 
 
 def _traced_constants(root: torch.nn.Module, graph: fx.Graph, before: dict) -> dict:

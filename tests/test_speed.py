@@ -129,6 +129,87 @@ def test_float64_copy_is_a_faithful_private_copy():
     assert all(torch.equal(v, model.state_dict()[k]) and v.dtype == before[k].dtype for k, v in before.items())
 
 
+class Odd(nn.Module):
+    """What a deep copy must keep: shared submodules and containers, a cycle through a tuple, hooks, tensors that are
+    no parameter or buffer, a class with its own ``__deepcopy__``, one with slots, plain objects."""
+
+    class Own(nn.Linear):
+        def __deepcopy__(self, memo):
+            twin = nn.Linear(self.in_features, self.out_features)
+            twin.copied_by_own = True
+            return twin
+
+    class Slotted:
+        __slots__ = ("value",)
+
+        def __init__(self, value):
+            self.value = value
+
+    def __init__(self):
+        super().__init__()
+        shared = nn.Conv2d(3, 3, 1)
+        self.a, self.b = shared, nn.Sequential(shared, nn.ReLU())
+        self.own = Odd.Own(2, 2)
+        self.table = {"k": [1, 2], "t": torch.ones(2)}
+        self.same_table = self.table
+        self.cycle = [None]
+        self.cycle[0] = (self.cycle, 3)
+        self.slotted = Odd.Slotted([4])
+        self.register_forward_hook(lambda m, i, o: o)
+
+
+def test_the_fast_module_copy_is_what_copy_deepcopy_makes():
+    import copy
+
+    from reparam.module_copy import deep_copy
+
+    model = Odd()
+    memo = {id(t): t for t in model.parameters()}  # shared tensors, as the pipeline's memos do
+    fast, slow = deep_copy(model, dict(memo)), copy.deepcopy(model, dict(memo))
+    assert [(n, type(m)) for n, m in fast.named_modules()] == [(n, type(m)) for n, m in slow.named_modules()]
+    assert fast.a is fast.b[0] and fast.a is not model.a and fast.a.weight is model.a.weight
+    assert fast.own.copied_by_own and fast.own is not model.own
+    assert fast.same_table is fast.table and fast.table is not model.table and fast.table["t"] is not model.table["t"]
+    assert fast.cycle[0][0] is fast.cycle and fast.cycle is not model.cycle
+    assert fast.slotted.value == [4] and fast.slotted.value is not model.slotted.value
+    assert len(fast._forward_hooks) == 1 and fast._forward_hooks is not model._forward_hooks
+    assert set(vars(fast)) == set(vars(slow))
+    fast.table["k"].append(3)
+    assert model.table["k"] == [1, 2]  # the copy is private
+
+
+def test_unused_submodules_are_dropped_as_fx_drops_them():
+    from reparam.passes.cleanup import drop_unused_submodules
+
+    model = nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU()), nn.ReLU()
+    ).eval()
+    for keep in range(1, 4):
+        ours, theirs = fx.symbolic_trace(model), fx.symbolic_trace(model)
+        for gm in (ours, theirs):
+            nodes = [n for n in gm.graph.nodes if n.op == "call_module"]
+            nodes[keep].replace_all_uses_with(nodes[keep].args[0])  # skip one module: it is no longer called
+            gm.graph.erase_node(nodes[keep])
+        theirs.delete_all_unused_submodules()
+        drop_unused_submodules(ours)
+        assert [n for n, _ in ours.named_modules()] == [n for n, _ in theirs.named_modules()]
+        assert len(list(ours.named_modules())) < len(list(fx.symbolic_trace(model).named_modules()))
+
+
+def test_a_trace_generates_its_code_when_first_used():
+    from reparam.trace import symbolic_trace
+
+    model = Mixed().eval()
+    x = torch.randn(1, 3, 8, 8)
+    gm = symbolic_trace(model)
+    assert "_code" not in vars(gm)  # not generated at the trace
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    assert "self.stem" in gm.code
+    again = symbolic_trace(model)
+    assert "def forward" in again.code and "_code" in vars(again)  # reading the code generates it too
+
+
 class CachedBias(nn.Module):
     """Caches a tensor in a dict attribute filled in place during forward, like timm's attention_bias_cache."""
 

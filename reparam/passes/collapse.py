@@ -41,7 +41,8 @@ from ..match import has_attr_path, node_shape
 from ..proofs import REWRITE
 from ..report import Report, Rewrite
 from . import PassResult
-from .mutation import eliminate_dead_code, is_metadata_user, mutation_barriers, real_users, updated_storage
+from .cleanup import drop_unused_submodules
+from .mutation import eliminate_dead_code, is_metadata_user, mutation_barriers, real_users
 from .naming import block_prefix, fresh_name, where
 
 
@@ -86,7 +87,7 @@ class Collapse:
         self.memo: dict[fx.Node, tuple] = {}
         self.order = {node: i for i, node in enumerate(gm.graph.nodes)}
         self.mutations = mutation_barriers(gm)
-        self.updated = updated_storage(gm)
+        self.updated = self.mutations.updated
         for node in gm.graph.nodes:
             if node in self.mutations.barriers:
                 continue  # an in-place update could be reordered with it: its position in time matters
@@ -390,7 +391,7 @@ class Collapse:
                 done += 1
         if done:
             eliminate_dead_code(self.gm)
-            self.gm.delete_all_unused_submodules()
+            drop_unused_submodules(self.gm)
         created = {name: region for name, region in created.items() if has_attr_path(self.gm, name)}  # still read
         return PassResult(done, tuple(created), replaces=created)
 

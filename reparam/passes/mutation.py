@@ -149,7 +149,10 @@ def storage_classes(gm: fx.GraphModule, modules: dict) -> dict:
 def updated_storage(gm: fx.GraphModule) -> set:
     """Nodes whose storage (or a view's) some node of ``gm`` updates in place."""
     modules = dict(gm.named_modules())
-    klass = storage_classes(gm, modules)
+    return _updated(gm, modules, storage_classes(gm, modules))
+
+
+def _updated(gm: fx.GraphModule, modules: dict, klass: dict) -> set:
     written = {
         klass[n] for n in gm.graph.nodes if n.args and isinstance(n.args[0], fx.Node) and updates_in_place(n, modules)
     }
@@ -159,6 +162,7 @@ def updated_storage(gm: fx.GraphModule) -> set:
 class Mutations(NamedTuple):
     barriers: set  # nodes a pass must neither absorb into a region nor move
     shared: set  # tensors whose storage such an update writes: never alias a new name to them
+    updated: set  # nodes whose storage (or a view's) some node updates in place: :func:`updated_storage`
 
 
 def mutation_barriers(gm: fx.GraphModule) -> Mutations:
@@ -189,7 +193,7 @@ def mutation_barriers(gm: fx.GraphModule) -> Mutations:
         if exposed:
             out |= producers | {r for r in exposed if order[r] > order[u]}
             shared.update(group)
-    return Mutations(out, shared)
+    return Mutations(out, shared, _updated(gm, modules, klass))
 
 
 def _downstream_within(start: fx.Node, group: set) -> set:
