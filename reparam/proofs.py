@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_structure
 from . import trace as T
 from .errors import EquivalenceError, one_line
 from .interface import match_containers, restore_containers
-from .taps import TapCoverage
+from .taps import TapCoverage, TapsUnread
 from .verify import NOISE_FACTOR, compare_outputs, fresh, perturbed, relative_error, worst_leaf
 
 ORIGIN = "reparam_origin"
@@ -271,16 +271,18 @@ def agrees_closely(fused: fx.GraphModule, original: nn.Module, args: tuple) -> f
     float64 ``args`` when both run and it is within ``PROOF_TRIGGER``; None otherwise: nothing is concluded (the
     caller then checks the way that proves or disproves, :func:`check_fused`), so this can only accept early.  Both
     runs must read every tap of every convolution (:class:`reparam.taps.TapCoverage`)."""
-    coverage = TapCoverage()  # a kernel tap that reads only padding on these inputs is not checked by them
+    coverage = TapCoverage(stop=True)  # a kernel tap that reads only padding on these inputs is not checked by them
     try:
         with coverage:
             want = run_quietly(original, args)
     except Exception:  # noqa: BLE001  the user's model does not run on these inputs (a fixed-size position
-        return None  # embedding at another resolution): nothing concluded, the caller checks on its own inputs
+        return None  # embedding at another resolution), or a tap went unread: nothing concluded, the caller checks
+    if coverage.unread:  # on its own inputs
+        return None
     try:
         with coverage:
             worst = compare_outputs(_run_fused(fused, args, {}, want, "output"), want, tolerance=math.inf)
-    except (UnfaithfulTrace, EquivalenceError):  # not concluded here: the full check names what is wrong
+    except (UnfaithfulTrace, EquivalenceError, TapsUnread):  # not concluded here: the full check names what is wrong
         return None
     return worst if worst <= PROOF_TRIGGER and not coverage.unread else None
 

@@ -48,13 +48,19 @@ def all_taps_read(
     return True
 
 
+class TapsUnread(Exception):
+    """A convolution left a kernel tap unread (:class:`TapCoverage` with ``stop``): the run cannot vouch for it."""
+
+
 class TapCoverage(TorchDispatchMode):
     """Inside this mode, every convolution is run as usual and ``unread`` collects those some kernel tap of which
-    read no input pixel (as ``"k x k kernel on a h x w input"``)."""
+    read no input pixel (as ``"k x k kernel on a h x w input"``).  With ``stop``, the first such one also raises
+    :class:`TapsUnread`: a run whose result cannot count is not run to its end."""
 
-    def __init__(self):
+    def __init__(self, stop: bool = False):
         super().__init__()
         self.unread: list[str] = []
+        self.stop = stop
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -64,6 +70,8 @@ class TapCoverage(TorchDispatchMode):
                 self.unread.append(
                     f"{'x'.join(map(str, w.shape[2:]))} kernel on a {'x'.join(map(str, x.shape[2:]))} input"
                 )
+                if self.stop:
+                    raise TapsUnread(self.unread[-1])
         return out
 
 

@@ -164,6 +164,17 @@ def test_tap_coverage_names_convolutions_whose_outer_taps_read_only_padding():
     assert coverage.unread == ["13x13 kernel on a 4x4 input"]
 
 
+def test_a_run_that_cannot_count_stops_at_its_first_unread_tap():
+    from reparam.taps import TapsUnread
+
+    ran = []
+    coverage = TapCoverage(stop=True)
+    with pytest.raises(TapsUnread, match="13x13 kernel on a 4x4 input"), coverage:
+        F.conv2d(torch.randn(1, 2, 4, 4), torch.randn(3, 2, 13, 13), padding=6)
+        ran.append("the rest of the run")
+    assert ran == [] and coverage.unread == ["13x13 kernel on a 4x4 input"]
+
+
 # ------------------------------------------------------------------------------------------------ the pipeline
 
 
