@@ -309,6 +309,14 @@ def _embed(weight: torch.Tensor, nd: int, offsets: tuple, step: tuple, size: tup
     return out
 
 
+def _kernel_sum(weight: torch.Tensor) -> torch.Tensor:
+    """``(O, I, *kernel) -> (O, I)``: each kernel's taps summed (what a constant input meets); a kernel of one tap is
+    its own sum (a view: no new tensor for the 1x1 convs whose bias a composition asks for, refused or not)."""
+    if all(k == 1 for k in weight.shape[2:]):
+        return weight.reshape(weight.shape[:2])
+    return weight.sum(tuple(range(2, weight.dim())))
+
+
 def _grouped_matvec(weight2d: torch.Tensor, vector: torch.Tensor, groups: int) -> torch.Tensor:
     """``out[o] = sum_c weight2d[o, c] * vector[group(o) * C_g + c]`` for a grouped weight ``(O, C_g)``."""
     out, per = weight2d.shape
@@ -608,12 +616,10 @@ def compose(a: Affine, b: Affine) -> Affine:
         per = b.weight.shape[1]
         cols = (torch.arange(b.out_channels, device=scale.device) // (b.out_channels // b.groups))[:, None] * per
         cols = cols + torch.arange(per, device=scale.device)[None, :]
-        scaled = b.weight * scale[cols].reshape(*cols.shape, *([1] * b.nd))
+        scaled = Lazy(b.w.shape, lambda: b.weight * scale[cols].reshape(*cols.shape, *([1] * b.nd)))
         bias = b.bias
         if a.bias is not None:
-            spatial = tuple(range(2, b.weight.dim()))
-            summed = b.weight.sum(spatial) if spatial else b.weight
-            bias = _add_bias(_grouped_matvec(summed, a.bias, b.groups), b.bias)
+            bias = _add_bias(_grouped_matvec(_kernel_sum(b.weight), a.bias, b.groups), b.bias)
         return replace(b, w=scaled, bias=bias, padding_mode=mode, kind=Kind.DENSE if b.kind is Kind.PAD else b.kind)
     return _compose_general(a, b, mode)
 
@@ -632,9 +638,7 @@ def _compose_general(a: Affine, b: Affine, mode: str) -> Affine:
     hi = tuple(ha + sa * hb for ha, sa, hb in zip(a.pad_hi, a.stride, b.pad_hi, strict=True))
     bias = b.bias
     if a.bias is not None:
-        spatial = tuple(range(2, b.weight.dim()))
-        summed = b.weight.sum(spatial) if spatial else b.weight
-        bias = _add_bias(_grouped_matvec(regroup_2d(summed, b, groups), a.bias, groups), b.bias)
+        bias = _add_bias(_grouped_matvec(regroup_2d(_kernel_sum(b.weight), b, groups), a.bias, groups), b.bias)
     shape = (b.out_channels, a.in_channels // groups) + kernel
     return Affine(
         Lazy(shape, lambda: _composite_weight(a, b, groups, step, dil)),
