@@ -114,8 +114,18 @@ def updates_in_place(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_function":
         return node.target in _INPLACE_FUNCTIONS or node.kwargs.get("inplace") is True
     if node.op == "call_module":
-        return getattr(called_module(node, modules), "inplace", False) is True
+        return _flag(called_module(node, modules), "inplace")
     return False
+
+
+def _flag(module: nn.Module | None, name: str) -> bool:
+    """``getattr(module, name, False) is True``, without nn.Module's ``__getattr__`` raising (and formatting) an
+    AttributeError for each module that has no such flag: this runs for every call of every graph analysis."""
+    if module is None:
+        return False
+    if name in vars(module):
+        return vars(module)[name] is True
+    return hasattr(type(module), name) and getattr(module, name, False) is True
 
 
 def _may_alias(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
