@@ -30,7 +30,8 @@ from torch.utils._pytree import tree_structure
 from . import trace as T
 from .errors import EquivalenceError, one_line
 from .interface import match_containers, restore_containers
-from .taps import TapCoverage, TapsUnread
+from .shape_run import NeedsValues, StandIns
+from .taps import TapCoverage, TapsUnread, reads_every_tap
 from .verify import NOISE_FACTOR, compare_outputs, fresh, perturbed, relative_error, worst_leaf
 
 ORIGIN = "reparam_origin"
@@ -285,6 +286,22 @@ def agrees_closely(fused: fx.GraphModule, original: nn.Module, args: tuple) -> f
     except (UnfaithfulTrace, EquivalenceError, TapsUnread):  # not concluded here: the full check names what is wrong
         return None
     return worst if worst <= PROOF_TRIGGER and not coverage.unread else None
+
+
+def could_agree_closely(fused: fx.GraphModule, args: tuple) -> bool:
+    """False when :func:`agrees_closely` on ``args`` is sure to conclude nothing, told from a run of ``fused`` on
+    stand-ins (:class:`reparam.shape_run.StandIns`: shapes without the arithmetic of its convolutions and products):
+    it fails there (a window partition or a position embedding of another size), or a convolution leaves a kernel
+    tap unread; True otherwise (also when the graph reads a value a stand-in does not have).  Caches the run leaves
+    are the caller's to undo."""
+    try:
+        with StandIns() as stand_ins:
+            run_quietly(fused, args)
+    except NeedsValues:
+        return True
+    except Exception:  # noqa: BLE001  any failure here is the graph's own on these shapes: the real run fails too
+        return False
+    return all(reads_every_tap(g) is not False for g in stand_ins.convolutions)
 
 
 def _faithful(module: nn.Module, args: tuple, kwargs: dict, want: Any) -> bool:

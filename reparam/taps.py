@@ -116,6 +116,14 @@ def _graph_convolutions(graphs: Iterable[tuple[fx.Graph, dict]]) -> Iterable[tup
                 yield shape, tuple(m.weight.shape), m.stride, m.padding, m.dilation, False
 
 
+def reads_every_tap(geometry: tuple) -> bool | None:
+    """Does a convolution of ``geometry`` (as :attr:`reparam.shape_run.StandIns.convolutions` records it) read every
+    kernel tap on its input?  None when that is not known here (a transposed one, an unbatched input)."""
+    x_shape, w_shape, stride, padding, dilation, transposed = geometry
+    need = None if transposed else _needed_fraction(x_shape, w_shape, stride, padding, dilation)
+    return None if need is None else need <= 1
+
+
 def _needed_fraction(x_shape, w_shape, stride, padding, dilation) -> float | None:
     """The fraction of its input's sides at which a convolution (not transposed, of any rank) still reads every tap
     (0 for a one-tap kernel, read on any map); None for an unbatched input or taps never read.  An axis that does not

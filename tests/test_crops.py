@@ -233,6 +233,61 @@ def test_a_wrong_outer_tap_agrees_on_the_crop_but_is_not_accepted_there():
     assert agrees_closely(gm, model, (full,)) == 0.0
 
 
+class Windows(nn.Module):
+    """A stride-8 body whose map is cut into 12x12 windows at the end, like MaxViT's grid attention: it runs at its
+    input (192: 24x24 maps) but on no crop, and fails there only after the whole body."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(conv_bn(3, 8, 3, 2), conv_bn(8, 8, 3, 2), conv_bn(8, 8, 3, 2), conv_bn(8, 8, 3))
+
+    def forward(self, x):
+        x = self.body(x)
+        n, c, h, w = x.shape
+        return x.view(n, c, h // 12, 12, w // 12, 12).mean((3, 5))
+
+
+class ReadsAValue(nn.Module):
+    """Keeps the positive activations only: how many there are is a value, not a shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y[y > 0].sum()
+
+
+def test_a_crop_a_run_on_stand_ins_rules_out_is_not_run_in_float64(monkeypatch):
+    import reparam.pipeline as pipeline
+
+    model, x = randomised(Windows().eval()), torch.randn(1, 3, 192, 192)
+    sides = []
+    agrees = pipeline.agrees_closely
+    monkeypatch.setattr(
+        pipeline, "agrees_closely", lambda gm, ref, args: sides.append(args[0].shape[-1]) or agrees(gm, ref, args)
+    )
+    fused, report = reparam.fuse_with_report(model, x)
+    assert report.verified_on == "the inputs" and report.max_rel_error < 1e-12
+    assert sides == [64]  # the smallest crop was tried; the default one (128: 16x16 maps) was seen not to run
+    monkeypatch.setattr(pipeline, "could_agree_closely", lambda gm, args: True)
+    sides.clear()
+    reparam.fuse(model, x)
+    assert sides == [64, 128]  # without the stand-in run, both float64 runs at 128 are spent for nothing
+
+
+def test_a_run_on_stand_ins_tells_crops_that_cannot_conclude():
+    from reparam.proofs import could_agree_closely
+
+    crop = torch.randn(1, 3, 128, 128, dtype=torch.float64)
+    assert not could_agree_closely(T.symbolic_trace(Windows().double().eval()), (crop,))  # fails at 16x16
+    assert not could_agree_closely(T.symbolic_trace(small_cnn(last_kernel=13).double()), (crop,))  # 13x13 on 4x4
+    assert could_agree_closely(T.symbolic_trace(small_cnn().double()), (crop,))
+    reads = T.symbolic_trace(ReadsAValue().double().eval())  # the real run decides what a stand-in cannot know
+    assert could_agree_closely(reads, (crop,))
+
+
 class SizeCache(nn.Module):
     """Caches a bias map the size of its first input (as some models cache position tables): a run at the crop's
     size leaves a cache the full-size run cannot use, unless it is undone."""
