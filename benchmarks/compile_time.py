@@ -140,6 +140,7 @@ class PhaseTimer:
             (pipeline, "check_fused", "verify"),
             (parts, "check_fused", "verify"),
             (pipeline, "_check_end_to_end", "verify"),
+            (pipeline, "_float64_copy", "copy"),  # the private float64 copy (older trees: copy.deepcopy, below)
             (fx.GraphModule, "recompile", "recompile"),
         ]
         collapse = getattr(pipeline, "Collapse", None)
