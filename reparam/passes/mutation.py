@@ -229,7 +229,7 @@ def eliminate_dead_code(gm: fx.GraphModule) -> bool:
         members: dict = {}
         for node, rep in klass.items():
             members.setdefault(rep, []).append(node)
-        removed = False
+        removed = kept_update = False
         for node in reversed(list(gm.graph.nodes)):
             if node.users or node.is_impure():
                 continue
@@ -238,8 +238,11 @@ def eliminate_dead_code(gm: fx.GraphModule) -> bool:
                 if any(m.op in ("placeholder", "get_attr") for m in group) or any(
                     u is not node for m in group for u in m.users
                 ):
+                    kept_update = True
                     continue
             gm.graph.erase_node(node)
             removed = removed_any = True
-        if not removed:
+        # newest first, a node is reached after all its users: one sweep removes every dead chain; only an update
+        # kept for a reader that the sweep removed later may have become dead, and only then is there another
+        if not (removed and kept_update):
             return removed_any

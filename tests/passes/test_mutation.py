@@ -107,3 +107,17 @@ def test_dead_code_elimination_keeps_updates_someone_observes():
     ]
     assert operator.add not in case.functions()
     case.assert_exact()
+
+
+def test_an_update_kept_for_a_dead_reader_goes_once_that_reader_has_gone():
+    def forward(s, x):
+        y = x * 2.0
+        view = y[0]
+        dead = view + 1.0  # noqa: F841 - reads y's storage before the update, but nobody reads it
+        y.add_(1.0)  # result unused; kept while the dead reader is there (the sweep reaches it first)
+        return x * 3.0
+
+    case = traced(Lambda(forward), torch.randn(2, 3))
+    assert eliminate_dead_code(case.gm)
+    assert [n.op for n in case.gm.graph.nodes] == ["placeholder", "call_function", "output"]
+    case.assert_exact()
