@@ -21,8 +21,6 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .passes.cleanup import drop_unused_submodules
-
 
 def flatten_targets(gm: fx.GraphModule) -> dict:
     """Flatten ``gm``'s dotted call targets in place; returns ``{old target: new name}`` for those it moved.
@@ -49,7 +47,7 @@ def flatten_targets(gm: fx.GraphModule) -> dict:
             moved[target] = name
         node.target = moved[target]
     if moved:
-        drop_unused_submodules(gm)
+        gm.delete_all_unused_submodules()
         _order_by_first_use(gm)
         gm.recompile()
     return moved

@@ -29,7 +29,7 @@ from .flatten import flatten_all
 from .float64 import fast_float64_for
 from .errors import EquivalenceError, ReparamError, one_line
 from .passes import PassResult
-from .passes.cleanup import code_regenerated_once, drop_static_asserts, drop_unused_submodules, drop_unused_tensors
+from .passes.cleanup import code_regenerated_once, drop_static_asserts, drop_unused_tensors
 from .passes.collapse import collapse
 from .passes.constants import fold_constants
 from .passes.inplace import follow_inplace_writes
@@ -161,7 +161,7 @@ def _fuse_graph(
                 previous = PassResult()
                 continue
             previous = _apply(rule, gm, inputs, report, dtypes, main, where or type(gm).__name__)
-        drop_unused_submodules(gm)
+        gm.delete_all_unused_submodules()
         drop_unused_tensors(gm)
         gm.graph.lint()
     return pristine

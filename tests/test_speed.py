@@ -178,24 +178,6 @@ def test_the_fast_module_copy_is_what_copy_deepcopy_makes():
     assert model.table["k"] == [1, 2]  # the copy is private
 
 
-def test_unused_submodules_are_dropped_as_fx_drops_them():
-    from reparam.passes.cleanup import drop_unused_submodules
-
-    model = nn.Sequential(
-        nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU()), nn.ReLU()
-    ).eval()
-    for keep in range(1, 4):
-        ours, theirs = fx.symbolic_trace(model), fx.symbolic_trace(model)
-        for gm in (ours, theirs):
-            nodes = [n for n in gm.graph.nodes if n.op == "call_module"]
-            nodes[keep].replace_all_uses_with(nodes[keep].args[0])  # skip one module: it is no longer called
-            gm.graph.erase_node(nodes[keep])
-        theirs.delete_all_unused_submodules()
-        drop_unused_submodules(ours)
-        assert [n for n, _ in ours.named_modules()] == [n for n, _ in theirs.named_modules()]
-        assert len(list(ours.named_modules())) < len(list(fx.symbolic_trace(model).named_modules()))
-
-
 def test_a_trace_generates_its_code_when_first_used():
     from reparam.trace import symbolic_trace
 

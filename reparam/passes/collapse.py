@@ -41,7 +41,6 @@ from ..match import has_attr_path, node_shape
 from ..proofs import REWRITE
 from ..report import Report, Rewrite
 from . import PassResult
-from .cleanup import drop_unused_submodules
 from .mutation import eliminate_dead_code, is_metadata_user, mutation_barriers, real_users
 from .naming import block_prefix, fresh_name, where
 
@@ -391,7 +390,7 @@ class Collapse:
                 done += 1
         if done:
             eliminate_dead_code(self.gm)
-            drop_unused_submodules(self.gm)
+            self.gm.delete_all_unused_submodules()
         created = {name: region for name, region in created.items() if has_attr_path(self.gm, name)}  # still read
         return PassResult(done, tuple(created), replaces=created)
 

@@ -21,7 +21,7 @@ from ..match import called_module, is_transposed_conv
 from ..proofs import same_origin
 from ..report import Report, Rewrite
 from . import PassResult
-from .cleanup import drop_unused_submodules, regenerate
+from .cleanup import regenerate
 from .mutation import mutation_barriers, real_users
 
 
@@ -63,7 +63,7 @@ def fold_bn_into_transposed_convs(gm: fx.GraphModule, report: Report) -> PassRes
     if created:
         gm.graph.lint()
         regenerate(gm)
-        drop_unused_submodules(gm)
+        gm.delete_all_unused_submodules()
     return PassResult(len(created), tuple(created))
 
 
