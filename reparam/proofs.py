@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.utils._pytree import tree_structure
+from torch.utils._pytree import tree_flatten, tree_structure
 
 from . import trace as T
 from .errors import EquivalenceError, one_line
@@ -286,6 +286,28 @@ def agrees_closely(fused: fx.GraphModule, original: nn.Module, args: tuple) -> f
     except (UnfaithfulTrace, EquivalenceError, TapsUnread):  # not concluded here: the full check names what is wrong
         return None
     return worst if worst <= PROOF_TRIGGER and not coverage.unread else None
+
+
+def computes_the_same_bits(fused: fx.GraphModule, original: nn.Module, args: tuple) -> bool | None:
+    """Do ``fused`` and the eager ``original`` return exactly the same outputs on ``args`` (same containers, every
+    tensor equal bit for bit, the other leaves equal)?  None when the original does not run on them; False when
+    the fused graph does not."""
+    try:
+        want = run_quietly(original, args)
+    except Exception:  # noqa: BLE001  the user's model does not take these inputs (a crop of a fixed-size one)
+        return None
+    try:
+        got = _run_fused(fused, args, {}, want, "output")
+    except UnfaithfulTrace:  # not shown the same: the caller's full check says what is wrong
+        return False
+    got_leaves, got_spec = tree_flatten(got)
+    want_leaves, want_spec = tree_flatten(want)
+    return got_spec == want_spec and all(
+        torch.equal(a, b)
+        if isinstance(b, torch.Tensor) and isinstance(a, torch.Tensor)
+        else type(a) is type(b) and a == b
+        for a, b in zip(got_leaves, want_leaves, strict=True)
+    )
 
 
 def could_agree_closely(fused: fx.GraphModule, args: tuple) -> bool:

@@ -314,3 +314,63 @@ def test_a_buffer_a_run_assigns_anew_is_put_back():
     assert cache.table.shape == (1,) and cache.table.dtype == torch.float32  # as the user's model had it
     with torch.no_grad():
         assert rel_err(fused(x), model(x)) < 1e-6
+
+
+class Untouched(nn.Module):
+    """Nothing to fold or merge: a norm, a product, a transcendental, a residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x + F.gelu(self.fc(self.norm(x)))
+
+
+def test_an_untouched_trace_is_checked_bit_for_bit_in_float32():
+    torch.manual_seed(0)
+    model, x = Untouched().eval(), torch.randn(2, 5, 8)
+    fused, report = reparam.fuse_with_report(model, x)
+    assert (
+        report.verified_on == "the inputs in float32, bit for bit (nothing was rewritten: the trace computes the model)"
+    )
+    assert report.max_rel_error == 0.0 and not report.rewrites
+    assert all(p.dtype == torch.float32 for p in fused.parameters())
+    with torch.no_grad():
+        assert torch.equal(fused(x), model(x))
+    convs = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.GELU(), nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.GELU())
+    _, report = reparam.fuse_with_report(convs.eval(), torch.randn(1, 3, 224, 224))  # nothing folds across a GELU
+    assert report.verified_on.startswith("centre crops of the inputs (1x3x224x224 -> 1x3x128x128) in float32, bit")
+
+
+def test_a_rewritten_or_float64_model_is_checked_in_float64():
+    _, rewritten = reparam.fuse_with_report(Mixed().eval(), torch.randn(1, 3, 16, 16))  # its BN folds
+    _, float64 = reparam.fuse_with_report(Untouched().double().eval(), torch.randn(2, 5, 8, dtype=torch.float64))
+    assert "bit for bit" not in rewritten.verified_on and "bit for bit" not in float64.verified_on
+
+
+def test_an_unfaithful_untouched_trace_is_still_caught():
+    from test_passes import AliasedIAdd
+
+    torch.manual_seed(0)
+    model, x = AliasedIAdd().eval(), torch.randn(2, 3, 5, 4)  # float32, nothing to fold: the bits differ
+    fused = reparam.fuse(model, (x,))
+    report = fused.reparam_report
+    assert any("unfaithfully" in note for note in report.notes) and "bit for bit" not in (report.verified_on or "")
+    with torch.no_grad():
+        assert rel_err(fused(x), model(x)) <= 1e-6
+
+
+def test_the_float32_check_puts_the_float64_tensors_back_exactly():
+    from reparam.pipeline import _in_float32
+
+    module = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)).double()
+    before = [t.clone() for t in module.state_dict().values()]
+    saved = _in_float32(module)
+    assert all(t.dtype in (torch.float32, torch.int64) for t in module.state_dict().values())
+    for t, data in saved:
+        t.data = data
+    assert all(
+        torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(module.state_dict().values(), before, strict=True)
+    )
