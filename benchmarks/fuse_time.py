@@ -125,6 +125,7 @@ class FusePhases(compile_time.PhaseTimer):
             (pipeline, "record_calls", "record"),
             (inside, "record_calls", "record"),  # the runs of modules fused inside
             (pipeline, "_check_whole", "verify"),
+            (pipeline, "_untouched_trace_checked", "verify"),  # the float32 check of a trace nothing was rewritten in
             (proofs, "prove", "proof"),
             (verify, "_noise_floors", "noise"),
             (pipeline, "_to_float64", "cast"),
