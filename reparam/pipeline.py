@@ -57,7 +57,7 @@ from .report import Report
 from .precision import check_precision
 from .shapes import check_example_inputs
 from .taps import least_fraction
-from .verify import TOLERANCE, centre_crops, compare_outputs, is_degenerate, random_like, to_float64
+from .verify import CROP_PERIOD, TOLERANCE, centre_crops, compare_outputs, is_degenerate, random_like, to_float64
 
 MAX_ROUNDS = 8  # rounds of a rule run to a fixed point (collapse: a region merged may join a larger one)
 
@@ -465,20 +465,44 @@ def _to_dtype(inputs: tuple, dtype: torch.dtype) -> tuple:
     )
 
 
+#: at most this many crop sides are tried between the smallest one and the default (each first on stand-ins)
+BETWEEN_CROPS = 2
+
+
 def _crops_to_try(candidates: list, fraction: float | None) -> list:
     """For each crop to try, smallest first, the centre crops of every one of ``candidates``: the crop every tap
-    needs (``fraction`` of the sides, None if unknown), then the default (:func:`centre_crops`); a crop of the same
-    sides as one before it is left out, and so is one that does not shrink every candidate.  A constant crop (of a
-    constant input) is replaced by a random one: it exposes no weight."""
-    smallest = [{"fraction": fraction, "least": 0}] if fraction is not None else []
+    needs (``fraction`` of the sides, None if unknown), up to :data:`BETWEEN_CROPS` sides between it and the default
+    in steps of :data:`CROP_PERIOD` (valid padding shrinks a map by more than the proportion the smallest assumes:
+    Inception-v3 at 299 leaves taps unread at 75 but not at 107), then the default (:func:`centre_crops`); a crop of
+    the same sides as one before it is left out, and so is one that does not shrink every candidate.  A constant
+    crop (of a constant input) is replaced by a random one: it exposes no weight."""
+    specs = [{"fraction": fraction, "least": 0}] if fraction is not None else []
+    if specs:
+        sides = [_least_side(centre_crops(candidates[0], **specs[0])), _least_side(centre_crops(candidates[0]))]
+        if None not in sides:
+            between = range(sides[0] + CROP_PERIOD, sides[1], CROP_PERIOD)
+            specs += [{"fraction": fraction, "least": side} for side in list(between)[:BETWEEN_CROPS]]
     tries, seen = [], set()
-    for spec in smallest + [{}]:
+    for spec in specs + [{}]:
         crops = [centre_crops(x, **spec) for x in candidates]
         if any(c is None for c in crops) or _shapes_text(crops[0]) in seen:
             continue
         seen.add(_shapes_text(crops[0]))
         tries.append([random_like(c) if is_degenerate(c) else c for c in crops])
     return tries
+
+
+def _least_side(crops: tuple | None) -> int | None:
+    """The shortest side among the cropped image tensors of ``crops`` (None for no crop)."""
+    if crops is None:
+        return None
+    sides = [
+        n
+        for t in torch.utils._pytree.tree_leaves(crops)
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 4
+        for n in t.shape[-2:]
+    ]
+    return min(sides, default=None)
 
 
 def _check_on_crops(

@@ -195,11 +195,20 @@ def test_check_accepts_only_true_false_or_full():
         reparam.fuse(small_cnn(), torch.randn(1, 3, 64, 64), check="crop")
 
 
-def test_when_the_smallest_crop_does_not_run_the_default_crop_is_tried():
+def test_when_the_smallest_crop_does_not_run_the_next_side_is_tried():
     torch.manual_seed(0)
     model = randomised(nn.Sequential(*small_cnn()[:6], nn.MaxPool2d(3, stride=1), nn.AdaptiveAvgPool2d(1)))
     _, report = reparam.fuse_with_report(model, torch.randn(1, 3, 224, 224))  # 2x2 maps are too small for the pool
-    assert report.verified_on == "centre crops of the inputs (1x3x224x224 -> 1x3x128x128)"
+    assert report.verified_on == "centre crops of the inputs (1x3x224x224 -> 1x3x96x96)"  # 3x3 maps: one step up
+
+
+def test_crops_between_the_smallest_and_the_default_are_tried_in_steps_of_the_period():
+    from reparam.pipeline import _crops_to_try
+
+    x = (torch.randn(1, 3, 299, 299),)
+    sides = [crops[0][0].shape[-1] for crops in _crops_to_try([x], 64 / 299)]
+    assert sides == [75, 107, 139, 171]  # the smallest, two between (each 32 more: same remainder), the default
+    assert [crops[0][0].shape[-1] for crops in _crops_to_try([x], None)] == [171]
 
 
 def test_a_model_that_only_runs_at_its_input_size_is_verified_on_the_inputs():
@@ -234,7 +243,7 @@ def test_a_wrong_outer_tap_agrees_on_the_crop_but_is_not_accepted_there():
 
 
 class Windows(nn.Module):
-    """A stride-8 body whose map is cut into 12x12 windows at the end, like MaxViT's grid attention: it runs at its
+    """A stride-8 body whose map is cut into 24x24 windows at the end, like MaxViT's grid attention: it runs at its
     input (192: 24x24 maps) but on no crop, and fails there only after the whole body."""
 
     def __init__(self):
@@ -244,7 +253,7 @@ class Windows(nn.Module):
     def forward(self, x):
         x = self.body(x)
         n, c, h, w = x.shape
-        return x.view(n, c, h // 12, 12, w // 12, 12).mean((3, 5))
+        return x.view(n, c, h // 24, 24, w // 24, 24).mean((3, 5))
 
 
 class ReadsAValue(nn.Module):
@@ -270,11 +279,11 @@ def test_a_crop_a_run_on_stand_ins_rules_out_is_not_run_in_float64(monkeypatch):
     )
     fused, report = reparam.fuse_with_report(model, x)
     assert report.verified_on == "the inputs" and report.max_rel_error < 1e-12
-    assert sides == [64]  # the smallest crop was tried; the default one (128: 16x16 maps) was seen not to run
+    assert sides == [64]  # the smallest crop was tried; 96 and the default 128 (12x12, 16x16 maps) were seen not to run
     monkeypatch.setattr(pipeline, "could_agree_closely", lambda gm, args: True)
     sides.clear()
     reparam.fuse(model, x)
-    assert sides == [64, 128]  # without the stand-in run, both float64 runs at 128 are spent for nothing
+    assert sides == [64, 96, 128]  # without the stand-in runs, the float64 runs at 96 and 128 are spent for nothing
 
 
 def test_a_run_on_stand_ins_tells_crops_that_cannot_conclude():
