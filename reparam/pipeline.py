@@ -57,7 +57,16 @@ from .report import Report
 from .precision import check_precision
 from .shapes import check_example_inputs
 from .taps import least_fraction
-from .verify import CROP_PERIOD, TOLERANCE, centre_crops, compare_outputs, is_degenerate, random_like, to_float64
+from .verify import (
+    CROP_PERIOD,
+    TOLERANCE,
+    centre_crops,
+    compare_outputs,
+    is_degenerate,
+    random_like,
+    to_dtype,
+    to_float64,
+)
 
 MAX_ROUNDS = 8  # rounds of a rule run to a fixed point (collapse: a region merged may join a larger one)
 
@@ -427,7 +436,7 @@ def _untouched_trace_checked(
     float64 = _in_float32(work, gm)  # gm's modules are work's (nothing was rewritten); its own constants too
     try:
         for tried in tries:
-            found = [computes_the_same_bits(gm, work, _to_dtype(x, torch.float32)) for x in tried]
+            found = [computes_the_same_bits(gm, work, to_dtype(x, torch.float32)) for x in tried]
             restore_state(work, state)
             restore_state(gm, state)
             same = all(found)
@@ -457,12 +466,6 @@ def _in_float32(*modules: nn.Module) -> list:
                 changed.append((t, t.data))
                 t.data = t.data.to(torch.float32)
     return changed
-
-
-def _to_dtype(inputs: tuple, dtype: torch.dtype) -> tuple:
-    return torch.utils._pytree.tree_map(
-        lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, inputs
-    )
 
 
 #: at most this many crop sides are tried between the smallest one and the default (each first on stand-ins)

@@ -19,11 +19,16 @@ from .errors import EquivalenceError, one_line
 TOLERANCE = 1e-8  # float64 folding error is ~1e-15 per op; deep random nets amplify it
 
 
+def to_dtype(inputs: Any, dtype: torch.dtype) -> Any:
+    """Copies of the floating tensors in ``inputs`` (any pytree) in ``dtype``; the rest untouched."""
+    return torch.utils._pytree.tree_map(
+        lambda t: t.to(dtype, copy=True) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, inputs
+    )
+
+
 def to_float64(inputs: Any) -> Any:
     """Copies of the floating tensors in ``inputs`` (any pytree) in float64; the rest untouched."""
-    return torch.utils._pytree.tree_map(
-        lambda t: t.to(torch.float64, copy=True) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, inputs
-    )
+    return to_dtype(inputs, torch.float64)
 
 
 def fresh(inputs: Any) -> Any:
