@@ -436,15 +436,12 @@ def _untouched_trace_checked(
     float64 = _in_float32(work, gm)  # gm's modules are work's (nothing was rewritten); its own constants too
     try:
         for tried in tries:
-            found = [computes_the_same_bits(gm, work, to_dtype(x, torch.float32)) for x in tried]
-            restore_state(work, state)
-            restore_state(gm, state)
+            with _caches_undone(work, gm, state):  # a cache filled at the crop's size must not reach the next try
+                found = [computes_the_same_bits(gm, work, to_dtype(x, torch.float32)) for x in tried]
             same = all(found)
             if None not in found:
                 break  # equal, or different where the model runs (the float64 check then decides)
     finally:
-        restore_state(work, state)
-        restore_state(gm, state)
         if not same:
             for t, data in float64:
                 t.data = data
@@ -517,7 +514,7 @@ def _check_on_crops(
     (:func:`could_agree_closely`: MaxViT's windows at 192 pixels fail only in the last stage, after three quarters
     of a float64 pass), and the float64 runs are spared."""
     worst = 0.0
-    try:
+    with _caches_undone(reference, gm, state):  # a cache filled at the crop's size must not reach the full-size runs
         if foresee and not all(could_agree_closely(gm, crop) for crop in crops):
             return None
         for crop in crops:
@@ -525,10 +522,19 @@ def _check_on_crops(
             if err is None:
                 return None
             worst = max(worst, err)
-    finally:  # a cache filled at the crop's size must not reach the full-size runs
-        restore_state(reference, state)
-        restore_state(gm, state)  # (the private copies of modules fused inside: :mod:`reparam.inside`)
     return worst
+
+
+@contextlib.contextmanager
+def _caches_undone(reference: nn.Module, gm: fx.GraphModule, state: dict):
+    """On leaving (also by an exception), the caches the runs inside left in ``reference`` and in ``gm`` (which holds
+    the private copies of modules fused inside, :mod:`reparam.inside`) are put back to ``state``
+    (:func:`snapshot_state`)."""
+    try:
+        yield
+    finally:
+        restore_state(reference, state)
+        restore_state(gm, state)
 
 
 def _on_crops(inputs: tuple, crops: tuple) -> str:
