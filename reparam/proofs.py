@@ -31,7 +31,7 @@ from . import trace as T
 from .errors import EquivalenceError, one_line
 from .interface import match_containers, restore_containers
 from .shape_run import NeedsValues, StandIns
-from .taps import TapCoverage, TapsUnread, reads_every_tap
+from .taps import TapCoverage, TapsUnread, reads_every_tap, unmatched_shared
 from .verify import NOISE_FACTOR, compare_outputs, fresh, perturbed, relative_error, worst_leaf
 
 ORIGIN = "reparam_origin"
@@ -267,25 +267,30 @@ def _run_fused(fused: fx.GraphModule, args: tuple, kwargs: dict, want: Any, wher
     return got
 
 
-def agrees_closely(fused: fx.GraphModule, original: nn.Module, args: tuple) -> float | None:
+def agrees_closely(
+    fused: fx.GraphModule, original: nn.Module, args: tuple, shared: frozenset = frozenset()
+) -> float | None:
     """The relative error of ``fused`` (the rewritten trace of ``original``) against the eager ``original`` on the
     float64 ``args`` when both run and it is within ``PROOF_TRIGGER``; None otherwise: nothing is concluded (the
     caller then checks the way that proves or disproves, :func:`check_fused`), so this can only accept early.  Both
-    runs must read every tap of every convolution (:class:`reparam.taps.TapCoverage`)."""
-    coverage = TapCoverage(stop=True)  # a kernel tap that reads only padding on these inputs is not checked by them
+    runs must read every tap of every convolution (:class:`reparam.taps.TapCoverage`), but for those with one of the
+    ``shared`` weights (:func:`reparam.taps.shared_tensors`) called alike in both (:func:`unmatched_shared`)."""
+    # a kernel tap that reads only padding on these inputs is not checked by them
+    original_taps, fused_taps = TapCoverage(stop=True, shared=shared), TapCoverage(stop=True, shared=shared)
     try:
-        with coverage:
+        with original_taps:
             want = run_quietly(original, args)
     except Exception:  # noqa: BLE001  the user's model does not run on these inputs (a fixed-size position
         return None  # embedding at another resolution), or a tap went unread: nothing concluded, the caller checks
-    if coverage.unread:  # on its own inputs
+    if original_taps.unread:  # the model's own code caught the TapsUnread
         return None
     try:
-        with coverage:
+        with fused_taps:
             worst = compare_outputs(_run_fused(fused, args, {}, want, "output"), want, tolerance=math.inf)
     except (UnfaithfulTrace, EquivalenceError, TapsUnread):  # not concluded here: the full check names what is wrong
         return None
-    return worst if worst <= PROOF_TRIGGER and not coverage.unread else None
+    covered = not fused_taps.unread and not unmatched_shared(original_taps, fused_taps)
+    return worst if worst <= PROOF_TRIGGER and covered else None
 
 
 def computes_the_same_bits(fused: fx.GraphModule, original: nn.Module, args: tuple) -> bool | None:
@@ -310,12 +315,13 @@ def computes_the_same_bits(fused: fx.GraphModule, original: nn.Module, args: tup
     )
 
 
-def could_agree_closely(fused: fx.GraphModule, args: tuple) -> bool:
+def could_agree_closely(fused: fx.GraphModule, args: tuple, shared: frozenset = frozenset()) -> bool:
     """False when :func:`agrees_closely` on ``args`` is sure to conclude nothing, told from a run of ``fused`` on
     stand-ins (:class:`reparam.shape_run.StandIns`: shapes without the arithmetic of its convolutions and products):
     it fails there (a window partition or a position embedding of another size), or a convolution leaves a kernel
-    tap unread; True otherwise (also when the graph reads a value a stand-in does not have).  Caches the run leaves
-    are the caller's to undo."""
+    tap unread (but one with a ``shared`` weight, which :func:`agrees_closely` holds to the original's calls); True
+    otherwise (also when the graph reads a value a stand-in does not have).  Caches the run leaves are the caller's
+    to undo."""
     try:
         with StandIns() as stand_ins:
             run_quietly(fused, args)
@@ -323,7 +329,7 @@ def could_agree_closely(fused: fx.GraphModule, args: tuple) -> bool:
         return True
     except Exception:  # noqa: BLE001  any failure here is the graph's own on these shapes: the real run fails too
         return False
-    return all(reads_every_tap(g) is not False for g in stand_ins.convolutions)
+    return all(reads_every_tap(g, shared) is not False for g in stand_ins.convolutions)
 
 
 def _faithful(module: nn.Module, args: tuple, kwargs: dict, want: Any) -> bool:

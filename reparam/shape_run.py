@@ -32,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 from .interface import restore_state, snapshot_state
+from .taps import tensor_key
 
 aten = torch.ops.aten
 
@@ -183,7 +184,8 @@ class StandIns(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self._zeros: dict = {}
-        #: the geometry of every convolution run: (input shape, weight shape, stride, padding, dilation, transposed)
+        #: the geometry of every convolution run: (input shape, weight shape, stride, padding, dilation, transposed,
+        #: the weight's :func:`reparam.taps.tensor_key`)
         self.convolutions: list = []
 
     def _stand_in(self, like: Any, device: torch.device) -> Any:
@@ -209,7 +211,8 @@ class StandIns(TorchDispatchMode):
         if func in HEAVY or (func in FLOATING_HEAVY and _floating(args)):
             if func is aten.convolution.default:
                 x, w, _, stride, padding, dilation, transposed = args[:7]
-                self.convolutions.append((tuple(x.shape), tuple(w.shape), stride, padding, dilation, transposed))
+                geometry = (tuple(x.shape), tuple(w.shape), stride, padding, dilation, transposed, tensor_key(w))
+                self.convolutions.append(geometry)
                 return self._stand_in(convolution_layout(*args[:9]), x.device)
             device = next(
                 t.device for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)

@@ -5,14 +5,22 @@ padding`` falls inside the input for some output position ``o``; on a small inpu
 read nothing but padding.  A fused model that agrees with the original on such an input says nothing about those
 taps, so a check on smaller inputs (:func:`reparam.verify.centre_crops`) counts only when every tap of every
 convolution in both runs was read (:class:`TapCoverage`).
+
+One kind of convolution is exempt: one whose weight tensor the fused model shares with the original, called with
+the same geometry on an input of the same shape as often in both runs (:func:`shared_tensors`,
+:func:`unmatched_shared`).  Its unread taps hold the same numbers in both models and meet the same padding: no
+difference can hide there.  ConvNeXt's 7x7 depthwise convolutions, which no rewrite touches, otherwise ask for a
+crop of 128 pixels (4x4 at stride 32) where the rewritten ones need 32.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .match import computes_as_conv, node_shape
@@ -48,6 +56,25 @@ def all_taps_read(
     return True
 
 
+def tensor_key(t: torch.Tensor) -> tuple | None:
+    """What identifies ``t``'s numbers while it is alive: its storage's address, offset, shape, strides and dtype
+    (None for an empty tensor, which has no taps and may share an address)."""
+    if t.numel() == 0:
+        return None
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
+def shared_tensors(fused: nn.Module, original: nn.Module) -> frozenset:
+    """The :func:`tensor_key` of every parameter and buffer ``fused`` shares with ``original`` (the same tensor, not
+    an equal one): the weights no rewrite touched."""
+
+    def keys(module: nn.Module) -> set:
+        tensors = [*module.parameters(), *module.buffers()]
+        return {tensor_key(t) for t in tensors} - {None}
+
+    return frozenset(keys(fused) & keys(original))
+
+
 class TapsUnread(Exception):
     """A convolution left a kernel tap unread (:class:`TapCoverage` with ``stop``): the run cannot vouch for it."""
 
@@ -55,24 +82,55 @@ class TapsUnread(Exception):
 class TapCoverage(TorchDispatchMode):
     """Inside this mode, every convolution is run as usual and ``unread`` collects those some kernel tap of which
     read no input pixel (as ``"k x k kernel on a h x w input"``).  With ``stop``, the first such one also raises
-    :class:`TapsUnread`: a run whose result cannot count is not run to its end."""
+    :class:`TapsUnread`: a run whose result cannot count is not run to its end.
 
-    def __init__(self, stop: bool = False):
+    A convolution whose weight is one of ``shared`` (:func:`shared_tensors`) is not counted unread here: its calls
+    are tallied in ``shared_calls`` (by :func:`convolution_call`) and those with unread taps in ``shared_unread``,
+    for :func:`unmatched_shared` to compare with the other model's run."""
+
+    def __init__(self, stop: bool = False, shared: frozenset = frozenset()):
         super().__init__()
         self.unread: list[str] = []
         self.stop = stop
+        self.shared = shared
+        self.shared_calls: Counter = Counter()
+        self.shared_unread: dict = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func is aten.convolution.default and len(args) >= 7:
             x, w, _, stride, padding, dilation, transposed = args[:7]
-            if not all_taps_read(x.shape, w.shape, out.shape, stride, padding, dilation, transposed):
-                self.unread.append(
-                    f"{'x'.join(map(str, w.shape[2:]))} kernel on a {'x'.join(map(str, x.shape[2:]))} input"
-                )
+            read = all_taps_read(x.shape, w.shape, out.shape, stride, padding, dilation, transposed)
+            shared = bool(self.shared) and tensor_key(w) in self.shared
+            if shared:
+                call = convolution_call(args)
+                self.shared_calls[call] += 1
+                if not read:
+                    self.shared_unread[call] = _unread_text(x, w)
+            elif not read:
+                self.unread.append(_unread_text(x, w))
                 if self.stop:
                     raise TapsUnread(self.unread[-1])
         return out
+
+
+def convolution_call(args: Sequence) -> tuple:
+    """An ``aten.convolution`` call as a key: its weight's :func:`tensor_key`, its input's shape and every geometry
+    argument (stride, padding, dilation, transposed, output padding, groups)."""
+    x, w, *geometry = args[:9]
+    del geometry[0]  # the bias: a wrong one shows on every pixel, whatever taps are read
+    return (tensor_key(w), tuple(x.shape), *(tuple(g) if isinstance(g, (list, tuple)) else g for g in geometry))
+
+
+def unmatched_shared(first: TapCoverage, second: TapCoverage) -> list[str]:
+    """The convolutions with a shared weight that left taps unread in either run and were not called as often, with
+    the same weight, geometry and input shape, in the other: the ones their exemption does not cover."""
+    unread = {**first.shared_unread, **second.shared_unread}
+    return [text for call, text in unread.items() if first.shared_calls[call] != second.shared_calls[call]]
+
+
+def _unread_text(x: torch.Tensor, w: torch.Tensor) -> str:
+    return f"{'x'.join(map(str, w.shape[2:]))} kernel on a {'x'.join(map(str, x.shape[2:]))} input"
 
 
 def least_side(k: int, stride: int, padding: int, dilation: int) -> int | None:
@@ -85,15 +143,20 @@ def least_side(k: int, stride: int, padding: int, dilation: int) -> int | None:
     return None
 
 
-def least_fraction(graphs: Iterable[tuple[fx.Graph, dict]], convolutions: Iterable[tuple] = ()) -> float | None:
+def least_fraction(
+    graphs: Iterable[tuple[fx.Graph, dict]], convolutions: Iterable[tuple] = (), shared: frozenset = frozenset()
+) -> float | None:
     """The smallest fraction of the recorded input sides at which every convolution of ``graphs`` (each a graph
     with recorded shapes and its ``target -> module`` map) and of ``convolutions`` (the geometry a shape run saw:
     :attr:`reparam.shape_run.StandIns.convolutions`, those inside modules called as they are included) still reads
     every tap, taking each map to shrink in proportion to the input (so a crop chosen from it must still be checked:
     :class:`TapCoverage`); None when some convolution's needs are unknown (no recorded shape, a transposed one, taps
-    never read)."""
+    never read).  Convolutions whose weight is one of ``shared`` (:func:`shared_tensors`) need nothing: the runs'
+    :class:`TapCoverage` holds them to the same calls in both models instead."""
     worst = 0.0
     for geometry in (*_graph_convolutions(graphs), *convolutions):
+        if geometry is not None and geometry[6] in shared:
+            continue
         need = None if geometry is None or geometry[5] else _needed_fraction(*geometry[:5])
         if need is None:
             return None
@@ -113,13 +176,16 @@ def _graph_convolutions(graphs: Iterable[tuple[fx.Graph, dict]]) -> Iterable[tup
             if shape is None or isinstance(m.padding, str):
                 yield None
             else:
-                yield shape, tuple(m.weight.shape), m.stride, m.padding, m.dilation, False
+                yield shape, tuple(m.weight.shape), m.stride, m.padding, m.dilation, False, tensor_key(m.weight)
 
 
-def reads_every_tap(geometry: tuple) -> bool | None:
+def reads_every_tap(geometry: tuple, shared: frozenset = frozenset()) -> bool | None:
     """Does a convolution of ``geometry`` (as :attr:`reparam.shape_run.StandIns.convolutions` records it) read every
-    kernel tap on its input?  None when that is not known here (a transposed one, an unbatched input)."""
-    x_shape, w_shape, stride, padding, dilation, transposed = geometry
+    kernel tap on its input, or need not (its weight is one of ``shared``)?  None when that is not known here (a
+    transposed one, an unbatched input)."""
+    x_shape, w_shape, stride, padding, dilation, transposed, weight = geometry
+    if weight in shared:
+        return True
     need = None if transposed else _needed_fraction(x_shape, w_shape, stride, padding, dilation)
     return None if need is None else need <= 1
 

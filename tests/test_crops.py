@@ -18,7 +18,7 @@ import reparam
 from reparam import trace as T
 from reparam.errors import ReparamError
 from reparam.proofs import agrees_closely
-from reparam.taps import TapCoverage, least_fraction, least_side, taps_read
+from reparam.taps import TapCoverage, least_fraction, least_side, taps_read, tensor_key
 from reparam.verify import CROP_PERIOD, centre_crops
 
 
@@ -242,6 +242,92 @@ def test_a_wrong_outer_tap_agrees_on_the_crop_but_is_not_accepted_there():
     assert agrees_closely(gm, model, (full,)) == 0.0
 
 
+class UntouchedLargeKernel(nn.Module):
+    """ConvNeXt's shape: stride-2 stages whose BatchNorms fold, then a 7x7 depthwise convolution nothing rewrites (on
+    a 2x2 map at 64 pixels its outer taps read only padding) and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stages = small_cnn()[:5]
+        self.mix = nn.Conv2d(8, 8, 7, padding=3, groups=8)
+        self.head = nn.Sequential(nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def forward(self, x):
+        return self.head(self.mix(self.stages(x)))
+
+
+def test_a_convolution_no_rewrite_touched_need_not_read_every_tap_on_the_crop():
+    model, x = UntouchedLargeKernel().eval(), torch.randn(1, 3, 224, 224)
+    fused, report = reparam.fuse_with_report(model, x)
+    assert report.counts()["fold_bn"] == 5 and report.max_rel_error < 1e-12
+    # the 7x7 keeps the original's weight: 64 pixels (2x2 maps) do; it alone would ask for 128 (4x4)
+    assert report.verified_on == "centre crops of the inputs (1x3x224x224 -> 1x3x64x64)"
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+class SharedTwice(nn.Module):
+    """One 7x7 convolution called twice on a 2x2 map: its outer taps read only padding."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.down = nn.Conv2d(3, 8, 32, stride=32)
+        self.wide = nn.Conv2d(8, 8, 7, padding=3)
+
+    def forward(self, x):
+        y = self.down(x)
+        return self.wide(y) + self.wide(y.relu())
+
+
+def test_a_shared_weight_vouches_only_for_calls_the_other_run_makes_alike():
+    from reparam.taps import shared_tensors, unmatched_shared
+
+    model = SharedTwice().double().eval()
+    x = (torch.randn(1, 3, 64, 64, dtype=torch.float64),)
+    same = T.symbolic_trace(model)  # the same weights, called alike: the unread taps hold the same numbers
+    assert agrees_closely(same, model, x) is None  # without the exemption the crop cannot count
+    assert agrees_closely(same, model, x, shared_tensors(same, model)) == 0.0
+    # the second call wrongly reduced to the centre 3x3: equal on 2x2 maps, and every tap of the 3x3 is read there
+    wrong = T.symbolic_trace(model)
+    wrong.narrow = nn.Conv2d(8, 8, 3, padding=1).double()
+    with torch.no_grad():
+        wrong.narrow.weight.copy_(model.wide.weight[:, :, 2:5, 2:5])
+        wrong.narrow.bias.copy_(model.wide.bias)
+    second = [n for n in wrong.graph.nodes if n.op == "call_module" and n.target == "wide"][1]
+    second.target = "narrow"
+    wrong.recompile()
+    with torch.no_grad():
+        assert torch.allclose(wrong(*x), model(*x), rtol=1e-13, atol=0)  # the crop alone cannot see it
+    shared = shared_tensors(wrong, model)
+    assert tensor_key(model.wide.weight) in shared
+    assert agrees_closely(wrong, model, x, shared) is None  # the original calls the 7x7 twice, the graph once
+    coverage = [TapCoverage(shared=shared), TapCoverage(shared=shared)]
+    with coverage[0], torch.no_grad():
+        model(*x)
+    with coverage[1], torch.no_grad():
+        wrong(*x)
+    assert unmatched_shared(*coverage) == ["7x7 kernel on a 2x2 input"]
+    assert coverage[0].unread == coverage[1].unread == []
+
+
+def test_a_shared_weight_in_another_geometry_is_not_vouched_for():
+    from reparam.taps import unmatched_shared
+
+    w, x = torch.randn(4, 4, 7, 7), torch.randn(1, 4, 2, 2)
+    shared = frozenset({tensor_key(w)})
+    coverage = [TapCoverage(shared=shared), TapCoverage(shared=shared)]
+    with coverage[0]:
+        F.conv2d(x, w, padding=3)
+    with coverage[1]:
+        F.conv2d(x, w, padding=6, dilation=2)  # the same numbers on another grid: a different convolution
+    assert unmatched_shared(*coverage) == ["7x7 kernel on a 2x2 input"] * 2  # neither call has a twin
+    with coverage[1]:
+        F.conv2d(x, w, padding=3)
+    assert unmatched_shared(*coverage) == ["7x7 kernel on a 2x2 input"]  # the dilated call still has none
+    assert least_fraction([], [((1, 4, 8, 8), (4, 4, 7, 7), (1, 1), (3, 3), (1, 1), False, tensor_key(w))]) == 0.5
+    assert least_fraction([], [((1, 4, 8, 8), (4, 4, 7, 7), (1, 1), (3, 3), (1, 1), False, tensor_key(w))], shared) == 0
+
+
 class Windows(nn.Module):
     """A stride-8 body whose map is cut into 24x24 windows at the end, like MaxViT's grid attention: it runs at its
     input (192: 24x24 maps) but on no crop, and fails there only after the whole body."""
@@ -275,12 +361,14 @@ def test_a_crop_a_run_on_stand_ins_rules_out_is_not_run_in_float64(monkeypatch):
     sides = []
     agrees = pipeline.agrees_closely
     monkeypatch.setattr(
-        pipeline, "agrees_closely", lambda gm, ref, args: sides.append(args[0].shape[-1]) or agrees(gm, ref, args)
+        pipeline,
+        "agrees_closely",
+        lambda gm, ref, args, shared: sides.append(args[0].shape[-1]) or agrees(gm, ref, args, shared),
     )
     fused, report = reparam.fuse_with_report(model, x)
     assert report.verified_on == "the inputs" and report.max_rel_error < 1e-12
     assert sides == [64]  # the smallest crop was tried; 96 and the default 128 (12x12, 16x16 maps) were seen not to run
-    monkeypatch.setattr(pipeline, "could_agree_closely", lambda gm, args: True)
+    monkeypatch.setattr(pipeline, "could_agree_closely", lambda gm, args, shared: True)
     sides.clear()
     reparam.fuse(model, x)
     assert sides == [64, 96, 128]  # without the stand-in runs, the float64 runs at 96 and 128 are spent for nothing
