@@ -415,9 +415,14 @@ def _scatter_diagonal(weight: torch.Tensor, a: Affine, groups: int, offset: tupl
     weight.index_put_(index, a.weight.reshape(-1), accumulate=True)
 
 
+def _fills_grid(a: Affine, grid: _Grid, offset: tuple, groups: int) -> bool:
+    """Is ``a``'s weight already laid out on the common kernel in ``groups`` groups (nothing to embed)?"""
+    return a.groups == groups and tuple(a.kernel) == grid.kernel and all(o == 0 for o in offset)
+
+
 def _on_grid(a: Affine, grid: _Grid, offset: tuple, step: tuple, groups: int) -> torch.Tensor:
     """``a``'s weight in ``groups`` groups on the common kernel (a new tensor, safe to mutate)."""
-    if a.groups == groups and tuple(a.kernel) == grid.kernel and all(o == 0 for o in offset):
+    if _fills_grid(a, grid, offset, groups):
         return a.w.take() if isinstance(a.w, Lazy) else a.weight.clone()
     return _embed(regroup(a, groups).weight, a.nd, offset, step, grid.kernel)
 
@@ -446,10 +451,16 @@ def add(branches: Sequence[Affine]) -> Affine:
     grid = _align(branches)
     groups = grid.geometry["groups"]
 
-    def summed() -> torch.Tensor:
+    def start(i: int) -> tuple:
         # channelwise branches last: they are scattered onto the diagonal of the others' sum (the first branch
-        # is not channelwise: sums of channelwise branches alone returned above)
-        first, *rest = sorted(range(len(branches)), key=lambda i: branches[i].kind.channelwise)
+        # is not channelwise: sums of channelwise branches alone returned above); first a weight already on the
+        # common kernel, computed for this sum (a RepVGG block's BN-scaled 3x3): it is the sum's storage, and the
+        # 1x1 is added into its centre, where starting from the 1x1 costs a zero kernel and the 3x3 besides
+        a = branches[i]
+        return a.kind.channelwise, not _fills_grid(a, grid, grid.offsets[i], groups), not isinstance(a.w, Lazy)
+
+    def summed() -> torch.Tensor:
+        first, *rest = sorted(range(len(branches)), key=start)
         weight = _on_grid(branches[first], grid, grid.offsets[first], grid.steps[first], groups)
         for i in rest:
             a = branches[i]

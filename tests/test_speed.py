@@ -374,3 +374,22 @@ def test_the_float32_check_puts_the_float64_tensors_back_exactly():
     assert all(
         torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(module.state_dict().values(), before, strict=True)
     )
+
+
+def test_a_repvgg_sum_is_built_in_the_storage_of_its_folded_3x3():
+    from reparam import affine as A
+
+    torch.manual_seed(0)
+    layout = A.Layout(2)
+    stats = torch.randn(8), torch.rand(8) + 0.5, torch.rand(8) + 0.5, torch.randn(8)
+    bn = A.batchnorm(*(t.double() for t in stats), 1e-5, layout)
+    wide = A.compose(A.from_conv(torch.randn(8, 8, 3, 3, dtype=torch.float64), None, padding=1), bn)
+    narrow = A.compose(A.from_conv(torch.randn(8, 8, 1, 1, dtype=torch.float64), None), bn)
+    assert isinstance(wide.w, A.Lazy)  # the BN-scaled 3x3, computed when first read
+    want = wide.weight.clone()
+    want[:, :, 1, 1] += narrow.weight[:, :, 0, 0]
+    want[range(8), range(8), 1, 1] += bn.weight.reshape(-1)
+    total = A.add([narrow, wide, bn])  # the 1x1 first, as timm's RepVggBlock adds them
+    folded = wide.w.resolve()
+    assert total.weight.data_ptr() == folded.data_ptr()  # no zero 3x3 for the 1x1 to start from
+    torch.testing.assert_close(total.weight, want, rtol=1e-15, atol=1e-15)
