@@ -10,7 +10,7 @@ One kind of convolution is exempt: one whose weight tensor the fused model share
 the same geometry on an input of the same shape as often in both runs (:func:`shared_tensors`,
 :func:`unmatched_shared`).  Its unread taps hold the same numbers in both models and meet the same padding: no
 difference can hide there.  ConvNeXt's 7x7 depthwise convolutions, which no rewrite touches, otherwise ask for a
-crop of 128 pixels (4x4 at stride 32) where the rewritten ones need 32.
+crop of 128 pixels (4x4 maps at stride 32) where the smallest crop, 64, serves the rewritten ones.
 """
 
 from __future__ import annotations
