@@ -187,19 +187,13 @@ def build(name: str, seed: int = 0, batch: int = 2, min_size: int = 0):
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        default = lambda: _construct(name)  # noqa: E731
         if name.startswith("tv:"):
-            import torchvision
-
-            kwargs = {"weights": None}
-            if name[3:] in ("googlenet", "inception_v3"):
-                kwargs.update(aux_logits=False, init_weights=False)
-            default = lambda: torchvision.models.get_model(name[3:], **kwargs)  # noqa: E731
             sized = None
             source = "torchvision"
         else:
             import timm
 
-            default = lambda: timm.create_model(name, pretrained=False)  # noqa: E731
             sized = lambda s: timm.create_model(name, pretrained=False, img_size=s)  # noqa: E731
             source = "timm"
         g = torch.Generator().manual_seed(seed + 1)
@@ -226,21 +220,32 @@ def build(name: str, seed: int = 0, batch: int = 2, min_size: int = 0):
 
 
 def param_count(name: str) -> Optional[int]:
-    """Parameters of ``name``, counted on the meta device (nothing allocated); None if it cannot be built."""
-    try:
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if name.startswith("tv:"):
-                import torchvision
+    """Parameters of ``name``, counted on the meta device (nothing allocated), or on the CPU where the model's own
+    initialisation does not run on the meta device (torchvision's RegNets copy values); None if it cannot be built."""
+    for device in ("meta", "cpu"):
+        try:
+            with torch.device(device), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = _construct(name)
+            return sum(p.numel() for p in model.parameters())
+        except Exception:  # noqa: BLE001  a third-party model that cannot be built has no size (the sweep skips it)
+            continue
+    return None
 
-                model = torchvision.models.get_model(name[3:], weights=None)
-            else:
-                import timm
 
-                model = timm.create_model(name, pretrained=False)
-        return sum(p.numel() for p in model.parameters())
-    except Exception:  # noqa: BLE001  a third-party model that cannot be built has no size (the sweep skips it)
-        return None
+def _construct(name: str) -> torch.nn.Module:
+    """timm's ``name``, or torchvision's for a ``tv:`` name (GoogLeNet and Inception-v3 without their training-only
+    auxiliary heads), with random weights on the current device."""
+    if name.startswith("tv:"):
+        import torchvision
+
+        kwargs: dict = {"weights": None}
+        if name[3:] in ("googlenet", "inception_v3"):
+            kwargs.update(aux_logits=False, init_weights=False)
+        return torchvision.models.get_model(name[3:], **kwargs)
+    import timm
+
+    return timm.create_model(name, pretrained=False)
 
 
 def timm_deploy(model: nn.Module) -> Optional[nn.Module]:
