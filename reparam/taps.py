@@ -155,9 +155,7 @@ def least_fraction(
     :class:`TapCoverage` holds them to the same calls in both models instead."""
     worst = 0.0
     for geometry in (*_graph_convolutions(graphs), *convolutions):
-        if geometry is not None and geometry[6] in shared:
-            continue
-        need = None if geometry is None or geometry[5] else _needed_fraction(*geometry[:5])
+        need = None if geometry is None else _need(geometry, shared)
         if need is None:
             return None
         worst = max(worst, need)
@@ -183,11 +181,17 @@ def reads_every_tap(geometry: tuple, shared: frozenset = frozenset()) -> bool | 
     """Does a convolution of ``geometry`` (as :attr:`reparam.shape_run.StandIns.convolutions` records it) read every
     kernel tap on its input, or need not (its weight is one of ``shared``)?  None when that is not known here (a
     transposed one, an unbatched input)."""
+    need = _need(geometry, shared)
+    return None if need is None else need <= 1
+
+
+def _need(geometry: tuple, shared: frozenset) -> float | None:
+    """:func:`_needed_fraction` of a recorded ``geometry``: 0 when its weight is one of ``shared`` (no tap of it needs
+    reading), None for a transposed convolution (not known here)."""
     x_shape, w_shape, stride, padding, dilation, transposed, weight = geometry
     if weight in shared:
-        return True
-    need = None if transposed else _needed_fraction(x_shape, w_shape, stride, padding, dilation)
-    return None if need is None else need <= 1
+        return 0.0
+    return None if transposed else _needed_fraction(x_shape, w_shape, stride, padding, dilation)
 
 
 def _needed_fraction(x_shape, w_shape, stride, padding, dilation) -> float | None:
