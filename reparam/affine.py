@@ -14,6 +14,7 @@ Weights are expected in float64 (the pipeline folds on a float64 copy of the mod
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -673,26 +674,70 @@ def regroup_2d(summed: torch.Tensor, b: Affine, groups: int) -> torch.Tensor:
 
 def _composite_weight(a: Affine, b: Affine, groups: int, step: tuple, dil: tuple) -> torch.Tensor:
     """Kernel of ``B(A(x))``: ``sum_m,tb W_B[o, m, tb] * W_A[m, i, p - step * tb]`` at dilation ``dil``."""
-    a, b = regroup(a, groups), regroup(b, groups)
     nd = a.nd
-    out, mid, in_g = b.out_channels, a.out_channels, a.w.shape[1]
     if nd == 0:
+        a, b = regroup(a, groups), regroup(b, groups)
+        out, mid, in_g = b.out_channels, a.out_channels, a.w.shape[1]
         return torch.einsum(
             "gom,gmi->goi",
             b.weight.reshape(groups, out // groups, mid // groups),
             a.weight.reshape(groups, mid // groups, in_g),
         ).reshape(out, in_g)
-    wa = a.weight
-    if any(d != 1 for d in a.dilation):  # spell A's taps out at dilation 1
-        wa = _embed(wa, nd, (0,) * nd, a.dilation, a.extent)
-    # conv_transpose with weight W_B^T computes sum_m,t W_B[o, m, t] * W_A[m, i, p - step*t]
-    wt = b.weight.reshape(groups, out // groups, mid // groups, *b.kernel).transpose(1, 2)
-    wt = wt.reshape(mid, out // groups, *b.kernel)
-    conv_t = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
-    w = conv_t(wa.transpose(0, 1), wt, groups=groups, dilation=step).transpose(0, 1)
+    w = _depthwise_composite(a, b, step)
+    if w is None:
+        a, b = regroup(a, groups), regroup(b, groups)
+        out, mid = b.out_channels, a.out_channels
+        # conv_transpose with weight W_B^T computes sum_m,t W_B[o, m, t] * W_A[m, i, p - step*t]
+        wt = b.weight.reshape(groups, out // groups, mid // groups, *b.kernel).transpose(1, 2)
+        wt = wt.reshape(mid, out // groups, *b.kernel)
+        conv_t = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
+        w = conv_t(_spelled_out(a).transpose(0, 1), wt, groups=groups, dilation=step).transpose(0, 1)
     if any(d != 1 for d in dil):
         w = w[(slice(None), slice(None)) + tuple(slice(None, None, d) for d in dil)]
     return w.contiguous()
+
+
+def _spelled_out(a: Affine) -> torch.Tensor:
+    """``a``'s kernel at dilation 1 (its taps in a zero kernel of its extent)."""
+    if all(d == 1 for d in a.dilation):
+        return a.weight
+    return _embed(a.weight, a.nd, (0,) * a.nd, a.dilation, a.extent)
+
+
+def _depthwise_composite(a: Affine, b: Affine, step: tuple) -> torch.Tensor | None:
+    """:func:`_composite_weight` at dilation 1 when one side is depthwise, without densifying it; None otherwise.
+
+    B depthwise (each output ``o`` reads mid channel ``o // k``, channel multiplier ``k``): ``W[o, i] = sum_t
+    W_B[o, 0, t] * W_A[o // k, i]`` shifted by ``step * t``, with ``a.groups`` groups.  A depthwise with one output
+    per input: ``W[o, j] = sum_t W_B[o, j, t] * W_A[m(o, j), 0]`` shifted alike, ``m`` the mid channel B's
+    ``j``-th input of ``o``'s group is, with ``b.groups`` groups.  Regrouping the depthwise side to the common
+    groups instead (the general path) makes it dense: a DenseNet transition's 1x1 conv then 2x2 pool cost
+    ``C^3`` multiply-adds in float64, 0.7 s at 1792 channels."""
+    mid = a.out_channels
+    if b.w.shape[1] == 1 and b.groups == mid:
+        rows = _spelled_out(a)
+        multiplier = b.out_channels // mid
+        return _shifted_sum(rows.repeat_interleave(multiplier, dim=0) if multiplier > 1 else rows, b.weight, step)
+    if a.w.shape[1] == 1 and a.groups == a.in_channels == mid:
+        rows = _spelled_out(a).reshape(b.groups, mid // b.groups, *a.extent)
+        group_of_out = torch.arange(b.out_channels, device=rows.device) // (b.out_channels // b.groups)
+        return _shifted_sum(rows[group_of_out], b.weight, step)
+    return None
+
+
+def _shifted_sum(rows: torch.Tensor, taps: torch.Tensor, step: tuple) -> torch.Tensor:
+    """``W[o, i, step * t + q] += taps[o, i or 0, t] * rows[o, i, q]`` over ``taps``' kernel positions ``t``:
+    ``rows`` ``(O, I, *extent)``, ``taps`` ``(O, I or 1, *kernel)`` -> ``(O, I, *(extent + step * (kernel - 1)))``."""
+    extent, kernel = rows.shape[2:], taps.shape[2:]
+    size = tuple(e + s * (k - 1) for e, s, k in zip(extent, step, kernel, strict=True))
+    out = rows.new_zeros((*rows.shape[:2], *size))
+    spread = (1,) * len(extent)
+    for t in itertools.product(*(range(k) for k in kernel)):
+        window = (slice(None), slice(None)) + tuple(
+            slice(s * i, s * i + e) for s, i, e in zip(step, t, extent, strict=True)
+        )
+        out[window] += taps[(slice(None), slice(None), *t)].reshape(*taps.shape[:2], *spread) * rows
+    return out
 
 
 # --------------------------------------------------------------------------------------------

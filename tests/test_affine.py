@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from unittest import mock
 from functools import reduce
 
 import pytest
@@ -539,6 +540,50 @@ def test_compose_without_padding_in_b_never_refuses(nd, case):
     assume(all(m >= e for m, e in zip(a.out_size(x.shape[2:]), b.extent, strict=True)))
     c = A.compose(a, b)
     close(A.apply(c, x), A.apply(b, A.apply(a, x)))
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+@pytest.mark.parametrize("depthwise", ["b", "a"])
+@given(case=st.data())
+@core_settings(40)
+def test_compose_with_a_depthwise_side_is_exact_and_stays_sparse(nd, depthwise, case):
+    """A dense conv then a depthwise one (a DenseNet transition's 1x1 conv then its 2x2 pool, channel multipliers
+    too), or a depthwise one then a grouped one (ResNet-D's pool then 1x1): exact, and composed without the
+    transposed convolution of the general path, which densifies the depthwise side (C^3 multiply-adds)."""
+    draw = case.draw
+    g = gen(draw(st.integers(0, 2**31)))
+    kmax = 3 if nd == 3 else 4
+
+    def geometry():
+        return (
+            tuple(draw(st.integers(1, kmax)) for _ in range(nd)),
+            tuple(draw(st.integers(1, 3)) for _ in range(nd)),
+            tuple(draw(st.integers(1, 3)) for _ in range(nd)),
+        )
+
+    (ka, sa, da), (kb, sb, db) = geometry(), geometry()
+    mid = draw(st.sampled_from([1, 2, 3, 4, 6]))
+    if depthwise == "b":
+        groups_a = draw(st.sampled_from([d for d in (1, 2, 3, 6) if mid % d == 0]))
+        cin = groups_a * draw(st.integers(1, 2))
+        a = A.from_conv(randn(g, mid, cin // groups_a, *ka), randn(g, mid), sa, 0, da, groups_a)
+        cout = mid * draw(st.integers(1, 2))
+        b = A.from_conv(randn(g, cout, 1, *kb), randn(g, cout), sb, 0, db, mid)
+    else:
+        cin = mid
+        a = A.from_conv(randn(g, mid, 1, *ka), randn(g, mid), sa, 0, da, mid)
+        groups_b = draw(st.sampled_from([d for d in (1, 2, 3, 6) if mid % d == 0]))
+        cout = groups_b * draw(st.integers(1, 3))
+        b = A.from_conv(randn(g, cout, mid // groups_b, *kb), randn(g, cout), sb, 0, db, groups_b)
+    side = tuple((eb - 1) * s + ea + draw(st.integers(0, 3)) for ea, eb, s in zip(a.extent, b.extent, sa, strict=True))
+    x = randn(g, 2, cin, *side)
+
+    def densifying(*args, **kwargs):
+        raise AssertionError("the depthwise side was made dense (transposed convolution)")
+
+    with mock.patch.multiple(F, conv_transpose1d=densifying, conv_transpose2d=densifying, conv_transpose3d=densifying):
+        c = A.compose(a, b)
+        close(A.apply(c, x), A.apply(b, A.apply(a, x)))
 
 
 def test_compose_strided_dilated_grouped():
