@@ -625,15 +625,23 @@ def compose(a: Affine, b: Affine) -> Affine:
         return replace(a, w=weight, bias=bias, kind=Kind.DIAGONAL if a.kind.channelwise else Kind.DENSE)
     if a.kind is Kind.DIAGONAL and not a.pads:  # channelwise before: scale input columns
         scale = a.weight.reshape(-1)
-        per = b.weight.shape[1]
-        cols = (torch.arange(b.out_channels, device=scale.device) // (b.out_channels // b.groups))[:, None] * per
-        cols = cols + torch.arange(per, device=scale.device)[None, :]
-        scaled = Lazy(b.w.shape, lambda: b.weight * scale[cols].reshape(*cols.shape, *([1] * b.nd)))
+        scaled = Lazy(b.w.shape, lambda: b.weight * _columns(scale, b))
         bias = b.bias
         if a.bias is not None:
             bias = _add_bias(_grouped_matvec(_kernel_sum(b.weight), a.bias, b.groups), b.bias)
         return replace(b, w=scaled, bias=bias, padding_mode=mode, kind=Kind.DENSE if b.kind is Kind.PAD else b.kind)
     return _compose_general(a, b, mode)
+
+
+def _columns(scale: torch.Tensor, b: Affine) -> torch.Tensor:
+    """``scale`` (one number per input channel of ``b``) as the factor of each of ``b``'s weight columns:
+    ``(O, I/g, 1, ...)`` with ``[o, j] = scale[group(o) * I/g + j]``, a broadcast view for one group (no index
+    tensor the size of the weight)."""
+    per, spread = b.w.shape[1], (1,) * b.nd
+    if b.groups == 1:
+        return scale.reshape(1, per, *spread)
+    rows = b.out_channels // b.groups
+    return scale.reshape(b.groups, 1, per).expand(b.groups, rows, per).reshape(b.out_channels, per, *spread)
 
 
 def _compose_general(a: Affine, b: Affine, mode: str) -> Affine:
