@@ -744,7 +744,8 @@ def _shifted_sum(rows: torch.Tensor, taps: torch.Tensor, step: tuple) -> torch.T
         window = (slice(None), slice(None)) + tuple(
             slice(s * i, s * i + e) for s, i, e in zip(step, t, extent, strict=True)
         )
-        out[window] += taps[(slice(None), slice(None), *t)].reshape(*taps.shape[:2], *spread) * rows
+        tap: tuple = (slice(None), slice(None), *t)
+        out[window] += taps[tap].reshape(*taps.shape[:2], *spread) * rows
     return out
 
 
