@@ -721,31 +721,31 @@ def _depthwise_composite(a: Affine, b: Affine, step: tuple) -> torch.Tensor | No
     ``j``-th input of ``o``'s group is, with ``b.groups`` groups.  Regrouping the depthwise side to the common
     groups instead (the general path) makes it dense: a DenseNet transition's 1x1 conv then 2x2 pool cost
     ``C^3`` multiply-adds in float64, 0.7 s at 1792 channels."""
-    mid = a.out_channels
-    if b.w.shape[1] == 1 and b.groups == mid:
-        rows = _spelled_out(a)
-        multiplier = b.out_channels // mid
-        return _shifted_sum(rows.repeat_interleave(multiplier, dim=0) if multiplier > 1 else rows, b.weight, step)
-    if a.w.shape[1] == 1 and a.groups == a.in_channels == mid:
-        rows = _spelled_out(a).reshape(b.groups, mid // b.groups, *a.extent)
-        group_of_out = torch.arange(b.out_channels, device=rows.device) // (b.out_channels // b.groups)
-        return _shifted_sum(rows[group_of_out], b.weight, step)
+    mid, out = a.out_channels, b.out_channels
+    if b.w.shape[1] == 1 and b.groups == mid:  # output m * k + j reads mid channel m
+        taps = b.weight.reshape(mid, out // mid, 1, *b.kernel)
+        return _shifted_sum(_spelled_out(a).unsqueeze(1), taps, step).flatten(0, 1)
+    if a.w.shape[1] == 1 and a.groups == a.in_channels == mid:  # B's group g reads mid channels g * M/g ...
+        per = mid // b.groups
+        taps = b.weight.reshape(b.groups, out // b.groups, per, *b.kernel)
+        rows = _spelled_out(a).reshape(b.groups, 1, per, *a.extent)
+        return _shifted_sum(rows, taps, step).flatten(0, 1)
     return None
 
 
 def _shifted_sum(rows: torch.Tensor, taps: torch.Tensor, step: tuple) -> torch.Tensor:
-    """``W[o, i, step * t + q] += taps[o, i or 0, t] * rows[o, i, q]`` over ``taps``' kernel positions ``t``:
-    ``rows`` ``(O, I, *extent)``, ``taps`` ``(O, I or 1, *kernel)`` -> ``(O, I, *(extent + step * (kernel - 1)))``."""
-    extent, kernel = rows.shape[2:], taps.shape[2:]
+    """``W[..., step * t + q] += taps[..., t] * rows[..., q]`` over ``taps``' kernel positions ``t`` (the last
+    ``len(step)`` sides), the leading sides broadcast against each other (views, no copies of either)."""
+    nd = len(step)
+    extent, kernel = rows.shape[-nd:], taps.shape[-nd:]
+    lead = torch.broadcast_shapes(rows.shape[:-nd], taps.shape[:-nd])
     size = tuple(e + s * (k - 1) for e, s, k in zip(extent, step, kernel, strict=True))
-    out = rows.new_zeros((*rows.shape[:2], *size))
-    spread = (1,) * len(extent)
+    out = rows.new_zeros((*lead, *size))
+    spread = (1,) * nd
     for t in itertools.product(*(range(k) for k in kernel)):
-        window = (slice(None), slice(None)) + tuple(
-            slice(s * i, s * i + e) for s, i, e in zip(step, t, extent, strict=True)
-        )
-        tap: tuple = (slice(None), slice(None), *t)
-        out[window] += taps[tap].reshape(*taps.shape[:2], *spread) * rows
+        window: tuple = (Ellipsis, *(slice(s * i, s * i + e) for s, i, e in zip(step, t, extent, strict=True)))
+        tap: tuple = (Ellipsis, *t)
+        out[window] += taps[tap].reshape(*taps.shape[:-nd], *spread) * rows
     return out
 
 
