@@ -5,7 +5,8 @@ slower than its float32 one; in a ConvNeXt, whose blocks open with a 7x7 depthwi
 60 % of a float64 forward pass.  Inside :class:`FastFloat64`, such a convolution is computed as a sum of ``kh * kw``
 shifted, per-channel scaled copies of the (padded, channels-last) input instead: the same products and sums,
 in another order, so the result differs from PyTorch's by float64 rounding only (relative 1e-16), at 1.5-3x
-the speed (except a 3x3 one on a large map, where PyTorch's is as fast or faster: that one is left to it).
+the speed (except a stride-1 one on a map of 24x24 pixels or more, and a 3x3 one on a large map, where PyTorch's
+is as fast or faster: those are left to it).
 Every other op, and every depthwise convolution this does not cover (transposed, channel multipliers, other dtypes
 and devices), runs as PyTorch has it.  (Autograd sits above this mode: a gradient
 through such a convolution is still PyTorch's own.)
@@ -25,8 +26,13 @@ aten = torch.ops.aten
 
 #: a 3x3 (or smaller) depthwise convolution on a map of at least this many pixels runs as PyTorch has it: measured on
 #: one core, PyTorch's kernel is as fast from 48x48 and up to 1.5x faster from 96x96 (the two layout copies here
-#: cost more than its taps save); larger kernels stay 1.1-3x faster here at every size
+#: cost more than its taps save)
 NATIVE_SMALL_KERNEL_PIXELS = 64 * 64
+#: a stride-1 depthwise convolution of any kernel on a map of at least this many pixels runs as PyTorch has it: on an
+#: Intel Xeon VM (one core) PyTorch's is 1.1-1.5x faster at 24x24 and 28x28 and 1.2-3x at 48x48 to 112x112 (each tap
+#: here streams the whole map through memory), while the taps here stay 2-8x faster at 14x14 and below, and 1.5-5x
+#: at every stride-2 size but a 3x3 on a large map
+NATIVE_STRIDE_ONE_PIXELS = 24 * 24
 
 
 def _is_plain_depthwise(x, w, transposed: bool, groups: int) -> bool:
@@ -74,14 +80,17 @@ class FastFloat64(TorchDispatchMode):
             if (
                 _is_plain_depthwise(x, w, transposed, groups)
                 and len(stride) == len(padding) == len(dilation) == 2
-                and not _native_is_faster(x, w)
+                and not _native_is_faster(x, w, stride)
             ):
                 return depthwise_conv2d(x, w, bias, stride, padding, dilation)
         return func(*args, **kwargs)
 
 
-def _native_is_faster(x: torch.Tensor, w: torch.Tensor) -> bool:
-    return w.shape[-2] * w.shape[-1] <= 9 and x.shape[-2] * x.shape[-1] >= NATIVE_SMALL_KERNEL_PIXELS
+def _native_is_faster(x: torch.Tensor, w: torch.Tensor, stride) -> bool:
+    pixels = x.shape[-2] * x.shape[-1]
+    if all(s == 1 for s in stride) and pixels >= NATIVE_STRIDE_ONE_PIXELS:
+        return True
+    return w.shape[-2] * w.shape[-1] <= 9 and pixels >= NATIVE_SMALL_KERNEL_PIXELS
 
 
 def fast_float64_for(model: nn.Module) -> contextlib.AbstractContextManager:

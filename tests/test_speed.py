@@ -114,8 +114,10 @@ def test_fast_float64_leaves_small_kernels_on_large_maps_to_pytorch(monkeypatch)
     with torch.no_grad(), FastFloat64():
         for x in (large, small):
             for k in (3, 7):
-                F.conv2d(x, torch.randn(4, 1, k, k, dtype=torch.float64), None, 2, k // 2, 1, 4)
-    assert used == [7, 3, 7]  # PyTorch's kernel for the 3x3 on the 64x64 map (as fast or faster there)
+                for stride in (2, 1):
+                    F.conv2d(x, torch.randn(4, 1, k, k, dtype=torch.float64), None, stride, k // 2, 1, 4)
+    # PyTorch's kernel for the 3x3 on the 64x64 map and for stride 1 there (as fast or faster there)
+    assert used == [7, 3, 3, 7, 7]
 
 
 def test_float64_copy_is_a_faithful_private_copy():
