@@ -4,8 +4,6 @@ that the private runs fill in place are emptied again."""
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
 import torch.fx as fx
@@ -397,41 +395,3 @@ def test_a_repvgg_sum_is_built_in_the_storage_of_its_folded_3x3():
     folded = wide.w.resolve()
     assert total.weight.data_ptr() == folded.data_ptr()  # no zero 3x3 for the 1x1 to start from
     torch.testing.assert_close(total.weight, want, rtol=1e-15, atol=1e-15)
-
-
-def _float64_tensors() -> int:
-    return sum(1 for o in gc.get_objects() if type(o) in (torch.Tensor, nn.Parameter) and o.dtype == torch.float64)
-
-
-def test_a_fuse_frees_its_own_garbage_on_return():
-    """The private float64 copy, the traces and the proofs' copies sit in reference cycles: without the collection
-    at the end they outlive the fuse (until a full collection) and each later fuse allocates afresh."""
-    model, x = Mixed().eval(), torch.randn(1, 3, 16, 12)
-    gc.collect()
-    gc.disable()  # no young collection either: only the fuse's own collection can free its cycles
-    try:
-        before, frozen, thresholds = _float64_tensors(), gc.get_freeze_count(), gc.get_threshold()
-        fused = reparam.fuse(model, (x,))
-        del fused
-        assert _float64_tensors() == before
-    finally:
-        gc.enable()
-    assert gc.get_freeze_count() == frozen == 0 and gc.get_threshold() == thresholds
-
-
-def test_a_fuse_leaves_what_the_process_froze_frozen():
-    gc.collect()
-    gc.freeze()
-    try:
-        frozen = gc.get_freeze_count()
-        reparam.fuse(Mixed().eval(), (torch.randn(1, 3, 16, 12),))
-        assert gc.get_freeze_count() == frozen
-    finally:
-        gc.unfreeze()
-
-
-def test_a_failed_fuse_unfreezes_and_restores_the_thresholds():
-    thresholds = gc.get_threshold()
-    with pytest.raises(reparam.ReparamError):
-        reparam.fuse(Mixed().eval(), (torch.randn(1, 5, 16, 12),))  # five channels into a three-channel stem
-    assert gc.get_freeze_count() == 0 and gc.get_threshold() == thresholds
