@@ -30,8 +30,8 @@ aten = torch.ops.aten
 NATIVE_SMALL_KERNEL_PIXELS = 64 * 64
 #: a stride-1 depthwise convolution of any kernel on a map of at least this many pixels runs as PyTorch has it: on an
 #: Intel Xeon VM (one core) PyTorch's is 1.1-1.5x faster at 24x24 and 28x28 and 1.2-3x at 48x48 to 112x112 (each tap
-#: here streams the whole map through memory), while the taps here stay 2-8x faster at 14x14 and below, and 1.5-5x
-#: at every stride-2 size but a 3x3 on a large map
+#: here streams the whole map through memory), while the taps here stay 1.4-8x faster at 16x16 and below, and up to
+#: 10x at stride 2 (a 3x3 on a large map excepted)
 NATIVE_STRIDE_ONE_PIXELS = 24 * 24
 
 
