@@ -24,14 +24,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 aten = torch.ops.aten
 
 
-#: a 3x3 (or smaller) depthwise convolution on a map of at least this many pixels runs as PyTorch has it: measured on
-#: one core, PyTorch's kernel is as fast from 48x48 and up to 1.5x faster from 96x96 (the two layout copies here
-#: cost more than its taps save)
+#: a 3x3 (or smaller) strided depthwise convolution on a map of at least this many pixels runs as PyTorch has it
+#: (stride 1 is :data:`NATIVE_STRIDE_ONE_PIXELS`'s, a smaller size): measured on one core, PyTorch's kernel is as
+#: fast from 48x48 and up to 1.5x faster from 96x96 on an AMD EPYC VM, 1.2-1.3x at stride 2 and 96x96 or more on an
+#: Intel Xeon VM (the two layout copies here cost more than its taps save)
 NATIVE_SMALL_KERNEL_PIXELS = 64 * 64
 #: a stride-1 depthwise convolution of any kernel on a map of at least this many pixels runs as PyTorch has it: on an
-#: Intel Xeon VM (one core) PyTorch's is 1.1-1.5x faster at 24x24 and 28x28 and 1.2-3x at 48x48 to 112x112 (each tap
+#: Intel Xeon VM (one core) PyTorch's is 1.1-1.6x faster at 24x24 to 32x32 and 1.2-3x at 48x48 to 112x112 (each tap
 #: here streams the whole map through memory), while the taps here stay 1.4-8x faster at 16x16 and below, and up to
-#: 10x at stride 2 (a 3x3 on a large map excepted)
+#: 11x at stride 2 (a 3x3 on a large map excepted)
 NATIVE_STRIDE_ONE_PIXELS = 24 * 24
 
 
