@@ -404,7 +404,7 @@ def _check_whole(
         shared = shared_tensors(gm, reference)  # the weights no rewrite touched: their taps need no reading
         fraction = least_fraction(graphs + [pristine.graph_and_modules()], convolutions or (), shared)
         for i, crops in enumerate(_crops_to_try(candidates, fraction)):
-            worst = _check_on_crops(gm, reference, crops, state, shared, foresee=i > 0)
+            worst = _check_on_crops(gm, reference, crops, state, shared, pristine, report.notes, foresee=i > 0)
             if worst is not None:
                 report.verified_on = _on_crops(inputs, crops[0])
                 return worst
@@ -507,11 +507,19 @@ def _least_side(crops: tuple | None) -> int | None:
 
 
 def _check_on_crops(
-    gm: fx.GraphModule, reference: nn.Module, crops: list, state: dict, shared: frozenset, foresee: bool = False
+    gm: fx.GraphModule,
+    reference: nn.Module,
+    crops: list,
+    state: dict,
+    shared: frozenset,
+    pristine: Pristine,
+    notes: list,
+    foresee: bool = False,
 ) -> float | None:
     """The worst relative error of ``gm`` against ``reference`` on ``crops`` when it agrees closely on every one
-    (:func:`agrees_closely`, the convolutions with ``shared`` weights exempt from reading every tap), else None.
-    Caches the runs leave in ``reference`` are undone.  With ``foresee`` (a
+    (:func:`agrees_closely`, the convolutions with ``shared`` weights exempt from reading every tap; past the proof
+    trigger, proven region by region against ``pristine`` and within the model's own float64 noise there, which
+    ``notes`` then says), else None.  Caches the runs leave in ``reference`` are undone.  With ``foresee`` (a
     smaller crop concluded nothing), a run on stand-ins first tells a crop that cannot conclude
     (:func:`could_agree_closely`: MaxViT's windows at 192 pixels fail only in the last stage, after three quarters
     of a float64 pass), and the float64 runs are spared."""
@@ -519,11 +527,13 @@ def _check_on_crops(
     with _caches_undone(reference, gm, state):  # a cache filled at the crop's size must not reach the full-size runs
         if foresee and not all(could_agree_closely(gm, crop, shared) for crop in crops):
             return None
+        said: list = []
         for crop in crops:
-            err = agrees_closely(gm, reference, crop, shared)
+            err = agrees_closely(gm, reference, crop, shared, pristine, said)
             if err is None:
                 return None
             worst = max(worst, err)
+    notes.extend(said)
     return worst
 
 

@@ -15,7 +15,6 @@ the same run of a differently rounded twin (weights scaled by ``1 + 4 ulp``), an
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import math
 import warnings
@@ -31,6 +30,7 @@ from . import trace as T
 from .errors import EquivalenceError, one_line
 from .interface import match_containers, restore_containers
 from .shape_run import NeedsValues, StandIns
+from .snapshot import GraphSnapshot
 from .taps import TapCoverage, TapsUnread, reads_every_tap, unmatched_shared
 from .verify import NOISE_FACTOR, compare_outputs, fresh, perturbed, relative_error, worst_leaf
 
@@ -68,21 +68,21 @@ class Pristine:
     """
 
     def __init__(self, gm: fx.GraphModule):
-        self.graph = copy.deepcopy(gm.graph)
+        self.graph = GraphSnapshot(gm.graph)  # its nodes as they are; an fx graph is built from them on demand
         self._name = type(gm).__name__
         self._refs = {
             n.target: _attribute(gm, n.target) for n in self.graph.nodes if n.op in ("call_module", "get_attr")
         }
         self._module: fx.GraphModule | None = None
 
-    def graph_and_modules(self) -> tuple[fx.Graph, dict]:
-        """The twin's graph and ``target -> module`` for the modules it calls (without building the twin)."""
+    def graph_and_modules(self) -> tuple[GraphSnapshot, dict]:
+        """The twin's nodes and ``target -> module`` for the modules it calls (without building the twin)."""
         return self.graph, {k: v for k, v in self._refs.items() if isinstance(v, nn.Module)}
 
     def module(self) -> fx.GraphModule:
         """The twin as a GraphModule (built on the first call)."""
         if self._module is None:
-            self._module = fx.GraphModule(self._refs, self.graph, self._name)
+            self._module = fx.GraphModule(self._refs, self.graph.graph(), self._name)
         return self._module
 
 
@@ -228,6 +228,26 @@ def check_fused(
         mismatch = None
     if worst <= PROOF_TRIGGER:
         return worst
+    return _judged(fused, pristine, original, args, kwargs, got, want, where, notes, positional, mismatch)
+
+
+def _judged(
+    fused: fx.GraphModule,
+    pristine: Pristine | None,
+    original: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    got: Any,
+    want: Any,
+    where: str,
+    notes: list,
+    positional: tuple | None,
+    mismatch: EquivalenceError | None,
+) -> float:
+    """:func:`check_fused` past the proof trigger: ``got`` (the fused graph's output) is further from ``want`` than
+    :data:`PROOF_TRIGGER` (``mismatch``: the disagreement :func:`compare_outputs` raised, if it did).  Each region is
+    proven on its own, then the end-to-end error is held to the original's own float64 noise; returns it, or raises
+    as :func:`check_fused` does."""
     if pristine is not None and positional is not None:
         disproofs = prove(fused, pristine, positional)[1]
         if disproofs:
@@ -268,13 +288,23 @@ def _run_fused(fused: fx.GraphModule, args: tuple, kwargs: dict, want: Any, wher
 
 
 def agrees_closely(
-    fused: fx.GraphModule, original: nn.Module, args: tuple, shared: frozenset = frozenset()
+    fused: fx.GraphModule,
+    original: nn.Module,
+    args: tuple,
+    shared: frozenset = frozenset(),
+    pristine: Pristine | None = None,
+    notes: list | None = None,
 ) -> float | None:
     """The relative error of ``fused`` (the rewritten trace of ``original``) against the eager ``original`` on the
     float64 ``args`` when both run and it is within ``PROOF_TRIGGER``; None otherwise: nothing is concluded (the
     caller then checks the way that proves or disproves, :func:`check_fused`), so this can only accept early.  Both
     runs must read every tap of every convolution (:class:`reparam.taps.TapCoverage`), but for those with one of the
-    ``shared`` weights (:func:`reparam.taps.shared_tensors`) called alike in both (:func:`unmatched_shared`)."""
+    ``shared`` weights (:func:`reparam.taps.shared_tensors`) called alike in both (:func:`unmatched_shared`).
+
+    Given ``pristine`` (the unfused twin), an error past the trigger where every tap is read is judged as
+    :func:`check_fused` judges it, on ``args``: every region proven on its own, the end-to-end error within the
+    original's own float64 noise there (a deep net with random statistics amplifies rounding more on a crop than on
+    the whole image); accepted, that error is returned and ``notes`` says so, else None as before."""
     # a kernel tap that reads only padding on these inputs is not checked by them
     original_taps, fused_taps = TapCoverage(stop=True, shared=shared), TapCoverage(stop=True, shared=shared)
     try:
@@ -286,11 +316,24 @@ def agrees_closely(
         return None
     try:
         with fused_taps:
-            worst = compare_outputs(_run_fused(fused, args, {}, want, "output"), want, tolerance=math.inf)
+            got = _run_fused(fused, args, {}, want, "output")
+        worst = compare_outputs(got, want, tolerance=math.inf)
     except (UnfaithfulTrace, EquivalenceError, TapsUnread):  # not concluded here: the full check names what is wrong
         return None
-    covered = not fused_taps.unread and not unmatched_shared(original_taps, fused_taps)
-    return worst if worst <= PROOF_TRIGGER and covered else None
+    if fused_taps.unread or unmatched_shared(original_taps, fused_taps):
+        return None
+    if worst <= PROOF_TRIGGER:
+        return worst
+    if pristine is None:
+        return None
+    said: list = []
+    try:
+        worst = _judged(fused, pristine, original, args, {}, got, want, "output", said, args, None)
+    except (UnfaithfulTrace, EquivalenceError, TapsUnread):  # refused here: the check on the inputs decides
+        return None
+    if notes is not None:
+        notes.extend(said)
+    return worst
 
 
 def computes_the_same_bits(fused: fx.GraphModule, original: nn.Module, args: tuple) -> bool | None:

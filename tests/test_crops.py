@@ -242,6 +242,32 @@ def test_a_wrong_outer_tap_agrees_on_the_crop_but_is_not_accepted_there():
     assert agrees_closely(gm, model, (full,)) == 0.0
 
 
+def test_a_crop_past_the_proof_trigger_is_proven_region_by_region_there(monkeypatch):
+    import reparam.proofs as proofs
+
+    monkeypatch.setattr(proofs, "PROOF_TRIGGER", -1.0)  # as a deep net with random statistics is on a crop
+    proved, real = [], proofs.prove
+    monkeypatch.setattr(proofs, "prove", lambda gm, p, x: proved.append(x[0].shape[-1]) or real(gm, p, x))
+    model, x = small_cnn(), torch.randn(1, 3, 224, 224)
+    _, report = reparam.fuse_with_report(model, x)
+    assert report.verified_on == "centre crops of the inputs (1x3x224x224 -> 1x3x64x64)"
+    assert proved == [64]  # the regions proven on the crop; no float64 run at the full size
+
+
+def test_a_wrong_weight_a_crop_does_not_prove_is_caught_and_named_on_the_inputs(monkeypatch):
+    import reparam.proofs as proofs
+    from test_fuzz_verify import _WrongWeight
+
+    monkeypatch.setattr(proofs, "PROOF_TRIGGER", -1.0)
+    proved, real = [], proofs.prove
+    monkeypatch.setattr(proofs, "prove", lambda gm, p, x: proved.append(x[0].shape[-1]) or real(gm, p, x))
+    model, x = small_cnn(), torch.randn(1, 3, 224, 224)
+    with _WrongWeight(index=2, delta=1e-6) as wrong, pytest.raises(reparam.EquivalenceError, match=r"region \S+"):
+        reparam.fuse(model, x)
+    assert wrong.applied
+    assert proved[0] == 64 and proved[-1] == 224  # disproven on the crop: the check on the inputs names it
+
+
 class UntouchedLargeKernel(nn.Module):
     """ConvNeXt's shape: stride-2 stages whose BatchNorms fold, then a 7x7 depthwise convolution nothing rewrites (on
     a 2x2 map at 64 pixels its outer taps read only padding) and a head."""
@@ -363,7 +389,7 @@ def test_a_crop_a_run_on_stand_ins_rules_out_is_not_run_in_float64(monkeypatch):
     monkeypatch.setattr(
         pipeline,
         "agrees_closely",
-        lambda gm, ref, args, shared: sides.append(args[0].shape[-1]) or agrees(gm, ref, args, shared),
+        lambda gm, ref, args, *rest: sides.append(args[0].shape[-1]) or agrees(gm, ref, args, *rest),
     )
     fused, report = reparam.fuse_with_report(model, x)
     assert report.verified_on == "the inputs" and report.max_rel_error < 1e-12

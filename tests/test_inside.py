@@ -162,8 +162,8 @@ def test_a_cache_the_copy_fills_on_a_rejected_crop_does_not_reach_the_full_size_
 
     real = pipeline.agrees_closely
 
-    def rejecting(gm, reference, crop, shared):  # runs both models at the crop's size, then does not vouch for it
-        real(gm, reference, crop, shared)
+    def rejecting(gm, reference, crop, *rest):  # runs both models at the crop's size, then does not vouch for it
+        real(gm, reference, crop, *rest)
         return None
 
     monkeypatch.setattr(pipeline, "agrees_closely", rejecting)
