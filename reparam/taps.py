@@ -24,6 +24,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .match import computes_as_conv, node_shape
+from .snapshot import FrozenNode, GraphSnapshot
 
 aten = torch.ops.aten
 
@@ -144,7 +145,9 @@ def least_side(k: int, stride: int, padding: int, dilation: int) -> int | None:
 
 
 def least_fraction(
-    graphs: Iterable[tuple[fx.Graph, dict]], convolutions: Iterable[tuple] = (), shared: frozenset = frozenset()
+    graphs: Iterable[tuple[fx.Graph | GraphSnapshot, dict]],
+    convolutions: Iterable[tuple] = (),
+    shared: frozenset = frozenset(),
 ) -> float | None:
     """The smallest fraction of the recorded input sides at which every convolution of ``graphs`` (each a graph
     with recorded shapes and its ``target -> module`` map) and of ``convolutions`` (the geometry a shape run saw:
@@ -162,7 +165,7 @@ def least_fraction(
     return worst
 
 
-def _graph_convolutions(graphs: Iterable[tuple[fx.Graph, dict]]) -> Iterable[tuple | None]:
+def _graph_convolutions(graphs: Iterable[tuple[fx.Graph | GraphSnapshot, dict]]) -> Iterable[tuple | None]:
     """The geometry of each convolution module ``graphs`` call, as :attr:`reparam.shape_run.StandIns.convolutions`
     records it (None where it is unknown: no recorded input shape, or padding given as a string)."""
     for graph, modules in graphs:
@@ -170,7 +173,8 @@ def _graph_convolutions(graphs: Iterable[tuple[fx.Graph, dict]]) -> Iterable[tup
             m = modules.get(node.target) if node.op == "call_module" else None
             if not computes_as_conv(m):
                 continue
-            shape = node_shape(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+            arg = node.args[0] if node.args else None
+            shape = node_shape(arg) if isinstance(arg, (fx.Node, FrozenNode)) else None
             if shape is None or isinstance(m.padding, str):
                 yield None
             else:

@@ -86,3 +86,37 @@ def test_prove_finds_nothing_on_a_correct_fusion_and_tags_every_node():
     fused = reparam.fuse(model, (x,))
     with torch.no_grad():
         assert rel_err(fused(x), model(x)) <= F64_TOL
+
+
+class SlicesAndKeywords(nn.Module):
+    """A graph whose arguments hold lists, slices and keyword arguments, and a dict output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        parts = torch.split(y, [2, 4], dim=1)
+        return {"head": torch.cat([parts[1][:, 1:3], parts[0]], dim=1).sum(dim=(2, 3), keepdim=True), "y": y}
+
+
+def test_the_unfused_twin_is_the_graph_as_it_was_before_the_passes_rewrote_it():
+    import copy
+
+    gm = torch.fx.symbolic_trace(SlicesAndKeywords().eval())
+    tag_origins(gm)
+    before = copy.deepcopy(gm.graph)
+    pristine = pristine_copy(gm)
+    for node in gm.graph.nodes:  # what a pass does to the live graph: rewires arguments, edits meta in place
+        node.meta["tensor_meta"] = "changed"
+        if node.op == "call_function" and node.target is torch.cat:
+            node.args = (node.args[0][::-1],) + node.args[1:]
+    twin = pristine.module().graph
+    assert twin.python_code("self").src == before.python_code("self").src
+    assert [(n.name, n.meta) for n in twin.nodes] == [(n.name, n.meta) for n in before.nodes]
+    x = torch.randn(1, 4, 5, 5)
+    model = SlicesAndKeywords().eval()
+    model.load_state_dict(gm.state_dict())
+    got, want = pristine.module()(x), model(x)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
