@@ -39,6 +39,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -208,6 +209,7 @@ def time_one(name: str, profile: int = 0) -> dict:
         path="parts" if parts else "whole",
         error=report.max_rel_error,
         rewrites=len(report.rewrites),
+        checked=checked_on(report.verified_on or ""),
     )
     if prof:
         import io
@@ -218,6 +220,15 @@ def time_one(name: str, profile: int = 0) -> dict:
             pstats.Stats(prof, stream=buf).sort_stats(order).print_stats(profile)
             row.setdefault("profile", []).append(compile_time._trim(buf.getvalue()))
     return row
+
+
+def checked_on(verified_on: str) -> str:
+    """``report.verified_on`` in a table cell: ``crop 64`` (centre crops, their shortest side), ``inputs``, ``parts``
+    (each fused part on what it receives), with ``bits`` before it for the float32 bit-for-bit check of a model
+    nothing was rewritten in."""
+    sides = re.findall(r"-> [0-9x]*?(\d+)\)", verified_on)
+    where = f"crop {sides[0]}" if sides else "parts" if "each fused part" in verified_on else "inputs"
+    return ("bits, " if "bit for bit" in verified_on else "") + where if verified_on else "–"
 
 
 def warm_up() -> None:
@@ -334,18 +345,19 @@ def markdown(rows: list, against: Optional[list] = None, max_params: float = MAX
     """The per-model table (with ``against``: the baseline's seconds beside; ``phases``: the phase columns) and
     the distribution line(s)."""
     out = []
-    cols = ["model", "params (M)", "input", "path"] + (["before (s)", "before CPU (s)"] if against else [])
+    cols = ["model", "params (M)", "input", "path", "checked on"]
+    cols += ["before (s)", "before CPU (s)"] if against else []
     cols += ["fuse (s)", "CPU (s)"]
     cols += [p for p in phases] + ["max rel. err"]
     out.append("| " + " | ".join(cols) + " |")
-    out.append("|---|---:|---|---|" + "---:|" * (len(cols) - 4))
+    out.append("|---|---:|---|---|---|" + "---:|" * (len(cols) - 5))
     before = {r["model"]: r for r in against or []}
     for r in rows:
         if "params" not in r:
-            out.append(f"| {r['model']} | | | | {r['status']} |")
+            out.append(f"| {r['model']} | | | | | {r['status']} |")
             continue
         star = "*" if r["params"] > max_params else ""
-        cells = [r["model"] + star, f"{r['params'] / 1e6:.1f}", r["input"], r.get("path", "")]
+        cells = [r["model"] + star, f"{r['params'] / 1e6:.1f}", r["input"], r.get("path", ""), r.get("checked", "")]
         if against:
             b = before.get(r["model"], {})
             ok = b.get("status") == "ok"

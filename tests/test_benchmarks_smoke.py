@@ -173,6 +173,8 @@ def test_fuse_time_tiny(tmp_path, capsys):
     assert "| repghostnet_050 |" in text and "median" in text and "within 1 s" in text
     (row,) = json.loads(out.read_text())["rows"]
     assert row["status"] == "ok" and row["input"] == "224x224" and set(fuse_time.PHASES) <= set(row["phases"])
+    assert row["checked"] == "crop 64"  # report.verified_on, short: centre crops of 64x64
+    assert fuse_time.checked_on("the inputs in float32, bit for bit (nothing was rewritten)") == "bits, inputs"
     assert fuse_time.main(["--from-json", str(out)]) == 0  # re-rendered, nothing measured
     assert "| repghostnet_050 |" in capsys.readouterr().out
 
