@@ -414,12 +414,12 @@ def environment_line(env: dict) -> str:
     )
 
 
-def write_out(path: str, env: dict, rows: list, against: Optional[list]) -> None:
-    """The ``fuse-time`` section of the Markdown file ``path`` (see ``latency.write_section``)."""
+def write_out(path: str, env: dict, rows: list, against: Optional[list], section: str = "fuse-time") -> None:
+    """The generated ``section`` of the Markdown file ``path`` (see ``latency.write_section``)."""
     tables = markdown(rows, against, env.get("max_params", MAX_PARAMS), phases=("copy", "trace", "shapes", "verify"))
     latency.write_section(
         path,
-        "fuse-time",
+        section,
         env.get("command", "python benchmarks/fuse_time.py"),
         environment_line(env),
         "\n" + tables,
@@ -449,8 +449,9 @@ def parse_args(argv=None):
         default=None,
         metavar="MD",
         help="also write the distribution and a compact table (phases copy, trace, shapes, verify) into "
-        "this Markdown file's generated section 'fuse-time'",
+        "this Markdown file's generated section (--section)",
     )
+    p.add_argument("--section", default="fuse-time", help="the generated section --out writes (default fuse-time)")
     p.add_argument("--from-json", default=None, help="re-render the tables from a --json file; measure nothing")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -467,7 +468,7 @@ def main(argv=None) -> int:
         env, rows, against = data["environment"], data["rows"], data.get("against")
         print(markdown(rows, against, env.get("max_params", MAX_PARAMS)))
         if args.out:
-            write_out(args.out, env, rows, against)
+            write_out(args.out, env, rows, against, args.section)
         return 0
     torch.set_num_threads(1)
     env = environment()
@@ -506,7 +507,7 @@ def main(argv=None) -> int:
     env["command"] = latency.command_line(argv, "fuse_time.py")
     print(markdown(rows, against or None, args.max_params))
     if args.out:
-        write_out(args.out, env, rows, against or None)
+        write_out(args.out, env, rows, against or None, args.section)
     if args.json:
         Path(args.json).write_text(json.dumps({"environment": env, "rows": rows, "against": against or None}, indent=1))
     return 0

@@ -175,8 +175,12 @@ def test_fuse_time_tiny(tmp_path, capsys):
     assert row["status"] == "ok" and row["input"] == "224x224" and set(fuse_time.PHASES) <= set(row["phases"])
     assert row["checked"] == "crop 64"  # report.verified_on, short: centre crops of 64x64
     assert fuse_time.checked_on("the inputs in float32, bit for bit (nothing was rewritten)") == "bits, inputs"
-    assert fuse_time.main(["--from-json", str(out)]) == 0  # re-rendered, nothing measured
-    assert "| repghostnet_050 |" in capsys.readouterr().out
+    doc = tmp_path / "doc.md"
+    doc.write_text("# kept\n")
+    assert fuse_time.main(["--from-json", str(out), "--out", str(doc), "--section", "fuse-time-broad"]) == 0
+    assert "| repghostnet_050 |" in capsys.readouterr().out  # re-rendered, nothing measured
+    text = doc.read_text()
+    assert text.startswith("# kept") and "section fuse-time-broad" in text and "| repghostnet_050 |" in text
 
 
 def test_fuse_time_distribution():
