@@ -287,52 +287,70 @@ def _run_fused(fused: fx.GraphModule, args: tuple, kwargs: dict, want: Any, wher
     return got
 
 
-def agrees_closely(
-    fused: fx.GraphModule,
-    original: nn.Module,
-    args: tuple,
-    shared: frozenset = frozenset(),
-    pristine: Pristine | None = None,
-    notes: list | None = None,
-) -> float | None:
-    """The relative error of ``fused`` (the rewritten trace of ``original``) against the eager ``original`` on the
-    float64 ``args`` when both run and it is within ``PROOF_TRIGGER``; None otherwise: nothing is concluded (the
-    caller then checks the way that proves or disproves, :func:`check_fused`), so this can only accept early.  Both
-    runs must read every tap of every convolution (:class:`reparam.taps.TapCoverage`), but for those with one of the
-    ``shared`` weights (:func:`reparam.taps.shared_tensors`) called alike in both (:func:`unmatched_shared`).
+@dataclass
+class Closeness:
+    """How close ``fused`` came to the eager original on some inputs (:func:`closeness`): ``worst`` is the relative
+    error when both ran and read every tap, None when nothing can be concluded there; ``got`` and ``want`` are the
+    two outputs."""
 
-    Given ``pristine`` (the unfused twin), an error past the trigger where every tap is read is judged as
-    :func:`check_fused` judges it, on ``args``: every region proven on its own, the end-to-end error within the
-    original's own float64 noise there (a deep net with random statistics amplifies rounding more on a crop than on
-    the whole image); accepted, that error is returned and ``notes`` says so, else None as before."""
+    worst: float | None
+    got: Any = None
+    want: Any = None
+
+    def agrees(self) -> bool:
+        """Concluded, and within ``PROOF_TRIGGER``: the fused model is accepted on these inputs."""
+        return self.worst is not None and self.worst <= PROOF_TRIGGER
+
+
+def closeness(fused: fx.GraphModule, original: nn.Module, args: tuple, shared: frozenset = frozenset()) -> Closeness:
+    """``fused`` (the rewritten trace of ``original``) against the eager ``original`` on the float64 ``args``.  Both
+    runs must read every tap of every convolution (:class:`reparam.taps.TapCoverage`), but for those with one of the
+    ``shared`` weights (:func:`reparam.taps.shared_tensors`) called alike in both (:func:`unmatched_shared`); a run
+    that fails, leaves a tap unread or returns another structure concludes nothing (``worst`` None)."""
     # a kernel tap that reads only padding on these inputs is not checked by them
     original_taps, fused_taps = TapCoverage(stop=True, shared=shared), TapCoverage(stop=True, shared=shared)
     try:
         with original_taps:
             want = run_quietly(original, args)
     except Exception:  # noqa: BLE001  the user's model does not run on these inputs (a fixed-size position
-        return None  # embedding at another resolution), or a tap went unread: nothing concluded, the caller checks
+        return Closeness(None)  # embedding at another resolution), or a tap went unread: nothing concluded
     if original_taps.unread:  # the model's own code caught the TapsUnread
-        return None
+        return Closeness(None)
     try:
         with fused_taps:
             got = _run_fused(fused, args, {}, want, "output")
         worst = compare_outputs(got, want, tolerance=math.inf)
     except (UnfaithfulTrace, EquivalenceError, TapsUnread):  # not concluded here: the full check names what is wrong
-        return None
+        return Closeness(None)
     if fused_taps.unread or unmatched_shared(original_taps, fused_taps):
-        return None
-    if worst <= PROOF_TRIGGER:
-        return worst
-    if pristine is None:
-        return None
+        return Closeness(None)
+    return Closeness(worst, got, want)
+
+
+def agrees_closely(
+    fused: fx.GraphModule, original: nn.Module, args: tuple, shared: frozenset = frozenset()
+) -> float | None:
+    """The relative error of ``fused`` against the eager ``original`` on the float64 ``args`` (:func:`closeness`)
+    when it is within ``PROOF_TRIGGER``; None otherwise: nothing is concluded (the caller then checks the way that
+    proves or disproves, :func:`check_fused`), so this can only accept early."""
+    close = closeness(fused, original, args, shared)
+    return close.worst if close.agrees() else None
+
+
+def judged_closely(
+    fused: fx.GraphModule, pristine: Pristine, original: nn.Module, args: tuple, close: Closeness, notes: list
+) -> float | None:
+    """A :func:`closeness` past the proof trigger judged as :func:`check_fused` judges it, on ``args``: every region
+    proven on its own against ``pristine`` (the unfused twin), the end-to-end error within the original's own
+    float64 noise there (a deep net with random statistics amplifies rounding more on a crop than on the whole
+    image).  Accepted: that error, and ``notes`` says what the noise rule allowed; refused: None (the caller's check
+    on the inputs then decides, and names what is wrong)."""
     said: list = []
     try:
-        worst = _judged(fused, pristine, original, args, {}, got, want, "output", said, args, None)
-    except (UnfaithfulTrace, EquivalenceError, TapsUnread):  # refused here: the check on the inputs decides
+        worst = _judged(fused, pristine, original, args, {}, close.got, close.want, "output", said, args, None)
+    except (UnfaithfulTrace, EquivalenceError, TapsUnread):
         return None
-    if notes is not None:
-        notes.extend(said)
+    notes.extend(said)
     return worst
 
 

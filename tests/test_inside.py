@@ -160,13 +160,15 @@ def test_a_cache_the_copy_fills_on_crops_or_random_inputs_does_not_survive():
 def test_a_cache_the_copy_fills_on_a_rejected_crop_does_not_reach_the_full_size_check(monkeypatch):
     from reparam import pipeline
 
-    real = pipeline.agrees_closely
+    from reparam.proofs import Closeness
 
-    def rejecting(gm, reference, crop, *rest):  # runs both models at the crop's size, then does not vouch for it
-        real(gm, reference, crop, *rest)
-        return None
+    real = pipeline.closeness
 
-    monkeypatch.setattr(pipeline, "agrees_closely", rejecting)
+    def rejecting(gm, reference, crop, shared):  # runs both models at the crop's size, then does not vouch for it
+        real(gm, reference, crop, shared)
+        return Closeness(None)
+
+    monkeypatch.setattr(pipeline, "closeness", rejecting)
     model = randomised(Net(Cached(8))).double()
     x = torch.randn(1, 3, 160, 160, dtype=torch.float64)
     fused, report = reparam.fuse_with_report(model, x)
