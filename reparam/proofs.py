@@ -327,31 +327,18 @@ def closeness(fused: fx.GraphModule, original: nn.Module, args: tuple, shared: f
     return Closeness(worst, got, want)
 
 
-def agrees_closely(
-    fused: fx.GraphModule, original: nn.Module, args: tuple, shared: frozenset = frozenset()
-) -> float | None:
-    """The relative error of ``fused`` against the eager ``original`` on the float64 ``args`` (:func:`closeness`)
-    when it is within ``PROOF_TRIGGER``; None otherwise: nothing is concluded (the caller then checks the way that
-    proves or disproves, :func:`check_fused`), so this can only accept early."""
-    close = closeness(fused, original, args, shared)
-    return close.worst if close.agrees() else None
-
-
 def judged_closely(
     fused: fx.GraphModule, pristine: Pristine, original: nn.Module, args: tuple, close: Closeness, notes: list
 ) -> float | None:
     """A :func:`closeness` past the proof trigger judged as :func:`check_fused` judges it, on ``args``: every region
     proven on its own against ``pristine`` (the unfused twin), the end-to-end error within the original's own
     float64 noise there (a deep net with random statistics amplifies rounding more on a crop than on the whole
-    image).  Accepted: that error, and ``notes`` says what the noise rule allowed; refused: None (the caller's check
-    on the inputs then decides, and names what is wrong)."""
-    said: list = []
+    image).  Accepted: that error; refused: None (the caller's check on the inputs then decides, and names what is
+    wrong).  What the noise rule allowed is appended to ``notes`` either way: the caller keeps them when it accepts."""
     try:
-        worst = _judged(fused, pristine, original, args, {}, close.got, close.want, "output", said, args, None)
+        return _judged(fused, pristine, original, args, {}, close.got, close.want, "output", notes, args, None)
     except (UnfaithfulTrace, EquivalenceError, TapsUnread):
         return None
-    notes.extend(said)
-    return worst
 
 
 def computes_the_same_bits(fused: fx.GraphModule, original: nn.Module, args: tuple) -> bool | None:
@@ -377,10 +364,10 @@ def computes_the_same_bits(fused: fx.GraphModule, original: nn.Module, args: tup
 
 
 def could_agree_closely(fused: fx.GraphModule, args: tuple, shared: frozenset = frozenset()) -> bool:
-    """False when :func:`agrees_closely` on ``args`` is sure to conclude nothing, told from a run of ``fused`` on
+    """False when :func:`closeness` on ``args`` is sure to conclude nothing, told from a run of ``fused`` on
     stand-ins (:class:`reparam.shape_run.StandIns`: shapes without the arithmetic of its convolutions and products):
     it fails there (a window partition or a position embedding of another size), or a convolution leaves a kernel
-    tap unread (but one with a ``shared`` weight, which :func:`agrees_closely` holds to the original's calls); True
+    tap unread (but one with a ``shared`` weight, which :func:`closeness` holds to the original's calls); True
     otherwise (also when the graph reads a value a stand-in does not have).  Caches the run leaves are the caller's
     to undo."""
     try:

@@ -36,10 +36,10 @@ class GraphSnapshot:
         frozen: dict = {}
         self.nodes: list[FrozenNode] = []
         for node in graph.nodes:
-            f = FrozenNode(node, fx.node.map_arg(node.args, frozen.__getitem__), {})
-            f.kwargs = fx.node.map_arg(node.kwargs, frozen.__getitem__)
-            frozen[node] = f
-            self.nodes.append(f)
+            frozen[node] = FrozenNode(
+                node, fx.node.map_arg(node.args, frozen.__getitem__), fx.node.map_arg(node.kwargs, frozen.__getitem__)
+            )
+            self.nodes.append(frozen[node])
         self._codegen = copy.deepcopy(graph._codegen)
         self._tracer_cls = graph._tracer_cls
 
@@ -47,12 +47,8 @@ class GraphSnapshot:
         """A new graph with the recorded nodes (names, types and shallow copies of their meta included)."""
         g = fx.Graph(tracer_cls=self._tracer_cls)
         made: dict = {}
-
-        def remap(a: Any) -> Any:
-            return _map_frozen(a, made)
-
         for f in self.nodes:
-            node = g.create_node(f.op, f.target, remap(f.args), remap(f.kwargs), f.name, f.type)
+            node = g.create_node(f.op, f.target, _map_frozen(f.args, made), _map_frozen(f.kwargs, made), f.name, f.type)
             node.meta = copy.copy(f.meta)
             made[id(f)] = node
         g._codegen = copy.deepcopy(self._codegen)

@@ -17,7 +17,7 @@ from conftest import randomised
 import reparam
 from reparam import trace as T
 from reparam.errors import ReparamError
-from reparam.proofs import agrees_closely
+from reparam.proofs import closeness
 from reparam.taps import TapCoverage, least_fraction, least_side, taps_read, tensor_key
 from reparam.verify import CROP_PERIOD, centre_crops
 
@@ -234,12 +234,12 @@ def test_a_wrong_outer_tap_agrees_on_the_crop_but_is_not_accepted_there():
     (crop,) = centre_crops((torch.randn(1, 3, 224, 224, dtype=torch.float64),))
     with torch.no_grad():
         assert torch.allclose(gm(crop), model(crop), rtol=1e-13, atol=0)  # the crop alone cannot see it
-    assert agrees_closely(gm, model, (crop,)) is None
+    assert closeness(gm, model, (crop,)).worst is None
     with torch.no_grad():
         gm.get_submodule("5.0").weight[:, :, 0, 0] -= 1.0
-    assert agrees_closely(gm, model, (crop,)) is None  # 13x13 on 4x4: never vouched for by this crop
+    assert closeness(gm, model, (crop,)).worst is None  # 13x13 on 4x4: never vouched for by this crop
     full = torch.randn(1, 3, 224, 224, dtype=torch.float64)
-    assert agrees_closely(gm, model, (full,)) == 0.0
+    assert closeness(gm, model, (full,)).worst == 0.0
 
 
 def test_a_crop_past_the_proof_trigger_is_proven_region_by_region_there(monkeypatch):
@@ -311,8 +311,8 @@ def test_a_shared_weight_vouches_only_for_calls_the_other_run_makes_alike():
     model = SharedTwice().double().eval()
     x = (torch.randn(1, 3, 64, 64, dtype=torch.float64),)
     same = T.symbolic_trace(model)  # the same weights, called alike: the unread taps hold the same numbers
-    assert agrees_closely(same, model, x) is None  # without the exemption the crop cannot count
-    assert agrees_closely(same, model, x, shared_tensors(same, model)) == 0.0
+    assert closeness(same, model, x).worst is None  # without the exemption the crop cannot count
+    assert closeness(same, model, x, shared_tensors(same, model)).worst == 0.0
     # the second call wrongly reduced to the centre 3x3: equal on 2x2 maps, and every tap of the 3x3 is read there
     wrong = T.symbolic_trace(model)
     wrong.narrow = nn.Conv2d(8, 8, 3, padding=1).double()
@@ -326,7 +326,7 @@ def test_a_shared_weight_vouches_only_for_calls_the_other_run_makes_alike():
         assert torch.allclose(wrong(*x), model(*x), rtol=1e-13, atol=0)  # the crop alone cannot see it
     shared = shared_tensors(wrong, model)
     assert tensor_key(model.wide.weight) in shared
-    assert agrees_closely(wrong, model, x, shared) is None  # the original calls the 7x7 twice, the graph once
+    assert closeness(wrong, model, x, shared).worst is None  # the original calls the 7x7 twice, the graph once
     coverage = [TapCoverage(shared=shared), TapCoverage(shared=shared)]
     with coverage[0], torch.no_grad():
         model(*x)
