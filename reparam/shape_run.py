@@ -4,9 +4,11 @@ arithmetic of its convolutions and matrix products.
 The passes need each node's shape and dtype, never its values.  :func:`record_shapes` runs the graph once with
 *stand-ins* for the heavy ops (convolutions, matrix products, attention; batch norm and gathers of floating
 tensors): their output shape, stride and dtype come from the op's meta kernel (or a formula), their output is
-zeros; transcendental unary ops (GELU, SiLU, softmax ...) return zeros shaped like their input.  Everything
-else runs as usual on those values, so a shape run costs the cheap elementwise work only (a float64 ViT-B/16 at
-224x224 does 17 GMACs in its matrix products).
+zeros; transcendental unary ops (GELU, SiLU, softmax ...) return zeros shaped like their input; pointwise ops,
+reductions, concatenations, pools and resizes of large floating tensors (:data:`ELEMENTWISE_STAND_IN`) return zeros
+laid out by their meta kernel, looked up once per signature.  Everything else runs as usual on those values, so a
+shape run costs little more than the interpreter's walk of the graph (a float64 ViT-B/16 at 224x224 does 17 GMACs
+in its matrix products; the cosine attention of swinv2_cr_small_384 clamps 5M-element maps 120 times).
 
 An op whose output *shape* depends on tensor values (``nonzero``, boolean indexing, ``.item()`` and anything else
 reading a value into Python) cannot run on stand-ins: the run is then repeated for real, as it is when the
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy
 import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import TensorMetadata
@@ -116,6 +119,12 @@ VALUE_DEPENDENT = frozenset(
     }
 )
 
+#: a pointwise op or reduction whose largest floating tensor has at least this many elements is a stand-in too, laid
+#: out by its meta kernel (a few hundred microseconds the first time, a dictionary lookup for every later call of the
+#: same signature); smaller ones cost less to run than to look up (swinv2_cr_small_384's cosine-attention clamps on
+#: 5M-element float64 maps: 7.7 ms each, 0.9 s of its 1.5 s shape run)
+ELEMENTWISE_STAND_IN = 1 << 16
+
 _FORMATS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
 
 
@@ -162,9 +171,16 @@ def _meta_like(t: Any) -> Any:
 
 
 def _zeros_like(t: Any, device: torch.device) -> Any:
+    """Zeros laid out as ``t`` on ``device``.  On the CPU their memory comes zeroed from the system (numpy's
+    ``calloc``), so a stand-in nobody reads costs no page: filling a fresh 19 MB one (a float64 map of MaxViT at 384
+    pixels) costs 10-25 ms of page faults on a busy VM, and a shape run may make a hundred."""
     if not isinstance(t, torch.Tensor):
         return t
-    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device).zero_()
+    if device.type != "cpu" or t.numel() == 0:
+        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device).zero_()
+    extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))  # elements the strides reach
+    zeros = torch.from_numpy(numpy.zeros(extent * t.element_size(), numpy.uint8)).view(t.dtype)
+    return zeros.as_strided(t.shape, t.stride())
 
 
 #: ``op(bias, a, b, ...)`` -> the op whose meta kernel gives its output layout from ``(a, b)`` alone (PyTorch's meta
@@ -184,6 +200,7 @@ class StandIns(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self._zeros: dict = {}
+        self._layouts: dict = {}  # (op, its arguments' signature) -> its output on meta tensors
         #: the geometry of every convolution run: (input shape, weight shape, stride, padding, dilation, transposed,
         #: the weight's :func:`reparam.taps.tensor_key`)
         self.convolutions: list = []
@@ -236,7 +253,32 @@ class StandIns(TorchDispatchMode):
             return self._like(args[0])
         if func in IN_PLACE_SAME and _floating(args):
             return args[0]  # its values do not matter here, and it stays the same tensor
+        if _laid_out_by_meta(func) and "out" not in kwargs and _largest(args) >= ELEMENTWISE_STAND_IN:
+            return self._elementwise_stand_in(func, args, kwargs)
         return func(*args, **kwargs)
+
+    def _elementwise_stand_in(self, func, args: tuple, kwargs: dict) -> Any:
+        """A pointwise op or reduction on a large floating tensor: stand-ins laid out as its meta kernel lays out its
+        output (an in-place op: its first argument, once the meta kernel accepts the arguments' shapes); run as usual
+        when that output is not all floating (a comparison's mask) or the meta kernel fails."""
+        key = (func, _signature(args), _signature(kwargs))
+        try:
+            hash(key)
+        except TypeError:  # an argument that is no value (an object without a hash): the real op decides
+            return func(*args, **kwargs)
+        if key not in self._layouts:
+            try:
+                self._layouts[key] = func(*tree_map(_meta_like, args), **tree_map(_meta_like, kwargs))
+            except Exception:  # noqa: BLE001  no meta kernel for it (or arguments it refuses): the real op decides
+                self._layouts[key] = None
+        layout = self._layouts[key]
+        outputs = torch.utils._pytree.tree_leaves(layout)
+        if layout is None or not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in outputs):
+            return func(*args, **kwargs)
+        if torch.Tag.inplace in func.tags:
+            return args[0]  # its values do not matter here, and it stays the same tensor of the same shape
+        device = next(t.device for t in torch.utils._pytree.tree_leaves(args) if isinstance(t, torch.Tensor))
+        return tree_map(lambda t: self._stand_in(t, device), layout)
 
 
 def convolution_layout(x, w, bias, stride, padding, dilation, transposed, output_padding, groups) -> torch.Tensor:
@@ -265,6 +307,49 @@ def _softmax_in_its_dtype(func, args: tuple, kwargs: dict) -> bool:
     if func is aten._safe_softmax.default:
         return (args[2] if len(args) > 2 else kwargs.get("dtype")) is None
     return False
+
+
+_ELEMENTWISE_TAGS = (torch.Tag.pointwise, torch.Tag.reduction)
+#: ops besides pointwise ones and reductions whose output layout their meta kernel gives from their inputs' layouts
+LAID_OUT_BY_META = frozenset(
+    {
+        aten.cat.default,
+        aten.stack.default,
+        aten.avg_pool2d.default,
+        aten._adaptive_avg_pool2d.default,
+        aten.upsample_nearest2d.default,
+        aten.upsample_nearest2d.vec,
+        aten.upsample_bilinear2d.default,
+        aten.upsample_bilinear2d.vec,
+    }
+)
+
+
+def _laid_out_by_meta(func) -> bool:
+    """A pointwise op, a reduction (by their tags) or one of :data:`LAID_OUT_BY_META`: an op whose output layout
+    its meta kernel gives from its inputs' layouts, and whose values only their values decide."""
+    return func in LAID_OUT_BY_META or any(tag in func.tags for tag in _ELEMENTWISE_TAGS)
+
+
+def _largest(args: tuple) -> int:
+    """The most elements of any floating tensor among ``args`` and the lists in them (0 when none): what decides
+    whether a stand-in pays; an op whose first tensor is not floating (a mask, an index) is not counted (0)."""
+    leaves = [t for t in torch.utils._pytree.tree_leaves(args) if isinstance(t, torch.Tensor)]
+    if not leaves or not leaves[0].is_floating_point():
+        return 0
+    return max((t.numel() for t in leaves if t.is_floating_point()), default=0)
+
+
+def _signature(value: Any) -> Any:
+    """What of an op's argument decides its output's layout, hashable: a tensor's shape, strides and dtype; a list's
+    items; any other value with its type (``1``, ``1.0`` and ``True`` promote differently)."""
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape), value.stride(), value.dtype)
+    if isinstance(value, (list, tuple)):
+        return (type(value), tuple(_signature(v) for v in value))
+    if isinstance(value, dict):
+        return tuple((k, _signature(v)) for k, v in value.items())
+    return (type(value), value)
 
 
 def _floating(args: tuple) -> bool:

@@ -58,6 +58,74 @@ def test_stand_in_shapes_equal_a_real_run(dtype):
     assert _shapes(gm) == real and sum(s is not None for s in real.values()) >= 15
 
 
+class Elementwise(nn.Module):
+    """Pointwise ops (in place too, broadcasting, promoting, a comparison's mask), reductions, concatenations, pools
+    and resizes on a channels-last map."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.register_buffer("steps", torch.arange(6).reshape(1, 6, 1, 1))
+
+    def forward(self, x):
+        y = self.conv(x.contiguous(memory_format=torch.channels_last))
+        y = y.clamp_min(0.01) * self.steps + torch.tensor(2.0, dtype=torch.float64)  # int buffer, float64 0-dim
+        y.mul_(2).add_(y[:, :1])
+        z = torch.where(y > 0.5, y, -y).sigmoid()
+        norms = torch.linalg.vector_norm(z, dim=(2, 3), keepdim=True).clamp_min(1e-6)
+        pooled = F.avg_pool2d(z / norms, 2)
+        wide = torch.cat([F.interpolate(pooled, scale_factor=2.0, mode="nearest"), y], dim=1)
+        return wide.mean(dim=(-1, -2)), wide.amax(1), (y > 0).sum(dtype=torch.int64), torch.stack([z, y], 0)
+
+
+def _metas(gm: fx.GraphModule) -> dict:
+    """Each node's recorded shapes and dtypes."""
+
+    def described(meta):
+        return fx.node.map_aggregate(meta, lambda m: (tuple(m.shape), m.dtype) if hasattr(m, "dtype") else m)
+
+    return {n.name: described(n.meta.get("tensor_meta")) for n in gm.graph.nodes}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_elementwise_stand_ins_record_the_shapes_and_dtypes_of_a_real_run(dtype, monkeypatch):
+    import reparam.shape_run as shape_run
+
+    model = Elementwise().eval().to(dtype)
+    x = torch.randn(2, 3, 10, 8, dtype=dtype)
+    gm = fx.symbolic_trace(model)
+    with torch.no_grad():
+        torch.fx.passes.shape_prop.ShapeProp(gm).propagate(x)
+        real = _metas(gm)
+        for n in gm.graph.nodes:
+            n.meta.pop("tensor_meta", None)
+        monkeypatch.setattr(shape_run, "ELEMENTWISE_STAND_IN", 1)  # every floating pointwise op and reduction
+        with StandIns() as mode:  # no fallback
+            output = ShapeRecorder(gm).run(x)
+    assert _metas(gm) == real and sum(m is not None for m in real.values()) >= 20
+    assert not any(bool(t.any()) for t in output[:2] + output[3:])  # stood in: zeros, nothing computed
+    assert len(mode._layouts) >= 10  # one meta layout per signature
+
+
+def test_elementwise_ops_on_small_tensors_run_as_usual():
+    x = torch.randn(4, 4)
+    with torch.no_grad(), StandIns():
+        got = (x.clamp_min(0) + 1).sum()
+    assert torch.equal(got, (x.clamp_min(0) + 1).sum())  # below ELEMENTWISE_STAND_IN: computed
+
+
+def test_stand_ins_are_zeros_laid_out_as_asked():
+    from reparam.shape_run import _zeros_like
+
+    like = torch.empty(2, 3, 5, 7, dtype=torch.float64, device="meta").contiguous(memory_format=torch.channels_last)
+    got = _zeros_like(like, torch.device("cpu"))
+    assert got.shape == like.shape and got.stride() == like.stride() and got.dtype == torch.float64
+    assert got.is_contiguous(memory_format=torch.channels_last) and not bool(got.any())
+    got.add_(1)  # writable, its own memory
+    assert bool((got == 1).all()) and not bool(_zeros_like(like, torch.device("cpu")).any())
+    assert _zeros_like(torch.empty(0, 3, device="meta"), torch.device("cpu")).shape == (0, 3)
+
+
 def test_a_value_read_needs_a_real_run():
     class ReadsAValue(nn.Module):
         def __init__(self):
