@@ -45,17 +45,22 @@ def _shapes(gm: fx.GraphModule) -> dict:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_stand_in_shapes_equal_a_real_run(dtype):
-    model = Mixed().eval().to(dtype)
-    x = torch.randn(2, 3, 16, 12, dtype=dtype)
-    gm = fx.symbolic_trace(model)
+    gm = fx.symbolic_trace(Mixed().eval().to(dtype))
+    real, stood_in, _, _ = _recorded_both_ways(gm, torch.randn(2, 3, 16, 12, dtype=dtype), _shapes)
+    assert stood_in == real and sum(s is not None for s in real.values()) >= 15
+
+
+def _recorded_both_ways(gm: fx.GraphModule, x: torch.Tensor, described) -> tuple:
+    """(``described(gm)`` after a real shape run on ``x``, the same after a run on stand-ins (no fallback to a real
+    run: every op of the graph runs inside :class:`StandIns`), that run's output, its mode)."""
     with torch.no_grad():
         torch.fx.passes.shape_prop.ShapeProp(gm).propagate(x)
-        real = _shapes(gm)
+        real = described(gm)
         for n in gm.graph.nodes:
             n.meta.pop("tensor_meta", None)
-        with StandIns():  # no fallback: every op of this graph runs on stand-ins
-            ShapeRecorder(gm).run(x)
-    assert _shapes(gm) == real and sum(s is not None for s in real.values()) >= 15
+        with StandIns() as mode:
+            output = ShapeRecorder(gm).run(x)
+    return real, described(gm), output, mode
 
 
 class Elementwise(nn.Module):
@@ -91,18 +96,10 @@ def _metas(gm: fx.GraphModule) -> dict:
 def test_elementwise_stand_ins_record_the_shapes_and_dtypes_of_a_real_run(dtype, monkeypatch):
     import reparam.shape_run as shape_run
 
-    model = Elementwise().eval().to(dtype)
-    x = torch.randn(2, 3, 10, 8, dtype=dtype)
-    gm = fx.symbolic_trace(model)
-    with torch.no_grad():
-        torch.fx.passes.shape_prop.ShapeProp(gm).propagate(x)
-        real = _metas(gm)
-        for n in gm.graph.nodes:
-            n.meta.pop("tensor_meta", None)
-        monkeypatch.setattr(shape_run, "ELEMENTWISE_STAND_IN", 1)  # every floating pointwise op and reduction
-        with StandIns() as mode:  # no fallback
-            output = ShapeRecorder(gm).run(x)
-    assert _metas(gm) == real and sum(m is not None for m in real.values()) >= 20
+    monkeypatch.setattr(shape_run, "ELEMENTWISE_STAND_IN", 1)  # every floating pointwise op and reduction
+    gm = fx.symbolic_trace(Elementwise().eval().to(dtype))
+    real, stood_in, output, mode = _recorded_both_ways(gm, torch.randn(2, 3, 10, 8, dtype=dtype), _metas)
+    assert stood_in == real and sum(m is not None for m in real.values()) >= 20
     assert not any(bool(t.any()) for t in output[:2] + output[3:])  # stood in: zeros, nothing computed
     assert len(mode._layouts) >= 10  # one meta layout per signature
 
