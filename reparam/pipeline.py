@@ -40,7 +40,6 @@ from .passes.towers import merge_towers
 from .passes.transposed import fold_bn_into_transposed_convs
 from .inside import fuse_inside
 from .interface import restore_state, snapshot_state
-from .memory import reused_memory
 from .module_copy import deep_copy
 from .parts import PartFuser, record_calls, why_untraced
 from .proofs import (
@@ -225,7 +224,7 @@ def fuse_with_report(
     device=None,
 ) -> tuple[nn.Module, Report]:
     """:func:`reparam.fuse` that also returns the :class:`Report`."""
-    with _no_full_collections(), reused_memory():
+    with _no_full_collections():
         return _fuse_with_report(model, example_inputs, check, remove_residuals, dtype, equalize, cost, device)
 
 
