@@ -18,7 +18,7 @@ the reference, comparisons), ``record`` (the eager float64 run that records a pa
 ``proof`` (region-by-region proofs), ``noise`` (runs of the differently rounded twin), ``cast`` (to float64 and
 back) and ``other``.
 
-Before/after in one sitting: ``--against DIR`` times each model in two worker processes, one importing reparam
+Before/after, interleaved: ``--against DIR`` times each model in two worker processes, one importing reparam
 from ``DIR`` (e.g. ``git archive`` of an older commit unpacked there) and one from this checkout, alternating
 which goes first, so load changes on a shared machine hit both alike.
 
