@@ -298,11 +298,6 @@ _AVG_POOL_FUNCTION_ND: dict[object, int] = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.
 _NO_OPS = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 
-def passes_through(m: nn.Module) -> bool:
-    """``m`` returns its input as it is: ``nn.Identity``, or dropout in eval mode."""
-    return isinstance(m, nn.Identity) or (isinstance(m, _NO_OPS) and not m.training)
-
-
 class Lifter:
     """Turns nodes into :data:`Op` s; raises :class:`NotAffine` or :class:`affine.Refusal`."""
 
@@ -383,7 +378,7 @@ class Lifter:
                 getattr(m, "divisor_override", None),
                 _AVG_POOL_ND[type(m)],
             )
-        if passes_through(m):
+        if isinstance(m, nn.Identity) or (isinstance(m, _NO_OPS) and not m.training):
             return Unary(src, OpKind.IDENTITY)
         if isinstance(m, nn.modules.padding._ConstantPadNd):
             if m.value != 0:

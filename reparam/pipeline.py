@@ -24,7 +24,6 @@ from torch.utils._pytree import tree_structure
 
 from . import trace as T
 from .cost import CostModel, resolve_cost
-from .dtypes import float32, in_float32
 from .equalization import equalize_in_place
 from .flatten import flatten_all
 from .float64 import fast_float64_for
@@ -43,7 +42,6 @@ from .inside import fuse_inside
 from .interface import restore_state, snapshot_state
 from .module_copy import deep_copy
 from .parts import PartFuser, record_calls, why_untraced
-from .regions import checked_by_regions
 from .proofs import (
     Pristine,
     UnfaithfulTrace,
@@ -314,7 +312,7 @@ def _fuse_with_report(
             try:
                 with fast_float64_for(work):  # the float64 runs: 1.5-3x faster depthwise convolutions
                     report.max_rel_error = _check_whole(
-                        gm, pristine, work, inputs, report, state, check == "full", convolutions, float32(dtypes, main)
+                        gm, pristine, work, inputs, report, state, check == "full", convolutions
                     )
                 fused = gm
             except UnfaithfulTrace as err:
@@ -389,7 +387,6 @@ def _check_whole(
     state: dict,
     full: bool,
     convolutions: list | None = None,
-    float32: bool = False,
 ) -> float:
     """Worst relative error of the fused whole-model graph against the eager original on ``inputs``
     (and on a random twin of constant inputs, which cannot expose wrong weights): :func:`check_fused`.
@@ -400,10 +397,7 @@ def _check_whole(
     (:func:`centre_crops`: a quarter to a third of the pixels).  When the model runs on one, reads every tap there
     and the fused graph agrees within the proof trigger, or past it is proven region by region and within the
     model's own noise there, that is the check (``report.verified_on`` says so); anything else, the check on the
-    inputs themselves decides, with its proofs.  There, unless ``full``, a ``float32`` model (every floating
-    weight and input float32) is first checked region by region (:func:`reparam.regions.checked_by_regions`: the
-    trace bit for bit in float32, each rewritten region in float64), and only when that concludes nothing in
-    float64 at full size.
+    inputs themselves decides, with its proofs.
     ``state``: the model's caches before any run (:func:`snapshot_state`), put back after the crops' runs.
     """
     candidates = [inputs] + ([random_like(inputs)] if is_degenerate(inputs) else [])
@@ -417,15 +411,6 @@ def _check_whole(
             if worst is not None:
                 report.verified_on = _on_crops(inputs, crops[0])
                 return worst
-    if not full and float32:
-        undone = partial(_caches_undone, reference, gm, state)
-        found = [checked_by_regions(gm, pristine, reference, x, undone) for x in candidates]
-        if None not in found:
-            report.verified_on = (
-                f"the inputs: the unfused trace bit for bit in float32, each of the {found[0][1]} fused nodes that "
-                "differ from it in float64 on the activations it receives"
-            )
-            return max(err for err, _ in found)
     worst = 0.0
     for x in candidates:
         err = check_fused(gm, pristine, reference, x, {}, run_quietly(reference, x), "output", report.notes, x)
@@ -446,12 +431,13 @@ def _untouched_trace_checked(
     then decides and names what differs."""
     candidates = [inputs] + ([random_like(inputs)] if is_degenerate(inputs) else [])
     leaves = [t for t in torch.utils._pytree.tree_leaves(candidates) if isinstance(t, torch.Tensor)]
-    if not (float32(dtypes, main) and any(t.is_floating_point() for t in leaves)):
+    float32 = main == torch.float32 and all(d == torch.float32 for d in dtypes.values() if d.is_floating_point)
+    if not (float32 and any(t.is_floating_point() for t in leaves)):
         return False
     crops = [centre_crops(x) for x in candidates]  # no weight changed: any size the model runs at shows a trace
     tries = ([crops] if all(c is not None for c in crops) else []) + [candidates]
     same, tried = False, candidates
-    float64 = in_float32(work, gm)  # gm's modules are work's (nothing was rewritten); its own constants too
+    float64 = _in_float32(work, gm)  # gm's modules are work's (nothing was rewritten); its own constants too
     try:
         for tried in tries:
             with _caches_undone(work, gm, state):  # a cache filled at the crop's size must not reach the next try
@@ -468,6 +454,19 @@ def _untouched_trace_checked(
         on = "the inputs" if tried is candidates else _on_crops(inputs, tried[0])
         report.verified_on = f"{on} in float32, bit for bit (nothing was rewritten: the trace computes the model)"
     return same
+
+
+def _in_float32(*modules: nn.Module) -> list:
+    """Every float64 parameter and buffer of ``modules`` (their submodules' too) made float32 in place; returns
+    (tensor, its float64 data) for each, to put back exactly."""
+    changed, seen = [], set()
+    for module in modules:
+        for t in list(module.parameters()) + list(module.buffers()):
+            if t.dtype == torch.float64 and id(t) not in seen:
+                seen.add(id(t))
+                changed.append((t, t.data))
+                t.data = t.data.to(torch.float32)
+    return changed
 
 
 #: at most this many crop sides are tried between the smallest one and the default (each first on stand-ins)

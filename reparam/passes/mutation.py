@@ -12,7 +12,6 @@ from __future__ import annotations
 import operator
 from typing import NamedTuple
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -113,22 +112,10 @@ def updates_in_place(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         method = str(node.target)
         return method.endswith("_") and not method.endswith("__")
     if node.op == "call_function":
-        return (
-            node.target in _INPLACE_FUNCTIONS
-            or node.kwargs.get("inplace") is True
-            or _in_place_torch_function(node.target)
-        )
+        return node.target in _INPLACE_FUNCTIONS or node.kwargs.get("inplace") is True
     if node.op == "call_module":
         return _flag(called_module(node, modules), "inplace")
     return False
-
-
-def _in_place_torch_function(target) -> bool:
-    """``torch.relu_``, ``F.relu_``, ``torch.sigmoid_`` ...: a torch function named with a trailing underscore."""
-    name = getattr(target, "__name__", "")
-    if not (name.endswith("_") and not name.endswith("__")):
-        return False
-    return getattr(torch, name, None) is target or getattr(torch.nn.functional, name, None) is target
 
 
 def _flag(module: nn.Module | None, name: str) -> bool:
@@ -141,7 +128,7 @@ def _flag(module: nn.Module | None, name: str) -> bool:
     return hasattr(type(module), name) and getattr(module, name, False) is True
 
 
-def may_alias(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+def _may_alias(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """``node``'s result may share storage with its first argument."""
     if updates_in_place(node, modules):
         return True
@@ -164,7 +151,7 @@ def storage_classes(gm: fx.GraphModule, modules: dict) -> dict:
         return n
 
     for node in gm.graph.nodes:
-        if node.args and isinstance(node.args[0], fx.Node) and may_alias(node, modules):
+        if node.args and isinstance(node.args[0], fx.Node) and _may_alias(node, modules):
             parent[find(node)] = find(node.args[0])
     return {node: find(node) for node in gm.graph.nodes}
 

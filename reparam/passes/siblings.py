@@ -39,7 +39,7 @@ from ..match import computes_as_conv, is_conv, node_shape, shape_meta
 from . import PassResult
 from .cleanup import finish
 from .naming import block_prefix, fresh_name
-from .mutation import may_alias, mutation_barriers, real_users
+from .mutation import _may_alias, mutation_barriers, real_users
 
 EVENT = "merge_siblings"
 MAX_ROUNDS = 4
@@ -308,7 +308,7 @@ def _layout_escapes(node: fx.Node, modules: dict) -> bool:
         for user in stack.pop().users:
             if user.op == "output" or _reads_layout(user, modules):
                 return True
-            if user not in seen and may_alias(user, modules):
+            if user not in seen and _may_alias(user, modules):
                 seen.add(user)
                 stack.append(user)
     return False
