@@ -511,3 +511,19 @@ def test_bn_and_pad_without_affine_fuses_to_one_conv():
     assert count_ops(fused, x) == {"conv": 1}, report
     for r in report.refusals:
         assert "\n" not in r.reason and len(r.reason) < 300
+
+
+def test_torch_functions_with_a_trailing_underscore_are_in_place_updates():
+    from reparam.passes.mutation import updates_in_place
+
+    class Calls(nn.Module):
+        def forward(self, x):
+            a = torch.relu(x)  # out of place
+            b = torch.relu_(a)
+            c = F.relu_(b)
+            return torch.sigmoid_(c)
+
+    gm = torch.fx.symbolic_trace(Calls())
+    modules = dict(gm.named_modules())
+    found = {n.name: updates_in_place(n, modules) for n in gm.graph.nodes if n.op == "call_function"}
+    assert found == {"relu": False, "relu_": True, "relu__1": True, "sigmoid_": True}

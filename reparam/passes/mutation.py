@@ -12,6 +12,7 @@ from __future__ import annotations
 import operator
 from typing import NamedTuple
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -112,10 +113,22 @@ def updates_in_place(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         method = str(node.target)
         return method.endswith("_") and not method.endswith("__")
     if node.op == "call_function":
-        return node.target in _INPLACE_FUNCTIONS or node.kwargs.get("inplace") is True
+        return (
+            node.target in _INPLACE_FUNCTIONS
+            or node.kwargs.get("inplace") is True
+            or _in_place_torch_function(node.target)
+        )
     if node.op == "call_module":
         return _flag(called_module(node, modules), "inplace")
     return False
+
+
+def _in_place_torch_function(target) -> bool:
+    """``torch.relu_``, ``F.relu_``, ``torch.sigmoid_`` ...: a torch function named with a trailing underscore."""
+    name = getattr(target, "__name__", "")
+    if not (name.endswith("_") and not name.endswith("__")):
+        return False
+    return getattr(torch, name, None) is target or getattr(torch.nn.functional, name, None) is target
 
 
 def _flag(module: nn.Module | None, name: str) -> bool:
