@@ -110,8 +110,7 @@ def real_users(node: fx.Node) -> list:
 def updates_in_place(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """``node`` writes into its first argument (``x.add_(y)``, ``x += y``, ``ReLU(inplace=True)``, ``x[i] = v``)."""
     if node.op == "call_method":
-        method = str(node.target)
-        return method.endswith("_") and not method.endswith("__")
+        return _in_place_name(str(node.target))
     if node.op == "call_function":
         return (
             node.target in _INPLACE_FUNCTIONS
@@ -123,10 +122,15 @@ def updates_in_place(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return False
 
 
+def _in_place_name(name: str) -> bool:
+    """torch's naming of an in-place op: one trailing underscore (``add_``, ``relu_``), not a dunder (``__add__``)."""
+    return name.endswith("_") and not name.endswith("__")
+
+
 def _in_place_torch_function(target) -> bool:
-    """``torch.relu_``, ``F.relu_``, ``torch.sigmoid_`` ...: a torch function named with a trailing underscore."""
+    """``torch.relu_``, ``F.relu_``, ``torch.sigmoid_`` ...: a torch function with an in-place name."""
     name = getattr(target, "__name__", "")
-    if not (name.endswith("_") and not name.endswith("__")):
+    if not _in_place_name(name):
         return False
     return getattr(torch, name, None) is target or getattr(torch.nn.functional, name, None) is target
 
