@@ -30,11 +30,13 @@ from typing import Any, Sequence
 import numpy
 import torch
 import torch.fx as fx
+import torch.nn as nn
 from torch.fx.passes.shape_prop import TensorMetadata
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 from .interface import restore_state, snapshot_state
+from .stats import as_args
 from .taps import tensor_key
 
 aten = torch.ops.aten
@@ -99,6 +101,8 @@ BATCH_NORMS = {
     aten._native_batch_norm_legit.no_stats: 3,
     aten._native_batch_norm_legit_no_training.default: None,
 }
+#: ops whose stand-ins are laid out by a formula that does not check the shapes the real op checks (:func:`_refused`)
+SHAPE_CHECKED = frozenset({aten.convolution.default, aten.native_layer_norm.default, *BATCH_NORMS})
 #: ops whose output shape (or Python control flow) depends on tensor values: stand-ins cannot feed them
 VALUE_DEPENDENT = frozenset(
     {
@@ -225,6 +229,8 @@ class StandIns(TorchDispatchMode):
         kwargs = kwargs or {}
         if func in VALUE_DEPENDENT or (func is aten.index.Tensor and _boolean_index(args)):
             raise NeedsValues(str(func))
+        if func in SHAPE_CHECKED and _refused(func, args):  # the real op raises its own error
+            return func(*args, **kwargs)
         if func in HEAVY or (func in FLOATING_HEAVY and _floating(args)):
             if func is aten.convolution.default:
                 x, w, _, stride, padding, dilation, transposed = args[:7]
@@ -297,6 +303,24 @@ def convolution_layout(x, w, bias, stride, padding, dilation, transposed, output
     if last is not None and x.is_contiguous(memory_format=last) and not x.is_contiguous():
         out = out.contiguous(memory_format=last)
     return out
+
+
+def _refused(func, args: tuple) -> bool:
+    """Would the real op refuse these shapes, where its stand-in (laid out by a formula, not its meta kernel) would
+    not?  A convolution whose input has the wrong channel count or is smaller than its dilated kernel; a batch norm
+    whose input's channels are not its statistics'; a layer norm whose input does not end in its normalized shape.
+    Without this a stand-in run gets through inputs the model does not take."""
+    if func is aten.convolution.default:
+        x, w, _, stride, padding, dilation, transposed, output_padding, groups = args[:9]
+        takes = w.shape[0] if transposed else w.shape[1] * groups
+        if x.dim() != w.dim() or x.shape[1] != takes:
+            return True
+        return any(side < 1 for side in convolution_layout(*args[:9]).shape[2:])
+    if func is aten.native_layer_norm.default:
+        shape = tuple(args[1])
+        return tuple(args[0].shape[args[0].dim() - len(shape) :]) != shape
+    x, stats = args[0], [t for t in args[1:5] if isinstance(t, torch.Tensor)]  # a batch norm: weight, bias, mean, var
+    return x.dim() < 2 or any(t.numel() != x.shape[1] for t in stats)
 
 
 def _softmax_in_its_dtype(func, args: tuple, kwargs: dict) -> bool:
@@ -381,6 +405,21 @@ def record_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> tuple[Any, list 
     finally:
         restore_state(gm, state)  # caches computed from stand-ins
     return ShapeRecorder(gm).run(*tree_map(_clone, list(inputs))), None
+
+
+def runs_on_stand_ins(module: nn.Module, inputs: Any) -> bool:
+    """Does ``module(*inputs)`` (a tuple of positional inputs, or one tensor) run through on stand-ins
+    (:class:`StandIns`, without grad)?  False when it raises anything, :class:`NeedsValues` included: only a real run
+    tells then.  Caches the run leaves are undone; ``inputs`` are not modified."""
+    state = snapshot_state(module)
+    try:
+        with torch.no_grad(), StandIns():
+            module(*tree_map(_clone, list(as_args(inputs))))
+        return True
+    except Exception:  # noqa: BLE001  any failure on stand-in values: the real run decides
+        return False
+    finally:
+        restore_state(module, state)
 
 
 def _clone(t: Any) -> Any:

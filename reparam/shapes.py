@@ -6,7 +6,8 @@ turns that into an :class:`InputShapeError` naming the expected layout, e.g. ``(
 model's first conv / linear.
 
 Which layer is first is read from the registration order (:func:`reparam.trace.first_layer`) to decide, for free,
-whether the inputs look wrong; only then is the model run, and only a failing run is blamed on the inputs, judged
+whether the inputs look wrong; only then is the model run (on stand-ins first: a space-to-depth stem or a head
+registered before the stem costs no float64 pass), and only a failing run is blamed on the inputs, judged
 against the conv / linear that the run reached first (a model may register its head before its stem).
 """
 
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
+from .shape_run import runs_on_stand_ins
 from .stats import as_args
 from .trace import first_layer, input_spec
 
@@ -129,8 +131,10 @@ def check_example_inputs(model: nn.Module, inputs: Any) -> None:
     channel count the model's first conv/linear does not take and the model fails on them.
 
     Costs nothing when the shape fits the first registered conv/linear; otherwise runs ``model`` once without
-    grad (:func:`run_checked`; pass a copy in eval mode if running it must not update anything, e.g. BatchNorm
-    statistics in training mode).  A failure that is not about the input shape propagates as the model raised it.
+    grad, first on stand-ins (:func:`reparam.shape_run.runs_on_stand_ins`: the shapes without the arithmetic, the
+    caches it leaves undone), and only when that does not get through for real (:func:`run_checked`; pass a copy in
+    eval mode if running it must not update anything, e.g. BatchNorm statistics in training mode).  A failure that
+    is not about the input shape propagates as the model raised it.
     """
-    if inputs is not None and shape_mismatch(model, inputs) is not None:
+    if inputs is not None and shape_mismatch(model, inputs) is not None and not runs_on_stand_ins(model, inputs):
         run_checked(model, inputs)

@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from conftest import rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import reparam
+from reparam import shapes
 from reparam.float64 import FastFloat64
 from reparam.pipeline import _float64_copy
 from reparam.shape_run import NeedsValues, ShapeRecorder, StandIns, convolution_layout, record_shapes
@@ -320,6 +322,74 @@ def test_the_convolution_stand_in_has_the_shape_of_the_real_output(nd, transpose
     except RuntimeError:  # an output side below one
         return
     assert convolution_layout(*args).shape == want.shape
+
+
+def _refuses(run) -> bool:
+    try:
+        run()
+    except RuntimeError:
+        return True
+    return False
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    transposed=st.booleans(),
+    groups=st.integers(1, 2),
+    channels=st.integers(1, 5),
+    side=st.integers(1, 6),
+    kernel=st.integers(1, 4),
+    dilation=st.integers(1, 2),
+    norm_channels=st.integers(1, 5),
+    normalized=st.integers(1, 5),
+)
+def test_stand_ins_refuse_the_shapes_the_real_ops_refuse(
+    transposed, groups, channels, side, kernel, dilation, norm_channels, normalized
+):
+    """A stand-in laid out by a formula still refuses an input the real op refuses (a wrong channel count, a map
+    smaller than the dilated kernel, statistics or a normalized shape of another size), and takes what it takes."""
+    x = torch.randn(1, channels, side, side)
+    w = torch.randn(2 * groups, 2, kernel, kernel)  # takes 2 * groups channels (transposed: 2 * groups)
+    conv = F.conv_transpose2d if transposed else F.conv2d
+    cases = [
+        lambda: conv(x, w, None, 1, 0, dilation=dilation, groups=groups),
+        lambda: F.batch_norm(x, torch.zeros(norm_channels), torch.ones(norm_channels), torch.ones(norm_channels)),
+        lambda: F.layer_norm(x, (normalized,)),
+    ]
+    for case in cases:
+        real = _refuses(case)
+        with torch.no_grad(), StandIns():
+            assert _refuses(case) == real
+
+
+def test_inputs_that_fit_a_model_whose_first_registered_layer_does_not_cost_no_real_run():
+    """A space-to-depth stem: the first registered conv takes 12 channels, the model 3.  The input check runs the
+    model on stand-ins (no convolution computed) and accepts; a wrong input is still refused by name."""
+
+    class SpaceToDepth(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(12, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(F.pixel_unshuffle(x, 2)))
+
+    class Convolutions(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func is torch.ops.aten.convolution.default
+            return func(*args, **(kwargs or {}))
+
+    net = SpaceToDepth().eval()
+    x = torch.randn(1, 3, 8, 8).double()
+    assert shapes.shape_mismatch(net, x) is not None  # the registration-order guess flags it ...
+    with Convolutions() as seen:
+        shapes.check_example_inputs(net.double(), x)  # ... the model takes it ...
+    assert seen.count == 0  # ... and no convolution was computed to find that out
+    with pytest.raises(shapes.InputShapeError, match="takes 12 input channels, not 2"):
+        shapes.check_example_inputs(net, torch.randn(1, 2, 8, 8).double())
 
 
 def test_norms_gathers_copies_pads_and_softmaxes_are_stood_in_with_the_real_shapes():
