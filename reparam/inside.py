@@ -26,7 +26,7 @@ from .interface import restore_state, snapshot_state
 from .module_copy import deep_copy
 from .parts import PartFuser, record_calls
 from .report import Report
-from .shape_run import StandIns
+from .shape_run import ShapeRecorder, StandIns
 from .trace import plain_containers
 
 
@@ -89,8 +89,9 @@ def structural_copy(module: nn.Module) -> nn.Module:
 
 def stand_in_inputs(node: fx.Node, seed: int = 0) -> tuple[tuple, dict]:
     """(args, kwargs) for the module ``node`` calls: a standard-normal tensor (seeded) in place of each floating
-    tensor the shape run recorded (shape and dtype of ``meta['tensor_meta']``), constants as the graph holds them.
-    Raises :class:`CannotFuseInside` for an input whose value is not a recorded floating tensor."""
+    tensor the shape run recorded (shape and dtype of ``meta['tensor_meta']``), the plain values it recorded (a size
+    the graph computed: ``meta[ShapeRecorder.PLAIN]``) and constants as the graph holds them.  Raises
+    :class:`CannotFuseInside` for an input whose value is neither a recorded floating tensor nor a plain value."""
     generator = torch.Generator().manual_seed(seed)
 
     def random(meta: Any) -> Any:
@@ -102,6 +103,8 @@ def stand_in_inputs(node: fx.Node, seed: int = 0) -> tuple[tuple, dict]:
 
     def value(arg: fx.Node) -> Any:
         meta = arg.meta.get("tensor_meta")
+        if meta is None and ShapeRecorder.PLAIN in arg.meta:
+            return arg.meta[ShapeRecorder.PLAIN]
         if meta is None:
             raise CannotFuseInside(f"{node.target}: input {arg.name} is not a tensor of recorded shape")
         return tree_map(random, meta, is_leaf=lambda m: isinstance(m, TensorMetadata))

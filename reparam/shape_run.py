@@ -147,8 +147,23 @@ def tensor_metadata(t: torch.Tensor) -> TensorMetadata:
     return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), fmt, False, {})
 
 
+#: what a node may compute that the shape run records as it is (:attr:`ShapeRecorder.PLAIN`): a size, a count, a flag
+_PLAIN_SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device)
+
+
+def _plain(value: Any) -> bool:
+    """A scalar of :data:`_PLAIN_SCALARS`, or a tuple / list / ``torch.Size`` of them (nested)."""
+    if isinstance(value, (tuple, list)):
+        return all(_plain(v) for v in value)
+    return isinstance(value, _PLAIN_SCALARS)
+
+
 class ShapeRecorder(fx.Interpreter):
-    """Runs a graph and records ``meta['tensor_meta']`` (and ``meta['type']``) on each node, as fx's ShapeProp."""
+    """Runs a graph and records ``meta['tensor_meta']`` (and ``meta['type']``) on each node, as fx's ShapeProp; a node
+    that computes a plain value (:func:`_plain`: ``H // 2``, ``x.shape[-2:]``) also gets it as ``meta[PLAIN]`` (a
+    stand-in run computes shapes, and values of its tensors are never read: such a value is the real run's)."""
+
+    PLAIN = "plain_value"
 
     def run_node(self, n: fx.Node) -> Any:
         value = super().run_node(n)
@@ -164,6 +179,8 @@ class ShapeRecorder(fx.Interpreter):
         meta = fx.node.map_aggregate(value, extract)
         if found:
             n.meta["tensor_meta"] = meta
+        elif _plain(value):
+            n.meta[self.PLAIN] = tuple(value) if isinstance(value, list) else value
         n.meta["type"] = type(value)
         return value
 

@@ -211,7 +211,47 @@ def test_a_module_whose_inputs_cannot_be_stood_in_for_sends_the_model_part_by_pa
         torch.testing.assert_close(fused(x), model(x), rtol=1e-11, atol=1e-11)
 
 
-@pytest.mark.parametrize("name", ["efficientvit_b0", "efficientvit_m0", "mobilevitv2_050"])
+class TakesSize(nn.Module):
+    """Called with a size the graph computes (as the attention of timm's Twins): ``forward(x, size)``, control
+    flow on it, so its forward does not trace."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.inner = conv_bn(c, c)
+
+    def forward(self, x, size):
+        h, w = size
+        y = self.inner(x)
+        return y + x if h * w % 2 == 0 else y - x
+
+
+class WithSize(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 8)
+        self.middle = TakesSize(8)
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        return self.middle(y, (y.shape[-2] // 1, y.shape[-1]))
+
+
+def test_a_module_called_with_a_size_the_graph_computes_is_fused_inside_on_the_whole_path():
+    """The shape run records the plain values nodes compute (``H // 1``, a tuple of sizes), so the opaque module
+    gets them as its inputs for its stand-in run: the model stays on the whole-model path, checked on crops."""
+    model = randomised(WithSize()).double()
+    x = torch.randn(1, 3, 96, 96, dtype=torch.float64)
+    fused, report = reparam.fuse_with_report(model, x)
+    assert not any("does not trace as a whole" in n for n in report.notes), report.notes
+    assert report.verified_on.startswith("centre crops"), report.verified_on
+    assert counts(fused) == (2, 0)
+    with torch.no_grad():
+        for size in (96, 33):  # an odd area takes the other branch
+            y = torch.randn(1, 3, size, size, dtype=torch.float64)
+            torch.testing.assert_close(fused(y), model(y), rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("name", ["efficientvit_b0", "efficientvit_m0", "mobilevitv2_050", "twins_svt_small"])
 def test_timm_models_with_opaque_blocks_fuse_whole_and_exactly(name):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
