@@ -421,10 +421,13 @@ def _fills_grid(a: Affine, grid: _Grid, offset: tuple, groups: int) -> bool:
     return a.groups == groups and tuple(a.kernel) == grid.kernel and all(o == 0 for o in offset)
 
 
-def _on_grid(a: Affine, grid: _Grid, offset: tuple, step: tuple, groups: int) -> torch.Tensor:
-    """``a``'s weight in ``groups`` groups on the common kernel (a new tensor, safe to mutate)."""
+def _on_grid(a: Affine, grid: _Grid, offset: tuple, step: tuple, groups: int, writable: bool = False) -> torch.Tensor:
+    """``a``'s weight in ``groups`` groups on the common kernel, to read (when it already is that: ``a``'s own tensor,
+    which the callers that concatenate copy anyway); ``writable``: a new tensor, safe to mutate."""
     if _fills_grid(a, grid, offset, groups):
-        return a.w.take() if isinstance(a.w, Lazy) else a.weight.clone()
+        if isinstance(a.w, Lazy):
+            return a.w.take()
+        return a.weight.clone() if writable else a.weight
     return _embed(regroup(a, groups).weight, a.nd, offset, step, grid.kernel)
 
 
@@ -462,7 +465,7 @@ def add(branches: Sequence[Affine]) -> Affine:
 
     def summed() -> torch.Tensor:
         first, *rest = sorted(range(len(branches)), key=start)
-        weight = _on_grid(branches[first], grid, grid.offsets[first], grid.steps[first], groups)
+        weight = _on_grid(branches[first], grid, grid.offsets[first], grid.steps[first], groups, writable=True)
         for i in rest:
             a = branches[i]
             if a.kind.channelwise and not a.pads:

@@ -350,6 +350,20 @@ def test_concat_of_branches_equals_cat_of_applies(nd, data):
     assert merged.out_channels == sum(a.out_channels for a in branches)
 
 
+@pytest.mark.parametrize("merge", [A.add, A.concat, lambda bs: A.direct_sum(*bs)])
+def test_merges_read_their_branches_weights_and_never_write_them(merge):
+    """A branch already on the common kernel is read as it is (no copy of it first), and the merged weight is a tensor
+    of its own: writing into it leaves every branch as it was."""
+    torch.manual_seed(0)
+    weights = [torch.randn(4, 3, 3, 3, dtype=torch.float64) for _ in range(2)]
+    branches = [A.from_conv(w, torch.randn(4, dtype=torch.float64), padding=1) for w in weights]
+    kept = [w.clone() for w in weights]
+    merged = merge(branches).weight
+    assert all(merged.untyped_storage().data_ptr() != w.untyped_storage().data_ptr() for w in weights)
+    merged.add_(1.0)
+    assert all(torch.equal(w, k) for w, k in zip(weights, kept, strict=True))
+
+
 @given(
     seed=st.integers(0, 2**31),
     cin=st.integers(1, 5),
