@@ -348,8 +348,10 @@ def _fuse_with_report(
         with fast_float64_for(fused):
             equalize_in_place(fused, inputs, report, check)
     restore_state(fused, state)  # first: a buffer put back is cast back too
-    _cast_back(fused, dtypes, main, device)
-    flatten_all(_made(fused, unfused))  # last: every name above (dtypes, the report) is a path in the model
+    _register_constants(fused)
+    wanted = _wanted_dtypes(fused, dtypes, main)  # by tensor: the names in ``dtypes`` are paths before flattening
+    flatten_all(_made(fused, unfused))  # before the cast: what it drops (weights the passes replaced) is not cast
+    _cast_back(fused, wanted, device)
     fused.reparam_report = report
     return fused, report
 
@@ -685,12 +687,21 @@ def _register_constants(fused: nn.Module) -> None:
                 owner.register_buffer(attr, value, persistent=False)
 
 
-def _cast_back(fused: nn.Module, dtypes: dict, main: torch.dtype, device) -> None:
-    """Every tensor back to ``device`` and, if floating, to its original dtype (new ones: ``main``)."""
-    _register_constants(fused)
-    tensors = list(fused.named_parameters(remove_duplicate=False)) + list(fused.named_buffers(remove_duplicate=False))
-    for name, t in tensors:
-        want = dtypes.get(name, main) if t.is_floating_point() else t.dtype
+def _tensors(model: nn.Module) -> list:
+    return list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+
+
+def _wanted_dtypes(fused: nn.Module, dtypes: dict, main: torch.dtype) -> dict:
+    """``id(tensor) -> the dtype it goes back to``, for every parameter and buffer of ``fused``: a floating one its
+    original dtype by its path in ``dtypes`` (new ones: ``main``), any other its own.  Keyed by the tensor object,
+    so it holds when flattening renames them (``fused`` keeps them alive: no id is reused)."""
+    return {id(t): dtypes.get(name, main) if t.is_floating_point() else t.dtype for name, t in _tensors(fused)}
+
+
+def _cast_back(fused: nn.Module, wanted: dict, device) -> None:
+    """Every tensor of ``fused`` to ``device`` and to its dtype in ``wanted`` (:func:`_wanted_dtypes`)."""
+    for _, t in _tensors(fused):
+        want = wanted[id(t)]
         if t.dtype != want or t.device != device:
             t.data = t.data.to(dtype=want, device=device)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 
+import pytest
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -149,3 +150,35 @@ def test_a_flat_model_round_trips_through_save_and_load():
     assert torch.equal(loaded(x), fused(x))
     exported = torch.export.export(fused, (x,))
     assert rel_err(exported.module()(x), fused(x)) <= 1e-6
+
+
+class StandardizedConv(nn.Conv2d):
+    """A weight-standardized convolution (as timm's StdConv2d): its weight-only arithmetic folds into a constant, so
+    the raw weight is read by no node of the fused graph, while its bias still is."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return nn.functional.conv2d(x, w, self.bias, padding=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_only_the_tensors_the_result_keeps_are_cast_back(monkeypatch, dtype):
+    """The fused model is flattened before it is cast back: the weights the passes replaced (the raw weight of a
+    standardized convolution) are dropped, not converted first; what is kept comes back in the model's dtype."""
+    from reparam import pipeline
+
+    cast = []
+    original = pipeline._cast_back
+
+    def counting(fused, *args):
+        cast.append(sum(t.numel() for t in list(fused.parameters()) + list(fused.buffers())))
+        return original(fused, *args)
+
+    monkeypatch.setattr(pipeline, "_cast_back", counting)
+    model = nn.Sequential(StandardizedConv(3, 8, 3), nn.ReLU(), StandardizedConv(8, 8, 3)).eval().to(dtype)
+    x = torch.randn(1, 3, 12, 12, dtype=dtype)
+    fused = reparam.fuse(model, x)
+    kept = list(fused.parameters()) + list(fused.buffers())
+    assert cast == [sum(t.numel() for t in kept)]  # the raw weights went first
+    assert {t.dtype for t in kept} == {dtype} and fused(x).dtype == dtype
