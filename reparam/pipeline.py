@@ -286,7 +286,7 @@ def _fuse_with_report(
     if dtype is not None and given is not None and dtype != _main_dtype(_dtype_map(model), given):
         check_precision(model, given, dtype)  # overflow in the deploy precision: named before any folding
     try:
-        (gm, parents), trace_error = T.trace_whole(work), None
+        (gm, parents), trace_error = T.trace_whole(work, None if given is None else len(given)), None
     except Exception as err:  # noqa: BLE001  any failure tracing the user's code: fuse its parts (the reason: notes)
         gm, parents, trace_error = None, {}, err
     fuse_graph = _graph_fuser(report, dtypes, main, remove_residuals, cost)

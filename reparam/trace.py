@@ -241,19 +241,47 @@ def symbolic_trace(model: torch.nn.Module) -> fx.GraphModule:
     return _trace(Tracer(model), model)
 
 
-def trace_whole(model: torch.nn.Module) -> tuple[fx.GraphModule, dict]:
+def trace_whole(model: torch.nn.Module, given: int | None = None) -> tuple[fx.GraphModule, dict]:
     """:func:`symbolic_trace`, except that a module with children whose own forward does not trace is called as it
     is (one ``call_module``); returns (the GraphModule, ``{path of each such module: the TraceError it raised}``).
-    Its children are left to the caller (:mod:`reparam.inside` fuses them)."""
+    Its children are left to the caller (:mod:`reparam.inside` fuses them).
+
+    ``given``: how many positional inputs the model is called with (None: not known, one); each later parameter of
+    its forward whose default is a constant is traced as that value (:func:`defaults_not_given`)."""
     tracer = Tracer(model, opaque_parents=True)
-    gm = _trace(tracer, model)
+    gm = _trace(tracer, model, defaults_not_given(model, 1 if given is None else given))
     return gm, {tracer.path_of_module(m): err for m, err in tracer.parents.items()}
 
 
-def _trace(tracer: Tracer, model: torch.nn.Module) -> fx.GraphModule:
+#: the defaults a parameter the call leaves out is traced as (:func:`defaults_not_given`): an optional input's None, a
+#: flag, a number, a mode's name
+_CONSTANT_DEFAULTS = (type(None), bool, int, float, str)
+
+
+def defaults_not_given(model: torch.nn.Module, given: int) -> dict:
+    """``{name: default}`` for each parameter of ``model.forward`` that a call with ``given`` positional inputs and no
+    keywords leaves at its default, when that default is a constant (:data:`_CONSTANT_DEFAULTS`).  Traced as fx's
+    concrete arguments, the graph computes that call: traced as a proxy, timm's Hiera takes its masked branch
+    (``if mask is not None``) and its graph fails on a call without a mask, and a ViT's ``attn_mask is not None or
+    is_causal`` would read a proxied flag.  The graph keeps each parameter and asserts it has that value, so a call
+    with another fails instead of computing the wrong thing."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # no signature to read (a builtin or wrapped forward): nothing specialised
+        return {}
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return {
+        p.name: p.default
+        for i, p in enumerate(parameters)
+        if type(p.default) in _CONSTANT_DEFAULTS
+        and (p.kind is inspect.Parameter.KEYWORD_ONLY or (p.kind in positional and i >= given))
+    }
+
+
+def _trace(tracer: Tracer, model: torch.nn.Module, concrete: dict | None = None) -> fx.GraphModule:
     state = snapshot_state(model)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=concrete or None)
         constants = _traced_constants(tracer.root, graph, state)
     finally:
         restore_state(model, state)

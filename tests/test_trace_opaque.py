@@ -98,3 +98,36 @@ def test_timm_models_with_same_padding_convs_trace_whole(name):
     _, report = reparam.fuse_with_report(model, torch.randn(1, 3, 224, 224))
     assert not any("part" in n for n in report.notes), report.notes[:2]
     assert report.max_rel_error < 1e-10 and report.counts()["fold_bn"] > 0
+
+
+class OptionalMask(nn.Module):
+    """``forward(x, mask=None, flag=False)`` with a branch for a given mask or flag (as timm's Hiera and ViT): traced
+    with ``mask`` a proxy, ``mask is not None`` holds and the graph needs a mask; ``flag`` a proxy cannot be a
+    condition.  Called without them, they are traced as their defaults."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x, mask=None, flag=False, *, scale=None):
+        if mask is not None or flag:
+            x = x * mask.view(x.shape[0], 1, *x.shape[2:])
+        y = self.bn(self.conv(x))
+        return y if scale is None else y * scale
+
+
+def test_parameters_left_at_their_constant_defaults_are_traced_as_those():
+    model = randomised(OptionalMask())
+    assert T.defaults_not_given(model, 1) == {"mask": None, "flag": False, "scale": None}
+    assert T.defaults_not_given(model, 2) == {"flag": False, "scale": None}
+    x = torch.randn(1, 3, 16, 16)
+    fused, report = reparam.fuse_with_report(model, x)
+    assert not any("trace" in note for note in report.notes), report.notes  # whole, not part by part
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-6)
+        with pytest.raises(AssertionError, match="specialized to have value None"):
+            fused(x, torch.ones(1, 16, 16))  # a call it was not traced for fails loudly, never silently wrong
+        with pytest.raises(AssertionError, match="specialized to have value False"):
+            fused(x, None, True)

@@ -21,6 +21,8 @@ from ..match import called_module
 METADATA_ATTRS = {"ndim", "dtype", "device", "is_cuda", "layout"}
 METADATA_METHODS = {"dim", "ndimension", "get_device"}
 
+#: what fx's tracer calls to check that an input traced as None (a concrete argument) is None when called
+_ASSERT_IS_NONE = torch.fx._symbolic_trace._assert_is_none
 _INPLACE_FUNCTIONS = {
     operator.iadd,
     operator.isub,
@@ -234,11 +236,17 @@ def _downstream_within(start: fx.Node, group: set) -> set:
     return seen
 
 
+def _guards_a_specialised_input(node: fx.Node) -> bool:
+    """fx's check that an input traced as a constant (``concrete_args``: an optional mask traced as None) still has
+    that value: without it, a call that passes one would be silently wrong, where it now fails."""
+    return node.op == "call_function" and node.target is _ASSERT_IS_NONE
+
+
 def eliminate_dead_code(gm: fx.GraphModule) -> bool:
     """fx's dead-code elimination, except that an in-place update whose result is unused is kept
     while something else reads the storage it writes (fx deletes ``y.mul_(2)`` otherwise, silently
     changing whoever reads ``y`` later), or the storage is a model input or a buffer (the caller
-    sees the update).  Returns whether anything was removed."""
+    sees the update); and fx's checks of inputs traced as None stay.  Returns whether anything was removed."""
     removed_any = False
     while True:
         modules = dict(gm.named_modules())
@@ -248,7 +256,7 @@ def eliminate_dead_code(gm: fx.GraphModule) -> bool:
             members.setdefault(rep, []).append(node)
         removed = kept_update = False
         for node in reversed(list(gm.graph.nodes)):
-            if node.users or node.is_impure():
+            if node.users or node.is_impure() or _guards_a_specialised_input(node):
                 continue
             if updates_in_place(node, modules):
                 group = members[klass[node]]
