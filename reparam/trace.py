@@ -60,11 +60,20 @@ class _Extras:
         return fx.Proxy.__len__(self)
 
     def __getattr__(self, name: str):
+        tensor = self.__dict__.get("_tensor")  # a proxy of a parameter or buffer (Tracer.getattr)
+        if tensor is not None and name in _STATIC_METHODS:
+            return getattr(tensor, name)
         return _Attribute(self, name)
 
 
 class _Proxy(_Extras, fx.Proxy):
     pass
+
+
+#: methods of a parameter or buffer whose result its proxy gives as the number it is (``assert
+#: self.periods.numel() == dim`` in timm's rotary embeddings reads one into Python): its size never depends on the
+#: inputs
+_STATIC_METHODS = frozenset({"numel", "dim", "ndimension"})
 
 
 class _Attribute(_Extras, fx.proxy.Attribute):
@@ -207,7 +216,9 @@ class Tracer(fx.Tracer):
             name = self._names.get(id(attr_val))
             if name is not None:
                 if name not in parameter_proxy_cache:
-                    parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+                    proxy = self.create_proxy("get_attr", name, (), {})
+                    proxy._tensor = attr_val  # its numel() / dim() are numbers (_STATIC_METHODS)
+                    parameter_proxy_cache[name] = proxy
                 return parameter_proxy_cache[name]
             return attr_val
         return super().getattr(attr, attr_val, parameter_proxy_cache)

@@ -131,3 +131,34 @@ def test_parameters_left_at_their_constant_defaults_are_traced_as_those():
             fused(x, torch.ones(1, 16, 16))  # a call it was not traced for fails loudly, never silently wrong
         with pytest.raises(AssertionError, match="specialized to have value False"):
             fused(x, None, True)
+
+
+class ChecksItsBuffer(nn.Module):
+    """Reads the size of a buffer into Python (as timm's DINOv3 rotary embedding: ``assert self.periods.numel() ==
+    dim``) in a method the root's forward calls: a parameter's or buffer's size is a number, never a proxy."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.register_buffer("periods", torch.linspace(1.0, 2.0, 8))
+
+    def scales(self):
+        assert self.periods.numel() == self.conv.out_channels and self.periods.dim() == 1
+        return self.periods.view(1, -1, 1, 1)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y * self.scales()
+
+
+def test_sizes_of_parameters_and_buffers_are_numbers_while_tracing():
+    model = randomised(ChecksItsBuffer())
+    gm, _ = T.trace_whole(model)  # before: TraceError, a proxy's numel() used as a condition
+    x = torch.randn(1, 3, 16, 16)
+    fused, report = reparam.fuse_with_report(model, x)
+    assert not any("trace" in note for note in report.notes), report.notes
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-6)
