@@ -80,9 +80,13 @@ class VerificationSkippedWarning(UserWarning):
     """No example inputs could be found, so the fused model was not checked."""
 
 
+def _tensors(model: nn.Module) -> list:
+    """(path, tensor) for every parameter and buffer of ``model``, shared ones under each of their paths."""
+    return list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+
+
 def _dtype_map(model: nn.Module) -> dict:
-    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
-    return {name: t.dtype for name, t in named}
+    return {name: t.dtype for name, t in _tensors(model)}
 
 
 def _main_dtype(dtypes: dict, inputs: tuple | None = None) -> torch.dtype:
@@ -685,10 +689,6 @@ def _register_constants(fused: nn.Module) -> None:
             if isinstance(value, torch.Tensor) and attr not in owner._parameters and attr not in owner._buffers:
                 delattr(owner, attr)
                 owner.register_buffer(attr, value, persistent=False)
-
-
-def _tensors(model: nn.Module) -> list:
-    return list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
 
 
 def _wanted_dtypes(fused: nn.Module, dtypes: dict, main: torch.dtype) -> dict:
