@@ -250,10 +250,13 @@ class StandIns(TorchDispatchMode):
             return func(*args, **kwargs)
         if func in HEAVY or (func in FLOATING_HEAVY and _floating(args)):
             if func is aten.convolution.default:
+                layout = convolution_layout(*args[:9])
+                if any(side < 1 for side in layout.shape[2:]):  # a map smaller than the kernel: the real op refuses
+                    return func(*args, **kwargs)
                 x, w, _, stride, padding, dilation, transposed = args[:7]
                 geometry = (tuple(x.shape), tuple(w.shape), stride, padding, dilation, transposed, tensor_key(w))
                 self.convolutions.append(geometry)
-                return self._stand_in(convolution_layout(*args[:9]), x.device)
+                return self._stand_in(layout, x.device)
             device = next(
                 t.device for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
             )
@@ -324,15 +327,14 @@ def convolution_layout(x, w, bias, stride, padding, dilation, transposed, output
 
 def _refused(func, args: tuple) -> bool:
     """Would the real op refuse these shapes, where its stand-in (laid out by a formula, not its meta kernel) would
-    not?  A convolution whose input has the wrong channel count or is smaller than its dilated kernel; a batch norm
-    whose input's channels are not its statistics'; a layer norm whose input does not end in its normalized shape.
-    Without this a stand-in run gets through inputs the model does not take."""
+    not?  A convolution whose input has the wrong rank or channel count (one whose map is smaller than its dilated
+    kernel: :meth:`StandIns.__torch_dispatch__`, from the layout it computes anyway); a batch norm whose input's
+    channels are not its statistics'; a layer norm whose input does not end in its normalized shape.  Without this
+    a stand-in run gets through inputs the model does not take."""
     if func is aten.convolution.default:
-        x, w, _, stride, padding, dilation, transposed, output_padding, groups = args[:9]
+        x, w, transposed, groups = args[0], args[1], args[6], args[8]
         takes = w.shape[0] if transposed else w.shape[1] * groups
-        if x.dim() != w.dim() or x.shape[1] != takes:
-            return True
-        return any(side < 1 for side in convolution_layout(*args[:9]).shape[2:])
+        return x.dim() != w.dim() or x.shape[1] != takes
     if func is aten.native_layer_norm.default:
         shape = tuple(args[1])
         return tuple(args[0].shape[args[0].dim() - len(shape) :]) != shape
